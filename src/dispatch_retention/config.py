@@ -1,0 +1,334 @@
+"""TOML -> validated, immutable settings (CONTRACT section 4).
+
+This module is also the one registry of what is personal data: `PERSONAL_COLUMNS` lists the
+columns of a dispatch that may be stripped, `KEPT_COLUMNS` every other column with the reason it
+stays. Nothing else in the project names those columns.
+
+Every way a file can be wrong raises `ConfigError` naming the file, the key and the reason,
+before any database connection exists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+DEFAULT_CONFIG_PATH = Path("config/retention.toml")
+CONFIG_ENV = "DISPATCH_RETENTION_CONFIG"
+
+# --- the registry of personal data -----------------------------------------------------------
+
+#: Columns that may be listed in `clean.columns`, with the JSON type a `clean.replace` value
+#: for them must have.
+PERSONAL_COLUMNS: Mapping[str, type | tuple[type, ...]] = {
+    "content": (dict, list, str, int, float, bool),  # jsonb: any JSON value
+    "msisdn": str,
+    "email": str,
+    "app_token": str,
+    "member_id": int,  # pseudonymous personal data, kept by default for per-member statistics
+}
+
+#: Every other column of the dispatches table, and why it is never stripped.
+KEPT_COLUMNS: Mapping[str, str] = {
+    "id": "the primary key: the audit trail and the chunk windows refer to it",
+    "type": "not personal data; policies match on it; delivery statistics",
+    "transmission_status": "not personal data; decides whether a dispatch is settled",
+    "delivery_status": "not personal data; decides whether a dispatch is settled",
+    "external_delivery_status": "not personal data; policies match on it",
+    "created_at": "timestamp: retention age and delivery statistics",
+    "updated_at": "timestamp: stamped with the cleaning time",
+    "scheduled_at": "timestamp: a dispatch scheduled in the future is never due",
+    "transmitted_at": "timestamp: delivery statistics",
+    "delivered_at": "timestamp: delivery statistics",
+    "cleaned_at": "timestamp: marks a cleaned dispatch, never touched again",
+}
+
+DEFAULT_CLEAN_COLUMNS = ("content", "msisdn", "email", "app_token")
+AGE_COLUMNS = ("created_at", "updated_at", "scheduled_at", "transmitted_at", "delivered_at")
+
+TYPES = ("sms", "email", "push")
+TRANSMISSION_STATUSES = ("scheduled", "transmitted", "failed")
+DELIVERY_STATUSES = ("pending", "delivered", "failed")
+#: Keys of a policy's `where`, with the values each accepts (None: any non-empty text).
+MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {
+    "type": TYPES,
+    "transmission_status": TRANSMISSION_STATUSES,
+    "delivery_status": DELIVERY_STATUSES,
+    "external_delivery_status": None,
+}
+
+IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
+MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
+MAX_RETENTION_DAYS = 36_500  # a hundred years: anything longer is a typo
+
+
+class ConfigError(Exception):
+    """An invalid configuration file: names the file, the key and what is wrong."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {reason}")
+
+
+def _identifier(value: str, what: str) -> str:
+    parts = value.split(".")
+    if len(parts) > 2:
+        raise ValueError(f"{what} must be NAME or SCHEMA.NAME")
+    for part in parts:
+        if len(part) > MAX_IDENTIFIER or not IDENTIFIER.match(part):
+            raise ValueError(
+                f"{what} must be a plain SQL name (lower-case letters, digits and _, "
+                f"not starting with a digit, at most {MAX_IDENTIFIER} characters)"
+            )
+    return value
+
+
+# --- the file's shape ------------------------------------------------------------------------
+
+PositiveInt = Annotated[int, Field(ge=1, le=2**31 - 1)]
+NonNegativeInt = Annotated[int, Field(ge=0, le=2**62)]
+PolicyName = Annotated[
+    str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+]
+MatchValue = Annotated[str, StringConstraints(min_length=1, max_length=200)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class Target(_Strict):
+    table: str = "dispatches"
+
+    @field_validator("table")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        return _identifier(value, "the table name")
+
+    @property
+    def schema_name(self) -> str | None:
+        return self.table.split(".")[0] if "." in self.table else None
+
+    @property
+    def table_name(self) -> str:
+        return self.table.split(".")[-1]
+
+
+class Clean(_Strict):
+    columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS
+    replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
+    age_from: Literal["created_at", "updated_at", "scheduled_at", "transmitted_at",
+                      "delivered_at"] = "created_at"  # fmt: skip
+    in_flight_grace_days: Annotated[int, Field(ge=0, le=MAX_RETENTION_DAYS)] = 30
+    chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 5000
+    lock_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 2000
+    row_lock_wait_ms: Annotated[int, Field(ge=1, le=600_000)] = 50
+    statement_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 60_000
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("columns")
+    @classmethod
+    def _known_columns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if not value:
+            raise ValueError("list at least one column to strip")
+        for column in value:
+            if column not in PERSONAL_COLUMNS:
+                reason = KEPT_COLUMNS.get(column)
+                raise ValueError(
+                    f"{column!r} cannot be stripped ({reason})"
+                    if reason
+                    else f"unknown column {column!r}; one of {', '.join(PERSONAL_COLUMNS)}"
+                )
+        if len(set(value)) != len(value):
+            raise ValueError("a column is listed twice")
+        return value
+
+    @model_validator(mode="after")
+    def _replacements_fit(self) -> Clean:
+        for column, replacement in self.replace.items():
+            if column not in self.columns:
+                raise ValueError(f"replace.{column}: {column!r} is not in clean.columns")
+            expected = PERSONAL_COLUMNS[column]
+            if replacement is None or (isinstance(replacement, bool) and expected is int):
+                raise ValueError(f"replace.{column}: leave the column out of replace for NULL")
+            if not isinstance(replacement, expected):
+                raise ValueError(f"replace.{column}: wrong type for that column")
+            if isinstance(replacement, int) and not -(2**63) <= replacement < 2**63:
+                raise ValueError(f"replace.{column}: out of range for a bigint")
+        return self
+
+
+class Guard(_Strict):
+    min_retention_days: Annotated[int, Field(ge=0, le=MAX_RETENTION_DAYS)] = 7
+    max_rows_per_run: NonNegativeInt = 0
+    refuse_above_rows: NonNegativeInt = 0
+
+
+class Audit(_Strict):
+    schema_: str = Field(default="dispatch_retention", alias="schema")
+
+    @field_validator("schema_")
+    @classmethod
+    def _plain_name(cls, value: str) -> str:
+        if "." in value:
+            raise ValueError("the audit schema must be a single plain SQL name")
+        return _identifier(value, "the audit schema")
+
+
+class Policy(_Strict):
+    name: PolicyName
+    retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)]
+    where: dict[str, tuple[MatchValue, ...]] = Field(default_factory=dict)
+
+    @field_validator("where", mode="before")
+    @classmethod
+    def _values_as_tuples(cls, value: Any) -> Any:
+        if not isinstance(value, dict):
+            return value
+        return {
+            key: (v,) if isinstance(v, str) else tuple(v) if isinstance(v, list) else v
+            for key, v in value.items()
+        }
+
+    @field_validator("where")
+    @classmethod
+    def _known_keys(cls, value: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+        for key, values in value.items():
+            if key not in MATCH_KEYS:
+                raise ValueError(f"unknown key {key!r}; one of {', '.join(MATCH_KEYS)}")
+            if not values:
+                raise ValueError(f"{key}: give at least one value")
+            allowed = MATCH_KEYS[key]
+            for v in values:
+                if allowed is not None and v not in allowed:
+                    raise ValueError(f"{key}: unknown value {v!r}; one of {', '.join(allowed)}")
+        return value
+
+
+class _File(_Strict):
+    target: Target = Field(default_factory=Target)
+    clean: Clean = Field(default_factory=Clean)
+    guard: Guard = Field(default_factory=Guard)
+    audit: Audit = Field(default_factory=Audit)
+    policy: tuple[Policy, ...]
+
+    @field_validator("policy", mode="before")
+    @classmethod
+    def _list(cls, value: Any) -> Any:
+        return tuple(value) if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _policies(self) -> _File:
+        if not self.policy:
+            raise ValueError("policy: define at least one [[policy]]")
+        names = [p.name for p in self.policy]
+        for i, name in enumerate(names):
+            if name in names[:i]:
+                raise ValueError(f"policy[{i}].name: {name!r} is used twice")
+        for i, p in enumerate(self.policy):
+            if p.retention_days < self.guard.min_retention_days:
+                raise ValueError(
+                    f"policy[{i}].retention_days: {p.retention_days} is under "
+                    f"guard.min_retention_days ({self.guard.min_retention_days})"
+                )
+        return self
+
+
+# --- what the rest of the program sees -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A validated configuration, plus the text and digest the audit trail records."""
+
+    path: str
+    text: str
+    target: Target
+    clean: Clean
+    guard: Guard
+    audit: Audit
+    policies: tuple[Policy, ...]
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+def resolve_path(path: str | os.PathLike[str] | None) -> Path:
+    """`--config`, else `DISPATCH_RETENTION_CONFIG`, else `config/retention.toml`."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
+
+
+def load(path: str | os.PathLike[str] | None = None) -> Settings:
+    file = resolve_path(path)
+    name = str(file)
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise ConfigError(name, "", f"cannot read the file ({exc.strerror or exc})") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(name, "", "the file is not UTF-8 text") from None
+    return parse(text, name)
+
+
+def parse(text: str, name: str = "<config>") -> Settings:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(name, "", f"not valid TOML: {exc}") from None
+    try:
+        parsed = _File.model_validate(data)
+    except ValidationError as exc:
+        raise _first_error(name, exc) from None
+    return Settings(
+        path=name,
+        text=text,
+        target=parsed.target,
+        clean=parsed.clean,
+        guard=parsed.guard,
+        audit=parsed.audit,
+        policies=parsed.policy,
+    )
+
+
+def _first_error(name: str, exc: ValidationError) -> ConfigError:
+    error = exc.errors(include_url=False, include_input=False)[0]
+    key = ".".join(
+        f"[{part}]" if isinstance(part, int) else str(part) for part in error["loc"]
+    ).replace(".[", "[")
+    reason = error["msg"].removeprefix("Value error, ")
+    # A model-level check names its key itself ("policy[1].retention_days: ..."): append it.
+    named = re.match(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (.*)$", reason, re.DOTALL)
+    if named:
+        key = f"{key}.{named[1]}" if key else named[1]
+        reason = named[2]
+    if error["type"] == "extra_forbidden":
+        reason = "unknown key"
+    elif error["type"] == "missing":
+        reason = "required key is missing"
+    return ConfigError(name, key or "(top level)", reason)

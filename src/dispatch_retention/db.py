@@ -1,0 +1,152 @@
+"""Engine and URL handling, session settings, and the classification of database errors.
+
+The database URL is a secret: it is read from `--database-url`, `DATABASE_URL` or the file
+named by `DATABASE_URL_FILE`, and only ever shown with its password masked. The engine hides
+bound parameters from error messages, and `describe_error()` reduces a server error to its
+SQLSTATE and the names of the objects involved, because a message's DETAIL can quote row
+values (personal data).
+
+Every session runs in UTC with keepalives, a connect timeout and an
+`idle_in_transaction_session_timeout`, so that a stuck job cannot hold locks for long.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import psycopg
+from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, DBAPIError
+
+URL_ENV = "DATABASE_URL"
+URL_FILE_ENV = "DATABASE_URL_FILE"
+APPLICATION_NAME = "dispatch-retention"
+
+#: SQLSTATEs worth a retry: the connection dropped, the server restarts or is failing over.
+TRANSIENT_SQLSTATE_CLASSES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
+LOCK_NOT_AVAILABLE = "55P03"
+QUERY_CANCELED = "57014"
+
+
+class DatabaseUrlError(Exception):
+    """No usable database URL (a usage error: exit 2)."""
+
+
+def resolve_url(cli_value: str | None) -> str:
+    """`--database-url`, else `DATABASE_URL`, else the contents of `DATABASE_URL_FILE`."""
+    if cli_value:
+        return cli_value
+    if os.environ.get(URL_ENV):
+        return os.environ[URL_ENV]
+    file = os.environ.get(URL_FILE_ENV)
+    if file:
+        try:
+            value = Path(file).read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise DatabaseUrlError(
+                f"{URL_FILE_ENV}: cannot read {file} ({exc.strerror or exc})"
+            ) from None
+        if value:
+            return value
+        raise DatabaseUrlError(f"{URL_FILE_ENV}: {file} is empty")
+    raise DatabaseUrlError(
+        f"no database URL: pass --database-url, or set {URL_ENV} or {URL_FILE_ENV}"
+    )
+
+
+def parse_url(value: str) -> URL:
+    """Accept postgresql:// (and postgres://) as psycopg 3; refuse anything else."""
+    try:
+        url = make_url(value)
+    except ArgumentError:
+        raise DatabaseUrlError("the database URL is not a valid URL") from None
+    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
+        return url.set(drivername="postgresql+psycopg")
+    raise DatabaseUrlError(
+        f"the database URL must start with postgresql:// (got {url.drivername}://)"
+    )
+
+
+def safe_url(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def make_engine(
+    url: URL,
+    *,
+    idle_in_transaction_timeout_ms: int = 300_000,
+    connect_timeout_s: int = 10,
+) -> Engine:
+    options = (
+        f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}"
+    )
+    connect_args: dict[str, Any] = {
+        "application_name": APPLICATION_NAME,
+        "connect_timeout": connect_timeout_s,
+        "keepalives": 1,
+        "keepalives_idle": 30,
+        "keepalives_interval": 10,
+        "keepalives_count": 3,
+        "options": options,
+    }
+    return create_engine(
+        url, hide_parameters=True, pool_pre_ping=True, pool_size=2, connect_args=connect_args
+    )
+
+
+def set_local_timeouts(
+    conn: Connection, *, lock_timeout_ms: int, statement_timeout_ms: int
+) -> None:
+    """Per-transaction limits; they end with the transaction (SET LOCAL)."""
+    conn.execute(
+        text(
+            "SELECT set_config('lock_timeout', :lt, true), "
+            "set_config('statement_timeout', :st, true)"
+        ),
+        {"lt": f"{lock_timeout_ms}ms", "st": f"{statement_timeout_ms}ms"},
+    )
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    return getattr(orig, "sqlstate", None) if isinstance(orig, psycopg.Error) else None
+
+
+def is_lock_timeout(exc: BaseException) -> bool:
+    return sqlstate(exc) == LOCK_NOT_AVAILABLE
+
+
+def is_transient(exc: BaseException) -> bool:
+    """A dropped connection or a server going away: worth a bounded retry."""
+    if isinstance(exc, DBAPIError) and exc.connection_invalidated:
+        return True
+    state = sqlstate(exc)
+    if state is None:
+        orig = exc.orig if isinstance(exc, DBAPIError) else exc
+        return isinstance(orig, psycopg.OperationalError)
+    return state.startswith("08") or state in TRANSIENT_SQLSTATE_CLASSES
+
+
+def describe_error(exc: BaseException) -> str:
+    """A message safe to log and store: SQLSTATE, condition and object names, never values."""
+    orig = exc.orig if isinstance(exc, DBAPIError) else exc
+    if not isinstance(orig, psycopg.Error):
+        return type(exc).__name__
+    parts = [type(orig).__name__]
+    if orig.sqlstate:
+        parts.append(f"SQLSTATE {orig.sqlstate}")
+    diag = orig.diag
+    for label, value in (
+        ("schema", diag.schema_name),
+        ("table", diag.table_name),
+        ("column", diag.column_name),
+        ("constraint", diag.constraint_name),
+    ):
+        if value:
+            parts.append(f"{label} {value}")
+    if orig.sqlstate is None:
+        parts.append("connection error")
+    return ", ".join(parts)

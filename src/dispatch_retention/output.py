@@ -1,0 +1,89 @@
+"""Results for stdout: plain tables, one JSON document, or CSV. Logs go to stderr, not here."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any
+
+from .cleaner import Outcome, Plan
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, datetime):
+        return value.isoformat(timespec="seconds")
+    return str(value)
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    numeric = [all(isinstance(row[i], int) for row in rows) and rows for i in range(len(headers))]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if numeric[i] else v.ljust(w)
+            for i, (v, w) in enumerate(zip(values, widths, strict=True))
+        ).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def to_json(document: Any) -> str:
+    return json.dumps(document, indent=2, default=_json_default, ensure_ascii=False)
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_csv(headers: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(headers), extrasaction="ignore")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow(
+            {k: _json_default(v) if isinstance(v, datetime) else v for k, v in row.items()}
+        )
+    return buffer.getvalue()
+
+
+def plan_text(plan: Plan) -> str:
+    rows = [[p.name, p.retention_days, p.cutoff, p.due_rows] for p in plan.policies]
+    lines = [
+        f"Plan as of {plan.rules.now.isoformat(timespec='seconds')} (database clock)",
+        table(["policy", "retention_days", "cutoff", "due"], rows),
+        "",
+        f"due in total:                      {plan.due_rows}",
+        f"held back by legal holds:          {plan.held_rows}",
+        f"unsettled, waiting out the grace:  {plan.waiting_grace_rows}",
+    ]
+    return "\n".join(lines)
+
+
+def outcome_text(outcome: Outcome) -> str:
+    rows = [[name, outcome.by_policy.get(name, 0)] for name in _policy_names(outcome)]
+    lines = [
+        f"Run {outcome.run_id}: {outcome.status}",
+        table(["policy", "cleaned"], rows),
+        "",
+        f"cleaned in total: {outcome.rows_cleaned} in {outcome.chunks} chunks",
+    ]
+    if outcome.remaining_rows is not None:
+        lines.append(f"still due:        {outcome.remaining_rows}")
+    if outcome.error:
+        lines.append(f"reason:           {outcome.error}")
+    return "\n".join(lines)
+
+
+def _policy_names(outcome: Outcome) -> list[str]:
+    if outcome.plan is not None:
+        return [p.name for p in outcome.plan.policies]
+    return sorted(outcome.by_policy)

@@ -1,0 +1,168 @@
+"""The rule that decides which dispatches are due (CONTRACT section 3). Pure: no I/O.
+
+Everything here takes the validated settings and `now` (read once from the database clock by
+the caller) and returns SQLAlchemy Core expressions; it never reads a clock, an env var or a
+socket. The statements are unit-tested by compiling them against the PostgreSQL dialect and,
+on a real server, against a plain-Python oracle of section 3 (`tests/oracle.py`).
+
+The rule, in the words the expressions follow:
+- age is measured from `clean.age_from`, falling back to `created_at` where that is NULL;
+- every policy whose `where` matches applies, and the SHORTEST retention binds (ties: the
+  first in the file); a dispatch no policy matches is never due;
+- settled (`transmission_status = 'failed'` or `delivery_status` in delivered/failed):
+  due once age > retention; anything else (including unknown status values and NULLs):
+  due once age > retention + `in_flight_grace_days`;
+- never due while `scheduled_at` is in the future, never due once `cleaned_at` is set, never
+  due while the member is under an active legal hold.
+
+Because the binding policy has the latest cutoff of all the policies that match a dispatch,
+"due under the binding policy" equals "due under any matching policy": the predicate is an OR
+over policies, and the CASE that credits a cleaned row picks the first match in binding order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Table,
+    and_,
+    bindparam,
+    case,
+    exists,
+    false,
+    func,
+    literal,
+    not_,
+    or_,
+    true,
+)
+
+from .config import Policy, Settings
+
+SETTLED_TRANSMISSION = ("failed",)
+SETTLED_DELIVERY = ("delivered", "failed")
+
+
+@dataclass(frozen=True)
+class Cutoff:
+    """One policy's windows as of `now`: older than `settled` (or `unsettled`) is past it."""
+
+    policy: Policy
+    settled: datetime
+    unsettled: datetime
+
+
+@dataclass(frozen=True)
+class Rules:
+    """The policies in binding order with their cutoffs, fixed for one run."""
+
+    now: datetime
+    cutoffs: tuple[Cutoff, ...]
+    age_from: str
+
+    @property
+    def latest_cutoff(self) -> datetime:
+        return max(c.settled for c in self.cutoffs)
+
+
+def binding_order(policies: Sequence[Policy]) -> list[Policy]:
+    """Shortest retention first; ties keep the order of the file."""
+    return sorted(policies, key=lambda p: p.retention_days)  # sorted() is stable
+
+
+def rules(settings: Settings, now: datetime) -> Rules:
+    if now.tzinfo is None:
+        raise ValueError("now must be timezone-aware (it comes from the database clock)")
+    grace = timedelta(days=settings.clean.in_flight_grace_days)
+    cutoffs = tuple(
+        Cutoff(
+            policy=p,
+            settled=now - timedelta(days=p.retention_days),
+            unsettled=now - timedelta(days=p.retention_days) - grace,
+        )
+        for p in binding_order(settings.policies)
+    )
+    return Rules(now=now, cutoffs=cutoffs, age_from=settings.clean.age_from)
+
+
+def _ts(value: datetime) -> ColumnElement[datetime]:
+    return bindparam(None, value, type_=DateTime(timezone=True))
+
+
+def matches(table: Table, policy: Policy) -> ColumnElement[bool]:
+    """The policy's `where`: every key must match one of its values (NULL never matches)."""
+    if not policy.where:
+        return true()
+    return and_(*(table.c[key].in_(values) for key, values in policy.where.items()))
+
+
+def settled(table: Table) -> ColumnElement[bool]:
+    """NULL-safe: a NULL or unknown status counts as unsettled."""
+    return or_(
+        func.coalesce(table.c.transmission_status.in_(SETTLED_TRANSMISSION), false()),
+        func.coalesce(table.c.delivery_status.in_(SETTLED_DELIVERY), false()),
+    )
+
+
+def age(table: Table, age_from: str) -> ColumnElement[datetime]:
+    if age_from == "created_at":
+        return table.c.created_at
+    return func.coalesce(table.c[age_from], table.c.created_at)
+
+
+def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
+    """Past its binding policy's window and not scheduled in the future (ignores cleaned_at
+    and holds: `verify` uses it to find cleaned rows that hold personal data again)."""
+    row_age, is_settled = age(table, r.age_from), settled(table)
+    per_policy = [
+        and_(
+            matches(table, c.policy),
+            or_(row_age < _ts(c.unsettled), and_(is_settled, row_age < _ts(c.settled))),
+        )
+        for c in r.cutoffs
+    ]
+    return and_(
+        row_age < _ts(r.latest_cutoff),  # a superset bound that an index on the age can serve
+        or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now)),
+        or_(*per_policy),
+    )
+
+
+def held(table: Table, holds: Table) -> ColumnElement[bool]:
+    """The dispatch's member is under an active legal hold."""
+    return exists().where(holds.c.member_id == table.c.member_id, holds.c.released_at.is_(None))
+
+
+def due(table: Table, r: Rules, holds: Table | None = None) -> ColumnElement[bool]:
+    """The full rule of section 3: the rows `run` cleans."""
+    clauses = [table.c.cleaned_at.is_(None), past_window(table, r)]
+    if holds is not None:
+        clauses.append(not_(held(table, holds)))
+    return and_(*clauses)
+
+
+def waiting_grace(table: Table, r: Rules) -> ColumnElement[bool]:
+    """Unsettled, past a matching policy's retention but still inside the in-flight grace."""
+    row_age = age(table, r.age_from)
+    return and_(
+        table.c.cleaned_at.is_(None),
+        not_(settled(table)),
+        or_(*(and_(matches(table, c.policy), row_age < _ts(c.settled)) for c in r.cutoffs)),
+        not_(past_window(table, r)),
+    )
+
+
+def unmatched(table: Table, r: Rules) -> ColumnElement[bool]:
+    """No policy matches: never cleaned, reported by `verify`."""
+    return not_(or_(*(matches(table, c.policy) for c in r.cutoffs)))
+
+
+def credit(table: Table, r: Rules) -> ColumnElement[str]:
+    """The binding policy's name: the first matching policy in binding order."""
+    whens = [(matches(table, c.policy), literal(c.policy.name)) for c in r.cutoffs]
+    return case(*whens, else_=literal(None)).label("policy")

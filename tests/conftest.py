@@ -1,0 +1,115 @@
+"""Test databases: a real PostgreSQL, never a mock.
+
+Where the server comes from, in order: `TEST_DATABASE_URL` (CI points it at the local
+server), else a testcontainers PostgreSQL when a Docker engine answers, else the embedded
+server of the `pgserver` package. No test is skipped for want of a database.
+
+Each test gets a fresh database copied from a template that already holds the dispatches
+table (CREATE DATABASE ... TEMPLATE), so tests never see each other's rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import os
+import tempfile
+from collections.abc import Iterator
+
+import pytest
+from sqlalchemy import Engine, create_engine, text
+from sqlalchemy.engine import URL, make_url
+
+from dispatch_retention import db
+from dispatch_retention.config import Target
+from dispatch_retention.schema import create_dispatches
+
+_counter = itertools.count()
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=3).ping()
+        return True
+    except Exception:
+        return False
+
+
+@pytest.fixture(scope="session")
+def server_url() -> Iterator[URL]:
+    """An admin URL of the PostgreSQL server the suite runs against."""
+    with contextlib.ExitStack() as stack:
+        raw = os.environ.get("TEST_DATABASE_URL")
+        if not raw and _docker_answers():
+            from testcontainers.postgres import PostgresContainer
+
+            container = stack.enter_context(PostgresContainer("postgres:15", driver="psycopg"))
+            raw = container.get_connection_url()
+        if not raw:
+            import pgserver
+
+            data = stack.enter_context(tempfile.TemporaryDirectory(prefix="dr-test-pg-"))
+            raw = str(pgserver.get_server(data, cleanup_mode="stop").get_uri())
+        yield db.parse_url(raw)
+
+
+def _admin(url: URL) -> Engine:
+    return create_engine(url, isolation_level="AUTOCOMMIT", poolclass=None)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: URL) -> Iterator[str]:
+    """A template database holding the dispatches table with production-like indexes."""
+    name = f"dr_tmpl_{os.getpid()}"
+    admin = _admin(server_url)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.execute(text(f'CREATE DATABASE "{name}"'))
+    engine = create_engine(server_url.set(database=name))
+    with engine.begin() as conn:
+        create_dispatches(conn, Target())
+    engine.dispose()
+    yield name
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def database_url(server_url: URL, template_db: str) -> Iterator[URL]:
+    """A fresh database for one test, copied from the template."""
+    name = f"dr_t_{os.getpid()}_{next(_counter)}"
+    admin = _admin(server_url)
+    with admin.connect() as conn:
+        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
+    yield server_url.set(database=name)
+    with admin.connect() as conn:
+        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+    admin.dispose()
+
+
+@pytest.fixture
+def engine(database_url: URL) -> Iterator[Engine]:
+    eng = db.make_engine(database_url)
+    yield eng
+    eng.dispose()
+
+
+@pytest.fixture
+def url_string(database_url: URL) -> str:
+    """The test database's URL as a user would pass it (postgresql://...)."""
+    return database_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    source = (
+        "TEST_DATABASE_URL"
+        if os.environ.get("TEST_DATABASE_URL")
+        else "testcontainers or embedded pgserver"
+    )
+    return f"database: {source}"
+
+
+_ = make_url  # re-exported for tests that build URLs

@@ -1,0 +1,153 @@
+"""CONTRACT section 4: every invalid file is refused with the file, the key and the reason."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from dispatch_retention import config
+from dispatch_retention.cli import cli
+
+from .helpers import DEFAULT_POLICIES, config_text
+
+ONE_POLICY = '[[policy]]\nname = "p"\nretention_days = 30\n'
+
+BAD = [
+    pytest.param("[target]\ntable = 'x'\nfoo = 1\n" + ONE_POLICY, "target.foo", id="unknown-key"),
+    pytest.param("[clean]\nchunk_size = 'big'\n" + ONE_POLICY, "clean.chunk_size", id="wrong-type"),
+    pytest.param("[clean]\nchunk_size = 0\n" + ONE_POLICY, "clean.chunk_size", id="zero-chunk"),
+    pytest.param("[clean]\nchunk_size = true\n" + ONE_POLICY, "clean.chunk_size", id="bool-as-int"),
+    pytest.param(
+        "[clean]\ncolumns = ['content', 'shoe_size']\n" + ONE_POLICY,
+        "clean.columns",
+        id="unknown-column",
+    ),
+    pytest.param("[clean]\ncolumns = ['id']\n" + ONE_POLICY, "clean.columns", id="kept-column"),
+    pytest.param("[clean]\ncolumns = []\n" + ONE_POLICY, "clean.columns", id="no-columns"),
+    pytest.param(
+        "[clean]\nage_from = 'cleaned_at'\n" + ONE_POLICY, "clean.age_from", id="bad-age-from"
+    ),
+    pytest.param(
+        "[clean]\nreplace = { msisdn = 5 }\n" + ONE_POLICY,
+        "clean.replace.msisdn",
+        id="replace-wrong-type",
+    ),
+    pytest.param(
+        "[clean]\ncolumns = ['msisdn']\nreplace = { content = {} }\n" + ONE_POLICY,
+        "clean.replace.content",
+        id="replace-not-cleaned",
+    ),
+    pytest.param("[target]\ntable = 'Dispatches'\n" + ONE_POLICY, "target.table", id="upper-case"),
+    pytest.param(
+        "[target]\ntable = 'dispatches; DROP TABLE x'\n" + ONE_POLICY,
+        "target.table",
+        id="injection",
+    ),
+    pytest.param("[target]\ntable = 'a.b.c'\n" + ONE_POLICY, "target.table", id="three-parts"),
+    pytest.param("[audit]\nschema = '1abc'\n" + ONE_POLICY, "audit.schema", id="bad-audit-schema"),
+    pytest.param(
+        ONE_POLICY + "where = { type = 'fax' }\n", "policy[0].where.type", id="unknown-type"
+    ),
+    pytest.param(
+        ONE_POLICY + "where = { delivery_status = ['delivered', 'lost'] }\n",
+        "policy[0].where.delivery_status",
+        id="unknown-status",
+    ),
+    pytest.param(
+        ONE_POLICY + "where = { colour = 'red' }\n", "policy[0].where", id="unknown-match"
+    ),
+    pytest.param(
+        '[[policy]]\nname = "p"\nretention_days = 3\n',
+        "policy[0].retention_days",
+        id="under-floor",
+    ),
+    pytest.param(
+        "[guard]\nmin_retention_days = 60\n" + ONE_POLICY,
+        "policy[0].retention_days",
+        id="under-raised-floor",
+    ),
+    pytest.param(
+        '[[policy]]\nname = "p"\nretention_days = -1\n',
+        "policy[0].retention_days",
+        id="negative-retention",
+    ),
+    pytest.param(
+        '[[policy]]\nname = "p"\nretention_days = 99999999999\n',
+        "policy[0].retention_days",
+        id="huge-retention",
+    ),
+    pytest.param("[[policy]]\nretention_days = 30\n", "policy[0].name", id="no-name"),
+    pytest.param(ONE_POLICY + ONE_POLICY, "policy[1].name", id="duplicate-name"),
+    pytest.param("[clean]\nchunk_size = 10\n", "policy", id="no-policy"),
+    pytest.param("", "policy", id="empty-file"),
+    pytest.param("[clean\n", "", id="not-toml"),
+    pytest.param("[clean]\nchunk_size = 1\nchunk_size = 2\n" + ONE_POLICY, "", id="duplicate-key"),
+]
+
+
+@pytest.mark.parametrize(("text", "key"), BAD)
+def test_invalid_config_names_file_and_key(text: str, key: str) -> None:
+    """Each invalid case raises ConfigError carrying the file name and the offending key."""
+    with pytest.raises(config.ConfigError) as info:
+        config.parse(text, "bad.toml")
+    assert info.value.path == "bad.toml"
+    assert info.value.key == key or (not key and info.value.key == "")
+    assert str(info.value).startswith("bad.toml")
+
+
+@pytest.mark.parametrize(("text", "key"), BAD)
+def test_cli_refuses_invalid_config_before_connecting(tmp_path: Path, text: str, key: str) -> None:
+    """The CLI exits 2 naming file and key, without any connection (the URL is unreachable)."""
+    path = tmp_path / "retention.toml"
+    path.write_text(text, encoding="utf-8")
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(path), "--database-url", "postgresql://nobody@127.0.0.1:1/none", "run"],
+    )
+    assert result.exit_code == 2, result.output
+    assert str(path) in result.output
+    assert key in result.output
+    assert "Traceback" not in result.output
+
+
+def test_missing_file_exits_2(tmp_path: Path) -> None:
+    """A config path that does not exist is a usage error naming the path."""
+    missing = tmp_path / "nope.toml"
+    result = CliRunner().invoke(cli, ["--config", str(missing), "run", "--dry-run"])
+    assert result.exit_code == 2
+    assert str(missing) in result.output
+
+
+def test_shipped_example_is_valid() -> None:
+    """config/retention.toml parses and carries the contract's example policies."""
+    settings = config.load(Path(__file__).parent.parent / "config" / "retention.toml")
+    assert [p.name for p in settings.policies] == ["failed-sends", "sms", "default"]
+    assert settings.clean.columns == ("content", "msisdn", "email", "app_token")
+    assert settings.clean.replace == {"content": {}}
+
+
+def test_defaults_and_lists() -> None:
+    """A value or a list of values both match; defaults fill what the file leaves out."""
+    settings = config.parse(
+        config_text(
+            policies=DEFAULT_POLICIES
+            + "[[policy]]\nname='x'\nretention_days=40\nwhere={type=['sms','push']}\n"
+        )
+    )
+    assert settings.policies[-1].where == {"type": ("sms", "push")}
+    assert settings.policies[0].where == {"transmission_status": ("failed",)}
+    assert settings.clean.chunk_size == 5000
+    assert settings.audit.schema_ == "dispatch_retention"
+
+
+def test_every_column_is_cleaned_or_kept_with_a_reason() -> None:
+    """The registry covers every column of the dispatches table, each exactly once."""
+    from dispatch_retention.schema import dispatches_table
+
+    columns = {c.name for c in dispatches_table(config.Target()).columns}
+    registered = set(config.PERSONAL_COLUMNS) | set(config.KEPT_COLUMNS)
+    assert columns == registered
+    assert not set(config.PERSONAL_COLUMNS) & set(config.KEPT_COLUMNS)
+    assert all(reason for reason in config.KEPT_COLUMNS.values())

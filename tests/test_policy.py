@@ -1,0 +1,202 @@
+"""The pure policy core: compiled SQL, binding order, and the rule evaluated by PostgreSQL
+against named boundary cases with a fixed `now`."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+from sqlalchemy import Engine, select
+from sqlalchemy.dialects import postgresql
+
+from dispatch_retention import policy
+
+from .helpers import TABLE, dispatch, insert_rows, settings
+from .oracle import is_due
+
+NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)  # a DST change in Europe, for good measure
+DAY = timedelta(days=1)
+SEC = timedelta(seconds=1)
+
+
+def compiled(expr: object) -> str:
+    return str(expr.compile(dialect=postgresql.dialect()))  # type: ignore[attr-defined]
+
+
+def test_predicate_binds_values_and_never_inlines_them() -> None:
+    """Cutoffs and match values are bound parameters; identifiers are columns, not text."""
+    s = settings()
+    sql = compiled(policy.due(TABLE, policy.rules(s, NOW)))
+    assert "dispatches.cleaned_at IS NULL" in sql
+    assert "'failed'" not in sql and "'sms'" not in sql and "2026" not in sql
+    assert "%(param_" in sql or "__[POSTCOMPILE" in sql
+
+
+def test_holds_add_one_not_exists() -> None:
+    """Given a holds table, the predicate gains exactly one NOT EXISTS on it."""
+    from sqlalchemy import BigInteger, Column, DateTime, MetaData, Table
+
+    holds = Table(
+        "legal_holds",
+        MetaData(),
+        Column("member_id", BigInteger),
+        Column("released_at", DateTime(timezone=True)),
+    )
+    sql = compiled(policy.due(TABLE, policy.rules(settings(), NOW), holds))
+    assert sql.count("NOT (EXISTS (SELECT") == 1
+    assert "legal_holds.released_at IS NULL" in sql
+
+
+def test_binding_order_shortest_first_ties_keep_file_order() -> None:
+    """Shortest retention binds; among equal retentions the first in the file."""
+    s = settings(
+        policies="""
+[[policy]]
+name = "b"
+retention_days = 60
+[[policy]]
+name = "a"
+retention_days = 30
+[[policy]]
+name = "c"
+retention_days = 60
+"""
+    )
+    assert [p.name for p in policy.binding_order(s.policies)] == ["a", "b", "c"]
+
+
+def test_rules_refuse_naive_now() -> None:
+    """`now` must be timezone-aware: it comes from the database clock."""
+    with pytest.raises(ValueError, match="timezone-aware"):
+        policy.rules(settings(), datetime(2026, 1, 1))
+
+
+def test_cutoffs_from_now() -> None:
+    """Each cutoff is now minus retention; the unsettled one also minus the grace."""
+    r = policy.rules(settings(clean="in_flight_grace_days = 10"), NOW)
+    by_name = {c.policy.name: c for c in r.cutoffs}
+    assert by_name["sms"].settled == NOW - 90 * DAY
+    assert by_name["sms"].unsettled == NOW - 100 * DAY
+    assert r.latest_cutoff == NOW - 30 * DAY
+
+
+# Each case: a row (against the default policies: failed 30 d, sms 90 d, everything 365 d,
+# grace 30 d) and whether it is due at NOW.
+CASES = [
+    pytest.param({"created_at": NOW - 90 * DAY}, False, id="exactly-at-cutoff"),
+    pytest.param({"created_at": NOW - 90 * DAY + SEC}, False, id="one-second-before"),
+    pytest.param({"created_at": NOW - 90 * DAY - SEC}, True, id="one-second-past"),
+    pytest.param(
+        {"created_at": NOW - 40 * DAY, "transmission_status": "failed"},
+        True,
+        id="shortest-retention-wins",
+    ),
+    pytest.param({"created_at": NOW - 200 * DAY, "type": "email"}, False, id="email-under-default"),
+    pytest.param({"created_at": NOW - 366 * DAY, "type": "push"}, True, id="default-past"),
+    pytest.param(
+        {"created_at": NOW - 100 * DAY, "delivery_status": "pending"},
+        False,
+        id="unsettled-inside-grace",
+    ),
+    pytest.param(
+        {"created_at": NOW - 120 * DAY, "delivery_status": "pending"},
+        False,
+        id="unsettled-exactly-at-grace",
+    ),
+    pytest.param(
+        {"created_at": NOW - 120 * DAY - SEC, "delivery_status": "pending"},
+        True,
+        id="unsettled-one-second-past-grace",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "transmission_status": None, "delivery_status": None},
+        True,
+        id="null-statuses-count-as-unsettled",
+    ),
+    pytest.param(
+        {"created_at": NOW - 100 * DAY, "delivery_status": "bounced"},
+        False,
+        id="unknown-status-gets-grace",
+    ),
+    pytest.param(
+        {"created_at": NOW - 100 * DAY, "delivery_status": "failed"},
+        True,
+        id="delivery-failed-is-settled",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "scheduled_at": NOW + SEC},
+        False,
+        id="scheduled-in-future",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "scheduled_at": NOW}, True, id="scheduled-exactly-now"
+    ),
+    pytest.param({"created_at": NOW - 200 * DAY, "scheduled_at": None}, True, id="scheduled-null"),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "cleaned_at": NOW - DAY}, False, id="already-cleaned"
+    ),
+]
+
+
+@pytest.mark.parametrize(("overrides", "expected"), CASES)
+def test_boundaries_on_postgresql(engine: Engine, overrides: dict, expected: bool) -> None:
+    """PostgreSQL evaluates the predicate at a fixed `now` as the oracle and the case say."""
+    s = settings()
+    row = dispatch(1, **{"created_at": overrides.pop("created_at"), **overrides})
+    insert_rows(engine, [row])
+    r = policy.rules(s, NOW)
+    with engine.connect() as conn:
+        got = conn.execute(select(policy.due(TABLE, r)).where(TABLE.c.id == 1)).scalar_one()
+    assert got == expected
+    assert is_due(row, s, NOW) == expected
+
+
+@pytest.mark.parametrize(
+    ("age_from", "expected"),
+    [
+        pytest.param("created_at", True, id="created_at"),
+        pytest.param("delivered_at", False, id="delivered_at-younger"),
+    ],
+)
+def test_age_from(engine: Engine, age_from: str, expected: bool) -> None:
+    """Age counts from clean.age_from, falling back to created_at where it is NULL."""
+    s = settings(clean=f'age_from = "{age_from}"')
+    insert_rows(
+        engine,
+        [
+            dispatch(1, NOW - 100 * DAY, delivered_at=NOW - 10 * DAY),
+            dispatch(2, NOW - 100 * DAY, delivered_at=None),
+        ],
+    )
+    r = policy.rules(s, NOW)
+    with engine.connect() as conn:
+        got = dict(conn.execute(select(TABLE.c.id, policy.due(TABLE, r))).all())
+    assert got == {1: expected, 2: True}
+
+
+def test_unmatched_is_never_due(engine: Engine) -> None:
+    """A dispatch no policy matches is never due, however old."""
+    s = settings(policies='[[policy]]\nname="sms"\nretention_days=30\nwhere={type="sms"}\n')
+    insert_rows(engine, [dispatch(1, NOW - 900 * DAY, type="email")])
+    r = policy.rules(s, NOW)
+    with engine.connect() as conn:
+        due, unmatched = conn.execute(
+            select(policy.due(TABLE, r), policy.unmatched(TABLE, r))
+        ).one()
+    assert (due, unmatched) == (False, True)
+
+
+def test_credit_names_binding_policy(engine: Engine) -> None:
+    """The CASE credits the shortest matching policy."""
+    insert_rows(
+        engine,
+        [
+            dispatch(1, NOW - 400 * DAY, type="sms", transmission_status="failed"),
+            dispatch(2, NOW - 400 * DAY, type="sms"),
+            dispatch(3, NOW - 400 * DAY, type="push"),
+        ],
+    )
+    r = policy.rules(settings(), NOW)
+    with engine.connect() as conn:
+        got = dict(conn.execute(select(TABLE.c.id, policy.credit(TABLE, r))).all())
+    assert got == {1: "failed-sends", 2: "sms", 3: "default"}
