@@ -306,13 +306,14 @@ class Cleaner:
         options: Options,
         stop: Stop,
         outcome: Outcome,
+        log: structlog.typing.FilteringBoundLogger = log,
         holds: Table | None = None,
         recorder: Recorder | None = None,
         on_chunk: Callable[[Chunk], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
-        self.options, self.stop, self.outcome = options, stop, outcome
+        self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
         self.stmts = Statements(settings, plan.rules, holds)
         self.recorder, self.on_chunk = recorder, on_chunk
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
@@ -346,7 +347,7 @@ class Cleaner:
                 outcome.chunks += 1
                 outcome.rows_cleaned += chunk.rows
                 outcome.by_policy.update(chunk.by_policy)
-                log.info(
+                self.log.info(
                     "chunk_committed",
                     seq=chunk.seq,
                     first_id=chunk.first_id,

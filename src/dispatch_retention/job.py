@@ -33,9 +33,9 @@ def run(
     fail_in_chunk: Callable[[int], None] | None = None,
 ) -> Outcome:
     run_id = str(uuid.uuid4())
-    structlog.contextvars.bind_contextvars(run_id=run_id)
+    rlog = log.bind(run_id=run_id)
     outcome = Outcome(run_id=run_id)
-    log.info(
+    rlog.info(
         "run_started",
         dry_run=options.dry_run,
         table=settings.target.table,
@@ -45,7 +45,7 @@ def run(
     try:
         with stop.interruptible(), engine.connect() as conn, conn.begin():
             outcome.plan = plan = make_plan(conn, settings)
-        log.info("plan", **plan.as_dict())
+        rlog.info("plan", **plan.as_dict())
         if options.dry_run:
             outcome.status = "planned"
         elif _refused(settings, plan, force):
@@ -64,6 +64,7 @@ def run(
                 options=options,
                 stop=stop,
                 outcome=outcome,
+                log=rlog,
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
             ).run()
@@ -73,9 +74,8 @@ def run(
         outcome.status, outcome.error = "failed", db.describe_error(exc)
     except Exception as exc:  # a bug: fail loudly, with the traceback (never frame locals)
         outcome.status, outcome.error = "failed", f"internal error: {type(exc).__name__}"
-        log.exception("internal_error")
-    _report(outcome)
-    structlog.contextvars.unbind_contextvars("run_id")
+        rlog.exception("internal_error")
+    _report(rlog, outcome)
     return outcome
 
 
@@ -89,7 +89,7 @@ def _ask(confirm: Callable[[Plan], bool], plan: Plan, stop: Stop) -> bool:
         return confirm(plan)
 
 
-def _report(outcome: Outcome) -> None:
+def _report(log: structlog.typing.FilteringBoundLogger, outcome: Outcome) -> None:
     fields = {
         "status": outcome.status,
         "rows_cleaned": outcome.rows_cleaned,

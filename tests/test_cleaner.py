@@ -1,0 +1,326 @@
+"""The chunk loop on a real PostgreSQL: exactly the due rows are cleaned, chunk by chunk."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+from typing import Any
+
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, delete, select
+from structlog.testing import capture_logs
+
+from dispatch_retention import job
+from dispatch_retention.cleaner import Options, Stop
+from dispatch_retention.config import KEPT_COLUMNS, Settings
+
+from .helpers import (
+    MARK,
+    TABLE,
+    db_now,
+    dispatch,
+    insert_rows,
+    settings,
+    snapshot,
+)
+from .oracle import is_due
+
+DAY = timedelta(days=1)
+
+
+def run(engine: Engine, s: Settings, **options: Any) -> job.Outcome:
+    return job.run(engine, s, Options(**options), stop=Stop())
+
+
+def assert_cleaned_exactly(
+    before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]], due: set[int], s: Settings
+) -> None:
+    """Due rows are stripped and stamped; every other row is unchanged to the byte."""
+    assert before.keys() == after.keys()
+    for row_id, old in before.items():
+        new = after[row_id]
+        if row_id not in due:
+            assert new == old, f"row {row_id} changed but was not due"
+            continue
+        for column in s.clean.columns:
+            assert new[column] == s.clean.replace.get(column), f"row {row_id}.{column}"
+        assert new["cleaned_at"] is not None
+        assert new["updated_at"] == new["cleaned_at"]
+        for column in KEPT_COLUMNS:
+            if column not in ("cleaned_at", "updated_at"):
+                assert new[column] == old[column], f"row {row_id}.{column} must be kept"
+
+
+# --- the oracle property ---------------------------------------------------------------------
+
+TYPES = st.sampled_from(["sms", "email", "push"])
+TRANSMISSION = st.sampled_from(["scheduled", "transmitted", "failed", "paused", None])
+DELIVERY = st.sampled_from(["pending", "delivered", "failed", "bounced", None])
+EXTERNAL = st.sampled_from(["delivered", "undeliverable", "queued", None])
+
+
+@st.composite
+def policy_sets(draw: st.DrawFn) -> str:
+    count = draw(st.integers(1, 4))
+    out = []
+    for i in range(count):
+        where = {}
+        if draw(st.booleans()):
+            key = draw(st.sampled_from(["type", "transmission_status", "delivery_status"]))
+            values = {
+                "type": ["sms", "email", "push"],
+                "transmission_status": ["scheduled", "transmitted", "failed"],
+                "delivery_status": ["pending", "delivered", "failed"],
+            }[key]
+            chosen = draw(st.lists(st.sampled_from(values), min_size=1, max_size=2, unique=True))
+            where[key] = chosen
+        if draw(st.booleans()):
+            where["external_delivery_status"] = [draw(st.sampled_from(["delivered", "queued"]))]
+        retention = draw(st.integers(7, 400))
+        clause = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in where.items())
+        out.append(
+            f'[[policy]]\nname = "p{i}"\nretention_days = {retention}\n'
+            + (f"where = {{ {clause} }}\n" if where else "")
+        )
+    return "\n".join(out)
+
+
+@st.composite
+def dispatch_specs(draw: st.DrawFn) -> dict[str, Any]:
+    # Ages cluster around every interesting boundary: 7..430 days, plus or minus seconds.
+    age = timedelta(days=draw(st.sampled_from([0, 7, 30, 60, 90, 120, 200, 365, 400, 430])))
+    age += timedelta(seconds=draw(st.sampled_from([-86400, -2, -1, 1, 2, 86400])))
+    return {
+        "age": age,
+        "type": draw(TYPES),
+        "transmission_status": draw(TRANSMISSION),
+        "delivery_status": draw(DELIVERY),
+        "external_delivery_status": draw(EXTERNAL),
+        "scheduled": draw(st.sampled_from(["null", "past", "future", "created"])),
+        "delivered_after": draw(st.sampled_from([None, 0, 40])),
+        "cleaned": draw(st.booleans()) and draw(st.booleans()),
+    }
+
+
+@hsettings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(
+    policies=policy_sets(),
+    specs=st.lists(dispatch_specs(), min_size=1, max_size=25),
+    grace=st.sampled_from([0, 10, 30]),
+    age_from=st.sampled_from(["created_at", "delivered_at"]),
+    chunk_size=st.integers(1, 7),
+)
+def test_run_cleans_exactly_what_the_oracle_says(
+    engine: Engine,
+    policies: str,
+    specs: list[dict[str, Any]],
+    grace: int,
+    age_from: str,
+    chunk_size: int,
+) -> None:
+    """Against random policies and dispatches, run cleans exactly the oracle's due rows."""
+    s = settings(
+        clean=f'in_flight_grace_days = {grace}\nage_from = "{age_from}"',
+        guard="min_retention_days = 7",
+        policies=policies,
+    )
+    with engine.begin() as conn:
+        conn.execute(delete(TABLE))
+    anchor = db_now(engine)
+    rows = []
+    for i, spec in enumerate(specs, start=1):
+        created = anchor - spec["age"]
+        scheduled = {
+            "null": None,
+            "past": anchor - DAY,
+            "future": anchor + DAY,
+            "created": created,
+        }[spec["scheduled"]]
+        delivered = (
+            None if spec["delivered_after"] is None else created + spec["delivered_after"] * DAY
+        )
+        rows.append(
+            dispatch(
+                i,
+                created,
+                type=spec["type"],
+                transmission_status=spec["transmission_status"],
+                delivery_status=spec["delivery_status"],
+                external_delivery_status=spec["external_delivery_status"],
+                scheduled_at=scheduled,
+                delivered_at=delivered,
+                cleaned_at=anchor - 2 * DAY if spec["cleaned"] else None,
+            )
+        )
+    insert_rows(engine, rows)
+    before = snapshot(engine)
+
+    outcome = run(engine, s, chunk_size=chunk_size)
+
+    assert outcome.status == "succeeded", outcome.error
+    now = outcome.plan.rules.now
+    due = {r["id"] for r in rows if is_due(r, s, now)}
+    assert outcome.rows_cleaned == len(due)
+    assert outcome.plan.due_rows == len(due)
+    assert_cleaned_exactly(before, snapshot(engine), due, s)
+
+
+# --- chunks, failures, dry runs, locks, logs -------------------------------------------------
+
+
+def backlog(engine: Engine, n: int) -> list[dict[str, Any]]:
+    """n rows: every third one young (not due), the rest well past every window."""
+    now = db_now(engine)
+    rows = [
+        dispatch(i, now - (5 * DAY if i % 3 == 0 else 500 * DAY), type=["sms", "email"][i % 2])
+        for i in range(1, n + 1)
+    ]
+    insert_rows(engine, rows)
+    return rows
+
+
+def test_chunk_size_two_cleans_everything_in_many_chunks(engine: Engine) -> None:
+    """With chunk_size=2 every due row is cleaned, each chunk at most 2 rows."""
+    rows = backlog(engine, 60)
+    s = settings()
+    before = snapshot(engine)
+    with capture_logs() as logs:
+        outcome = run(engine, s, chunk_size=2)
+    chunks = [e for e in logs if e["event"] == "chunk_committed"]
+    due = {r["id"] for r in rows if r["id"] % 3}
+    assert outcome.status == "succeeded"
+    assert outcome.rows_cleaned == len(due) == sum(c["rows"] for c in chunks)
+    assert all(1 <= c["rows"] <= 2 for c in chunks)
+    assert len(chunks) == outcome.chunks >= len(due) // 2
+    assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
+    assert_cleaned_exactly(before, snapshot(engine), due, s)
+
+
+def test_failure_in_chunk_n_rolls_back_that_chunk_only(engine: Engine) -> None:
+    """An error raised inside chunk 3 before COMMIT undoes chunk 3; chunks 1-2 stay."""
+    backlog(engine, 30)
+    s = settings()
+
+    def fail(seq: int) -> None:
+        if seq == 3:
+            raise RuntimeError("injected")
+
+    before = snapshot(engine)
+    outcome = job.run(engine, s, Options(chunk_size=3), stop=Stop(), fail_in_chunk=fail)
+    assert outcome.status == "failed"
+    after = snapshot(engine)
+    cleaned = sorted(i for i in after if after[i]["cleaned_at"] is not None)
+    # windows of 3 ids from id 1: chunk 1 = ids 1-3, chunk 2 = ids 4-6 (id 3, 6 are young)
+    assert cleaned == [1, 2, 4, 5]
+    assert outcome.rows_cleaned == 4
+    stamps = {after[i]["cleaned_at"] for i in cleaned}
+    assert len(stamps) == 2  # one transaction timestamp per chunk
+
+    rerun = run(engine, s)
+    assert rerun.status == "succeeded"
+    final = snapshot(engine)
+    assert_cleaned_exactly(before, final, {i for i in before if i % 3}, s)
+    again = run(engine, s)
+    assert (again.status, again.rows_cleaned) == ("succeeded", 0)
+    assert snapshot(engine) == final
+
+
+def test_dry_run_writes_nothing_and_predicts_the_run(engine: Engine) -> None:
+    """A dry run leaves every row as it was; its per-policy counts equal the real run's."""
+    backlog(engine, 90)
+    insert_rows(
+        engine,
+        [
+            dispatch(
+                500, db_now(engine) - 100 * DAY, delivery_status="pending", type="sms"
+            ),  # sms unsettled: waits out the grace
+            dispatch(501, db_now(engine) - 40 * DAY, transmission_status="failed"),
+        ],
+    )
+    s = settings()
+    before = snapshot(engine)
+    with engine.connect() as conn:
+        xid_before = conn.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
+    planned = run(engine, s, dry_run=True)
+    assert planned.status == "planned"
+    assert snapshot(engine) == before
+    with engine.connect() as conn:
+        xid_after = conn.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
+    assert xid_before == xid_after  # not a single transaction id was consumed
+    assert planned.plan is not None
+    predicted = {p.name: p.due_rows for p in planned.plan.policies}
+    assert planned.plan.waiting_grace_rows == 1
+    outcome = run(engine, s)
+    assert {p: outcome.by_policy.get(p, 0) for p in predicted} == predicted
+    assert predicted["failed-sends"] == 1
+
+
+def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
+    """A due row another session holds FOR UPDATE is skipped at once and cleaned next run."""
+    backlog(engine, 40)
+    s = settings(clean="lock_timeout_ms = 5000")
+    locked = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        with engine.begin() as conn:
+            conn.execute(select(TABLE.c.id).where(TABLE.c.id == 10).with_for_update())
+            locked.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert locked.wait(10)
+    try:
+        started = time.monotonic()
+        outcome = run(engine, s, chunk_size=8)
+        elapsed = time.monotonic() - started
+    finally:
+        release.set()
+        holder.join()
+    assert outcome.status == "succeeded"
+    assert elapsed < 3, f"the run waited {elapsed:.1f}s on a locked row"
+    after = snapshot(engine)
+    assert after[10]["cleaned_at"] is None
+    assert after[10]["msisdn"] is not None
+    due = {i for i in after if i % 3}
+    assert {i for i in after if after[i]["cleaned_at"]} == due - {10}
+    assert outcome.remaining_rows == 1
+
+    nxt = run(engine, s)
+    assert nxt.rows_cleaned == 1
+    assert snapshot(engine)[10]["cleaned_at"] is not None
+
+
+def test_logs_carry_run_id_and_no_personal_data(engine: Engine) -> None:
+    """Every event has the run id; no seeded personal-data marker reaches the log."""
+    backlog(engine, 20)
+    with capture_logs() as logs:
+        outcome = run(engine, settings(), chunk_size=5)
+    events = [e["event"] for e in logs]
+    assert events[0] == "run_started" and events[1] == "plan" and events[-1] == "run_finished"
+    assert "chunk_committed" in events
+    assert all(e.get("run_id") == outcome.run_id for e in logs)
+    assert MARK not in repr(logs)
+
+
+def test_replace_writes_json_and_member_id_can_be_stripped(engine: Engine) -> None:
+    """clean.replace writes its JSON value; member_id is stripped only when listed."""
+    backlog(engine, 6)
+    s = settings(
+        clean='columns = ["content", "msisdn", "member_id"]\n'
+        'replace = { content = { redacted = true }, msisdn = "" }'
+    )
+    run(engine, s)
+    row = snapshot(engine)[1]
+    assert row["content"] == {"redacted": True}
+    assert row["msisdn"] == ""
+    assert row["member_id"] is None
+    assert row["email"] is not None  # not listed: kept
