@@ -20,11 +20,12 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from dispatch_retention import db
+from dispatch_retention import db, migrate
 from dispatch_retention.config import Target
 from dispatch_retention.schema import create_dispatches
 
 _counter = itertools.count()
+AUDIT_SCHEMA = "dispatch_retention"
 
 
 def _docker_answers() -> bool:
@@ -70,6 +71,7 @@ def template_db(server_url: URL) -> Iterator[str]:
     engine = create_engine(server_url.set(database=name))
     with engine.begin() as conn:
         create_dispatches(conn, Target())
+    migrate.upgrade(engine, AUDIT_SCHEMA)
     engine.dispose()
     yield name
     with admin.connect() as conn:

@@ -24,6 +24,7 @@ whole table); only when that hits a row the application holds locked is it redon
 from __future__ import annotations
 
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -46,7 +47,6 @@ from sqlalchemy import (
     literal,
     null,
     select,
-    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -119,7 +119,7 @@ class Chunk:
 class Outcome:
     """How a run ended. `status` is one of the run statuses of CONTRACT section 6."""
 
-    run_id: str = ""
+    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
     status: str = "running"
     plan: Plan | None = None
     rows_cleaned: int = 0
@@ -260,7 +260,7 @@ def database_now(conn: Connection) -> datetime:
 
 def make_plan(conn: Connection, settings: Settings, holds: Table | None = None) -> Plan:
     """Read-only: cutoffs from the database clock and what is due under them."""
-    conn.execute(text("SET TRANSACTION READ ONLY"))
+    db.read_only(conn)
     rules = policy.rules(settings, database_now(conn))
     stmts = Statements(settings, rules, holds)
     due: Counter[str] = Counter()

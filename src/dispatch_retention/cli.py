@@ -9,16 +9,20 @@ from __future__ import annotations
 
 import signal
 import sys
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from importlib import resources
 from typing import Any
 
 import click
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 
-from . import config, db, job, logs, output
+from . import audit, config, db, holds, job, logs, migrate, output
 from .cleaner import Options, Outcome, Plan, Stop
+from .schema import AuditTables
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REFUSED, EXIT_VIOLATIONS = 0, 1, 2, 3, 4, 5
 
@@ -102,7 +106,7 @@ def run(
         dry_run=dry_run, chunk_size=chunk_size, max_rows=max_rows, max_runtime_s=max_runtime
     )
     with _signals() as stop, _progress(interactive and not dry_run) as on_chunk:
-        outcome = job.run(
+        outcome = _job(
             engine,
             settings,
             options,
@@ -128,35 +132,189 @@ def demo(state: State, rows: int) -> None:
 
     settings = state.settings() if state.config_path else _bundled_settings()
     try:
-        server = demo_module.embedded_server()
-        url = server.__enter__()
+        with _signals() as stop:
+            outcome = demo_module.cycle(settings, rows, stop=stop, echo=click.echo)
     except demo_module.EmbeddedUnavailable as exc:
         raise UsageProblem(str(exc)) from None
-    try:
-        engine = db.make_engine(db.parse_url(url))
-        click.echo(f"Seeding {rows} synthetic dispatches into an embedded PostgreSQL ...")
-        total = demo_module.prepare(engine, settings, rows)
-        click.echo(f"{total} dispatches in {settings.target.table}.\n")
-        stop = Stop()
-        planned = job.run(engine, settings, Options(dry_run=True), stop=stop)
-        if planned.plan is None:
-            sys.exit(exit_code(planned))
-        click.echo("== dry run ==\n" + output.plan_text(planned.plan) + "\n")
-        with _signals() as stop:
-            outcome = job.run(engine, settings, Options(), stop=stop)
-        click.echo("== run ==\n" + output.outcome_text(outcome) + "\n")
-        again = job.run(engine, settings, Options(dry_run=True), stop=stop)
-        if again.plan is not None:
-            click.echo(f"== after the run: {again.plan.due_rows} dispatches still due ==")
-        engine.dispose()
-    finally:
-        server.__exit__(None, None, None)
     sys.exit(exit_code(outcome))
+
+
+@cli.command()
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--tolerance-hours",
+    type=click.FloatRange(min=0),
+    default=0,
+    show_default=True,
+    help="Allow rows whose window passed less than this long ago (the time between runs).",
+)
+@click.pass_obj
+def verify(state: State, fmt: str, tolerance_hours: float) -> None:
+    """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
+    from .verify import verify as check
+
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), engine.connect() as conn:
+        _require_schema(conn, settings)
+        with conn.begin():
+            report = check(conn, settings, AuditTables(settings.audit.schema_), tolerance_hours)
+    engine.dispose()
+    click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
+    sys.exit(EXIT_OK if report.ok else EXIT_VIOLATIONS)
+
+
+@cli.group("audit")
+def audit_group() -> None:
+    """Read the audit trail: what was cleaned, when, under which policy."""
+
+
+@audit_group.command("list")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="YYYY-MM-DD (UTC).")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.pass_obj
+def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> None:
+    """List runs, newest first."""
+    settings, engine = state.settings(), state.engine()
+    since_utc = since.replace(tzinfo=UTC) if since else None
+    with _database_errors(), engine.connect() as conn:
+        _require_schema(conn, settings)
+        runs = audit.list_runs(
+            conn, AuditTables(settings.audit.schema_), since=since_utc, limit=limit
+        )
+    engine.dispose()
+    click.echo(output.runs(runs, fmt), nl=fmt != "csv")
+
+
+@audit_group.command("show")
+@click.argument("run_id")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_obj
+def audit_show(state: State, run_id: str, fmt: str) -> None:
+    """Show one run: its status, config, policies with cutoffs and rows cleaned."""
+    try:
+        run_id = str(uuid.UUID(run_id))
+    except ValueError:
+        raise click.BadParameter("not a run id (a UUID, as `audit list` shows)") from None
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), engine.connect() as conn:
+        _require_schema(conn, settings)
+        document = audit.show_run(conn, AuditTables(settings.audit.schema_), run_id)
+    engine.dispose()
+    if document is None:
+        raise click.ClickException(f"no run {run_id} in the audit trail")
+    click.echo(output.to_json(document) if fmt == "json" else output.run_text(document))
+
+
+@cli.group("hold")
+def hold_group() -> None:
+    """Legal holds: exempt every dispatch of a member from cleaning until released."""
+
+
+@hold_group.command("add")
+@click.argument("member_id", type=click.IntRange(min=0, max=2**63 - 1))
+@click.option("--reason", required=True, help="Why (a case number, not personal data).")
+@click.option("--by", default=None, help="Who asks for it [default: OS user@host].")
+@click.pass_obj
+def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
+    """Put a member's dispatches under legal hold."""
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), _hold_errors(), engine.begin() as conn:
+        _require_schema(conn, settings)
+        hold_id = holds.add(
+            conn, AuditTables(settings.audit.schema_), member_id, reason, by or holds.operator()
+        )
+    engine.dispose()
+    click.echo(f"hold {hold_id}: member {member_id} is under legal hold")
+
+
+@hold_group.command("release")
+@click.argument("member_id", type=click.IntRange(min=0, max=2**63 - 1))
+@click.option("--by", default=None, help="Who releases it [default: OS user@host].")
+@click.pass_obj
+def hold_release(state: State, member_id: int, by: str | None) -> None:
+    """Release a member's active hold (the hold is kept, stamped released_at)."""
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), _hold_errors(), engine.begin() as conn:
+        _require_schema(conn, settings)
+        hold_id = holds.release(
+            conn, AuditTables(settings.audit.schema_), member_id, by or holds.operator()
+        )
+    engine.dispose()
+    click.echo(f"hold {hold_id}: member {member_id} released")
+
+
+@hold_group.command("list")
+@click.option("--all", "include_released", is_flag=True, help="Include released holds.")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.pass_obj
+def hold_list(state: State, include_released: bool, fmt: str) -> None:
+    """List active legal holds (with --all, released ones too)."""
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), engine.connect() as conn:
+        _require_schema(conn, settings)
+        found = holds.list_holds(
+            conn, AuditTables(settings.audit.schema_), include_released=include_released
+        )
+    engine.dispose()
+    click.echo(output.holds(found, fmt))
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The job's own tables and the database it works on."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+def db_upgrade(state: State) -> None:
+    """Create or migrate the job's own tables (needs a role that may create them)."""
+    settings, engine = state.settings(), state.engine()
+    with _database_errors():
+        before, after = migrate.upgrade(engine, settings.audit.schema_)
+    engine.dispose()
+    schema = settings.audit.schema_
+    if before == after:
+        click.echo(f"audit schema {schema!r} is up to date (revision {after})")
+    else:
+        click.echo(f"audit schema {schema!r} migrated from {before or 'nothing'} to {after}")
+
+
+def _require_schema(conn: Connection, settings: config.Settings) -> None:
+    try:
+        migrate.require_current(conn, settings.audit.schema_)
+    except migrate.SchemaNotReady as exc:
+        raise UsageProblem(str(exc)) from None
+    conn.rollback()
+
+
+@contextmanager
+def _database_errors() -> Iterator[None]:
+    """A database error ends the command with exit 1 and a message free of row values."""
+    try:
+        yield
+    except DBAPIError as exc:
+        raise click.ClickException(f"database error: {db.describe_error(exc)}") from None
+
+
+@contextmanager
+def _hold_errors() -> Iterator[None]:
+    try:
+        yield
+    except holds.HoldError as exc:
+        raise UsageProblem(str(exc)) from None
 
 
 def _bundled_settings() -> config.Settings:
     text = resources.files("dispatch_retention").joinpath("retention.toml").read_text("utf-8")
     return config.parse(text, "<bundled retention.toml>")
+
+
+def _job(engine: Engine, *args: Any, **kwargs: Any) -> Outcome:
+    try:
+        return job.run(engine, *args, **kwargs)
+    except migrate.SchemaNotReady as exc:
+        raise UsageProblem(str(exc)) from None
 
 
 def exit_code(outcome: Outcome) -> int:

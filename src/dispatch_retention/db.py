@@ -110,6 +110,11 @@ def set_local_timeouts(
     )
 
 
+def read_only(conn: Connection) -> None:
+    """Make the transaction just begun READ ONLY: the server refuses any write in it."""
+    conn.execute(text("SET TRANSACTION READ ONLY"))
+
+
 def sqlstate(exc: BaseException) -> str | None:
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     return getattr(orig, "sqlstate", None) if isinstance(orig, psycopg.Error) else None

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
+from . import audit, db, holds, job, migrate, output
+from .cleaner import Options, Outcome, Stop
 from .config import Settings
-from .schema import create_dispatches
+from .schema import AuditTables, create_dispatches
 from .synthetic import seed
+from .verify import verify
 
 
 class EmbeddedUnavailable(Exception):
@@ -48,6 +51,44 @@ def prepare(engine: Engine, settings: Settings, rows: int) -> int:
     with engine.begin() as conn:
         table = create_dispatches(conn, settings.target)
         now = conn.execute(select(func.now())).scalar_one()
-        seed(conn, table, rows=rows, now=now)
+        seed(conn, table, rows=rows, now=now, members=max(rows // 20, 10))
         conn.exec_driver_sql("ANALYZE")
         return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
+
+
+def cycle(settings: Settings, rows: int, *, stop: Stop, echo: Callable[[str], None]) -> Outcome:
+    """Seed, upgrade, hold one member, dry-run, run, verify, show the audit trail."""
+    tables = AuditTables(settings.audit.schema_)
+    with embedded_server() as url:
+        engine = db.make_engine(db.parse_url(url))
+        try:
+            echo(f"Seeding {rows} synthetic dispatches into an embedded PostgreSQL ...")
+            total = prepare(engine, settings, rows)
+            migrate.upgrade(engine, tables.schema)
+            with engine.begin() as conn:
+                holds.add(conn, tables, 7, "demo: case DEMO-1 (litigation)", "demo")
+            echo(f"{total} dispatches in {settings.target.table}; member 7 is under legal hold.")
+            echo(
+                "\n== dispatch-retention hold list ==\n"
+                + output.holds(_holds(engine, tables), "table")
+            )
+            planned = job.run(engine, settings, Options(dry_run=True), stop=stop)
+            if planned.plan is None:
+                return planned
+            echo("\n== dispatch-retention run --dry-run ==\n" + output.plan_text(planned.plan))
+            outcome = job.run(engine, settings, Options(), stop=stop)
+            echo("\n== dispatch-retention run ==\n" + output.outcome_text(outcome))
+            with engine.connect() as conn, conn.begin():
+                report = verify(conn, settings, tables)
+            echo("\n== dispatch-retention verify ==\n" + output.verify_text(report))
+            with engine.connect() as conn:
+                runs = audit.list_runs(conn, tables)
+            echo("\n== dispatch-retention audit list ==\n" + output.runs(runs, "table"))
+            return outcome
+        finally:
+            engine.dispose()
+
+
+def _holds(engine: Engine, tables: AuditTables) -> list[dict[str, object]]:
+    with engine.connect() as conn:
+        return holds.list_holds(conn, tables)

@@ -1,24 +1,33 @@
-"""One run of the job from start to finish: plan, guard, confirm, clean, report.
+"""One run of the job from start to finish: check, lock, record, plan, guard, confirm, clean.
 
 `run()` never lets a database error escape as a traceback: every way a run ends is an
 `Outcome` with a status (CONTRACT section 6) that the CLI maps to an exit code. Errors are
 logged through `db.describe_error()`, which keeps row values (personal data) out of the log.
+
+Order of a real run: the audit schema must be current (else `SchemaNotReady`, exit 2); the
+advisory lock of the target is taken on a dedicated connection (else status `locked`, exit 3,
+nothing written); runs left `running` by a dead process are marked `abandoned`; the run
+record is inserted; then plan, guard, confirmation and chunks; the record is closed last,
+through a fresh connection. A dry run checks the schema and plans, in a READ ONLY
+transaction, and writes nothing at all (no lock, no record).
 """
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import db
+from . import audit, db, migrate
 from .cleaner import Chunk, Cleaner, Interrupted, Options, Outcome, Plan, Stop, make_plan
 from .config import Settings
+from .lock import RunLock, lock_key
+from .schema import AuditTables
 
 log = structlog.get_logger("dispatch_retention")
+Logger = structlog.typing.FilteringBoundLogger
 
 
 def run(
@@ -32,51 +41,133 @@ def run(
     on_chunk: Callable[[Chunk], None] | None = None,
     fail_in_chunk: Callable[[int], None] | None = None,
 ) -> Outcome:
-    run_id = str(uuid.uuid4())
-    rlog = log.bind(run_id=run_id)
-    outcome = Outcome(run_id=run_id)
+    """Run (or dry-run) the job once. Raises only `migrate.SchemaNotReady`."""
+    outcome = Outcome()
+    rlog = log.bind(run_id=outcome.run_id)
+    tables = AuditTables(settings.audit.schema_)
     rlog.info(
         "run_started",
         dry_run=options.dry_run,
         table=settings.target.table,
+        trigger=audit.trigger(),
         config=settings.path,
         config_sha256=settings.sha256,
     )
     try:
-        with stop.interruptible(), engine.connect() as conn, conn.begin():
-            outcome.plan = plan = make_plan(conn, settings)
-        rlog.info("plan", **plan.as_dict())
+        with engine.connect() as conn:
+            migrate.require_current(conn, tables.schema)
         if options.dry_run:
+            _plan(engine, settings, tables, outcome, stop)
             outcome.status = "planned"
-        elif _refused(settings, plan, force):
-            outcome.status = "refused"
-            outcome.error = (
-                f"{plan.due_rows} due rows exceed guard.refuse_above_rows "
-                f"({settings.guard.refuse_above_rows}); rerun with --force if this is intended"
-            )
-        elif confirm is not None and not _ask(confirm, plan, stop):
-            outcome.status = "cancelled"
         else:
-            Cleaner(
+            _locked_run(
                 engine,
                 settings,
-                plan,
-                options=options,
+                tables,
+                options,
+                outcome,
+                rlog,
                 stop=stop,
-                outcome=outcome,
-                log=rlog,
+                force=force,
+                confirm=confirm,
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
-            ).run()
-    except Interrupted as exc:
-        outcome.status, outcome.signum = "interrupted", exc.signum
-    except DBAPIError as exc:
-        outcome.status, outcome.error = "failed", db.describe_error(exc)
-    except Exception as exc:  # a bug: fail loudly, with the traceback (never frame locals)
-        outcome.status, outcome.error = "failed", f"internal error: {type(exc).__name__}"
-        rlog.exception("internal_error")
+            )
+    except migrate.SchemaNotReady:
+        raise
+    except (Interrupted, Exception) as exc:
+        _ended_by(exc, outcome, rlog)
     _report(rlog, outcome)
     return outcome
+
+
+def _plan(
+    engine: Engine, settings: Settings, tables: AuditTables, outcome: Outcome, stop: Stop
+) -> Plan:
+    with stop.interruptible(), engine.connect() as conn, conn.begin():
+        outcome.plan = plan = make_plan(conn, settings, tables.holds)
+    log.info("plan", run_id=outcome.run_id, **plan.as_dict())
+    return plan
+
+
+def _locked_run(
+    engine: Engine,
+    settings: Settings,
+    tables: AuditTables,
+    options: Options,
+    outcome: Outcome,
+    rlog: Logger,
+    *,
+    stop: Stop,
+    force: bool,
+    confirm: Callable[[Plan], bool] | None,
+    on_chunk: Callable[[Chunk], None] | None,
+    fail_in_chunk: Callable[[int], None] | None,
+) -> None:
+    with RunLock(engine, lock_key(settings.target.table)) as lock:
+        if not lock.acquired:
+            outcome.status = "locked"
+            outcome.error = "another run holds the lock of this target"
+            rlog.warning("run_locked", holder=lock.holder())
+            return
+        with engine.begin() as conn:
+            abandoned = audit.mark_abandoned(conn, tables, settings.target.table)
+        if abandoned:
+            rlog.warning("runs_abandoned", run_ids=abandoned)
+        record = audit.RunRecord(engine, tables, outcome.run_id)
+        record.start(settings, options)
+        try:
+            plan = _plan(engine, settings, tables, outcome, stop)
+            record.planned(plan)
+            if _refused(settings, plan, force):
+                outcome.status = "refused"
+                outcome.error = (
+                    f"{plan.due_rows} due rows exceed guard.refuse_above_rows "
+                    f"({settings.guard.refuse_above_rows}); rerun with --force if intended"
+                )
+            elif confirm is not None and not _ask(confirm, plan, stop):
+                outcome.status = "cancelled"
+            else:
+                Cleaner(
+                    engine,
+                    settings,
+                    plan,
+                    options=options,
+                    stop=stop,
+                    outcome=outcome,
+                    log=rlog,
+                    holds=tables.holds,
+                    recorder=record,
+                    on_chunk=on_chunk,
+                    fail_in_chunk=fail_in_chunk,
+                ).run()
+        except (Interrupted, Exception) as exc:
+            _ended_by(exc, outcome, rlog)
+        finally:
+            _close(record, outcome, rlog)
+
+
+def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
+    """The status an exception gives the run; a bug is logged with its traceback."""
+    if isinstance(exc, Interrupted):
+        outcome.status, outcome.signum = "interrupted", exc.signum
+    elif isinstance(exc, DBAPIError):
+        outcome.status, outcome.error = "failed", db.describe_error(exc)
+    else:
+        outcome.status, outcome.error = "failed", f"internal error: {type(exc).__name__}"
+        rlog.error("internal_error", exc_info=exc)
+
+
+def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
+    if outcome.status == "running":  # never leave a record open on a path we did not foresee
+        outcome.status, outcome.error = "failed", "the run ended without a status"
+    try:
+        record.finish(outcome)
+    except DBAPIError as exc:
+        rlog.error("run_record_failed", error=db.describe_error(exc))
+        if outcome.status in ("succeeded", "incomplete"):
+            outcome.status = "failed"
+            outcome.error = "could not close the run record: " + db.describe_error(exc)
 
 
 def _refused(settings: Settings, plan: Plan, force: bool) -> bool:
@@ -89,7 +180,7 @@ def _ask(confirm: Callable[[Plan], bool], plan: Plan, stop: Stop) -> bool:
         return confirm(plan)
 
 
-def _report(log: structlog.typing.FilteringBoundLogger, outcome: Outcome) -> None:
+def _report(rlog: Logger, outcome: Outcome) -> None:
     fields = {
         "status": outcome.status,
         "rows_cleaned": outcome.rows_cleaned,
@@ -100,10 +191,10 @@ def _report(log: structlog.typing.FilteringBoundLogger, outcome: Outcome) -> Non
     if outcome.stopped_by:
         fields["stopped_by"] = outcome.stopped_by
     if outcome.status == "failed":
-        log.error("run_failed", error=outcome.error, **fields)
+        rlog.error("run_failed", error=outcome.error, **fields)
     elif outcome.status == "interrupted":
-        log.warning("run_interrupted", signal=outcome.signum, **fields)
-    elif outcome.status == "refused":
-        log.error("run_finished", reason=outcome.error, **fields)
+        rlog.warning("run_interrupted", signal=outcome.signum, **fields)
+    elif outcome.status in ("refused", "locked"):
+        rlog.error("run_finished", reason=outcome.error, **fields)
     else:
-        log.info("run_finished", **fields)
+        rlog.info("run_finished", **fields)

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .cleaner import Outcome, Plan
+from .verify import Report
 
 
 def _cell(value: Any) -> str:
@@ -87,3 +88,102 @@ def _policy_names(outcome: Outcome) -> list[str]:
     if outcome.plan is not None:
         return [p.name for p in outcome.plan.policies]
     return sorted(outcome.by_policy)
+
+
+def verify_text(report: Report) -> str:
+    rows = [[name, count] for name, count in report.violations.items()]
+    verdict = (
+        "OK: no dispatch past its window holds personal data"
+        if report.ok
+        else f"VIOLATION: {sum(report.violations.values())} dispatches past their window "
+        "still hold personal data"
+    )
+    lines = [
+        f"Checked at {_cell(report.now)} (database clock), tolerance {report.tolerance_hours:g} h",
+        table(["policy", "violations"], rows),
+        "",
+        f"held back by legal holds (not violations): {report.held_rows}",
+        f"matched by no policy (never cleaned):      {report.unmatched_rows}",
+        f"cleaned so far:                            {report.cleaned_rows}",
+        "",
+        verdict,
+    ]
+    return "\n".join(lines)
+
+
+LIST_COLUMNS = (
+    "run_id",
+    "status",
+    "trigger",
+    "started_at",
+    "finished_at",
+    "rows_cleaned",
+    "due_rows",
+    "held_rows",
+    "host",
+    "shard",
+    "tool_version",
+)
+
+
+def runs(found: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return to_json(list(found))
+    if fmt == "csv":
+        return to_csv(LIST_COLUMNS, found)
+    if not found:
+        return "no runs recorded"
+    return table(LIST_COLUMNS, [[r[c] for c in LIST_COLUMNS] for r in found])
+
+
+def run_text(doc: Mapping[str, Any]) -> str:
+    fields = (
+        "run_id",
+        "status",
+        "trigger",
+        "started_at",
+        "finished_at",
+        "planned_at",
+        "rows_cleaned",
+        "chunks",
+        "due_rows",
+        "held_rows",
+        "waiting_grace_rows",
+        "target_table",
+        "shard",
+        "host",
+        "db_user",
+        "tool_version",
+        "config_path",
+        "config_sha256",
+        "stopped_by",
+        "error",
+    )
+    width = max(len(f) for f in fields)
+    lines = [f"{f.ljust(width)}  {_cell(doc.get(f))}" for f in fields]
+    policies = [
+        [p["name"], p["retention_days"], p["cutoff"], p.get("due_rows"), p["rows_cleaned"]]
+        for p in doc["policies"]
+    ]
+    lines += [
+        "",
+        table(["policy", "retention_days", "cutoff", "due_at_plan", "rows_cleaned"], policies)
+        if policies
+        else "no plan recorded",
+        "",
+        "config:",
+        *(f"  {line}" for line in doc["config_text"].splitlines()),
+    ]
+    return "\n".join(lines)
+
+
+HOLD_COLUMNS = ("hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
+                "released_by")  # fmt: skip
+
+
+def holds(found: Sequence[Mapping[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return to_json(list(found))
+    if not found:
+        return "no legal holds"
+    return table(HOLD_COLUMNS, [[h[c] for c in HOLD_COLUMNS] for h in found])

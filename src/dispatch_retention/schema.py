@@ -10,15 +10,20 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     Column,
     Connection,
     DateTime,
+    ForeignKey,
+    Identity,
     Index,
+    Integer,
     MetaData,
     Table,
     Text,
+    text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.schema import CreateSchema
 
 from .config import Target
@@ -71,3 +76,72 @@ def create_dispatches(conn: Connection, target: Target) -> Table:
     ):
         index.create(conn, checkfirst=True)
     return table
+
+
+# --- the job's own tables (CONTRACT section 6), in their own schema --------------------------
+# They hold ids, counts, timestamps, policy names and the config: never a dispatch's content,
+# msisdn, email or app_token. Created and migrated by `db upgrade` (Alembic, migrations/).
+
+ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
+
+
+class AuditTables:
+    """The runs, chunks and legal_holds tables in the configured audit schema."""
+
+    def __init__(self, schema: str) -> None:
+        self.schema = schema
+        self.metadata = MetaData(schema=schema)
+        self.runs = Table(
+            "runs",
+            self.metadata,
+            Column("run_id", UUID(as_uuid=False), primary_key=True),
+            Column("status", Text, nullable=False),
+            Column("started_at", DateTime(timezone=True), nullable=False),
+            Column("finished_at", DateTime(timezone=True)),
+            Column("trigger", Text, nullable=False),
+            Column("host", Text, nullable=False),
+            Column("tool_version", Text, nullable=False),
+            Column("db_user", Text, nullable=False),
+            Column("target_table", Text, nullable=False),
+            Column("shard", Text),
+            Column("options", JSONB, nullable=False),
+            Column("config_path", Text, nullable=False),
+            Column("config_sha256", Text, nullable=False),
+            Column("config_text", Text, nullable=False),
+            Column("planned_at", DateTime(timezone=True)),
+            Column("policies", JSONB),
+            Column("due_rows", BigInteger),
+            Column("held_rows", BigInteger),
+            Column("waiting_grace_rows", BigInteger),
+            Column("stopped_by", Text),
+            Column("error", Text),
+        )
+        self.chunks = Table(
+            "chunks",
+            self.metadata,
+            Column("run_id", UUID(as_uuid=False), ForeignKey(self.runs.c.run_id), primary_key=True),
+            Column("seq", Integer, primary_key=True),
+            Column("first_id", BigInteger, nullable=False),
+            Column("last_id", BigInteger, nullable=False),
+            Column("rows", Integer, nullable=False),
+            Column("cleaned_at", DateTime(timezone=True), nullable=False),
+            Column("by_policy", JSONB, nullable=False),
+            Column("skipped_locked", Boolean, nullable=False),
+        )
+        self.holds = Table(
+            "legal_holds",
+            self.metadata,
+            Column("hold_id", BigInteger, Identity(), primary_key=True),
+            Column("member_id", BigInteger, nullable=False),
+            Column("reason", Text, nullable=False),
+            Column("created_at", DateTime(timezone=True), nullable=False),
+            Column("created_by", Text, nullable=False),
+            Column("released_at", DateTime(timezone=True)),
+            Column("released_by", Text),
+            Index(
+                "legal_holds_one_active_per_member",
+                "member_id",
+                unique=True,
+                postgresql_where=text("released_at IS NULL"),
+            ),
+        )

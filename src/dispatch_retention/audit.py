@@ -1,0 +1,282 @@
+"""Run and chunk records (CONTRACT section 6), and the queries behind `audit list` / `show`.
+
+A run record is inserted when a run starts (status `running`), updated with its plan (the
+cutoffs from the database clock, due and held counts), and closed with its final status. A
+chunk record is inserted by `record_chunk()` inside the chunk's own transaction, so a chunk
+and its record commit or roll back together. Run totals are never stored: they are the sums
+of the committed chunk records, so they cannot disagree with them. The dispatches a chunk
+cleaned are recoverable: ids from `first_id` to `last_id` whose `cleaned_at` equals the
+chunk's `cleaned_at`.
+
+Records hold ids, counts, timestamps, policy names and the config text; never a dispatch's
+content, msisdn, email or app_token.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from datetime import date, datetime
+from importlib.metadata import version
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    Connection,
+    Engine,
+    cast,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+
+from .cleaner import Chunk, Options, Outcome, Plan
+from .config import Settings
+from .schema import AuditTables
+
+TRIGGER_ENV = "DISPATCH_RETENTION_TRIGGER"
+TRIGGERS = ("cron", "manual")
+FINAL_STATUSES = (
+    "succeeded",
+    "incomplete",
+    "interrupted",
+    "failed",
+    "refused",
+    "abandoned",
+    "cancelled",
+)
+
+
+def trigger() -> str:
+    """`cron` when the CronJob says so (DISPATCH_RETENTION_TRIGGER=cron), else `manual`."""
+    value = os.environ.get(TRIGGER_ENV, "manual").strip().lower()
+    return value if value in TRIGGERS else "manual"
+
+
+def tool_version() -> str:
+    return version("dispatch-retention")
+
+
+class RunRecord:
+    """The audit record of one run; also the cleaner's chunk recorder."""
+
+    def __init__(self, engine: Engine, tables: AuditTables, run_id: str) -> None:
+        self.engine, self.tables, self.run_id = engine, tables, run_id
+
+    def start(self, settings: Settings, options: Options, shard: str | None = None) -> None:
+        runs = self.tables.runs
+        with self.engine.begin() as conn:
+            conn.execute(
+                insert(runs).values(
+                    run_id=self.run_id,
+                    status="running",
+                    started_at=func.now(),
+                    trigger=trigger(),
+                    host=socket.gethostname(),
+                    tool_version=tool_version(),
+                    db_user=literal_column("current_user"),
+                    target_table=settings.target.table,
+                    shard=shard,
+                    options={
+                        "chunk_size": options.chunk_size or settings.clean.chunk_size,
+                        "max_rows": options.max_rows,
+                        "max_runtime_s": options.max_runtime_s,
+                    },
+                    config_path=settings.path,
+                    config_sha256=settings.sha256,
+                    config_text=settings.text,
+                )
+            )
+
+    def planned(self, plan: Plan) -> None:
+        runs = self.tables.runs
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.run_id == self.run_id)
+                .values(
+                    planned_at=plan.rules.now,
+                    policies=plan.as_dict()["policies"],
+                    due_rows=plan.due_rows,
+                    held_rows=plan.held_rows,
+                    waiting_grace_rows=plan.waiting_grace_rows,
+                )
+            )
+
+    def record_chunk(self, conn: Connection, chunk: Chunk) -> None:
+        """Called inside the chunk's transaction, after its UPDATE and before its COMMIT."""
+        conn.execute(
+            insert(self.tables.chunks).values(
+                run_id=self.run_id,
+                seq=chunk.seq,
+                first_id=chunk.first_id,
+                last_id=chunk.last_id,
+                rows=chunk.rows,
+                cleaned_at=chunk.cleaned_at,
+                by_policy=chunk.by_policy,
+                skipped_locked=chunk.skipped_locked,
+            )
+        )
+
+    def chunk_committed(self, seq: int) -> bool:
+        """Whether chunk `seq` committed (for a COMMIT whose outcome is unknown)."""
+        chunks = self.tables.chunks
+        with self.engine.connect() as conn:
+            found = conn.execute(
+                select(chunks.c.seq).where(chunks.c.run_id == self.run_id, chunks.c.seq == seq)
+            ).first()
+        return found is not None
+
+    def finish(self, outcome: Outcome) -> None:
+        """Close the record; a fresh pooled connection, so a lost one does not matter."""
+        runs = self.tables.runs
+        with self.engine.begin() as conn:
+            conn.execute(
+                update(runs)
+                .where(runs.c.run_id == self.run_id)
+                .values(
+                    status=outcome.status,
+                    finished_at=func.now(),
+                    stopped_by=outcome.stopped_by
+                    or (f"signal {outcome.signum}" if outcome.signum else None),
+                    error=outcome.error,
+                )
+            )
+
+
+def mark_abandoned(conn: Connection, tables: AuditTables, target_table: str) -> list[str]:
+    """Runs still `running` for this target: their process is gone (we hold the lock)."""
+    runs = tables.runs
+    rows = conn.execute(
+        update(runs)
+        .where(runs.c.status == "running", runs.c.target_table == target_table)
+        .values(
+            status="abandoned",
+            finished_at=func.now(),
+            error="the process ended without closing its record (killed?); marked by the next run",
+        )
+        .returning(runs.c.run_id)
+    )
+    return [str(r) for r in rows.scalars()]
+
+
+# --- reading the trail -----------------------------------------------------------------------
+
+RUN_COLUMNS = (
+    "run_id",
+    "status",
+    "trigger",
+    "started_at",
+    "finished_at",
+    "rows_cleaned",
+    "due_rows",
+    "held_rows",
+    "host",
+    "shard",
+    "tool_version",
+)
+
+
+def _totals(tables: AuditTables) -> Any:
+    chunks = tables.chunks
+    return (
+        select(
+            chunks.c.run_id,
+            func.coalesce(func.sum(chunks.c.rows), 0).label("rows_cleaned"),
+            func.count().label("chunks"),
+        )
+        .group_by(chunks.c.run_id)
+        .subquery("totals")
+    )
+
+
+def list_runs(
+    conn: Connection, tables: AuditTables, *, since: date | None = None, limit: int = 50
+) -> list[dict[str, Any]]:
+    runs, totals = tables.runs, _totals(tables)
+    query = (
+        select(
+            runs,
+            func.coalesce(totals.c.rows_cleaned, 0).label("rows_cleaned"),
+            func.coalesce(totals.c.chunks, 0).label("chunks"),
+        )
+        .select_from(runs.outerjoin(totals, totals.c.run_id == runs.c.run_id))
+        .order_by(runs.c.started_at.desc())
+        .limit(limit)
+    )
+    if since is not None:
+        query = query.where(runs.c.started_at >= since)
+    return [_run_dict(row) for row in conn.execute(query).mappings()]
+
+
+def show_run(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, Any] | None:
+    runs, chunks = tables.runs, tables.chunks
+    row = conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first()
+    if row is None:
+        return None
+    each = func.jsonb_each_text(chunks.c.by_policy).table_valued("key", "value").render_derived("p")
+    per_policy: dict[str, int] = {
+        str(name): int(rows)
+        for name, rows in conn.execute(
+            select(each.c.key, func.sum(cast(each.c.value, BigInteger)))
+            .select_from(chunks, each)
+            .where(chunks.c.run_id == run_id)
+            .group_by(each.c.key)
+        )
+    }
+    stats = conn.execute(
+        select(
+            func.coalesce(func.sum(chunks.c.rows), 0),
+            func.count(),
+            func.min(chunks.c.cleaned_at),
+            func.max(chunks.c.cleaned_at),
+        ).where(chunks.c.run_id == run_id)
+    ).one()
+    document = _run_dict({**row, "rows_cleaned": int(stats[0]), "chunks": int(stats[1])})
+    document["first_chunk_at"], document["last_chunk_at"] = stats[2], stats[3]
+    document["policies"] = [
+        {
+            "name": p["name"],
+            "retention_days": p["retention_days"],
+            "cutoff": p["cutoff"],
+            "grace_cutoff": p.get("grace_cutoff"),
+            "due_rows": p.get("due_rows"),
+            "rows_cleaned": int(per_policy.get(p["name"], 0)),
+        }
+        for p in (row["policies"] or [])
+    ]
+    document["config_text"] = row["config_text"]
+    return document
+
+
+def _run_dict(row: Any) -> dict[str, Any]:
+    out = {
+        "run_id": str(row["run_id"]),
+        "status": row["status"],
+        "trigger": row["trigger"],
+        "started_at": row["started_at"],
+        "finished_at": row["finished_at"],
+        "rows_cleaned": int(row["rows_cleaned"]),
+        "chunks": int(row["chunks"]),
+        "due_rows": row["due_rows"],
+        "held_rows": row["held_rows"],
+        "waiting_grace_rows": row["waiting_grace_rows"],
+        "host": row["host"],
+        "shard": row["shard"],
+        "tool_version": row["tool_version"],
+        "db_user": row["db_user"],
+        "target_table": row["target_table"],
+        "planned_at": row["planned_at"],
+        "config_path": row["config_path"],
+        "config_sha256": row["config_sha256"],
+        "options": row["options"],
+        "stopped_by": row["stopped_by"],
+        "error": row["error"],
+    }
+    return out
+
+
+def iso(value: datetime | None) -> str | None:
+    return None if value is None else value.isoformat()

@@ -1,0 +1,77 @@
+"""Legal holds: every dispatch of a member under an active hold is exempt from cleaning.
+
+Holds are never deleted: `release` stamps `released_at` and who released it, so the history
+of every hold stays readable. A reason is mandatory (the table refuses an empty one too).
+"""
+
+from __future__ import annotations
+
+import getpass
+import socket
+from typing import Any
+
+from sqlalchemy import Connection, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from .schema import AuditTables
+
+
+class HoldError(Exception):
+    """A hold that cannot be added or released as asked (exit 2)."""
+
+
+def operator() -> str:
+    """Who is acting: the OS user at this host (the database role is recorded too)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return f"{user}@{socket.gethostname()}"
+
+
+def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: str) -> int:
+    if not reason.strip():
+        raise HoldError("a legal hold needs a reason (--reason)")
+    holds = tables.holds
+    try:
+        with conn.begin_nested():
+            hold_id = conn.execute(
+                insert(holds)
+                .values(
+                    member_id=member_id,
+                    reason=reason.strip(),
+                    created_at=func.now(),
+                    created_by=f"{by} (db role {_role(conn)})",
+                )
+                .returning(holds.c.hold_id)
+            ).scalar_one()
+    except IntegrityError:
+        raise HoldError(f"member {member_id} is already under an active legal hold") from None
+    return int(hold_id)
+
+
+def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> int:
+    holds = tables.holds
+    released = conn.execute(
+        update(holds)
+        .where(holds.c.member_id == member_id, holds.c.released_at.is_(None))
+        .values(released_at=func.now(), released_by=f"{by} (db role {_role(conn)})")
+        .returning(holds.c.hold_id)
+    ).scalar()
+    if released is None:
+        raise HoldError(f"member {member_id} has no active legal hold")
+    return int(released)
+
+
+def list_holds(
+    conn: Connection, tables: AuditTables, *, include_released: bool = False
+) -> list[dict[str, Any]]:
+    holds = tables.holds
+    query = select(holds).order_by(holds.c.created_at, holds.c.hold_id)
+    if not include_released:
+        query = query.where(holds.c.released_at.is_(None))
+    return [dict(row) for row in conn.execute(query).mappings()]
+
+
+def _role(conn: Connection) -> str:
+    return str(conn.execute(select(func.current_user())).scalar_one())
