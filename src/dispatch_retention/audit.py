@@ -28,7 +28,9 @@ from sqlalchemy import (
     func,
     insert,
     literal_column,
+    or_,
     select,
+    true,
     update,
 )
 
@@ -146,12 +148,16 @@ class RunRecord:
             )
 
 
-def mark_abandoned(conn: Connection, tables: AuditTables, target_table: str) -> list[str]:
-    """Runs still `running` for this target: their process is gone (we hold the lock)."""
+def mark_abandoned(
+    conn: Connection, tables: AuditTables, target_table: str, shard: str | None = None
+) -> list[str]:
+    """Runs still `running` that our locks prove dead: for a whole run every run of the
+    target; for a shard its own earlier runs and any whole run."""
     runs = tables.runs
+    scope = true() if shard is None else or_(runs.c.shard.is_(None), runs.c.shard == shard)
     rows = conn.execute(
         update(runs)
-        .where(runs.c.status == "running", runs.c.target_table == target_table)
+        .where(runs.c.status == "running", runs.c.target_table == target_table, scope)
         .values(
             status="abandoned",
             finished_at=func.now(),

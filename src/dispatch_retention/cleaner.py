@@ -42,19 +42,18 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
-    cast,
     func,
     literal,
-    null,
     select,
+    true,
     update,
 )
-from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.exc import DBAPIError
 
-from . import db, policy
+from . import db, policy, sizing
 from .config import Settings
 from .schema import dispatches_table
+from .shard import Shard
 
 log = structlog.get_logger("dispatch_retention")
 
@@ -147,6 +146,8 @@ class Recorder(Protocol):
 
     def record_chunk(self, conn: Connection, chunk: Chunk) -> None: ...
 
+    def chunk_committed(self, seq: int) -> bool: ...
+
 
 class Interrupted(KeyboardInterrupt):
     """A stop signal arrived while the job was waiting on the server (no write in flight).
@@ -193,24 +194,21 @@ class Stop:
 class Statements:
     """The run's statements, built once from the rules (builders; the loop executes them)."""
 
-    def __init__(self, settings: Settings, rules: policy.Rules, holds: Table | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        rules: policy.Rules,
+        holds: Table | None = None,
+        shard: Shard | None = None,
+    ) -> None:
         self.table = table = dispatches_table(settings.target)
-        self.rules = rules
-        self.due = policy.due(table, rules, holds)
+        self.rules, self.holds = rules, holds
+        self.scope = shard.predicate(table) if shard else true()
+        self.due = and_(policy.due(table, rules, holds), self.scope)
         self.credit = policy.credit(table, rules)
-        self.holds = holds
         lo, hi = bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
         window = and_(table.c.id >= lo, table.c.id < hi)
-        values: dict[str, Any] = {
-            column: (
-                cast(literal(settings.clean.replace[column], JSONB), JSONB)
-                if column == "content" and column in settings.clean.replace
-                else literal(settings.clean.replace[column])
-                if column in settings.clean.replace
-                else null()
-            )
-            for column in settings.clean.columns
-        }
+        values: dict[str, Any] = dict(policy.cleaned_values(settings))
         values["cleaned_at"] = func.now()
         values["updated_at"] = func.now()
         returning = (table.c.id, self.credit, table.c.cleaned_at)
@@ -240,12 +238,12 @@ class Statements:
                 func.min(table.c.id),
                 func.max(table.c.id),
             )
-            .where(table.c.cleaned_at.is_(None), policy.past_window(table, r))
+            .where(table.c.cleaned_at.is_(None), policy.past_window(table, r), self.scope)
             .group_by(self.credit, held)
         )
 
     def waiting_count(self) -> Select[Any]:
-        return select(func.count()).where(policy.waiting_grace(self.table, self.rules))
+        return select(func.count()).where(policy.waiting_grace(self.table, self.rules), self.scope)
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -258,11 +256,16 @@ def database_now(conn: Connection) -> datetime:
     return value
 
 
-def make_plan(conn: Connection, settings: Settings, holds: Table | None = None) -> Plan:
+def make_plan(
+    conn: Connection,
+    settings: Settings,
+    holds: Table | None = None,
+    shard: Shard | None = None,
+) -> Plan:
     """Read-only: cutoffs from the database clock and what is due under them."""
     db.read_only(conn)
     rules = policy.rules(settings, database_now(conn))
-    stmts = Statements(settings, rules, holds)
+    stmts = Statements(settings, rules, holds, shard)
     due: Counter[str] = Counter()
     held_rows = 0
     lows: list[int] = []
@@ -294,6 +297,14 @@ def make_plan(conn: Connection, settings: Settings, holds: Table | None = None) 
     )
 
 
+class RetriesExhausted(Exception):
+    """A chunk kept failing on a retryable error; the run fails with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class Cleaner:
     """Runs the chunks of one planned run."""
 
@@ -308,25 +319,28 @@ class Cleaner:
         outcome: Outcome,
         log: structlog.typing.FilteringBoundLogger = log,
         holds: Table | None = None,
+        shard: Shard | None = None,
         recorder: Recorder | None = None,
         on_chunk: Callable[[Chunk], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
-        self.stmts = Statements(settings, plan.rules, holds)
+        self.stmts = Statements(settings, plan.rules, holds, shard)
+        self.shard = shard
         self.recorder, self.on_chunk = recorder, on_chunk
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
+        self.size = options.chunk_size or settings.clean.chunk_size
+        self.recent_ms: list[float] = []
 
     def run(self) -> None:
-        plan, outcome = self.plan, self.outcome
+        plan, outcome, clean = self.plan, self.outcome, self.settings.clean
         if plan.min_due_id is None or plan.max_due_id is None:
             outcome.status = "succeeded"
             return
-        chunk_size = self.options.chunk_size or self.settings.clean.chunk_size
         budget = self._row_budget()
         started = time.monotonic()
-        lo, last = plan.min_due_id, plan.max_due_id
+        lo, last = self._align(plan.min_due_id), plan.max_due_id
         while lo <= last:
             if self.stop.requested:
                 outcome.status, outcome.signum = "interrupted", self.stop.signum
@@ -341,31 +355,55 @@ class Cleaner:
             ):
                 outcome.status, outcome.stopped_by = "incomplete", "max_runtime"
                 return
-            hi = min(lo + (chunk_size if left is None else min(chunk_size, left)), last + 1)
+            hi = self._window_end(lo, last, left)
             chunk = self._clean_window(outcome.chunks + 1, lo, hi)
             if chunk.rows:
-                outcome.chunks += 1
-                outcome.rows_cleaned += chunk.rows
-                outcome.by_policy.update(chunk.by_policy)
-                self.log.info(
-                    "chunk_committed",
-                    seq=chunk.seq,
-                    first_id=chunk.first_id,
-                    last_id=chunk.last_id,
-                    rows=chunk.rows,
-                    by_policy=chunk.by_policy,
-                    ms=round(chunk.elapsed_ms, 1),
-                    skipped_locked=chunk.skipped_locked,
-                )
-                if self.on_chunk:
-                    self.on_chunk(chunk)
-                lo = hi
+                self._committed(chunk)
+                lo = self._align(chunk.last_id + 1)
+                if clean.pause_between_chunks_ms:
+                    self._pause(clean.pause_between_chunks_ms / 1000)
             else:
-                lo = self._next_due_id(hi, last)
+                lo = self._align(self._next_due_id(chunk.last_id + 1, last))
         if self.stop.requested:  # arrived during the last chunk, which committed
             outcome.status, outcome.signum = "interrupted", self.stop.signum
             return
         outcome.status = "succeeded"
+
+    def _window_end(self, lo: int, last: int, left: int | None) -> int:
+        size = self.size if left is None else min(self.size, left)
+        hi = min(lo + size, last + 1)
+        return min(hi, self.shard.stripe_end(lo)) if self.shard else hi
+
+    def _align(self, lo: int) -> int:
+        return self.shard.align(lo) if self.shard else lo
+
+    def _committed(self, chunk: Chunk) -> None:
+        outcome, clean = self.outcome, self.settings.clean
+        outcome.chunks += 1
+        outcome.rows_cleaned += chunk.rows
+        outcome.by_policy.update(chunk.by_policy)
+        self.log.info(
+            "chunk_committed",
+            seq=chunk.seq,
+            first_id=chunk.first_id,
+            last_id=chunk.last_id,
+            rows=chunk.rows,
+            by_policy=chunk.by_policy,
+            ms=round(chunk.elapsed_ms, 1),
+            chunk_size=self.size,
+            skipped_locked=chunk.skipped_locked,
+        )
+        self.recent_ms.append(chunk.elapsed_ms)
+        del self.recent_ms[: -sizing.WINDOW]
+        self.size = sizing.next_size(
+            self.size,
+            self.recent_ms,
+            target_ms=0 if self.options.chunk_size else clean.target_chunk_ms,  # pinned
+            floor=min(clean.min_chunk_size, self.size),
+            ceiling=max(clean.max_chunk_size, self.size),
+        )
+        if self.on_chunk:
+            self.on_chunk(chunk)
 
     def _row_budget(self) -> int | None:
         limits = [n for n in (self.options.max_rows, self.settings.guard.max_rows_per_run) if n]
@@ -373,63 +411,137 @@ class Cleaner:
 
     def _next_due_id(self, start: int, last: int) -> int:
         """After an empty window: the next id that is still due (or past the end)."""
+        if start > last:
+            return start
         with self.engine.connect() as conn, self.stop.interruptible():
             found = conn.execute(self.stmts.next_due_id, {"lo": start, "hi": last}).scalar()
         return last + 1 if found is None else int(found)
 
+    def _pause(self, seconds: float) -> None:
+        """Sleep, but wake at once for a stop signal."""
+        deadline = time.monotonic() + seconds
+        while not self.stop.requested and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+
+    # -- one window, with retries ---------------------------------------------------------
+
     def _clean_window(self, seq: int, lo: int, hi: int) -> Chunk:
+        """Clean [lo, hi) in one transaction, retrying what a retry can fix.
+
+        Retried, with bounded exponential backoff: a lost connection or a server going
+        away (after checking through the audit record whether an interrupted COMMIT
+        landed), a lock timeout (someone holds the table), a statement timeout (with a
+        smaller window). Anything else fails at once.
+        """
+        clean = self.settings.clean
+        attempts = clean.max_retries + 1
+        for attempt in range(1, attempts + 1):
+            try:
+                return self._attempt(seq, lo, hi)
+            except _CommitUnknown as unknown:
+                if self.recorder is not None and self.recorder.chunk_committed(seq):
+                    self.log.warning("commit_confirmed", seq=seq)
+                    return unknown.chunk
+                reason, exc = "connection lost during COMMIT", unknown.cause
+            except DBAPIError as exc_:
+                exc = exc_
+                if db.is_lock_timeout(exc):
+                    reason = "lock timeout: another session holds a lock on the table"
+                elif db.is_statement_timeout(exc):
+                    reason = "statement timeout"
+                    self.size = sizing.next_size(
+                        self.size,
+                        [],
+                        target_ms=0,
+                        floor=1,
+                        ceiling=self.size,
+                        timed_out=True,
+                    )
+                    hi = min(hi, lo + self.size)
+                elif db.is_transient(exc):
+                    reason = "connection lost"
+                else:
+                    raise
+            self.log.warning(
+                "chunk_retry",
+                seq=seq,
+                attempt=attempt,
+                of=attempts,
+                reason=reason,
+                error=db.describe_error(exc),
+            )
+            if attempt == attempts:
+                raise RetriesExhausted(
+                    f"{reason} ({db.describe_error(exc)}); gave up after {attempts} attempts"
+                ) from None
+            self._pause(min(clean.retry_max_wait_s, 0.5 * 2 ** (attempt - 1)))
+            if self.stop.requested:
+                raise Interrupted(self.stop.signum or 0)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
         clean = self.settings.clean
         t0 = time.monotonic()
         try:
-            with self.engine.begin() as conn:
-                db.set_local_timeouts(
-                    conn,
-                    lock_timeout_ms=min(clean.row_lock_wait_ms, clean.lock_timeout_ms),
-                    statement_timeout_ms=clean.statement_timeout_ms,
-                )
-                chunk = self._update(conn, self.stmts.range_update, seq, lo, hi, False)
-            return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
+            chunk = self._transaction(
+                self.stmts.range_update, seq, lo, hi, min(clean.row_lock_wait_ms,
+                clean.lock_timeout_ms), False,
+            )  # fmt: skip
         except DBAPIError as exc:
             if not db.is_lock_timeout(exc):
                 raise
-        # A row (or the table) is locked by someone else: redo this window without waiting
-        # for locked rows; a table lock still waits up to lock_timeout.
-        with self.engine.begin() as conn:
-            db.set_local_timeouts(
-                conn,
-                lock_timeout_ms=clean.lock_timeout_ms,
-                statement_timeout_ms=clean.statement_timeout_ms,
+            # A row (or the table) is locked by someone else: redo this window without
+            # waiting for locked rows; a table lock still waits up to lock_timeout.
+            chunk = self._transaction(
+                self.stmts.skip_locked_update, seq, lo, hi, clean.lock_timeout_ms, True
             )
-            chunk = self._update(conn, self.stmts.skip_locked_update, seq, lo, hi, True)
         return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
 
-    def _update(
-        self,
-        conn: Connection,
-        statement: Update,
-        seq: int,
-        lo: int,
-        hi: int,
-        skipped_locked: bool,
+    def _transaction(
+        self, statement: Update, seq: int, lo: int, hi: int, lock_ms: int, skipped_locked: bool
     ) -> Chunk:
-        by_policy: Counter[str] = Counter()
-        cleaned_at = None
-        for _id, name, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
-            by_policy[name] += 1
-            cleaned_at = stamp
-        rows = by_policy.total()
-        chunk = Chunk(
-            seq=seq,
-            first_id=lo,
-            last_id=hi - 1,
-            rows=rows,
-            by_policy=dict(by_policy),
-            cleaned_at=cleaned_at,
-            elapsed_ms=0.0,
-            skipped_locked=skipped_locked,
-        )
-        if rows and self.recorder is not None:
-            self.recorder.record_chunk(conn, chunk)
-        if self.fail_in_chunk is not None:
-            self.fail_in_chunk(seq)
-        return chunk
+        """The one place a chunk's transaction begins and ends."""
+        with self.engine.connect() as conn:
+            transaction = conn.begin()
+            db.set_local_timeouts(
+                conn,
+                lock_timeout_ms=lock_ms,
+                statement_timeout_ms=self.settings.clean.statement_timeout_ms,
+            )
+            by_policy: Counter[str] = Counter()
+            cleaned_at = None
+            for _id, name, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
+                by_policy[name] += 1
+                cleaned_at = stamp
+            chunk = Chunk(
+                seq=seq,
+                first_id=lo,
+                last_id=hi - 1,
+                rows=by_policy.total(),
+                by_policy=dict(by_policy),
+                cleaned_at=cleaned_at,
+                elapsed_ms=0.0,
+                skipped_locked=skipped_locked,
+            )
+            if chunk.rows and self.recorder is not None:
+                self.recorder.record_chunk(conn, chunk)
+            if self.fail_in_chunk is not None:
+                self.fail_in_chunk(seq)
+            if not chunk.rows:
+                transaction.rollback()
+                return chunk
+            try:
+                transaction.commit()
+            except DBAPIError as exc:
+                if db.is_transient(exc):
+                    raise _CommitUnknown(chunk, exc) from exc
+                raise
+            return chunk
+
+
+class _CommitUnknown(Exception):
+    """The connection broke during COMMIT: the chunk may or may not have landed."""
+
+    def __init__(self, chunk: Chunk, cause: DBAPIError) -> None:
+        super().__init__("commit outcome unknown")
+        self.chunk, self.cause = chunk, cause

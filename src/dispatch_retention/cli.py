@@ -7,6 +7,7 @@ Exit codes: 0 done (also a clean stop on a budget), 1 failed, 2 bad usage or con
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import uuid
@@ -20,7 +21,7 @@ import click
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import audit, config, db, holds, job, logs, migrate, output
+from . import audit, config, db, holds, job, logs, migrate, output, shard
 from .cleaner import Options, Outcome, Plan, Stop
 from .schema import AuditTables
 
@@ -89,6 +90,12 @@ def cli(
     metavar="SECONDS",
     help="Stop cleanly after this long (the chunk in progress finishes).",
 )
+@click.option(
+    "--shard",
+    "shard_text",
+    metavar="I/N",
+    help="Clean only shard I of N (default: from JOB_COMPLETION_INDEX/JOB_COMPLETIONS).",
+)
 @click.pass_obj
 def run(
     state: State,
@@ -98,8 +105,13 @@ def run(
     chunk_size: int | None,
     max_rows: int | None,
     max_runtime: float | None,
+    shard_text: str | None,
 ) -> None:
     """Clean every dispatch that is due (see --dry-run first)."""
+    try:
+        chosen = shard.parse(shard_text) if shard_text else shard.from_env(os.environ)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--shard") from None
     settings, engine = state.settings(), state.engine()
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     options = Options(
@@ -112,6 +124,7 @@ def run(
             options,
             stop=stop,
             force=force,
+            shard=chosen,
             confirm=None if dry_run or yes or not interactive else _confirm,
             on_chunk=on_chunk,
         )

@@ -141,6 +141,12 @@ class Clean(_Strict):
     lock_timeout_ms: Annotated[int, Field(ge=1, le=600_000)] = 2000
     row_lock_wait_ms: Annotated[int, Field(ge=1, le=600_000)] = 50
     statement_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 60_000
+    target_chunk_ms: Annotated[int, Field(ge=0, le=600_000)] = 200
+    min_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 500
+    max_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
+    pause_between_chunks_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
+    max_retries: Annotated[int, Field(ge=0, le=100)] = 5
+    retry_max_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
     @field_validator("columns", mode="before")
     @classmethod
@@ -163,6 +169,12 @@ class Clean(_Strict):
         if len(set(value)) != len(value):
             raise ValueError("a column is listed twice")
         return value
+
+    @model_validator(mode="after")
+    def _sizes(self) -> Clean:
+        if self.min_chunk_size > self.max_chunk_size:
+            raise ValueError("min_chunk_size: larger than max_chunk_size")
+        return self
 
     @model_validator(mode="after")
     def _replacements_fit(self) -> Clean:

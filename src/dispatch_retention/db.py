@@ -124,6 +124,10 @@ def is_lock_timeout(exc: BaseException) -> bool:
     return sqlstate(exc) == LOCK_NOT_AVAILABLE
 
 
+def is_statement_timeout(exc: BaseException) -> bool:
+    return sqlstate(exc) == QUERY_CANCELED
+
+
 def is_transient(exc: BaseException) -> bool:
     """A dropped connection or a server going away: worth a bounded retry."""
     if isinstance(exc, DBAPIError) and exc.connection_invalidated:

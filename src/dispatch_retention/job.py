@@ -21,10 +21,21 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import audit, db, migrate
-from .cleaner import Chunk, Cleaner, Interrupted, Options, Outcome, Plan, Stop, make_plan
+from .cleaner import (
+    Chunk,
+    Cleaner,
+    Interrupted,
+    Options,
+    Outcome,
+    Plan,
+    RetriesExhausted,
+    Stop,
+    make_plan,
+)
 from .config import Settings
-from .lock import RunLock, lock_key
+from .lock import RunLock, run_locks
 from .schema import AuditTables
+from .shard import Shard
 
 log = structlog.get_logger("dispatch_retention")
 Logger = structlog.typing.FilteringBoundLogger
@@ -37,6 +48,7 @@ def run(
     *,
     stop: Stop,
     force: bool = False,
+    shard: Shard | None = None,
     confirm: Callable[[Plan], bool] | None = None,
     on_chunk: Callable[[Chunk], None] | None = None,
     fail_in_chunk: Callable[[int], None] | None = None,
@@ -48,6 +60,7 @@ def run(
     rlog.info(
         "run_started",
         dry_run=options.dry_run,
+        shard=str(shard) if shard else None,
         table=settings.target.table,
         trigger=audit.trigger(),
         config=settings.path,
@@ -57,7 +70,7 @@ def run(
         with engine.connect() as conn:
             migrate.require_current(conn, tables.schema)
         if options.dry_run:
-            _plan(engine, settings, tables, outcome, stop)
+            _plan(engine, settings, tables, outcome, stop, shard)
             outcome.status = "planned"
         else:
             _locked_run(
@@ -69,6 +82,7 @@ def run(
                 rlog,
                 stop=stop,
                 force=force,
+                shard=shard,
                 confirm=confirm,
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
@@ -82,10 +96,15 @@ def run(
 
 
 def _plan(
-    engine: Engine, settings: Settings, tables: AuditTables, outcome: Outcome, stop: Stop
+    engine: Engine,
+    settings: Settings,
+    tables: AuditTables,
+    outcome: Outcome,
+    stop: Stop,
+    shard: Shard | None,
 ) -> Plan:
     with stop.interruptible(), engine.connect() as conn, conn.begin():
-        outcome.plan = plan = make_plan(conn, settings, tables.holds)
+        outcome.plan = plan = make_plan(conn, settings, tables.holds, shard)
     log.info("plan", run_id=outcome.run_id, **plan.as_dict())
     return plan
 
@@ -100,24 +119,26 @@ def _locked_run(
     *,
     stop: Stop,
     force: bool,
+    shard: Shard | None,
     confirm: Callable[[Plan], bool] | None,
     on_chunk: Callable[[Chunk], None] | None,
     fail_in_chunk: Callable[[int], None] | None,
 ) -> None:
-    with RunLock(engine, lock_key(settings.target.table)) as lock:
+    shard_name = str(shard) if shard else None
+    with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
         if not lock.acquired:
             outcome.status = "locked"
             outcome.error = "another run holds the lock of this target"
             rlog.warning("run_locked", holder=lock.holder())
             return
         with engine.begin() as conn:
-            abandoned = audit.mark_abandoned(conn, tables, settings.target.table)
+            abandoned = audit.mark_abandoned(conn, tables, settings.target.table, shard_name)
         if abandoned:
             rlog.warning("runs_abandoned", run_ids=abandoned)
         record = audit.RunRecord(engine, tables, outcome.run_id)
-        record.start(settings, options)
+        record.start(settings, options, shard_name)
         try:
-            plan = _plan(engine, settings, tables, outcome, stop)
+            plan = _plan(engine, settings, tables, outcome, stop, shard)
             record.planned(plan)
             if _refused(settings, plan, force):
                 outcome.status = "refused"
@@ -137,6 +158,7 @@ def _locked_run(
                     outcome=outcome,
                     log=rlog,
                     holds=tables.holds,
+                    shard=shard,
                     recorder=record,
                     on_chunk=on_chunk,
                     fail_in_chunk=fail_in_chunk,
@@ -151,6 +173,8 @@ def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
     """The status an exception gives the run; a bug is logged with its traceback."""
     if isinstance(exc, Interrupted):
         outcome.status, outcome.signum = "interrupted", exc.signum
+    elif isinstance(exc, RetriesExhausted):
+        outcome.status, outcome.error = "failed", exc.reason
     elif isinstance(exc, DBAPIError):
         outcome.status, outcome.error = "failed", db.describe_error(exc)
     else:

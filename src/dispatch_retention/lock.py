@@ -8,6 +8,7 @@ clients between transactions and breaks session locks.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from types import TracebackType
 from typing import Any
@@ -17,49 +18,69 @@ from sqlalchemy import Connection, Engine, text
 NAMESPACE = "dispatch-retention"
 
 
-def lock_key(target_table: str) -> int:
-    """A stable signed 64-bit key from the (schema-qualified) target table name."""
-    digest = hashlib.sha256(f"{NAMESPACE}:{target_table}".encode()).digest()
+def lock_key(target_table: str, shard: str | None = None) -> int:
+    """A stable signed 64-bit key from the (schema-qualified) target table and shard."""
+    name = f"{NAMESPACE}:{target_table}" + (f"#shard:{shard}" if shard else "")
+    digest = hashlib.sha256(name.encode()).digest()
     return int.from_bytes(digest[:8], "big", signed=True)
 
 
-class RunLock:
-    """`with RunLock(engine, key) as lock:` then check `lock.acquired`."""
+def run_locks(target_table: str, shard: str | None) -> list[tuple[int, bool]]:
+    """(key, shared) pairs: a whole run holds the target exclusively; a shard holds it
+    shared (so shards run side by side but never beside a whole run) plus its own shard."""
+    if shard is None:
+        return [(lock_key(target_table), False)]
+    return [(lock_key(target_table), True), (lock_key(target_table, shard), False)]
 
-    def __init__(self, engine: Engine, key: int) -> None:
-        self.engine, self.key = engine, key
+
+class RunLock:
+    """`with RunLock(engine, run_locks(...)) as lock:` then check `lock.acquired`."""
+
+    def __init__(self, engine: Engine, keys: list[tuple[int, bool]]) -> None:
+        self.engine, self.keys = engine, keys
         self.conn: Connection | None = None
-        self.acquired = False
+        self.held: list[tuple[int, bool]] = []
+        self.blocked_on: int | None = None
+
+    @property
+    def acquired(self) -> bool:
+        return self.blocked_on is None and len(self.held) == len(self.keys)
 
     def __enter__(self) -> RunLock:
         self.conn = self.engine.connect()
-        self.acquired = bool(
-            self.conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": self.key}).scalar()
-        )
-        self.conn.commit()  # the lock is session-level: it outlives this transaction
+        for key, shared in self.keys:
+            function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
+            got = self.conn.execute(text(f"SELECT {function}(:k)"), {"k": key}).scalar()
+            if not got:
+                self.blocked_on = key
+                break
+            self.held.append((key, shared))
+        self.conn.commit()  # the locks are session-level: they outlive this transaction
         return self
 
-    def holder(self) -> dict[str, Any] | None:
-        """Who holds the lock: pid, application, client address, since when."""
+    def holder(self) -> list[dict[str, Any]]:
+        """Who holds the lock we could not take: pid, application, client, since when."""
         assert self.conn is not None
-        row = (
+        if self.blocked_on is None:
+            return []
+        rows = (
             self.conn.execute(
                 text(
                     "SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr, "
-                    "a.backend_start, a.usename "
+                    "a.backend_start, a.usename, l.mode "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.granted "
                     "AND l.classid = ((:k >> 32) & 4294967295)::bigint::oid "
                     "AND l.objid = (:k & 4294967295)::bigint::oid AND l.objsubid = 1 "
-                    "LIMIT 1"
+                    "AND a.pid <> pg_backend_pid()"
                 ),
-                {"k": self.key},
+                {"k": self.blocked_on},
             )
             .mappings()
-            .first()
+            .all()
         )
         self.conn.commit()
-        return dict(row) if row else None
+        return [dict(row) for row in rows]
 
     def __exit__(
         self,
@@ -69,11 +90,10 @@ class RunLock:
     ) -> None:
         if self.conn is None:
             return
-        try:
-            if self.acquired:
-                self.conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": self.key})
-                self.conn.commit()
-        except Exception:  # noqa: S110 - closing the connection releases the lock anyway
-            pass
-        finally:
-            self.conn.close()
+        # Closing the connection releases every session lock even if the unlock fails.
+        with contextlib.suppress(Exception):
+            for key, shared in reversed(self.held):
+                function = "pg_advisory_unlock_shared" if shared else "pg_advisory_unlock"
+                self.conn.execute(text(f"SELECT {function}(:k)"), {"k": key})
+            self.conn.commit()
+        self.conn.close()

@@ -25,6 +25,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -33,14 +34,17 @@ from sqlalchemy import (
     and_,
     bindparam,
     case,
+    cast,
     exists,
     false,
     func,
     literal,
     not_,
+    null,
     or_,
     true,
 )
+from sqlalchemy.dialects.postgresql import JSONB
 
 from .config import Policy, Settings
 
@@ -160,6 +164,19 @@ def waiting_grace(table: Table, r: Rules) -> ColumnElement[bool]:
 def unmatched(table: Table, r: Rules) -> ColumnElement[bool]:
     """No policy matches: never cleaned, reported by `verify`."""
     return not_(or_(*(matches(table, c.policy) for c in r.cutoffs)))
+
+
+def cleaned_values(settings: Settings) -> dict[str, ColumnElement[Any]]:
+    """What cleaning writes into each personal column: NULL, or its `clean.replace` JSON."""
+    values: dict[str, ColumnElement[Any]] = {}
+    for column in settings.clean.columns:
+        if column not in settings.clean.replace:
+            values[column] = null()
+        elif column == "content":
+            values[column] = cast(literal(settings.clean.replace[column], JSONB), JSONB)
+        else:
+            values[column] = literal(settings.clean.replace[column])
+    return values
 
 
 def credit(table: Table, r: Rules) -> ColumnElement[str]:

@@ -16,8 +16,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, cast, func, literal, or_, select
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
 from . import db, policy
 from .cleaner import database_now
@@ -53,15 +52,12 @@ class Report:
 
 def holds_personal_data(table: Any, settings: Settings) -> ColumnElement[bool]:
     """Any cleaned column that differs from what cleaning writes (NULL or its replacement)."""
-    checks = []
-    for column in settings.clean.columns:
-        if column in settings.clean.replace:
-            value = settings.clean.replace[column]
-            cleaned = cast(literal(value, JSONB), JSONB) if column == "content" else literal(value)
-            checks.append(table.c[column].is_distinct_from(cleaned))
-        else:
-            checks.append(table.c[column].is_not(None))
-    return or_(*checks)
+    return or_(
+        *(
+            table.c[column].is_distinct_from(value)
+            for column, value in policy.cleaned_values(settings).items()
+        )
+    )
 
 
 def verify(
