@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -18,10 +19,23 @@ from importlib import resources
 from typing import Any
 
 import click
-from sqlalchemy import Connection, Engine
+from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 
-from . import audit, config, db, holds, job, logs, migrate, output, shard
+from . import (
+    audit,
+    config,
+    db,
+    doctor,
+    grants,
+    holds,
+    job,
+    logs,
+    metrics,
+    migrate,
+    output,
+    shard,
+)
 from .cleaner import Options, Outcome, Plan, Stop
 from .schema import AuditTables
 
@@ -117,6 +131,7 @@ def run(
     options = Options(
         dry_run=dry_run, chunk_size=chunk_size, max_rows=max_rows, max_runtime_s=max_runtime
     )
+    started = time.monotonic()
     with _signals() as stop, _progress(interactive and not dry_run) as on_chunk:
         outcome = _job(
             engine,
@@ -129,6 +144,14 @@ def run(
             on_chunk=on_chunk,
         )
     engine.dispose()
+    if os.environ.get(metrics.URL_ENV) and not dry_run:
+        metrics.push(
+            os.environ[metrics.URL_ENV],
+            outcome,
+            time.monotonic() - started,
+            settings.target.table,
+            str(chosen) if chosen else None,
+        )
     if outcome.plan is not None and dry_run:
         click.echo(output.plan_text(outcome.plan))
     elif outcome.status != "cancelled":
@@ -167,10 +190,10 @@ def verify(state: State, fmt: str, tolerance_hours: float) -> None:
     from .verify import verify as check
 
     settings, engine = state.settings(), state.engine()
-    with _database_errors(), engine.connect() as conn:
-        _require_schema(conn, settings)
-        with conn.begin():
-            report = check(conn, settings, AuditTables(settings.audit.schema_), tolerance_hours)
+    with _database_errors():
+        _require_schema(engine, settings)
+    with _database_errors(), engine.connect() as conn, conn.begin():
+        report = check(conn, settings, AuditTables(settings.audit.schema_), tolerance_hours)
     engine.dispose()
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
     sys.exit(EXIT_OK if report.ok else EXIT_VIOLATIONS)
@@ -190,8 +213,9 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> No
     """List runs, newest first."""
     settings, engine = state.settings(), state.engine()
     since_utc = since.replace(tzinfo=UTC) if since else None
+    with _database_errors():
+        _require_schema(engine, settings)
     with _database_errors(), engine.connect() as conn:
-        _require_schema(conn, settings)
         runs = audit.list_runs(
             conn, AuditTables(settings.audit.schema_), since=since_utc, limit=limit
         )
@@ -210,8 +234,9 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
     except ValueError:
         raise click.BadParameter("not a run id (a UUID, as `audit list` shows)") from None
     settings, engine = state.settings(), state.engine()
+    with _database_errors():
+        _require_schema(engine, settings)
     with _database_errors(), engine.connect() as conn:
-        _require_schema(conn, settings)
         document = audit.show_run(conn, AuditTables(settings.audit.schema_), run_id)
     engine.dispose()
     if document is None:
@@ -232,8 +257,9 @@ def hold_group() -> None:
 def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
     """Put a member's dispatches under legal hold."""
     settings, engine = state.settings(), state.engine()
+    with _database_errors():
+        _require_schema(engine, settings)
     with _database_errors(), _hold_errors(), engine.begin() as conn:
-        _require_schema(conn, settings)
         hold_id = holds.add(
             conn, AuditTables(settings.audit.schema_), member_id, reason, by or holds.operator()
         )
@@ -248,8 +274,9 @@ def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
 def hold_release(state: State, member_id: int, by: str | None) -> None:
     """Release a member's active hold (the hold is kept, stamped released_at)."""
     settings, engine = state.settings(), state.engine()
+    with _database_errors():
+        _require_schema(engine, settings)
     with _database_errors(), _hold_errors(), engine.begin() as conn:
-        _require_schema(conn, settings)
         hold_id = holds.release(
             conn, AuditTables(settings.audit.schema_), member_id, by or holds.operator()
         )
@@ -264,8 +291,9 @@ def hold_release(state: State, member_id: int, by: str | None) -> None:
 def hold_list(state: State, include_released: bool, fmt: str) -> None:
     """List active legal holds (with --all, released ones too)."""
     settings, engine = state.settings(), state.engine()
+    with _database_errors():
+        _require_schema(engine, settings)
     with _database_errors(), engine.connect() as conn:
-        _require_schema(conn, settings)
         found = holds.list_holds(
             conn, AuditTables(settings.audit.schema_), include_released=include_released
         )
@@ -293,12 +321,46 @@ def db_upgrade(state: State) -> None:
         click.echo(f"audit schema {schema!r} migrated from {before or 'nothing'} to {after}")
 
 
-def _require_schema(conn: Connection, settings: config.Settings) -> None:
+@db_group.command("check")
+@click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+@click.pass_obj
+def db_check(state: State, strict: bool) -> None:
+    """Check the table, columns, supporting index, autovacuum and the role's rights."""
+    settings, engine = state.settings(), state.engine()
+    with _database_errors(), engine.connect() as conn, conn.begin():
+        findings = doctor.check(conn, settings)
+    engine.dispose()
+    click.echo(output.findings(findings))
+    worst = {f.level for f in findings}
+    sys.exit(EXIT_FAILED if "error" in worst or (strict and "warn" in worst) else EXIT_OK)
+
+
+@db_group.command("grants")
+@click.option("--role", required=True, help="The role to grant to (a plain SQL name).")
+@click.option(
+    "--purpose",
+    type=click.Choice(grants.PURPOSES),
+    default="run",
+    show_default=True,
+    help="run: the CronJob; read-only: verify and dry runs; holds: placing legal holds.",
+)
+@click.pass_obj
+def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
+    """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed)."""
+    settings = state.settings()
     try:
-        migrate.require_current(conn, settings.audit.schema_)
-    except migrate.SchemaNotReady as exc:
-        raise UsageProblem(str(exc)) from None
-    conn.rollback()
+        click.echo("\n".join(grants.statements(settings, role, purpose)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--role") from None
+
+
+def _require_schema(engine: Engine, settings: config.Settings) -> None:
+    """Exit 2 with the fix (`db upgrade`) when the audit schema is missing or behind."""
+    with engine.connect() as conn:
+        try:
+            migrate.require_current(conn, settings.audit.schema_)
+        except migrate.SchemaNotReady as exc:
+            raise UsageProblem(str(exc)) from None
 
 
 @contextmanager

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from .cleaner import Outcome, Plan
+from .doctor import Finding
 from .verify import Report
 
 
@@ -187,3 +188,7 @@ def holds(found: Sequence[Mapping[str, Any]], fmt: str) -> str:
     if not found:
         return "no legal holds"
     return table(HOLD_COLUMNS, [[h[c] for c in HOLD_COLUMNS] for h in found])
+
+
+def findings(found: Sequence[Finding]) -> str:
+    return "\n".join(f"[{f.level:5}] {f.check}: {f.message}" for f in found)

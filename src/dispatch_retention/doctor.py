@@ -1,0 +1,197 @@
+"""`db check`: is this database ready for the job, and is the job's role no mightier than it
+needs to be? Read-only.
+
+Each finding is `ok`, `warn` (works, but slowly or with more rights than needed) or `error`
+(the run would fail or could not be trusted). Checks: the dispatches table and every column
+the job uses; NOT NULL columns that cleaning would set to NULL; the supporting partial index
+(with the exact CREATE INDEX CONCURRENTLY statement when it is missing); the audit schema's
+revision; the table's autovacuum settings and last (auto)vacuum; the current role's rights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from sqlalchemy import Connection, inspect, text
+from sqlalchemy.dialects import postgresql
+
+from . import db, migrate
+from .config import PERSONAL_COLUMNS, Settings
+from .grants import read_columns, write_columns
+from .schema import dispatches_table
+
+Level = Literal["ok", "warn", "error"]
+_quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+
+
+@dataclass(frozen=True)
+class Finding:
+    level: Level
+    check: str
+    message: str
+
+
+def index_statement(settings: Settings) -> str:
+    """The supporting index: not-yet-cleaned rows by age, so due rows are found by range."""
+    target = settings.target
+    table = ".".join(_quote(p) for p in target.table.split("."))
+    age = settings.clean.age_from
+    key = _quote(age) if age == "created_at" else f"(COALESCE({_quote(age)}, created_at))"
+    name = _quote(f"{target.table_name}_retention_due_idx")
+    return f"CREATE INDEX CONCURRENTLY {name} ON {table} ({key}) WHERE cleaned_at IS NULL;"
+
+
+def check(conn: Connection, settings: Settings) -> list[Finding]:
+    db.read_only(conn)
+    findings: list[Finding] = []
+    target = settings.target
+    inspector = inspect(conn)
+    if not inspector.has_table(target.table_name, schema=target.schema_name):
+        return [Finding("error", "table", f"table {target.table} does not exist")]
+    columns = {c["name"]: c for c in inspector.get_columns(target.table_name, target.schema_name)}
+    expected = {c.name for c in dispatches_table(target).columns}
+    missing = sorted(expected - set(columns))
+    findings.append(
+        Finding("error", "columns", f"missing columns: {', '.join(missing)}")
+        if missing
+        else Finding("ok", "columns", "every column of the seed model is present")
+    )
+    for column in settings.clean.columns:
+        info = columns.get(column)
+        if info and not info["nullable"] and column not in settings.clean.replace:
+            findings.append(
+                Finding(
+                    "error",
+                    "nullability",
+                    f"{column} is NOT NULL but clean.columns sets it to NULL: "
+                    f"give clean.replace a value for it",
+                )
+            )
+    findings.append(_index(conn, settings))
+    findings.append(_schema(conn, settings))
+    findings += _vacuum(conn, settings)
+    findings += _privileges(conn, settings)
+    return findings
+
+
+def _index(conn: Connection, settings: Settings) -> Finding:
+    age = settings.clean.age_from
+    rows = conn.execute(
+        text(
+            "SELECT pg_get_indexdef(i.indexrelid) AS definition, "
+            "pg_get_indexdef(i.indexrelid, 1, true) AS leading, "
+            "pg_get_expr(i.indpred, i.indrelid) AS predicate "
+            "FROM pg_index i WHERE i.indrelid = CAST(:table AS regclass) AND i.indisvalid"
+        ),
+        {"table": settings.target.table},
+    ).mappings()
+    for row in rows:
+        leading, predicate = row["leading"], row["predicate"] or ""
+        serves_age = leading == age if age == "created_at" else f"COALESCE({age}," in leading
+        if serves_age and (not predicate or "cleaned_at IS NULL" in predicate):
+            return Finding("ok", "index", f"due rows are found through: {row['definition']}")
+    return Finding(
+        "warn",
+        "index",
+        "no index finds not-yet-cleaned rows by age: every run scans the table. Create it "
+        f"(it does not block writes): {index_statement(settings)}",
+    )
+
+
+def _schema(conn: Connection, settings: Settings) -> Finding:
+    try:
+        migrate.require_current(conn, settings.audit.schema_)
+    except migrate.SchemaNotReady as exc:
+        return Finding("error", "audit schema", str(exc))
+    return Finding("ok", "audit schema", f"{settings.audit.schema_} is at {migrate.head()}")
+
+
+def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
+    row = (
+        conn.execute(
+            text(
+                "SELECT c.reloptions, s.last_vacuum, s.last_autovacuum, s.last_autoanalyze, "
+                "s.n_live_tup, s.n_dead_tup FROM pg_class c "
+                "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
+                "WHERE c.oid = CAST(:table AS regclass)"
+            ),
+            {"table": settings.target.table},
+        )
+        .mappings()
+        .one()
+    )
+    options = ", ".join(row["reloptions"] or []) or "server defaults"
+    return [
+        Finding("ok", "autovacuum settings", options),
+        Finding(
+            "ok",
+            "last vacuum",
+            f"last vacuum {row['last_vacuum'] or 'never'}, last autovacuum "
+            f"{row['last_autovacuum'] or 'never'}, last autoanalyze "
+            f"{row['last_autoanalyze'] or 'never'}; {row['n_live_tup']} live, "
+            f"{row['n_dead_tup']} dead tuples",
+        ),
+    ]
+
+
+def _privileges(conn: Connection, settings: Settings) -> list[Finding]:
+    """Compare the current role's rights with what `run` needs (grants.py)."""
+    table = settings.target.table
+    role: dict[str, Any] = dict(
+        conn.execute(
+            text(
+                "SELECT current_user AS name, rolsuper, rolcreaterole, rolcreatedb "
+                "FROM pg_roles WHERE rolname = current_user"
+            )
+        )
+        .mappings()
+        .one()
+    )
+    findings = []
+    if role["rolsuper"]:
+        findings.append(
+            Finding(
+                "warn",
+                "privileges",
+                f"role {role['name']} is a superuser: "
+                "run the job as a role made with `db grants --role NAME`",
+            )
+        )
+
+    def has(privilege: str, column: str | None = None) -> bool:
+        if column is None:
+            query = "SELECT has_table_privilege(CAST(:t AS regclass), :p)"
+            return bool(conn.execute(text(query), {"t": table, "p": privilege}).scalar())
+        query = "SELECT has_column_privilege(CAST(:t AS regclass), :c, :p)"
+        return bool(conn.execute(text(query), {"t": table, "c": column, "p": privilege}).scalar())
+
+    needed_write = set(write_columns(settings))
+    lacking = [c for c in write_columns(settings) if not has("UPDATE", c)]
+    lacking += [c for c in read_columns(settings) if not has("SELECT", c)]
+    if lacking:
+        findings.append(
+            Finding(
+                "error",
+                "privileges",
+                f"role {role['name']} lacks rights the run needs on: {', '.join(lacking)}",
+            )
+        )
+    extra = [p for p in ("DELETE", "TRUNCATE", "INSERT") if has(p)]
+    all_columns = [c.name for c in dispatches_table(settings.target).columns]
+    extra += [f"UPDATE({c})" for c in all_columns if c not in needed_write and has("UPDATE", c)]
+    extra += [f"SELECT({c})" for c in PERSONAL_COLUMNS if c != "member_id" and has("SELECT", c)]
+    if extra:
+        findings.append(
+            Finding(
+                "warn",
+                "privileges",
+                f"role {role['name']} has more rights than `run` needs on {table}: "
+                f"{', '.join(extra)} (fine for an admin or the read-only verify role)",
+            )
+        )
+    if not findings:
+        findings.append(
+            Finding("ok", "privileges", f"role {role['name']} has exactly what run needs")
+        )
+    return findings

@@ -1,0 +1,82 @@
+"""`db grants`: the SQL that gives a role exactly what the job needs, and nothing more.
+
+Three purposes:
+- `run`: read the columns the rule looks at (never the personal ones), update only the
+  cleaned columns plus `cleaned_at` and `updated_at`, write its own run and chunk records,
+  read legal holds. No DELETE, no TRUNCATE, no DDL.
+- `read-only`: `verify` and `run --dry-run`: read the dispatches (verify must see whether a
+  personal column still holds data) and the audit tables.
+- `holds`: for the people who place and release legal holds.
+
+The statements are built from validated identifiers, quoted by SQLAlchemy's preparer.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from sqlalchemy.dialects import postgresql
+
+from .config import IDENTIFIER, KEPT_COLUMNS, MAX_IDENTIFIER, Settings
+from .schema import ALEMBIC_VERSION_TABLE
+
+Purpose = Literal["run", "read-only", "holds"]
+PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds")
+
+_quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+
+
+def valid_role(name: str) -> str:
+    if len(name) > MAX_IDENTIFIER or not IDENTIFIER.match(name):
+        raise ValueError("a role name must be a plain SQL name (lower-case letters, digits, _)")
+    return name
+
+
+def read_columns(settings: Settings) -> list[str]:
+    """What `run` reads: every kept column plus member_id (for holds), never the personal data
+    it strips (member_id is read even when it is stripped: the hold check needs it)."""
+    return sorted(set(KEPT_COLUMNS) | {"member_id"})
+
+
+def write_columns(settings: Settings) -> list[str]:
+    return [*settings.clean.columns, "cleaned_at", "updated_at"]
+
+
+def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
+    role_q = _quote(valid_role(role))
+    target_schema = settings.target.schema_name or "public"
+    table = ".".join(_quote(part) for part in settings.target.table.split("."))
+    audit = _quote(settings.audit.schema_)
+
+    def audit_table(name: str) -> str:
+        return f"{audit}.{_quote(name)}"
+
+    def cols(columns: list[str]) -> str:
+        return ", ".join(_quote(c) for c in columns)
+
+    out = [
+        f"GRANT USAGE ON SCHEMA {_quote(target_schema)} TO {role_q};",
+        f"GRANT USAGE ON SCHEMA {audit} TO {role_q};",
+        f"GRANT SELECT ON {audit_table(ALEMBIC_VERSION_TABLE)} TO {role_q};",
+    ]
+    if purpose == "run":
+        out += [
+            f"GRANT SELECT ({cols(read_columns(settings))}) ON {table} TO {role_q};",
+            f"GRANT UPDATE ({cols(write_columns(settings))}) ON {table} TO {role_q};",
+            f"GRANT SELECT, INSERT, UPDATE ON {audit_table('runs')} TO {role_q};",
+            f"GRANT SELECT, INSERT ON {audit_table('chunks')} TO {role_q};",
+            f"GRANT SELECT ON {audit_table('legal_holds')} TO {role_q};",
+        ]
+    elif purpose == "read-only":
+        out += [
+            f"GRANT SELECT ON {table} TO {role_q};",
+            f"GRANT SELECT ON {audit_table('runs')}, {audit_table('chunks')}, "
+            f"{audit_table('legal_holds')} TO {role_q};",
+        ]
+    else:
+        out += [
+            f"GRANT SELECT, INSERT ON {audit_table('legal_holds')} TO {role_q};",
+            f"GRANT UPDATE ({cols(['released_at', 'released_by'])}) ON "
+            f"{audit_table('legal_holds')} TO {role_q};",
+        ]
+    return out

@@ -1,0 +1,79 @@
+"""Push a run's figures to a Prometheus Pushgateway when `PUSHGATEWAY_URL` is set.
+
+Pushed at the end of every real run (not dry runs), grouped by job and target (and shard):
+rows cleaned per policy, duration, due rows remaining, the last run's status, and
+`dispatch_retention_last_success_timestamp_seconds` only when the run succeeded. The push
+uses POST (pushadd), which replaces only the metrics it sends, so a failed run leaves the
+last success timestamp in place and an alert on its age keeps working. A push that fails is
+logged and never changes the run's outcome or exit code.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
+
+from .cleaner import Outcome
+
+log = structlog.get_logger("dispatch_retention")
+JOB = "dispatch_retention"
+URL_ENV = "PUSHGATEWAY_URL"
+STATUSES = ("succeeded", "incomplete", "interrupted", "failed", "refused", "cancelled", "locked")
+
+
+def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
+    registry = CollectorRegistry()
+    cleaned = Gauge(
+        "dispatch_retention_rows_cleaned",
+        "Dispatches cleaned by the last run, per binding policy.",
+        ["policy"],
+        registry=registry,
+    )
+    names = [p.name for p in outcome.plan.policies] if outcome.plan else []
+    for name in sorted({*names, *outcome.by_policy}):
+        cleaned.labels(policy=name).set(outcome.by_policy.get(name, 0))
+    Gauge(
+        "dispatch_retention_run_duration_seconds",
+        "Wall time of the last run.",
+        registry=registry,
+    ).set(duration_s)
+    remaining = outcome.remaining_rows
+    Gauge(
+        "dispatch_retention_due_rows_remaining",
+        "Dispatches still due after the last run (as planned minus cleaned).",
+        registry=registry,
+    ).set(-1 if remaining is None else remaining)
+    status = Gauge(
+        "dispatch_retention_last_run_status",
+        "1 for the status the last run ended with, 0 for the others.",
+        ["status"],
+        registry=registry,
+    )
+    for name in STATUSES:
+        status.labels(status=name).set(1 if outcome.status == name else 0)
+    if outcome.status == "succeeded":
+        Gauge(
+            "dispatch_retention_last_success_timestamp_seconds",
+            "Unix time at which the last successful run finished.",
+            registry=registry,
+        ).set(time.time())
+    return registry
+
+
+def push(url: str, outcome: Outcome, duration_s: float, target: str, shard: str | None) -> bool:
+    grouping = {"target": target, **({"shard": shard.replace("/", "of")} if shard else {})}
+    try:
+        pushadd_to_gateway(
+            url,
+            job=JOB,
+            registry=registry_for(outcome, duration_s),
+            grouping_key=grouping,
+            timeout=10,
+        )
+    except OSError as exc:
+        log.warning("metrics_push_failed", run_id=outcome.run_id, error=type(exc).__name__)
+        return False
+    log.info("metrics_pushed", run_id=outcome.run_id)
+    return True

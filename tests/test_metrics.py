@@ -1,0 +1,155 @@
+"""Pushgateway metrics, against a real Prometheus Pushgateway started on loopback."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import time
+import urllib.request
+from collections.abc import Iterator
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from sqlalchemy import Engine
+
+from dispatch_retention.cli import cli
+
+from .helpers import config_text, db_now, dispatch, insert_rows, write_config
+
+DAY = timedelta(days=1)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port."""
+    binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
+    assert binary, "install Debian's prometheus-pushgateway (.ci/run does)"
+    port = _free_port()
+    process = subprocess.Popen(
+        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        cwd=tmp_path_factory.mktemp("pushgateway"),
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(100):
+            try:
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1)  # noqa: S310
+                break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("the pushgateway did not become ready")
+        yield url
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def metric_values(url: str) -> dict[str, dict[str, float]]:
+    """{metric name: {label string: value}} for job dispatch_retention, from the HTTP API."""
+    with urllib.request.urlopen(f"{url}/api/v1/metrics", timeout=5) as response:  # noqa: S310
+        groups: list[dict[str, Any]] = json.load(response)["data"]
+    out: dict[str, dict[str, float]] = {}
+    for group in groups:
+        if group["labels"].get("job") != "dispatch_retention":
+            continue
+        for name, family in group.items():
+            if not isinstance(family, dict) or "metrics" not in family:
+                continue
+            for metric in family["metrics"]:
+                labels = ",".join(
+                    f"{k}={v}"
+                    for k, v in sorted(metric.get("labels", {}).items())
+                    if k not in ("job", "instance", "target")
+                )
+                out.setdefault(name, {})[labels] = float(metric["value"])
+    return out
+
+
+def test_run_pushes_metrics(
+    engine: Engine, url_string: str, tmp_path: Path, pushgateway: str
+) -> None:
+    """A successful run pushes per-policy counts, duration, remaining and the success time."""
+    now = db_now(engine)
+    insert_rows(
+        engine,
+        [dispatch(i, now - 500 * DAY, type="email" if i % 2 else "sms") for i in range(1, 11)],
+    )
+    config = write_config(tmp_path / "r.toml", config_text())
+    before = time.time()
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "--database-url", url_string, "run", "--yes"],
+        env={"PUSHGATEWAY_URL": pushgateway},
+    )
+    assert result.exit_code == 0, result.output
+    values = metric_values(pushgateway)
+    assert values["dispatch_retention_rows_cleaned"] == {
+        "policy=default": 5.0,
+        "policy=failed-sends": 0.0,
+        "policy=sms": 5.0,
+    }
+    assert values["dispatch_retention_due_rows_remaining"] == {"": 0.0}
+    assert values["dispatch_retention_last_run_status"]["status=succeeded"] == 1.0
+    assert values["dispatch_retention_last_run_status"]["status=failed"] == 0.0
+    assert values["dispatch_retention_run_duration_seconds"][""] > 0
+    assert values["dispatch_retention_last_success_timestamp_seconds"][""] >= before - 1
+
+    # A refused run changes the status but keeps the last success timestamp.
+    success = values["dispatch_retention_last_success_timestamp_seconds"][""]
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(11, 20)])
+    refusing = write_config(tmp_path / "g.toml", config_text(guard="refuse_above_rows = 1"))
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(refusing), "--database-url", url_string, "run", "--yes"],
+        env={"PUSHGATEWAY_URL": pushgateway},
+    )
+    assert result.exit_code == 4
+    values = metric_values(pushgateway)
+    assert values["dispatch_retention_last_run_status"]["status=refused"] == 1.0
+    assert values["dispatch_retention_last_run_status"]["status=succeeded"] == 0.0
+    assert values["dispatch_retention_last_success_timestamp_seconds"][""] == success
+
+
+def test_unreachable_gateway_changes_nothing(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """A gateway that does not answer is logged; the run still succeeds with exit 0."""
+    insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
+    config = write_config(tmp_path / "r.toml", config_text())
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "--database-url", url_string, "run", "--yes"],
+        env={"PUSHGATEWAY_URL": f"http://127.0.0.1:{_free_port()}"},
+    )
+    assert result.exit_code == 0
+    assert "metrics_push_failed" in result.output
+
+
+def test_no_gateway_configured_pushes_nothing(
+    engine: Engine, url_string: str, tmp_path: Path, pushgateway: str
+) -> None:
+    """Without PUSHGATEWAY_URL nothing is pushed (the gateway's metrics stay as they were)."""
+    before = metric_values(pushgateway)
+    config = write_config(tmp_path / "r.toml", config_text())
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "--database-url", url_string, "run", "--yes"],
+        env={"PUSHGATEWAY_URL": ""},
+    )
+    assert result.exit_code == 0
+    assert "metrics_" not in result.output
+    assert metric_values(pushgateway) == before
