@@ -23,6 +23,7 @@ whole table); only when that hits a row the application holds locked is it redon
 
 from __future__ import annotations
 
+import contextlib
 import time
 import uuid
 from collections import Counter
@@ -49,8 +50,9 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import DBAPIError
+from tenacity import RetryCallState
 
-from . import db, policy, sizing
+from . import db, policy, retry, sizing
 from .config import Settings
 from .schema import dispatches_table
 from .shard import Shard
@@ -176,6 +178,14 @@ class Stop:
     def requested(self) -> bool:
         return self.signum is not None
 
+    def sleep(self, seconds: float) -> None:
+        """Sleep, but end it at once with `Interrupted` when a stop signal arrives."""
+        deadline = time.monotonic() + seconds
+        while self.signum is None and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
     @contextmanager
     def interruptible(self) -> Iterator[None]:
         """While inside, a signal raises `Interrupted` at once (for read-only work)."""
@@ -264,6 +274,11 @@ def make_plan(
 ) -> Plan:
     """Read-only: cutoffs from the database clock and what is due under them."""
     db.read_only(conn)
+    db.set_local_timeouts(
+        conn,
+        lock_timeout_ms=settings.clean.lock_timeout_ms,
+        statement_timeout_ms=settings.clean.plan_timeout_ms,
+    )
     rules = policy.rules(settings, database_now(conn))
     stmts = Statements(settings, rules, holds, shard)
     due: Counter[str] = Counter()
@@ -295,14 +310,6 @@ def make_plan(
         min_due_id=min(lows) if lows else None,
         max_due_id=max(highs) if highs else None,
     )
-
-
-class RetriesExhausted(Exception):
-    """A chunk kept failing on a retryable error; the run fails with `reason`."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
 
 
 class Cleaner:
@@ -418,66 +425,57 @@ class Cleaner:
         return last + 1 if found is None else int(found)
 
     def _pause(self, seconds: float) -> None:
-        """Sleep, but wake at once for a stop signal."""
-        deadline = time.monotonic() + seconds
-        while not self.stop.requested and time.monotonic() < deadline:
-            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
+        """Breathing room between chunks; a stop signal ends it (the loop then stops)."""
+        with contextlib.suppress(Interrupted):
+            self.stop.sleep(seconds)
 
     # -- one window, with retries ---------------------------------------------------------
 
     def _clean_window(self, seq: int, lo: int, hi: int) -> Chunk:
-        """Clean [lo, hi) in one transaction, retrying what a retry can fix.
+        """Clean [lo, hi) in one transaction, retrying what a retry can fix (tenacity).
 
         Retried, with bounded exponential backoff: a lost connection or a server going
         away (after checking through the audit record whether an interrupted COMMIT
         landed), a lock timeout (someone holds the table), a statement timeout (with a
-        smaller window). Anything else fails at once.
+        window shrunk to a quarter). Anything else fails at once. A stop signal during
+        the backoff ends the run at once.
         """
         clean = self.settings.clean
-        attempts = clean.max_retries + 1
-        for attempt in range(1, attempts + 1):
+        window = {"hi": hi}
+
+        def attempt() -> Chunk:
             try:
-                return self._attempt(seq, lo, hi)
+                return self._attempt(seq, lo, window["hi"])
             except _CommitUnknown as unknown:
                 if self.recorder is not None and self.recorder.chunk_committed(seq):
                     self.log.warning("commit_confirmed", seq=seq)
                     return unknown.chunk
-                reason, exc = "connection lost during COMMIT", unknown.cause
-            except DBAPIError as exc_:
-                exc = exc_
-                if db.is_lock_timeout(exc):
-                    reason = "lock timeout: another session holds a lock on the table"
-                elif db.is_statement_timeout(exc):
-                    reason = "statement timeout"
-                    self.size = sizing.next_size(
-                        self.size,
-                        [],
-                        target_ms=0,
-                        floor=1,
-                        ceiling=self.size,
-                        timed_out=True,
-                    )
-                    hi = min(hi, lo + self.size)
-                elif db.is_transient(exc):
-                    reason = "connection lost"
-                else:
-                    raise
+                raise unknown.cause from None
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            assert isinstance(exc, DBAPIError)
+            if db.is_statement_timeout(exc):
+                self.size = sizing.next_size(
+                    self.size, [], target_ms=0, floor=1, ceiling=self.size, timed_out=True
+                )
+                window["hi"] = min(window["hi"], lo + self.size)
             self.log.warning(
                 "chunk_retry",
                 seq=seq,
-                attempt=attempt,
-                of=attempts,
-                reason=reason,
+                attempt=state.attempt_number,
+                of=clean.max_retries + 1,
+                reason=retry.reason(exc),
                 error=db.describe_error(exc),
+                sleep_s=round(state.upcoming_sleep, 2),
             )
-            if attempt == attempts:
-                raise RetriesExhausted(
-                    f"{reason} ({db.describe_error(exc)}); gave up after {attempts} attempts"
-                ) from None
-            self._pause(min(clean.retry_max_wait_s, 0.5 * 2 ** (attempt - 1)))
-            if self.stop.requested:
-                raise Interrupted(self.stop.signum or 0)
-        raise AssertionError("unreachable")  # pragma: no cover
+
+        try:
+            return retry.retrying(clean, sleep=self.stop.sleep, before_sleep=before_sleep)(attempt)
+        except DBAPIError as exc:
+            if not retry.retryable(exc):
+                raise
+            raise retry.exhausted(exc, clean, f"chunk {seq}") from None
 
     def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
         clean = self.settings.clean

@@ -96,7 +96,11 @@ def cli(
 @click.option("--dry-run", is_flag=True, help="Show what is due; write nothing (READ ONLY).")
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @click.option("--force", is_flag=True, help="Proceed although guard.refuse_above_rows trips.")
-@click.option("--chunk-size", type=click.IntRange(1, 1_000_000), help="Rows per chunk.")
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1, 1_000_000),
+    help="Ids per chunk window, fixed for this run (default: clean.chunk_size, then adaptive).",
+)
 @click.option("--max-rows", type=click.IntRange(1), help="Stop cleanly after this many rows.")
 @click.option(
     "--max-runtime",

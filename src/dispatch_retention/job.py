@@ -19,8 +19,9 @@ from collections.abc import Callable
 import structlog
 from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
+from tenacity import RetryCallState
 
-from . import audit, db, migrate
+from . import audit, db, migrate, retry
 from .cleaner import (
     Chunk,
     Cleaner,
@@ -28,12 +29,12 @@ from .cleaner import (
     Options,
     Outcome,
     Plan,
-    RetriesExhausted,
     Stop,
     make_plan,
 )
 from .config import Settings
 from .lock import RunLock, run_locks
+from .retry import RetriesExhausted
 from .schema import AuditTables
 from .shard import Shard
 
@@ -103,8 +104,27 @@ def _plan(
     stop: Stop,
     shard: Shard | None,
 ) -> Plan:
-    with stop.interruptible(), engine.connect() as conn, conn.begin():
-        outcome.plan = plan = make_plan(conn, settings, tables.holds, shard)
+    def attempt() -> Plan:
+        with stop.interruptible(), engine.connect() as conn, conn.begin():
+            return make_plan(conn, settings, tables.holds, shard)
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        log.warning(
+            "plan_retry",
+            run_id=outcome.run_id,
+            attempt=state.attempt_number,
+            reason=retry.reason(exc) if exc else None,
+            error=db.describe_error(exc) if exc else None,
+        )
+
+    try:
+        plan = retry.retrying(settings.clean, sleep=stop.sleep, before_sleep=before_sleep)(attempt)
+    except DBAPIError as exc:
+        if not retry.retryable(exc):
+            raise
+        raise retry.exhausted(exc, settings.clean, "planning") from None
+    outcome.plan = plan
     log.info("plan", run_id=outcome.run_id, **plan.as_dict())
     return plan
 

@@ -72,12 +72,10 @@ def plan_text(plan: Plan) -> str:
 
 def outcome_text(outcome: Outcome) -> str:
     rows = [[name, outcome.by_policy.get(name, 0)] for name in _policy_names(outcome)]
-    lines = [
-        f"Run {outcome.run_id}: {outcome.status}",
-        table(["policy", "cleaned"], rows),
-        "",
-        f"cleaned in total: {outcome.rows_cleaned} in {outcome.chunks} chunks",
-    ]
+    lines = [f"Run {outcome.run_id}: {outcome.status}"]
+    if rows:
+        lines += [table(["policy", "cleaned"], rows), ""]
+    lines.append(f"cleaned in total: {outcome.rows_cleaned} in {outcome.chunks} chunks")
     if outcome.remaining_rows is not None:
         lines.append(f"still due:        {outcome.remaining_rows}")
     if outcome.error:
