@@ -227,7 +227,7 @@ def show_run(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, An
         str(name): int(rows)
         for name, rows in conn.execute(
             select(each.c.key, func.sum(cast(each.c.value, BigInteger)))
-            .select_from(chunks, each)
+            .select_from(chunks.join(each, true()))
             .where(chunks.c.run_id == run_id)
             .group_by(each.c.key)
         )

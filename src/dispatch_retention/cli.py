@@ -164,7 +164,13 @@ def run(
 
 
 @cli.command()
-@click.option("--rows", type=click.IntRange(1, 100_000_000), default=20_000, show_default=True)
+@click.option(
+    "--rows",
+    type=click.IntRange(1, 100_000_000),
+    default=20_000,
+    show_default=True,
+    help="Synthetic dispatches to seed.",
+)
 @click.pass_obj
 def demo(state: State, rows: int) -> None:
     """The whole cycle on an embedded PostgreSQL with synthetic dispatches."""
@@ -180,7 +186,14 @@ def demo(state: State, rows: int) -> None:
 
 
 @cli.command()
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format (json: one document).",
+)
 @click.option(
     "--tolerance-hours",
     type=click.FloatRange(min=0),
@@ -210,8 +223,21 @@ def audit_group() -> None:
 
 @audit_group.command("list")
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="YYYY-MM-DD (UTC).")
-@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=50,
+    show_default=True,
+    help="At most this many runs.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format (csv opens in a spreadsheet).",
+)
 @click.pass_obj
 def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> None:
     """List runs, newest first."""
@@ -229,7 +255,14 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> No
 
 @audit_group.command("show")
 @click.argument("run_id")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format (json: one document).",
+)
 @click.pass_obj
 def audit_show(state: State, run_id: str, fmt: str) -> None:
     """Show one run: its status, config, policies with cutoffs and rows cleaned."""
@@ -290,7 +323,14 @@ def hold_release(state: State, member_id: int, by: str | None) -> None:
 
 @hold_group.command("list")
 @click.option("--all", "include_released", is_flag=True, help="Include released holds.")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format (json: one document).",
+)
 @click.pass_obj
 def hold_list(state: State, include_released: bool, fmt: str) -> None:
     """List active legal holds (with --all, released ones too)."""

@@ -27,6 +27,8 @@ APPLICATION_NAME = "dispatch-retention"
 
 #: SQLSTATEs worth a retry: the connection dropped, the server restarts or is failing over.
 TRANSIENT_SQLSTATE_CLASSES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
+#: Errors raised while connecting: their text names host, port, role or database, no rows.
+CONNECTION_CLASSES = ("08", "28", "3D")
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
 
@@ -37,7 +39,9 @@ class DatabaseUrlError(Exception):
 
 def resolve_url(cli_value: str | None) -> str:
     """`--database-url`, else `DATABASE_URL`, else the contents of `DATABASE_URL_FILE`."""
-    if cli_value:
+    if cli_value is not None:
+        if not cli_value.strip():
+            raise DatabaseUrlError("--database-url is empty")
         return cli_value
     if os.environ.get(URL_ENV):
         return os.environ[URL_ENV]
@@ -61,8 +65,10 @@ def parse_url(value: str) -> URL:
     """Accept postgresql:// (and postgres://) as psycopg 3; refuse anything else."""
     try:
         url = make_url(value)
-    except ArgumentError:
-        raise DatabaseUrlError("the database URL is not a valid URL") from None
+    except (ArgumentError, ValueError):  # never repeat the value: it may hold the password
+        raise DatabaseUrlError(
+            "the database URL is not a valid URL (expected postgresql://USER:PASSWORD@HOST:PORT/DB)"
+        ) from None
     if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
         return url.set(drivername="postgresql+psycopg")
     raise DatabaseUrlError(
@@ -156,6 +162,8 @@ def describe_error(exc: BaseException) -> str:
     ):
         if value:
             parts.append(f"{label} {value}")
-    if orig.sqlstate is None:
-        parts.append("connection error")
+    if orig.sqlstate is None or orig.sqlstate[:2] in CONNECTION_CLASSES:
+        # libpq's own message (host, port, role, database; never row values or passwords)
+        first = str(orig).strip().splitlines()[0] if str(orig).strip() else "connection error"
+        parts.append(first)
     return ", ".join(parts)
