@@ -93,19 +93,13 @@ class RunRecord:
             )
 
     def planned(self, plan: Plan) -> None:
-        runs = self.tables.runs
-        with self.engine.begin() as conn:
-            conn.execute(
-                update(runs)
-                .where(runs.c.run_id == self.run_id)
-                .values(
-                    planned_at=plan.rules.now,
-                    policies=plan.as_dict()["policies"],
-                    due_rows=plan.due_rows,
-                    held_rows=plan.held_rows,
-                    waiting_grace_rows=plan.waiting_grace_rows,
-                )
-            )
+        self._update(
+            planned_at=plan.rules.now,
+            policies=plan.as_dict()["policies"],
+            due_rows=plan.due_rows,
+            held_rows=plan.held_rows,
+            waiting_grace_rows=plan.waiting_grace_rows,
+        )
 
     def record_chunk(self, conn: Connection, chunk: Chunk) -> None:
         """Called inside the chunk's transaction, after its UPDATE and before its COMMIT."""
@@ -133,19 +127,18 @@ class RunRecord:
 
     def finish(self, outcome: Outcome) -> None:
         """Close the record; a fresh pooled connection, so a lost one does not matter."""
+        self._update(
+            status=outcome.status,
+            finished_at=func.now(),
+            stopped_by=outcome.stopped_by
+            or (f"signal {outcome.signum}" if outcome.signum else None),
+            error=outcome.error,
+        )
+
+    def _update(self, **values: Any) -> None:
         runs = self.tables.runs
         with self.engine.begin() as conn:
-            conn.execute(
-                update(runs)
-                .where(runs.c.run_id == self.run_id)
-                .values(
-                    status=outcome.status,
-                    finished_at=func.now(),
-                    stopped_by=outcome.stopped_by
-                    or (f"signal {outcome.signum}" if outcome.signum else None),
-                    error=outcome.error,
-                )
-            )
+            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(**values))
 
 
 def mark_abandoned(
@@ -169,20 +162,6 @@ def mark_abandoned(
 
 
 # --- reading the trail -----------------------------------------------------------------------
-
-RUN_COLUMNS = (
-    "run_id",
-    "status",
-    "trigger",
-    "started_at",
-    "finished_at",
-    "rows_cleaned",
-    "due_rows",
-    "held_rows",
-    "host",
-    "shard",
-    "tool_version",
-)
 
 
 def _totals(tables: AuditTables) -> Any:

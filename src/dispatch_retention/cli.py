@@ -19,7 +19,7 @@ from importlib import resources
 from typing import Any
 
 import click
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from . import (
@@ -64,6 +64,31 @@ class State:
         except db.DatabaseUrlError as exc:
             raise UsageProblem(str(exc)) from None
         return db.make_engine(url)
+
+
+table_or_json = click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="Output format (json: one document).",
+)
+
+
+@contextmanager
+def _audit_session(
+    state: State, *, write: bool = False
+) -> Iterator[tuple[Connection, config.Settings, AuditTables]]:
+    """Settings, a checked audit schema and one connection (one transaction if `write`)."""
+    settings, engine = state.settings(), state.engine()
+    try:
+        with _database_errors():
+            _require_schema(engine, settings)
+            with engine.begin() if write else engine.connect() as conn:
+                yield conn, settings, AuditTables(settings.audit.schema_)
+    finally:
+        engine.dispose()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -186,14 +211,7 @@ def demo(state: State, rows: int) -> None:
 
 
 @cli.command()
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format (json: one document).",
-)
+@table_or_json
 @click.option(
     "--tolerance-hours",
     type=click.FloatRange(min=0),
@@ -206,12 +224,8 @@ def verify(state: State, fmt: str, tolerance_hours: float) -> None:
     """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
     from .verify import verify as check
 
-    settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), engine.connect() as conn, conn.begin():
-        report = check(conn, settings, AuditTables(settings.audit.schema_), tolerance_hours)
-    engine.dispose()
+    with _audit_session(state) as (conn, settings, tables), conn.begin():
+        report = check(conn, settings, tables, tolerance_hours)
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
     sys.exit(EXIT_OK if report.ok else EXIT_VIOLATIONS)
 
@@ -241,28 +255,15 @@ def audit_group() -> None:
 @click.pass_obj
 def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> None:
     """List runs, newest first."""
-    settings, engine = state.settings(), state.engine()
     since_utc = since.replace(tzinfo=UTC) if since else None
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), engine.connect() as conn:
-        runs = audit.list_runs(
-            conn, AuditTables(settings.audit.schema_), since=since_utc, limit=limit
-        )
-    engine.dispose()
+    with _audit_session(state) as (conn, _settings, tables):
+        runs = audit.list_runs(conn, tables, since=since_utc, limit=limit)
     click.echo(output.runs(runs, fmt), nl=fmt != "csv")
 
 
 @audit_group.command("show")
 @click.argument("run_id")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format (json: one document).",
-)
+@table_or_json
 @click.pass_obj
 def audit_show(state: State, run_id: str, fmt: str) -> None:
     """Show one run: its status, config, policies with cutoffs and rows cleaned."""
@@ -270,12 +271,8 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
         run_id = str(uuid.UUID(run_id))
     except ValueError:
         raise click.BadParameter("not a run id (a UUID, as `audit list` shows)") from None
-    settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), engine.connect() as conn:
-        document = audit.show_run(conn, AuditTables(settings.audit.schema_), run_id)
-    engine.dispose()
+    with _audit_session(state) as (conn, _settings, tables):
+        document = audit.show_run(conn, tables, run_id)
     if document is None:
         raise click.ClickException(f"no run {run_id} in the audit trail")
     click.echo(output.to_json(document) if fmt == "json" else output.run_text(document))
@@ -293,14 +290,8 @@ def hold_group() -> None:
 @click.pass_obj
 def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
     """Put a member's dispatches under legal hold."""
-    settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), _hold_errors(), engine.begin() as conn:
-        hold_id = holds.add(
-            conn, AuditTables(settings.audit.schema_), member_id, reason, by or holds.operator()
-        )
-    engine.dispose()
+    with _hold_errors(), _audit_session(state, write=True) as (conn, _settings, tables):
+        hold_id = holds.add(conn, tables, member_id, reason, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} is under legal hold")
 
 
@@ -310,38 +301,19 @@ def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
 @click.pass_obj
 def hold_release(state: State, member_id: int, by: str | None) -> None:
     """Release a member's active hold (the hold is kept, stamped released_at)."""
-    settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), _hold_errors(), engine.begin() as conn:
-        hold_id = holds.release(
-            conn, AuditTables(settings.audit.schema_), member_id, by or holds.operator()
-        )
-    engine.dispose()
+    with _hold_errors(), _audit_session(state, write=True) as (conn, _settings, tables):
+        hold_id = holds.release(conn, tables, member_id, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} released")
 
 
 @hold_group.command("list")
 @click.option("--all", "include_released", is_flag=True, help="Include released holds.")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="Output format (json: one document).",
-)
+@table_or_json
 @click.pass_obj
 def hold_list(state: State, include_released: bool, fmt: str) -> None:
     """List active legal holds (with --all, released ones too)."""
-    settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        _require_schema(engine, settings)
-    with _database_errors(), engine.connect() as conn:
-        found = holds.list_holds(
-            conn, AuditTables(settings.audit.schema_), include_released=include_released
-        )
-    engine.dispose()
+    with _audit_session(state) as (conn, _settings, tables):
+        found = holds.list_holds(conn, tables, include_released=include_released)
     click.echo(output.holds(found, fmt))
 
 
