@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
@@ -115,3 +116,10 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 _ = make_url  # re-exported for tests that build URLs
+
+
+@pytest.fixture(autouse=True)
+def _fresh_logging() -> Iterator[None]:
+    """CLI tests configure structlog to print to click's stream; undo it after each test."""
+    yield
+    structlog.reset_defaults()

@@ -46,7 +46,7 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     try:
         for _ in range(100):
             try:
-                urllib.request.urlopen(f"{url}/-/ready", timeout=1)  # noqa: S310
+                urllib.request.urlopen(f"{url}/-/ready", timeout=1)
                 break
             except OSError:
                 time.sleep(0.1)
@@ -60,7 +60,7 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
 
 def metric_values(url: str) -> dict[str, dict[str, float]]:
     """{metric name: {label string: value}} for job dispatch_retention, from the HTTP API."""
-    with urllib.request.urlopen(f"{url}/api/v1/metrics", timeout=5) as response:  # noqa: S310
+    with urllib.request.urlopen(f"{url}/api/v1/metrics", timeout=5) as response:
         groups: list[dict[str, Any]] = json.load(response)["data"]
     out: dict[str, dict[str, float]] = {}
     for group in groups:

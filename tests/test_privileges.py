@@ -77,9 +77,7 @@ def test_roles_can_do_their_job(engine: Engine, roles: dict[str, URL], tmp_path:
         pytest.param("DELETE FROM dispatch_retention.legal_holds", id="delete-holds"),
     ],
 )
-def test_run_role_is_denied_the_rest(
-    engine: Engine, roles: dict[str, URL], statement: str
-) -> None:
+def test_run_role_is_denied_the_rest(engine: Engine, roles: dict[str, URL], statement: str) -> None:
     """The run role may not delete, truncate, alter, read personal data or rewrite the trail."""
     insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
     as_run = db.make_engine(roles["run"])
