@@ -36,7 +36,7 @@ from . import (
     output,
     shard,
 )
-from .cleaner import Options, Outcome, Plan, Stop
+from .cleaner import Chunk, Options, Outcome, Plan, Stop
 from .schema import AuditTables
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REFUSED, EXIT_VIOLATIONS = 0, 1, 2, 3, 4, 5
@@ -161,7 +161,7 @@ def run(
         dry_run=dry_run, chunk_size=chunk_size, max_rows=max_rows, max_runtime_s=max_runtime
     )
     started = time.monotonic()
-    with _signals() as stop, _progress(interactive and not dry_run) as on_chunk:
+    with _signals() as stop, _progress(interactive and not dry_run) as progress:
         outcome = _job(
             engine,
             settings,
@@ -170,7 +170,8 @@ def run(
             force=force,
             shard=chosen,
             confirm=None if dry_run or yes or not interactive else _confirm,
-            on_chunk=on_chunk,
+            on_plan=progress.start if progress else None,
+            on_chunk=progress.advance if progress else None,
         )
     engine.dispose()
     if os.environ.get(metrics.URL_ENV) and not dry_run:
@@ -441,13 +442,37 @@ def _signals() -> Iterator[Stop]:
             signal.signal(signum, handler)
 
 
+class _Progress:
+    """A progress bar on stderr, sized by the plan; only on a terminal."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, plan: Plan) -> None:
+        self.bar = click.progressbar(
+            length=max(plan.due_rows, 1), label="cleaning", file=sys.stderr
+        )
+        self.bar.__enter__()
+
+    def advance(self, chunk: Chunk) -> None:
+        if self.bar is not None:
+            self.bar.update(chunk.rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
 @contextmanager
-def _progress(enabled: bool) -> Iterator[Any]:
+def _progress(enabled: bool) -> Iterator[_Progress | None]:
     if not enabled:
         yield None
         return
-    with click.progressbar(length=0, label="cleaning", file=sys.stderr) as bar:
-        yield lambda chunk: bar.update(chunk.rows)
+    progress = _Progress()
+    try:
+        yield progress
+    finally:
+        progress.close()
 
 
 def main() -> None:

@@ -51,6 +51,7 @@ def run(
     force: bool = False,
     shard: Shard | None = None,
     confirm: Callable[[Plan], bool] | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
     on_chunk: Callable[[Chunk], None] | None = None,
     fail_in_chunk: Callable[[int], None] | None = None,
 ) -> Outcome:
@@ -85,6 +86,7 @@ def run(
                 force=force,
                 shard=shard,
                 confirm=confirm,
+                on_plan=on_plan,
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
             )
@@ -141,6 +143,7 @@ def _locked_run(
     force: bool,
     shard: Shard | None,
     confirm: Callable[[Plan], bool] | None,
+    on_plan: Callable[[Plan], None] | None,
     on_chunk: Callable[[Chunk], None] | None,
     fail_in_chunk: Callable[[int], None] | None,
 ) -> None:
@@ -169,6 +172,8 @@ def _locked_run(
             elif confirm is not None and not _ask(confirm, plan, stop):
                 outcome.status = "cancelled"
             else:
+                if on_plan is not None:
+                    on_plan(plan)
                 Cleaner(
                     engine,
                     settings,
