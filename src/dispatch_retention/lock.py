@@ -70,6 +70,8 @@ class RunLock:
                     "a.backend_start, a.usename, l.mode "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.granted "
+                    "AND l.database = (SELECT oid FROM pg_database "
+                    "WHERE datname = current_database()) "
                     "AND l.classid = ((:k >> 32) & 4294967295)::bigint::oid "
                     "AND l.objid = (:k & 4294967295)::bigint::oid AND l.objsubid = 1 "
                     "AND a.pid <> pg_backend_pid()"
