@@ -121,6 +121,7 @@ class Outcome:
     """How a run ended. `status` is one of the run statuses of CONTRACT section 6."""
 
     run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
+    started: float = field(default_factory=time.monotonic)  # --max-runtime counts from here
     status: str = "running"
     plan: Plan | None = None
     rows_cleaned: int = 0
@@ -346,7 +347,6 @@ class Cleaner:
             outcome.status = "succeeded"
             return
         budget = self._row_budget()
-        started = time.monotonic()
         lo, last = self._align(plan.min_due_id), plan.max_due_id
         while lo <= last:
             if self.stop.requested:
@@ -358,7 +358,7 @@ class Cleaner:
                 return
             if (
                 self.options.max_runtime_s is not None
-                and time.monotonic() - started >= self.options.max_runtime_s
+                and time.monotonic() - outcome.started >= self.options.max_runtime_s
             ):
                 outcome.status, outcome.stopped_by = "incomplete", "max_runtime"
                 return

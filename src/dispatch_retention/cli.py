@@ -160,7 +160,6 @@ def run(
     options = Options(
         dry_run=dry_run, chunk_size=chunk_size, max_rows=max_rows, max_runtime_s=max_runtime
     )
-    started = time.monotonic()
     with _signals() as stop, _progress(interactive and not dry_run) as progress:
         outcome = _job(
             engine,
@@ -178,7 +177,7 @@ def run(
         metrics.push(
             os.environ[metrics.URL_ENV],
             outcome,
-            time.monotonic() - started,
+            time.monotonic() - outcome.started,
             settings.target.table,
             str(chosen) if chosen else None,
         )
