@@ -4,8 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 ROWS ?= 20000
 PYTEST_ARGS ?=
+BENCH_ROWS ?= 1000000
+BENCH_SCENARIO ?= all
+BENCH_SHARDS ?= 2
 
-.PHONY: help demo test lint typecheck check clean
+.PHONY: help demo test lint typecheck check bench clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -30,6 +33,10 @@ typecheck: $(BIN)/.installed  ## mypy strict on src/
 	$(BIN)/mypy
 
 check: lint typecheck test  ## everything CI runs before the demo
+
+bench: $(BIN)/.installed  ## the job against the single-statement bound (BENCH_ROWS=, BENCH_SCENARIO=)
+	$(BIN)/python bench/run.py --rows $(BENCH_ROWS) --scenario $(BENCH_SCENARIO) \
+	    --shards $(BENCH_SHARDS) --json bench/results/bench-$(BENCH_ROWS).json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis
