@@ -34,8 +34,9 @@ from sqlalchemy import (
     update,
 )
 
-from .cleaner import Chunk, Options, Outcome, Plan
+from .cleaner import Chunk, Options, Outcome
 from .config import Settings
+from .planning import Plan
 from .schema import AuditTables
 
 TRIGGER_ENV = "DISPATCH_RETENTION_TRIGGER"

@@ -13,12 +13,14 @@ carries that transaction's `now()` in `cleaned_at`; a later run simply finds the
 are still due. A signal during a chunk is noted and honoured after the commit; a signal
 while planning cancels the query (nothing has been written yet).
 
-Windows walk the primary key forward from the lowest due id to the highest: no window is
-visited twice, memory holds one chunk's RETURNING at most, and after an empty window the
-loop jumps to the next due id instead of crawling through rows that cannot be due. A window
-first runs as a plain range UPDATE under a short lock wait (as fast as one statement over the
+Windows walk the primary key forward over the id blocks the plan found due rows in
+(`planning.Windows`): no window is visited twice, blocks without due rows are never read,
+and memory holds the plan's block list and one chunk's per-policy counts. A window first
+runs as a plain range UPDATE under a short lock wait (as fast as one statement over the
 whole table); only when that hits a row the application holds locked is it redone with
-`FOR UPDATE SKIP LOCKED`, leaving the locked rows for the next run.
+`FOR UPDATE SKIP LOCKED`, leaving the locked rows for the next run. Its size (due rows) adapts
+to `clean.target_chunk_ms` (`sizing.py`), unless `--chunk-size` pins it; a pinned size also
+caps the window's ids, so a chunk never holds more rows than that.
 """
 
 from __future__ import annotations
@@ -34,74 +36,19 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import (
-    BigInteger,
-    Connection,
-    Engine,
-    Select,
-    Table,
-    Update,
-    and_,
-    bindparam,
-    func,
-    literal,
-    select,
-    true,
-    update,
-)
+from sqlalchemy import Connection, Engine, Select, Table
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import db, policy, retry, sizing
+from . import db, retry, sizing
 from .config import Settings
-from .schema import dispatches_table
+from .planning import Plan, Statements, Windows
 from .shard import Shard
 
 log = structlog.get_logger("dispatch_retention")
 
 
 # --- what a run plans and what it did --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PolicyPlan:
-    name: str
-    retention_days: int
-    cutoff: datetime
-    grace_cutoff: datetime
-    due_rows: int
-
-
-@dataclass(frozen=True)
-class Plan:
-    rules: policy.Rules
-    policies: tuple[PolicyPlan, ...]
-    held_rows: int
-    waiting_grace_rows: int
-    min_due_id: int | None
-    max_due_id: int | None
-
-    @property
-    def due_rows(self) -> int:
-        return sum(p.due_rows for p in self.policies)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "now": self.rules.now.isoformat(),
-            "due_rows": self.due_rows,
-            "held_rows": self.held_rows,
-            "waiting_grace_rows": self.waiting_grace_rows,
-            "policies": [
-                {
-                    "name": p.name,
-                    "retention_days": p.retention_days,
-                    "cutoff": p.cutoff.isoformat(),
-                    "grace_cutoff": p.grace_cutoff.isoformat(),
-                    "due_rows": p.due_rows,
-                }
-                for p in self.policies
-            ],
-        }
 
 
 @dataclass(frozen=True)
@@ -199,118 +146,7 @@ class Stop:
             self._interruptible = False
 
 
-# --- statements ------------------------------------------------------------------------------
-
-
-class Statements:
-    """The run's statements, built once from the rules (builders; the loop executes them)."""
-
-    def __init__(
-        self,
-        settings: Settings,
-        rules: policy.Rules,
-        holds: Table | None = None,
-        shard: Shard | None = None,
-    ) -> None:
-        self.table = table = dispatches_table(settings.target)
-        self.rules, self.holds = rules, holds
-        self.scope = shard.predicate(table) if shard else true()
-        self.due = and_(policy.due(table, rules, holds), self.scope)
-        self.credit = policy.credit(table, rules)
-        lo, hi = bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
-        window = and_(table.c.id >= lo, table.c.id < hi)
-        values: dict[str, Any] = dict(policy.cleaned_values(settings))
-        values["cleaned_at"] = func.now()
-        values["updated_at"] = func.now()
-        returning = (table.c.id, self.credit, table.c.cleaned_at)
-        self.range_update: Update = (
-            update(table).where(window, self.due).values(values).returning(*returning)
-        )
-        locked_free = select(table.c.id).where(window, self.due).with_for_update(skip_locked=True)
-        self.skip_locked_update: Update = (
-            update(table)
-            .where(table.c.id.in_(locked_free.scalar_subquery()), self.due)
-            .values(values)
-            .returning(*returning)
-        )
-        self.next_due_id: Select[Any] = select(func.min(table.c.id)).where(
-            table.c.id >= lo, table.c.id <= hi, self.due
-        )
-
-    def plan_counts(self) -> Select[Any]:
-        """Per binding policy and hold state: rows past their window, lowest and highest id."""
-        table, r = self.table, self.rules
-        held = policy.held(table, self.holds) if self.holds is not None else literal(False)
-        return (
-            select(
-                self.credit,
-                held.label("held"),
-                func.count().label("rows"),
-                func.min(table.c.id),
-                func.max(table.c.id),
-            )
-            .where(table.c.cleaned_at.is_(None), policy.past_window(table, r), self.scope)
-            .group_by(self.credit, held)
-        )
-
-    def waiting_count(self) -> Select[Any]:
-        return select(func.count()).where(policy.waiting_grace(self.table, self.rules), self.scope)
-
-
-# --- the run ---------------------------------------------------------------------------------
-
-
-def database_now(conn: Connection) -> datetime:
-    """The database clock: the one source of `now` for the whole run."""
-    value = conn.execute(select(func.now())).scalar_one()
-    assert isinstance(value, datetime)
-    return value
-
-
-def make_plan(
-    conn: Connection,
-    settings: Settings,
-    holds: Table | None = None,
-    shard: Shard | None = None,
-) -> Plan:
-    """Read-only: cutoffs from the database clock and what is due under them."""
-    db.read_only(conn)
-    db.set_local_timeouts(
-        conn,
-        lock_timeout_ms=settings.clean.lock_timeout_ms,
-        statement_timeout_ms=settings.clean.plan_timeout_ms,
-    )
-    rules = policy.rules(settings, database_now(conn))
-    stmts = Statements(settings, rules, holds, shard)
-    due: Counter[str] = Counter()
-    held_rows = 0
-    lows: list[int] = []
-    highs: list[int] = []
-    for name, is_held, rows, low, high in conn.execute(stmts.plan_counts()):
-        if is_held:
-            held_rows += rows
-        else:
-            due[name] += rows
-            lows.append(low)
-            highs.append(high)
-    waiting = conn.execute(stmts.waiting_count()).scalar_one()
-    return Plan(
-        rules=rules,
-        policies=tuple(
-            PolicyPlan(
-                name=c.policy.name,
-                retention_days=c.policy.retention_days,
-                cutoff=c.settled,
-                grace_cutoff=c.unsettled,
-                due_rows=due[c.policy.name],
-            )
-            for c in rules.cutoffs
-        ),
-        held_rows=held_rows,
-        waiting_grace_rows=waiting,
-        min_due_id=min(lows) if lows else None,
-        max_due_id=max(highs) if highs else None,
-    )
+# --- the chunk loop ---------------------------------------------------------------------
 
 
 class Cleaner:
@@ -339,16 +175,13 @@ class Cleaner:
         self.recorder, self.on_chunk = recorder, on_chunk
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.size = options.chunk_size or settings.clean.chunk_size
-        self.recent_ms: list[float] = []
+        self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
 
     def run(self) -> None:
-        plan, outcome, clean = self.plan, self.outcome, self.settings.clean
-        if plan.min_due_id is None or plan.max_due_id is None:
-            outcome.status = "succeeded"
-            return
+        outcome, clean = self.outcome, self.settings.clean
         budget = self._row_budget()
-        lo, last = self._align(plan.min_due_id), plan.max_due_id
-        while lo <= last:
+        windows = Windows(self.plan.blocks)
+        while not windows.done:
             if self.stop.requested:
                 outcome.status, outcome.signum = "interrupted", self.stop.signum
                 return
@@ -362,27 +195,20 @@ class Cleaner:
             ):
                 outcome.status, outcome.stopped_by = "incomplete", "max_runtime"
                 return
-            hi = self._window_end(lo, last, left)
+            lo, hi = windows.peek(self.size if left is None else min(self.size, left))
+            for cap in (self.options.chunk_size, left):  # rows <= ids: a hard upper bound
+                if cap is not None:
+                    hi = min(hi, lo + cap)
             chunk = self._clean_window(outcome.chunks + 1, lo, hi)
+            windows.advance(chunk.last_id + 1)
             if chunk.rows:
                 self._committed(chunk)
-                lo = self._align(chunk.last_id + 1)
                 if clean.pause_between_chunks_ms:
                     self._pause(clean.pause_between_chunks_ms / 1000)
-            else:
-                lo = self._align(self._next_due_id(chunk.last_id + 1, last))
         if self.stop.requested:  # arrived during the last chunk, which committed
             outcome.status, outcome.signum = "interrupted", self.stop.signum
             return
         outcome.status = "succeeded"
-
-    def _window_end(self, lo: int, last: int, left: int | None) -> int:
-        size = self.size if left is None else min(self.size, left)
-        hi = min(lo + size, last + 1)
-        return min(hi, self.shard.stripe_end(lo)) if self.shard else hi
-
-    def _align(self, lo: int) -> int:
-        return self.shard.align(lo) if self.shard else lo
 
     def _committed(self, chunk: Chunk) -> None:
         outcome, clean = self.outcome, self.settings.clean
@@ -400,11 +226,11 @@ class Cleaner:
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
         )
-        self.recent_ms.append(chunk.elapsed_ms)
-        del self.recent_ms[: -sizing.WINDOW]
+        self.recent.append((chunk.rows, chunk.elapsed_ms))
+        del self.recent[: -sizing.WINDOW]
         self.size = sizing.next_size(
             self.size,
-            self.recent_ms,
+            self.recent,
             target_ms=0 if self.options.chunk_size else clean.target_chunk_ms,  # pinned
             floor=min(clean.min_chunk_size, self.size),
             ceiling=max(clean.max_chunk_size, self.size),
@@ -415,14 +241,6 @@ class Cleaner:
     def _row_budget(self) -> int | None:
         limits = [n for n in (self.options.max_rows, self.settings.guard.max_rows_per_run) if n]
         return min(limits) if limits else None
-
-    def _next_due_id(self, start: int, last: int) -> int:
-        """After an empty window: the next id that is still due (or past the end)."""
-        if start > last:
-            return start
-        with self.engine.connect() as conn, self.stop.interruptible():
-            found = conn.execute(self.stmts.next_due_id, {"lo": start, "hi": last}).scalar()
-        return last + 1 if found is None else int(found)
 
     def _pause(self, seconds: float) -> None:
         """Breathing room between chunks; a stop signal ends it (the loop then stops)."""
@@ -496,7 +314,7 @@ class Cleaner:
         return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
 
     def _transaction(
-        self, statement: Update, seq: int, lo: int, hi: int, lock_ms: int, skipped_locked: bool
+        self, statement: Select[Any], seq: int, lo: int, hi: int, lock_ms: int, skipped_locked: bool
     ) -> Chunk:
         """The one place a chunk's transaction begins and ends."""
         with self.engine.connect() as conn:
@@ -506,17 +324,17 @@ class Cleaner:
                 lock_timeout_ms=lock_ms,
                 statement_timeout_ms=self.settings.clean.statement_timeout_ms,
             )
-            by_policy: Counter[str] = Counter()
+            by_policy: dict[str, int] = {}
             cleaned_at = None
-            for _id, name, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
-                by_policy[name] += 1
+            for name, rows, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
+                by_policy[name] = int(rows)
                 cleaned_at = stamp
             chunk = Chunk(
                 seq=seq,
                 first_id=lo,
                 last_id=hi - 1,
-                rows=by_policy.total(),
-                by_policy=dict(by_policy),
+                rows=sum(by_policy.values()),
+                by_policy=by_policy,
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
                 skipped_locked=skipped_locked,

@@ -36,7 +36,8 @@ from . import (
     output,
     shard,
 )
-from .cleaner import Chunk, Options, Outcome, Plan, Stop
+from .cleaner import Chunk, Options, Outcome, Stop
+from .planning import Plan
 from .schema import AuditTables
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REFUSED, EXIT_VIOLATIONS = 0, 1, 2, 3, 4, 5

@@ -144,7 +144,7 @@ class Clean(_Strict):
     plan_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 900_000
     target_chunk_ms: Annotated[int, Field(ge=0, le=600_000)] = 200
     min_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 500
-    max_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 100_000
+    max_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
     pause_between_chunks_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     retry_max_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0

@@ -87,7 +87,8 @@ def make_engine(
     connect_timeout_s: int = 10,
 ) -> Engine:
     options = (
-        f"-c TimeZone=UTC -c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}"
+        f"-c TimeZone=UTC -c jit=off "
+        f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}"
     )
     connect_args: dict[str, Any] = {
         "application_name": APPLICATION_NAME,

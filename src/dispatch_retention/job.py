@@ -28,12 +28,11 @@ from .cleaner import (
     Interrupted,
     Options,
     Outcome,
-    Plan,
     Stop,
-    make_plan,
 )
 from .config import Settings
 from .lock import RunLock, run_locks
+from .planning import Plan, make_plan
 from .retry import RetriesExhausted
 from .schema import AuditTables
 from .shard import Shard

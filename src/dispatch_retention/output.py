@@ -9,8 +9,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
-from .cleaner import Outcome, Plan
+from .cleaner import Outcome
 from .doctor import Finding
+from .planning import Plan
 from .verify import Report
 
 

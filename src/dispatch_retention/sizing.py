@@ -1,36 +1,39 @@
 """Adaptive chunk size: a pure controller, so it can be tested without a database.
 
-The chunk (an id window) grows or shrinks toward `target_ms` per chunk transaction, from the
-moving average of the last few chunk times, between a floor and a ceiling; a statement that
-timed out shrinks the window at once to a quarter. Growth per step is at most 2x and
-shrinkage at most 2x (except after a timeout), so one odd chunk cannot swing it far.
+The size is in due rows per chunk. From the last few chunks it estimates the time one row
+takes (their total milliseconds over their total rows, so chunks of different sizes weigh
+right) and aims the next chunk at `target_ms`, moving at most 2x up or down per step so one
+odd chunk cannot swing it far; a statement timeout cuts it to a quarter at once. The result
+stays between a floor and a ceiling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-WINDOW = 5  # chunks in the moving average
+WINDOW = 5  # chunks in the moving estimate
 
 
 def next_size(
     size: int,
-    recent_ms: Sequence[float],
+    recent: Sequence[tuple[int, float]],
     *,
     target_ms: float,
     floor: int,
     ceiling: int,
     timed_out: bool = False,
 ) -> int:
-    """The next window size in ids. `target_ms <= 0` turns adaptation off."""
+    """The next chunk size in rows, from `(rows, ms)` of recent chunks; `target_ms <= 0`
+    turns adaptation off."""
     if timed_out:
         return max(floor, size // 4)
-    if target_ms <= 0 or not recent_ms:
+    window = recent[-WINDOW:]
+    rows = sum(r for r, _ in window)
+    elapsed = sum(ms for _, ms in window)
+    if target_ms <= 0 or rows <= 0:
         return _clamp(size, floor, ceiling)
-    window = recent_ms[-WINDOW:]
-    average = sum(window) / len(window)
-    factor = 2.0 if average <= 0 else min(2.0, max(0.5, target_ms / average))
-    return _clamp(round(size * factor), floor, ceiling)
+    ideal = size * 2 if elapsed <= 0 else target_ms * rows / elapsed
+    return _clamp(round(min(size * 2, max(size / 2, ideal))), floor, ceiling)
 
 
 def _clamp(value: int, floor: int, ceiling: int) -> int:

@@ -19,8 +19,8 @@ from typing import Any
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
 from . import db, policy
-from .cleaner import database_now
 from .config import Settings
+from .planning import database_now
 from .schema import AuditTables, dispatches_table
 
 
