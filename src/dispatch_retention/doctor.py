@@ -104,7 +104,7 @@ def _schema(conn: Connection, settings: Settings) -> Finding:
         migrate.require_current(conn, settings.audit.schema_)
     except migrate.SchemaNotReady as exc:
         return Finding("error", "audit schema", str(exc))
-    return Finding("ok", "audit schema", f"{settings.audit.schema_} is at {migrate.head()}")
+    return Finding("ok", "audit schema", f"{settings.audit.schema_} is at {migrate.HEAD}")
 
 
 def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
