@@ -125,7 +125,7 @@ def cli(
 @click.option(
     "--chunk-size",
     type=click.IntRange(1, 1_000_000),
-    help="Ids per chunk window, fixed for this run (default: clean.chunk_size, then adaptive).",
+    help="At most N rows per chunk, fixed for this run (default: clean.chunk_size, adaptive).",
 )
 @click.option("--max-rows", type=click.IntRange(1), help="Stop cleanly after this many rows.")
 @click.option(
