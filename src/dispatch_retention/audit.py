@@ -126,9 +126,18 @@ class RunRecord:
             ).first()
         return found is not None
 
-    def finish(self, outcome: Outcome) -> None:
-        """Close the record; a fresh pooled connection, so a lost one does not matter."""
-        self._update(
+    def status(self) -> str | None:
+        runs = self.tables.runs
+        with self.engine.connect() as conn:
+            found = conn.execute(select(runs.c.status).where(runs.c.run_id == self.run_id))
+            return found.scalar()
+
+    def finish(self, outcome: Outcome) -> bool:
+        """Close the record (a fresh pooled connection, so a lost one does not matter): a
+        record still `running`, or one another run marked `abandoned` while this one was in
+        fact alive (it lost its lock connection). Returns whether it was closed."""
+        return self._update(
+            open_only=True,
             status=outcome.status,
             finished_at=func.now(),
             stopped_by=outcome.stopped_by
@@ -136,10 +145,13 @@ class RunRecord:
             error=outcome.error,
         )
 
-    def _update(self, **values: Any) -> None:
+    def _update(self, *, open_only: bool = False, **values: Any) -> bool:
         runs = self.tables.runs
+        query = update(runs).where(runs.c.run_id == self.run_id)
+        if open_only:
+            query = query.where(runs.c.status.in_(("running", "abandoned")))
         with self.engine.begin() as conn:
-            conn.execute(update(runs).where(runs.c.run_id == self.run_id).values(**values))
+            return bool(conn.execute(query.values(**values)).rowcount)
 
 
 def mark_abandoned(

@@ -166,6 +166,7 @@ class Cleaner:
         shard: Shard | None = None,
         recorder: Recorder | None = None,
         on_chunk: Callable[[Chunk], None] | None = None,
+        before_chunk: Callable[[], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
@@ -173,6 +174,7 @@ class Cleaner:
         self.stmts = Statements(settings, plan.rules, holds, shard)
         self.shard = shard
         self.recorder, self.on_chunk = recorder, on_chunk
+        self.before_chunk = before_chunk  # proves the run lock is still held
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
@@ -195,6 +197,8 @@ class Cleaner:
             ):
                 outcome.status, outcome.stopped_by = "incomplete", "max_runtime"
                 return
+            if self.before_chunk is not None:
+                self.before_chunk()
             lo, hi = windows.peek(self.size if left is None else min(self.size, left))
             for cap in (self.options.chunk_size, left):  # rows <= ids: a hard upper bound
                 if cap is not None:
@@ -268,6 +272,7 @@ class Cleaner:
                 if self.recorder is not None and self.recorder.chunk_committed(seq):
                     self.log.warning("commit_confirmed", seq=seq)
                     return unknown.chunk
+                self.log.warning("commit_not_landed", seq=seq)
                 raise unknown.cause from None
 
         def before_sleep(state: RetryCallState) -> None:

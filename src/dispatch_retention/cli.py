@@ -153,7 +153,7 @@ def run(
 ) -> None:
     """Clean every dispatch that is due (see --dry-run first)."""
     try:
-        chosen = shard.parse(shard_text) if shard_text else shard.from_env(os.environ)
+        chosen = shard.parse(shard_text) if shard_text is not None else shard.from_env(os.environ)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--shard") from None
     settings, engine = state.settings(), state.engine()

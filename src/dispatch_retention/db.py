@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import psycopg
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
@@ -99,9 +99,20 @@ def make_engine(
         "keepalives_count": 3,
         "options": options,
     }
-    return create_engine(
+    engine = create_engine(
         url, hide_parameters=True, pool_pre_ping=True, pool_size=2, connect_args=connect_args
     )
+    event.listen(engine, "connect", _session_defaults)
+    return engine
+
+
+def _session_defaults(dbapi_connection: Any, _record: Any) -> None:
+    """Again on every new connection, because PGTZ in the environment (applied by libpq) or
+    a pooler that drops the `options` startup parameter would override them."""
+    with dbapi_connection.cursor() as cursor:
+        cursor.execute("SET TIME ZONE 'UTC'")
+        cursor.execute("SET jit = off")
+    dbapi_connection.commit()
 
 
 def set_local_timeouts(

@@ -31,7 +31,7 @@ from .cleaner import (
     Stop,
 )
 from .config import Settings
-from .lock import RunLock, run_locks
+from .lock import LockLost, RunLock, run_locks
 from .planning import Plan, make_plan
 from .retry import RetriesExhausted
 from .schema import AuditTables
@@ -184,6 +184,7 @@ def _locked_run(
                     holds=tables.holds,
                     shard=shard,
                     recorder=record,
+                    before_chunk=lambda: _keep(lock, settings, stop, rlog),
                     on_chunk=on_chunk,
                     fail_in_chunk=fail_in_chunk,
                 ).run()
@@ -193,12 +194,34 @@ def _locked_run(
             _close(record, outcome, rlog)
 
 
+def _keep(lock: RunLock, settings: Settings, stop: Stop, rlog: Logger) -> None:
+    """Before each chunk: the run lock is still ours (reconnecting through a server restart
+    with the same bounded retries as a chunk)."""
+
+    def before_sleep(state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        rlog.warning(
+            "lock_retry",
+            attempt=state.attempt_number,
+            error=db.describe_error(exc) if exc else None,
+        )
+
+    try:
+        retry.retrying(settings.clean, sleep=stop.sleep, before_sleep=before_sleep)(lock.ensure)
+    except DBAPIError as exc:
+        if not retry.retryable(exc):
+            raise
+        raise retry.exhausted(exc, settings.clean, "keeping the run lock") from None
+
+
 def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
     """The status an exception gives the run; a bug is logged with its traceback."""
     if isinstance(exc, Interrupted):
         outcome.status, outcome.signum = "interrupted", exc.signum
     elif isinstance(exc, RetriesExhausted):
         outcome.status, outcome.error = "failed", exc.reason
+    elif isinstance(exc, LockLost):
+        outcome.status, outcome.error = "failed", str(exc)
     elif isinstance(exc, DBAPIError):
         outcome.status, outcome.error = "failed", db.describe_error(exc)
     else:
@@ -210,6 +233,13 @@ def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
     if outcome.status == "running":  # never leave a record open on a path we did not foresee
         outcome.status, outcome.error = "failed", "the run ended without a status"
     try:
+        if record.status() == "abandoned":  # another run took the lock while we lived
+            rlog.error("run_record_taken_over", status=outcome.status)
+            if outcome.status in ("succeeded", "incomplete"):
+                outcome.status = "failed"
+                outcome.error = (
+                    "lost the run lock: another run took it and marked this one abandoned"
+                )
         record.finish(outcome)
     except DBAPIError as exc:
         rlog.error("run_record_failed", error=db.describe_error(exc))

@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Connection, Engine, text
+from sqlalchemy.exc import DBAPIError
 
 NAMESPACE = "dispatch-retention"
 
@@ -33,6 +34,10 @@ def run_locks(target_table: str, shard: str | None) -> list[tuple[int, bool]]:
     return [(lock_key(target_table), True), (lock_key(target_table, shard), False)]
 
 
+class LockLost(Exception):
+    """The run lock could not be kept (its connection died and someone else took it)."""
+
+
 class RunLock:
     """`with RunLock(engine, run_locks(...)) as lock:` then check `lock.acquired`."""
 
@@ -47,7 +52,7 @@ class RunLock:
         return self.blocked_on is None and len(self.held) == len(self.keys)
 
     def __enter__(self) -> RunLock:
-        self.conn = self.engine.connect()
+        self.conn = self.engine.connect()  # a failure leaves self.conn None: ensure() retries
         for key, shared in self.keys:
             function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
             got = self.conn.execute(text(f"SELECT {function}(:k)"), {"k": key}).scalar()
@@ -57,6 +62,24 @@ class RunLock:
             self.held.append((key, shared))
         self.conn.commit()  # the locks are session-level: they outlive this transaction
         return self
+
+    def ensure(self) -> None:
+        """Before each chunk: prove the locks are still ours. If the lock connection died
+        (terminated, network), reconnect and take them again; if someone else got them in
+        between, raise `LockLost`: two runs must never clean side by side."""
+        if self.conn is not None:
+            try:
+                self.conn.execute(text("SELECT 1"))
+                self.conn.commit()
+                return
+            except DBAPIError:
+                with contextlib.suppress(Exception):
+                    self.conn.close()
+                self.conn = None
+        self.held, self.blocked_on = [], None
+        self.__enter__()
+        if not self.acquired:
+            raise LockLost("the run lock's connection was lost and another run holds the lock now")
 
     def holder(self) -> list[dict[str, Any]]:
         """Who holds the lock we could not take: pid, application, client, since when."""

@@ -35,7 +35,7 @@ from sqlalchemy import (
 from . import db, policy
 from .config import Settings
 from .schema import dispatches_table
-from .shard import STRIPE_IDS, Shard
+from .shard import STRIPE_IDS, Shard, floor_div
 
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
 BLOCK_IDS = 10_000
@@ -131,7 +131,7 @@ class Statements:
         and the aggregation run in parallel workers."""
         table, r = self.table, self.rules
         past = policy.past_window(table, r)
-        block = (table.c.id // BLOCK_IDS).label("block")
+        block = floor_div(table.c.id, BLOCK_IDS).label("block")
         source: Any = table
         held: ColumnElement[bool] = false()
         if self.holds is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import (
@@ -82,6 +82,7 @@ def binding_order(policies: Sequence[Policy]) -> list[Policy]:
 def rules(settings: Settings, now: datetime) -> Rules:
     if now.tzinfo is None:
         raise ValueError("now must be timezone-aware (it comes from the database clock)")
+    now = now.astimezone(UTC)  # days are 24 h: never local wall-clock arithmetic across DST
     grace = timedelta(days=settings.clean.in_flight_grace_days)
     cutoffs = tuple(
         Cutoff(

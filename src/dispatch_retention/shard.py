@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from sqlalchemy import ColumnElement, Table
+from sqlalchemy import ColumnElement, Table, case
 
 STRIPE_IDS = 100_000
 SHARD = re.compile(r"^\s*(\d{1,4})\s*/\s*(\d{1,4})\s*$")
@@ -33,7 +33,8 @@ class Shard:
         return f"{self.index}/{self.count}"
 
     def predicate(self, table: Table) -> ColumnElement[bool]:
-        return (table.c.id // STRIPE_IDS) % self.count == self.index
+        stripe = floor_div(table.c.id, STRIPE_IDS)
+        return ((stripe % self.count) + self.count) % self.count == self.index
 
     def align(self, lo: int) -> int:
         """The first id at or after `lo` that lies in one of this shard's stripes."""
@@ -44,6 +45,12 @@ class Shard:
     def stripe_end(self, lo: int) -> int:
         """The first id after the stripe holding `lo` (a window never crosses it)."""
         return (lo // STRIPE_IDS + 1) * STRIPE_IDS
+
+
+def floor_div(column: ColumnElement[int], n: int) -> ColumnElement[int]:
+    """Python's `//` in SQL: PostgreSQL's integer division rounds toward zero, so negative
+    ids need `(id + 1) / n - 1` to land in the same block or stripe as in Python."""
+    return case((column >= 0, column // n), else_=(column + 1) // n - 1)
 
 
 def parse(text: str) -> Shard:

@@ -3,8 +3,9 @@
 The size is in due rows per chunk. From the last few chunks it estimates the time one row
 takes (their total milliseconds over their total rows, so chunks of different sizes weigh
 right) and aims the next chunk at `target_ms`, moving at most 2x up or down per step so one
-odd chunk cannot swing it far; a statement timeout cuts it to a quarter at once. The result
-stays between a floor and a ceiling.
+odd chunk cannot swing it far. It shrinks only when chunks take longer than the target (not
+when sparse windows just hold few rows); a statement timeout cuts it to a quarter at once.
+The result stays between a floor and a ceiling.
 """
 
 from __future__ import annotations
@@ -33,6 +34,10 @@ def next_size(
     if target_ms <= 0 or rows <= 0:
         return _clamp(size, floor, ceiling)
     ideal = size * 2 if elapsed <= 0 else target_ms * rows / elapsed
+    if elapsed / len(window) <= target_ms:
+        # Chunks within the target never shrink the size: few due rows in a window (sparse
+        # data) make the time per row look high only through the fixed cost per chunk.
+        ideal = max(ideal, size)
     return _clamp(round(min(size * 2, max(size / 2, ideal))), floor, ceiling)
 
 
