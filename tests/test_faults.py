@@ -1324,11 +1324,13 @@ def test_non_utc_session_time_zone_across_a_dst_change_changes_nothing(
         now = conn.execute(sql("SELECT now()")).scalar_one()
     dst = last_dst_start(now)
     # A retention whose cutoff lies on the other side of the DST change than `now` does.
-    for days in ((now - dst) // DAY, (now - dst) // DAY + 1):
+    # (Skip a day whose Oslo wall-clock cutoff falls into the skipped hour of the change.)
+    base = (now - dst) // DAY
+    for days in (base, base - 1, base - 2, base + 1):
         cutoff = now - days * DAY
-        if cutoff.astimezone(oslo).utcoffset() != now.astimezone(oslo).utcoffset():
+        calendar_cutoff = (now.astimezone(oslo) - days * DAY).astimezone(UTC)  # wall clock
+        if abs(calendar_cutoff - cutoff) == timedelta(hours=1):
             break
-    calendar_cutoff = (now.astimezone(oslo) - days * DAY).astimezone(UTC)  # Oslo wall clock
     assert abs(calendar_cutoff - cutoff) == timedelta(hours=1)
     policy = f'[[policy]]\nname = "dst"\nretention_days = {days}\n'
     config_path = make_config(tmp_path, "dst.toml", policies=policy)
