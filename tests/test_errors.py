@@ -1,0 +1,120 @@
+"""Errors a retry cannot fix fail the run at once (exit 1), with a message free of row values."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+
+from .helpers import (
+    MARK,
+    config_text,
+    db_now,
+    dispatch,
+    insert_rows,
+    run_records,
+    run_script,
+    write_config,
+)
+
+DAY = timedelta(days=1)
+
+
+@pytest.fixture
+def backlog(engine: Engine) -> None:
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 51)])
+
+
+def cleaned(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                text("SELECT count(*) FROM dispatches WHERE cleaned_at IS NOT NULL")
+            ).scalar_one()
+        )
+
+
+def assert_failed_at_once(job: object, engine: Engine, sqlstate: str) -> None:
+    """Exit 1, no retry, the SQLSTATE named, nothing cleaned, no personal data in the output."""
+    assert job.returncode == 1, job.stderr  # type: ignore[attr-defined]
+    assert job.events("chunk_retry") == []  # type: ignore[attr-defined]
+    [failed] = job.events("run_failed")  # type: ignore[attr-defined]
+    assert f"SQLSTATE {sqlstate}" in failed["error"]
+    assert MARK not in job.stderr + job.stdout  # type: ignore[attr-defined]
+    [record] = run_records(engine).values()
+    assert record["status"] == "failed" and f"SQLSTATE {sqlstate}" in record["error"]
+    assert cleaned(engine) == 0
+
+
+@pytest.mark.usefixtures("backlog")
+def test_missing_column_fails_at_once(engine: Engine, url_string: str, tmp_path: Path) -> None:
+    """A cleaned column the table does not have: undefined_column, no retry loop."""
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE dispatches DROP COLUMN app_token"))
+    config = write_config(tmp_path / "r.toml", config_text("max_retries = 5"))
+    job = run_script(url_string, config, "run", "--yes")
+    assert_failed_at_once(job, engine, "42703")
+
+
+@pytest.mark.usefixtures("backlog")
+def test_not_null_violation_fails_at_once_without_row_values(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """clean.columns NULLs a NOT NULL column: not_null_violation; its DETAIL (the failing row,
+    personal data included) never reaches the log or the run record."""
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE dispatches ALTER COLUMN msisdn SET NOT NULL"))
+    config = write_config(tmp_path / "r.toml", config_text())
+    job = run_script(url_string, config, "run", "--yes")
+    assert_failed_at_once(job, engine, "23502")
+    assert "column msisdn" in job.events("run_failed")[0]["error"]
+
+
+@pytest.mark.usefixtures("backlog")
+def test_permission_denied_fails_at_once(engine: Engine, database_url: URL, tmp_path: Path) -> None:
+    """A role that may read but not update the table: insufficient_privilege, no retry."""
+    role = f"dr_ro_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {role} LOGIN"))
+        conn.execute(text(f"GRANT SELECT ON dispatches TO {role}"))
+        conn.execute(text(f"GRANT USAGE ON SCHEMA dispatch_retention TO {role}"))
+        conn.execute(
+            text(
+                f"GRANT SELECT, INSERT, UPDATE ON ALL TABLES IN SCHEMA dispatch_retention TO {role}"
+            )
+        )
+    try:
+        url = database_url.set(drivername="postgresql", username=role)
+        config = write_config(tmp_path / "r.toml", config_text())
+        job = run_script(url.render_as_string(hide_password=False), config, "run", "--yes")
+        assert_failed_at_once(job, engine, "42501")
+    finally:
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP OWNED BY {role}"))
+            conn.execute(text(f"DROP ROLE {role}"))
+
+
+@pytest.mark.usefixtures("backlog")
+def test_read_only_server_fails_at_once(
+    engine: Engine, database_url: URL, url_string: str, tmp_path: Path
+) -> None:
+    """A read-only standby (here: default_transaction_read_only) refuses the UPDATE:
+    read_only_sql_transaction, no retry; the run record cannot be written either, so the
+    run fails before its first chunk."""
+    with engine.begin() as conn:
+        conn.execute(
+            text(f'ALTER DATABASE "{database_url.database}" SET default_transaction_read_only = on')
+        )
+    engine.dispose()
+    config = write_config(tmp_path / "r.toml", config_text())
+    job = run_script(url_string, config, "run", "--yes")
+    assert job.returncode == 1, job.stderr
+    assert job.events("chunk_retry") == []
+    [failed] = job.events("run_failed")
+    assert "SQLSTATE 25006" in failed["error"]
+    assert cleaned(engine) == 0
