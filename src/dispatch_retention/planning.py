@@ -39,8 +39,6 @@ from .shard import STRIPE_IDS, Shard, floor_div
 
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
 BLOCK_IDS = 10_000
-#: A window spans at most this many ids per due row it is sized for.
-SPAN_FACTOR = 4
 assert STRIPE_IDS % BLOCK_IDS == 0
 
 
@@ -235,13 +233,6 @@ class Windows:
         return self.i >= len(self.blocks)
 
     def peek(self, size: int) -> tuple[int, int]:
-        """The next window [lo, hi) for about `size` due rows (not consumed). It never spans
-        more than `SPAN_FACTOR * size` ids: the UPDATE reads every row of its id range, so
-        sparse due rows must not make one chunk read a huge range."""
-        lo, hi = self._peek(size)
-        return lo, min(hi, lo + SPAN_FACTOR * max(size, 1))
-
-    def _peek(self, size: int) -> tuple[int, int]:
         block, rows = self.blocks[self.i]
         end = (block + 1) * BLOCK_IDS
         left_in_block = rows * (end - self.lo) / BLOCK_IDS
