@@ -280,6 +280,18 @@ def test_signal_while_planning_waits_on_a_table_lock(
     finish_work(url_string, probe, due, plain_config)
 
 
+def assert_stopped_after_chunk_1(
+    job: Job, probe: Engine, signum: int, due: set[int], url: str, config: Path
+) -> None:
+    """Interrupted with exactly chunk 1 committed and audited; a normal run then finishes."""
+    record = assert_interrupted(job, probe, signum)
+    chunk_1 = first_window(probe, run_id_of(job), due)
+    assert (record["chunks"], record["audited_rows"]) == (1, len(chunk_1))
+    assert 0 < len(chunk_1) < len(due)
+    assert assert_consistent(probe, due) == chunk_1
+    finish_work(url, probe, due, config)
+
+
 @pytest.mark.parametrize("signum", SIGNALS)
 def test_signal_inside_a_chunk_commits_that_chunk_then_stops(
     probe: Engine, url_string: str, plain_config: Path, signum: int
@@ -291,12 +303,7 @@ def test_signal_inside_a_chunk_commits_that_chunk_then_stops(
     wait_backend(probe, job, in_chunk_update)  # chunk 1 (ids 1-200) is in flight
     job.send(signum)
     job.finish(20)
-    record = assert_interrupted(job, probe, signum)
-    chunk_1 = first_window(probe, run_id_of(job), due)
-    assert (record["chunks"], record["audited_rows"]) == (1, len(chunk_1))
-    assert 0 < len(chunk_1) < len(due)
-    assert assert_consistent(probe, due) == chunk_1
-    finish_work(url_string, probe, due, plain_config)
+    assert_stopped_after_chunk_1(job, probe, signum, due, url_string, plain_config)
 
 
 @pytest.mark.parametrize("signum", SIGNALS)
@@ -312,12 +319,7 @@ def test_signal_between_chunks_stops_at_once(
     job.send(signum)
     job.finish(20)
     assert time.monotonic() - signalled < 2  # not the 3 s pause
-    record = assert_interrupted(job, probe, signum)
-    chunk_1 = first_window(probe, run_id_of(job), due)
-    assert (record["chunks"], record["audited_rows"]) == (1, len(chunk_1))
-    assert 0 < len(chunk_1) < len(due)
-    assert assert_consistent(probe, due) == chunk_1
-    finish_work(url_string, probe, due, plain_config)
+    assert_stopped_after_chunk_1(job, probe, signum, due, url_string, plain_config)
 
 
 @pytest.mark.parametrize("signum", SIGNALS)
