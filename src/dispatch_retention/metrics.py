@@ -15,12 +15,15 @@ import time
 import structlog
 from prometheus_client import CollectorRegistry, Gauge, pushadd_to_gateway
 
+from .audit import FINAL_STATUSES
 from .cleaner import Outcome
 
 log = structlog.get_logger("dispatch_retention")
 JOB = "dispatch_retention"
 URL_ENV = "PUSHGATEWAY_URL"
-STATUSES = ("succeeded", "incomplete", "interrupted", "failed", "refused", "cancelled", "locked")
+#: What a run can end as from its own point of view: the audit trail's final statuses
+#: (`abandoned` is set by a later run, never pushed by the run itself) plus `locked`.
+STATUSES = (*(s for s in FINAL_STATUSES if s != "abandoned"), "locked")
 
 
 def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
