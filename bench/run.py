@@ -7,7 +7,8 @@ One process run, per scenario:
 
 1. a template database is seeded with synthetic dispatches (`synthetic.seed()` into an
    unlogged staging table, then copied in id order into the real table, which gets its
-   production-like indexes from `schema.create_dispatches()` afterwards), shaped for the
+   production-like indexes from `schema.create_dispatches()` and the job's own from
+   `indexes.create()` afterwards), shaped for the
    scenario, VACUUM ANALYZEd and CHECKPOINTed;
 2. every contender gets its own copy (`CREATE DATABASE ... TEMPLATE`), a CHECKPOINT, and is
    measured alone on it; the copy is dropped before the next contender starts:
@@ -102,7 +103,7 @@ try:
     from sqlalchemy.pool import NullPool
     from sqlalchemy.schema import CreateSchema, CreateTable, DropTable
 
-    from dispatch_retention import config, policy, schema, synthetic
+    from dispatch_retention import config, indexes, policy, schema, synthetic
 except ImportError as exc:  # pragma: no cover - a usage problem, not a bug
     sys.exit(
         f"bench/run.py needs the project's environment ({exc}).\n"
@@ -395,6 +396,7 @@ def build_template(
             )
             conn.execute(DropTable(staging))
             schema.create_dispatches(conn, target)
+            indexes.create(conn, settings)
 
             # Earlier runs' work, done the way the job does it (UPDATE in place, then VACUUM),
             # so that the heap and the indexes carry the free space and growth it leaves.

@@ -21,9 +21,11 @@ import structlog
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from dispatch_retention import db, migrate
+from dispatch_retention import db, indexes, migrate
 from dispatch_retention.config import Target
 from dispatch_retention.schema import create_dispatches
+
+from .helpers import settings
 
 _counter = itertools.count()
 AUDIT_SCHEMA = "dispatch_retention"
@@ -63,7 +65,8 @@ def _admin(url: URL) -> Engine:
 
 @pytest.fixture(scope="session")
 def template_db(server_url: URL) -> Iterator[str]:
-    """A template database holding the dispatches table with production-like indexes."""
+    """A template database holding the dispatches table with production-like indexes and
+    the policy indexes of the default test settings."""
     name = f"dr_tmpl_{os.getpid()}"
     admin = _admin(server_url)
     with admin.connect() as conn:
@@ -72,6 +75,7 @@ def template_db(server_url: URL) -> Iterator[str]:
     engine = create_engine(server_url.set(database=name))
     with engine.begin() as conn:
         create_dispatches(conn, Target())
+        indexes.create(conn, settings())  # the job's own, as `db check` asks for them
     migrate.upgrade(engine, AUDIT_SCHEMA)
     engine.dispose()
     yield name

@@ -11,11 +11,13 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, select
+from sqlalchemy import text as sql
 from structlog.testing import capture_logs
 
-from dispatch_retention import job
+from dispatch_retention import indexes, job
 from dispatch_retention.cleaner import Options, Stop
 from dispatch_retention.config import KEPT_COLUMNS, Settings
+from dispatch_retention.planning import BLOCK_IDS
 
 from .helpers import (
     MARK,
@@ -29,6 +31,7 @@ from .helpers import (
 from .oracle import is_due
 
 DAY = timedelta(days=1)
+SPREAD = 10_007  # ids this far apart: every due row in a block of its own
 
 
 def run(engine: Engine, s: Settings, **options: Any) -> job.Outcome:
@@ -116,6 +119,7 @@ def dispatch_specs(draw: st.DrawFn) -> dict[str, Any]:
     grace=st.sampled_from([0, 10, 30]),
     age_from=st.sampled_from(["created_at", "delivered_at"]),
     chunk_size=st.integers(1, 7),
+    spread=st.sampled_from([1, 1, SPREAD]),
 )
 def test_run_cleans_exactly_what_the_oracle_says(
     engine: Engine,
@@ -124,8 +128,11 @@ def test_run_cleans_exactly_what_the_oracle_says(
     grace: int,
     age_from: str,
     chunk_size: int,
+    spread: int,
 ) -> None:
-    """Against random policies and dispatches, run cleans exactly the oracle's due rows."""
+    """Against random policies and dispatches, run cleans exactly the oracle's due rows:
+    with ids side by side (windows by ids) and spread apart (sparse windows, through the
+    policies' arms and indexes)."""
     s = settings(
         clean=f'in_flight_grace_days = {grace}\nage_from = "{age_from}"',
         guard="min_retention_days = 7",
@@ -133,6 +140,10 @@ def test_run_cleans_exactly_what_the_oracle_says(
     )
     with engine.begin() as conn:
         conn.execute(delete(TABLE))
+        if spread > 1:  # this example's indexes (an earlier one may have left others)
+            for index in indexes.policy_indexes(TABLE, s).values():
+                conn.execute(sql(f'DROP INDEX IF EXISTS "{index.name}"'))
+            indexes.create(conn, s)
     anchor = db_now(engine)
     rows = []
     for i, spec in enumerate(specs, start=1):
@@ -148,7 +159,7 @@ def test_run_cleans_exactly_what_the_oracle_says(
         )
         rows.append(
             dispatch(
-                i,
+                i * spread,
                 created,
                 type=spec["type"],
                 transmission_status=spec["transmission_status"],
@@ -162,9 +173,16 @@ def test_run_cleans_exactly_what_the_oracle_says(
     insert_rows(engine, rows)
     before = snapshot(engine)
 
-    outcome = run(engine, s, chunk_size=chunk_size)
+    with capture_logs() as logs:
+        # a pinned size caps a window's ids too: spread rows take the adaptive size
+        outcome = run(engine, s, chunk_size=chunk_size if spread == 1 else None)
 
     assert outcome.status == "succeeded", outcome.error
+    if spread > 1:  # the indexes are there, and a window over several blocks is sparse
+        assert outcome.plan.through_indexes
+        for e in (e for e in logs if e["event"] == "chunk_committed"):
+            wide = e["last_id"] - e["first_id"] >= BLOCK_IDS
+            assert e["via"] == ("arms" if wide else "ids"), e
     now = outcome.plan.rules.now
     due = {r["id"] for r in rows if is_due(r, s, now)}
     assert outcome.rows_cleaned == len(due)

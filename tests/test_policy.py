@@ -12,7 +12,7 @@ from sqlalchemy.dialects import postgresql
 from dispatch_retention import policy
 
 from .helpers import TABLE, dispatch, insert_rows, settings
-from .oracle import is_due
+from .oracle import binding_policy, is_due
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)  # a DST change in Europe, for good measure
 DAY = timedelta(days=1)
@@ -142,6 +142,7 @@ CASES = [
 def test_boundaries_on_postgresql(engine: Engine, overrides: dict, expected: bool) -> None:
     """PostgreSQL evaluates the predicate at a fixed `now` as the oracle and the case say."""
     s = settings()
+    overrides = dict(overrides)  # the case is shared with other tests: never mutate it
     row = dispatch(1, **{"created_at": overrides.pop("created_at"), **overrides})
     insert_rows(engine, [row])
     r = policy.rules(s, NOW)
@@ -200,3 +201,60 @@ def test_credit_names_binding_policy(engine: Engine) -> None:
     with engine.connect() as conn:
         got = dict(conn.execute(select(TABLE.c.id, policy.credit(TABLE, r))).all())
     assert got == {1: "failed-sends", 2: "sms", 3: "default"}
+
+
+def test_arms_hold_each_due_row_once_in_its_binding_policys_arm(engine: Engine) -> None:
+    """Every boundary case, under overlapping two-key policies with NULL keys: a due row lies
+    in exactly one arm, its binding policy's (the oracle's); no row lies in two arms."""
+    s = settings(
+        policies="""
+[[policy]]
+name = "failed-sms"
+retention_days = 20
+where = { type = "sms", transmission_status = ["failed", "scheduled"] }
+
+[[policy]]
+name = "delivered"
+retention_days = 60
+where = { delivery_status = "delivered" }
+
+[[policy]]
+name = "sms"
+retention_days = 90
+where = { type = "sms" }
+
+[[policy]]
+name = "default"
+retention_days = 365
+"""
+    )
+    rows = []
+    for i, (overrides, _expected) in enumerate((c.values for c in CASES), start=1):
+        extra = dict(overrides)
+        rows.append(dispatch(i, **{"created_at": extra.pop("created_at"), **extra}))
+    for status in ("failed", "scheduled", None):
+        for age in (25, 70, 100, 400):
+            rows.append(
+                dispatch(len(rows) + 1, NOW - age * DAY, transmission_status=status, type="sms")
+            )
+            rows.append(
+                dispatch(len(rows) + 1, NOW - age * DAY, delivery_status=None, type="email")
+            )
+    insert_rows(engine, rows)
+    r = policy.rules(s, NOW)
+    arms = policy.arms(TABLE, r)
+    with engine.connect() as conn:
+        in_arms = conn.execute(
+            select(TABLE.c.id, *(arm for _, arm in arms), policy.due(TABLE, r))
+        ).all()
+    names = [c.policy.name for c, _ in arms]
+    due_seen = 0
+    for row_id, *flags, due in in_arms:
+        member = [name for name, flag in zip(names, flags[: len(names)], strict=True) if flag]
+        assert len(member) <= 1, f"row {row_id} in arms {member}"
+        row = next(x for x in rows if x["id"] == row_id)
+        assert bool(due) == is_due(row, s, NOW)  # NULL (unknown) selects nothing
+        if due:
+            due_seen += 1
+            assert member == [binding_policy(row, s).name], f"row {row_id}"
+    assert due_seen >= 10  # the cases reach into every arm, not only a few

@@ -119,23 +119,6 @@ def test_db_check_flags_extra_rights(engine: Engine, roles: dict[str, URL]) -> N
         as_run.dispose()
 
 
-def test_db_check_reports_missing_index_with_statement(engine: Engine) -> None:
-    """Without the partial index, db check warns and prints the CREATE INDEX CONCURRENTLY."""
-    with engine.begin() as conn:
-        conn.execute(text("DROP INDEX dispatches_retention_due_idx"))
-    with engine.connect() as conn, conn.begin():
-        findings = doctor.check(conn, settings())
-    index = next(f for f in findings if f.check == "index")
-    assert index.level == "warn"
-    assert doctor.index_statement(settings()) in index.message
-    with engine.connect() as conn:
-        conn.execution_options(isolation_level="AUTOCOMMIT").execute(
-            text(doctor.index_statement(settings()))
-        )
-    with engine.connect() as conn, conn.begin():
-        assert next(f for f in doctor.check(conn, settings()) if f.check == "index").level == "ok"
-
-
 def test_db_check_reports_not_null_column_without_replacement(engine: Engine) -> None:
     """A NOT NULL personal column that cleaning would NULL is an error before any run."""
     with engine.begin() as conn:

@@ -17,10 +17,12 @@ Windows walk the primary key forward over the id blocks the plan found due rows 
 (`planning.Windows`): no window is visited twice, blocks without due rows are never read,
 and memory holds the plan's block list and one chunk's per-policy counts. A window first
 runs as a plain range UPDATE under a short lock wait (as fast as one statement over the
-whole table); only when that hits a row the application holds locked is it redone with
-`FOR UPDATE SKIP LOCKED`, leaving the locked rows for the next run. Its size (due rows) adapts
-to `clean.target_chunk_ms` (`sizing.py`), unless `--chunk-size` pins it; a pinned size also
-caps the window's ids, so a chunk never holds more rows than that.
+whole table); a sparse window (few due rows over many ids, `Windows.sparse`) instead takes
+its candidates from the policies' arms through their indexes, so it reads its due rows and
+not every row between them. Only when a window hits a row the application holds locked is
+it redone with `FOR UPDATE SKIP LOCKED`, leaving the locked rows for the next run. Its size
+(due rows) adapts to `clean.target_chunk_ms` (`sizing.py`), unless `--chunk-size` pins it;
+a pinned size also caps the window's ids, so a chunk never holds more rows than that.
 """
 
 from __future__ import annotations
@@ -61,6 +63,8 @@ class Chunk:
     cleaned_at: datetime | None
     elapsed_ms: float
     skipped_locked: bool
+    #: found through the policies' arms (a sparse window) rather than by reading its ids
+    indexed: bool = False
 
 
 @dataclass
@@ -178,11 +182,14 @@ class Cleaner:
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
+        self.windows: Windows | None = None
 
     def run(self) -> None:
         outcome, clean = self.outcome, self.settings.clean
         budget = self._row_budget()
-        windows = Windows(self.plan.blocks)
+        plan = self.plan
+        arm_rows = plan.arm_rows if plan.through_indexes else None
+        windows = self.windows = Windows(plan.blocks, arm_rows)
         while not windows.done:
             if self.stop.requested:
                 outcome.status, outcome.signum = "interrupted", self.stop.signum
@@ -204,7 +211,7 @@ class Cleaner:
                 if cap is not None:
                     hi = min(hi, lo + cap)
             chunk = self._clean_window(outcome.chunks + 1, lo, hi)
-            windows.advance(chunk.last_id + 1)
+            windows.advance(chunk.last_id + 1, chunk.rows)
             if chunk.rows:
                 self._committed(chunk)
                 if clean.pause_between_chunks_ms:
@@ -229,6 +236,7 @@ class Cleaner:
             ms=round(chunk.elapsed_ms, 1),
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
+            via="arms" if chunk.indexed else "ids",
         )
         self.recent.append((chunk.rows, chunk.elapsed_ms))
         del self.recent[: -sizing.WINDOW]
@@ -303,10 +311,11 @@ class Cleaner:
     def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
         clean = self.settings.clean
         t0 = time.monotonic()
+        indexed = self.windows is not None and self.windows.sparse(lo, hi)
         try:
             chunk = self._transaction(
-                self.stmts.range_update, seq, lo, hi, min(clean.row_lock_wait_ms,
-                clean.lock_timeout_ms), False,
+                self.stmts.indexed_update if indexed else self.stmts.range_update, seq, lo,
+                hi, min(clean.row_lock_wait_ms, clean.lock_timeout_ms), False, indexed,
             )  # fmt: skip
         except DBAPIError as exc:
             if not db.is_lock_timeout(exc):
@@ -319,7 +328,14 @@ class Cleaner:
         return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
 
     def _transaction(
-        self, statement: Select[Any], seq: int, lo: int, hi: int, lock_ms: int, skipped_locked: bool
+        self,
+        statement: Select[Any],
+        seq: int,
+        lo: int,
+        hi: int,
+        lock_ms: int,
+        skipped_locked: bool,
+        indexed: bool = False,
     ) -> Chunk:
         """The one place a chunk's transaction begins and ends."""
         with self.engine.connect() as conn:
@@ -329,6 +345,8 @@ class Cleaner:
                 lock_timeout_ms=lock_ms,
                 statement_timeout_ms=self.settings.clean.statement_timeout_ms,
             )
+            if indexed:
+                db.prefer_index_scans(conn)
             by_policy: dict[str, int] = {}
             cleaned_at = None
             for name, rows, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
@@ -343,6 +361,7 @@ class Cleaner:
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
                 skipped_locked=skipped_locked,
+                indexed=indexed,
             )
             if chunk.rows and self.recorder is not None:
                 self.recorder.record_chunk(conn, chunk)

@@ -128,6 +128,14 @@ def set_local_timeouts(
     )
 
 
+def prefer_index_scans(conn: Connection) -> None:
+    """For this transaction: read through indexes where any serves (the arms of a plan or
+    of a sparse window are index ranges whose size the planner cannot estimate: it assumes
+    `cleaned_at IS NULL` and the age are independent). A table without them is still read,
+    by a sequential scan."""
+    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+
+
 def read_only(conn: Connection) -> None:
     """Make the transaction just begun READ ONLY: the server refuses any write in it."""
     conn.execute(text("SET TRANSACTION READ ONLY"))

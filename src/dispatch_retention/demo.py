@@ -14,7 +14,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
-from . import audit, db, holds, job, migrate, output
+from . import audit, db, holds, indexes, job, migrate, output
 from .cleaner import Options, Outcome, Stop
 from .config import Settings
 from .schema import AuditTables, create_dispatches
@@ -50,6 +50,7 @@ def prepare(engine: Engine, settings: Settings, rows: int) -> int:
     """Create the table and its indexes, seed `rows` dispatches; return the row count."""
     with engine.begin() as conn:
         table = create_dispatches(conn, settings.target)
+        indexes.create(conn, settings)
         now = conn.execute(select(func.now())).scalar_one()
         seed(conn, table, rows=rows, now=now, members=max(rows // 20, 10))
         conn.exec_driver_sql("ANALYZE")

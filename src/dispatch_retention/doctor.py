@@ -16,7 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.dialects import postgresql
 
-from . import db, migrate
+from . import db, indexes, migrate
 from .config import PERSONAL_COLUMNS, Settings
 from .grants import read_columns, write_columns
 from .schema import dispatches_table
@@ -30,16 +30,6 @@ class Finding:
     level: Level
     check: str
     message: str
-
-
-def index_statement(settings: Settings) -> str:
-    """The supporting index: not-yet-cleaned rows by age, so due rows are found by range."""
-    target = settings.target
-    table = ".".join(_quote(p) for p in target.table.split("."))
-    age = settings.clean.age_from
-    key = _quote(age) if age == "created_at" else f"(COALESCE({_quote(age)}, created_at))"
-    name = _quote(f"{target.table_name}_retention_due_idx")
-    return f"CREATE INDEX CONCURRENTLY {name} ON {table} ({key}) WHERE cleaned_at IS NULL;"
 
 
 def check(conn: Connection, settings: Settings) -> list[Finding]:
@@ -68,35 +58,33 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
                     f"give clean.replace a value for it",
                 )
             )
-    findings.append(_index(conn, settings))
+    findings += _indexes(conn, settings)
     findings.append(_schema(conn, settings))
     findings += _vacuum(conn, settings)
     findings += _privileges(conn, settings)
     return findings
 
 
-def _index(conn: Connection, settings: Settings) -> Finding:
-    age = settings.clean.age_from
-    rows = conn.execute(
-        text(
-            "SELECT pg_get_indexdef(i.indexrelid) AS definition, "
-            "pg_get_indexdef(i.indexrelid, 1, true) AS leading, "
-            "pg_get_expr(i.indpred, i.indrelid) AS predicate "
-            "FROM pg_index i WHERE i.indrelid = CAST(:table AS regclass) AND i.indisvalid"
-        ),
-        {"table": settings.target.table},
-    ).mappings()
-    for row in rows:
-        leading, predicate = row["leading"], row["predicate"] or ""
-        serves_age = leading == age if age == "created_at" else f"COALESCE({age}," in leading
-        if serves_age and (not predicate or "cleaned_at IS NULL" in predicate):
-            return Finding("ok", "index", f"due rows are found through: {row['definition']}")
-    return Finding(
-        "warn",
-        "index",
-        "no index finds not-yet-cleaned rows by age: every run scans the table. Create it "
-        f"(it does not block writes): {index_statement(settings)}",
-    )
+def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
+    """One finding per set of policy `where` keys: is there an index for their arm?"""
+    create = indexes.statements(settings)
+    findings = []
+    for keys, definition in indexes.serving(conn, settings).items():
+        names = ", ".join(p.name for p in settings.policies if tuple(sorted(p.where)) == keys)
+        if definition is not None:
+            findings.append(Finding("ok", "index", f"policies {names}: read through {definition}"))
+            continue
+        columns = ", ".join((*keys, settings.clean.age_from))
+        findings.append(
+            Finding(
+                "warn",
+                "index",
+                f"policies {names}: no index finds their not-yet-cleaned rows by ({columns}), "
+                f"so every run reads the table. Create it (it does not block writes): "
+                f"{create[keys]}",
+            )
+        )
+    return findings
 
 
 def _schema(conn: Connection, settings: Settings) -> Finding:

@@ -127,6 +127,13 @@ def _plan(
         raise retry.exhausted(exc, settings.clean, "planning") from None
     outcome.plan = plan
     log.info("plan", run_id=outcome.run_id, **plan.as_dict())
+    if not plan.through_indexes:
+        log.warning(
+            "policy_indexes_missing",
+            run_id=outcome.run_id,
+            hint="the run reads the table to find due rows; `db check` prints the "
+            "CREATE INDEX CONCURRENTLY statements",
+        )
     return plan
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import (
     BigInteger,
     ColumnElement,
+    CompoundSelect,
     Connection,
     Select,
     Table,
@@ -26,19 +27,23 @@ from sqlalchemy import (
     bindparam,
     false,
     func,
+    literal,
     not_,
     select,
     true,
+    union_all,
     update,
 )
 
-from . import db, policy
+from . import db, indexes, policy
 from .config import Settings
 from .schema import dispatches_table
 from .shard import STRIPE_IDS, Shard, floor_div
 
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
 BLOCK_IDS = 10_000
+#: Index entries read for the cost of one row read by id (`Windows.sparse`).
+INDEX_ENTRIES_PER_ROW = 20
 assert STRIPE_IDS % BLOCK_IDS == 0
 
 
@@ -59,10 +64,17 @@ class Plan:
     waiting_grace_rows: int
     #: (block number, due rows in it), ascending; block b holds ids [b*BLOCK_IDS, (b+1)*...).
     blocks: tuple[tuple[int, int], ...] = ()
+    #: every arm has its index (`indexes.serving`): sparse windows may go through them
+    through_indexes: bool = False
 
     @property
     def due_rows(self) -> int:
         return sum(p.due_rows for p in self.policies)
+
+    @property
+    def arm_rows(self) -> int:
+        """Rows in the policies' arms that the plan counted (due, held, waiting)."""
+        return self.due_rows + self.held_rows + self.waiting_grace_rows
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -71,6 +83,7 @@ class Plan:
             "held_rows": self.held_rows,
             "waiting_grace_rows": self.waiting_grace_rows,
             "due_blocks": len(self.blocks),
+            "through_indexes": self.through_indexes,
             "policies": [
                 {
                     "name": p.name,
@@ -108,6 +121,20 @@ class Statements:
         self.range_update = self._counted(
             update(table).where(window, self.due).values(values).returning(*returning)
         )
+        # A sparse window: its candidates come from the policies' arms (index ranges, the
+        # window's bounds checked inside the index), not from reading the window's ids.
+        candidates = union_all(
+            *(
+                select(table.c.id).where(arm, policy.arm_past(table, rules, c), window, self.scope)
+                for c, arm in policy.arms(table, rules)
+            )
+        ).subquery("candidates")
+        self.indexed_update = self._counted(
+            update(table)
+            .where(table.c.id.in_(select(candidates.c.id)), window, self.due)
+            .values(values)
+            .returning(*returning)
+        )
         locked_free = select(table.c.id).where(window, self.due).with_for_update(skip_locked=True)
         self.skip_locked_update = self._counted(
             update(table)
@@ -124,13 +151,13 @@ class Statements:
             cleaned.c.policy, func.count().label("rows"), func.max(cleaned.c.cleaned_at)
         ).group_by(cleaned.c.policy)
 
-    def plan_scan(self) -> Select[Any]:
-        """One scan of the not-yet-cleaned rows older than the latest cutoff, one row per id
-        block: due rows per binding policy (not held), due rows held back, rows waiting out
-        the grace. Holds come in through a hash join (not a subquery per row), so the scan
-        and the aggregation run in parallel workers."""
+    def plan_scan(self) -> CompoundSelect[Any]:
+        """One read of each policy's arm (`policy.arms`: an index range when the policy
+        indexes exist), one row per id block and arm: due rows per binding policy (not
+        held), due rows held back, rows waiting out the grace. Holds come in through a hash
+        join (not a subquery per row). Its cost follows the rows past the windows, not the
+        size of the table."""
         table, r = self.table, self.rules
-        past = policy.past_window(table, r)
         block = floor_div(table.c.id, BLOCK_IDS).label("block")
         source: Any = table
         held: ColumnElement[bool] = false()
@@ -142,25 +169,25 @@ class Statements:
             )
             source = table.outerjoin(active, active.c.member_id == table.c.member_id)
             held = active.c.member_id.is_not(None)
-        per_policy = [
-            func.count().filter(and_(past, not_(held), self.credit == c.policy.name))
-            for c in r.cutoffs
-        ]
-        return (
-            select(
-                block,
-                *per_policy,
-                func.count().filter(and_(past, held)),
-                func.count().filter(policy.waiting_grace(table, r)),
+        per_arm = []
+        for c, arm in policy.arms(table, r):
+            past = policy.arm_past(table, r, c)
+            per_policy = [
+                func.count().filter(and_(past, not_(held))) if other is c else literal(0)
+                for other in r.cutoffs
+            ]
+            per_arm.append(
+                select(
+                    block,
+                    *per_policy,
+                    func.count().filter(and_(past, held)),
+                    func.count().filter(not_(policy.settled(table)), not_(past)),
+                )
+                .select_from(source)
+                .where(arm, self.scope)
+                .group_by(block)
             )
-            .select_from(source)
-            .where(
-                table.c.cleaned_at.is_(None),
-                policy.age(table, r.age_from) < bindparam("latest", r.latest_cutoff),
-                self.scope,
-            )
-            .group_by(block)
-        )
+        return union_all(*per_arm)
 
 
 def database_now(conn: Connection) -> datetime:
@@ -188,15 +215,18 @@ def make_plan(
     names = [c.policy.name for c in rules.cutoffs]
     due: Counter[str] = Counter()
     held_rows = waiting_rows = 0
-    blocks: list[tuple[int, int]] = []
+    in_block: Counter[int] = Counter()
+    through_indexes = all(d is not None for d in indexes.serving(conn, settings).values())
+    if through_indexes:
+        db.prefer_index_scans(conn)
     for block, *counts in conn.execute(stmts.plan_scan()):
         per_policy, held, waiting = counts[: len(names)], counts[-2], counts[-1]
         due.update(dict(zip(names, per_policy, strict=True)))
         held_rows += held
         waiting_rows += waiting
         if sum(per_policy):
-            blocks.append((int(block), int(sum(per_policy))))
-    blocks.sort()
+            in_block[int(block)] += int(sum(per_policy))  # a block may be in several arms
+    blocks = sorted(in_block.items())
     return Plan(
         rules=rules,
         policies=tuple(
@@ -212,6 +242,7 @@ def make_plan(
         held_rows=held_rows,
         waiting_grace_rows=waiting_rows,
         blocks=tuple(blocks),
+        through_indexes=through_indexes,
     )
 
 
@@ -223,9 +254,11 @@ class Windows:
     visited. Memory: the plan's block list (one entry per 10,000 ids that hold due rows).
     """
 
-    def __init__(self, blocks: tuple[tuple[int, int], ...]) -> None:
+    def __init__(self, blocks: tuple[tuple[int, int], ...], arm_rows: int | None = None) -> None:
         self.blocks = blocks
+        self.arm_rows = arm_rows
         self.i = 0
+        self.seen = 0  # rows cleaned so far in block i, by windows inside it
         self.lo = blocks[0][0] * BLOCK_IDS if blocks else 0
 
     @property
@@ -246,10 +279,43 @@ class Windows:
             estimate, hi, j = estimate + nxt_rows, (nxt + 1) * BLOCK_IDS, j + 1
         return self.lo, hi
 
-    def advance(self, hi: int) -> None:
-        """Everything below `hi` is done: move to the next due block at or after it."""
+    def advance(self, hi: int, rows: int = 0) -> None:
+        """Everything below `hi` is done (`rows` cleaned in that window): move on to the
+        next due block at or after it. Windows cut inside one block (a pinned chunk size)
+        count its cleaned rows; once they reach the plan's count for the block, the rest of
+        it holds no row the plan saw due, so it is not walked."""
+        if self.i < len(self.blocks):
+            block, planned = self.blocks[self.i]
+            end = (block + 1) * BLOCK_IDS
+            if hi < end:
+                self.seen += rows
+                if self.seen >= planned:
+                    hi = end
         self.lo = hi
         while self.i < len(self.blocks) and (self.blocks[self.i][0] + 1) * BLOCK_IDS <= hi:
             self.i += 1
+            self.seen = 0
         if self.i < len(self.blocks):
             self.lo = max(hi, self.blocks[self.i][0] * BLOCK_IDS)
+
+    def estimate(self, lo: int, hi: int) -> float:
+        """Due rows the plan counted in [lo, hi) (spread evenly inside each block)."""
+        rows, j = 0.0, self.i
+        while j < len(self.blocks) and self.blocks[j][0] * BLOCK_IDS < hi:
+            block, n = self.blocks[j]
+            start = block * BLOCK_IDS
+            overlap = min(hi, start + BLOCK_IDS) - max(lo, start)
+            rows += n * max(overlap, 0) / BLOCK_IDS
+            j += 1
+        return rows
+
+    def sparse(self, lo: int, hi: int) -> bool:
+        """Is [lo, hi) cheaper to clean through the policies' arms than by its ids?
+
+        By ids, a window reads every row in it. Through the arms it reads the arms' index
+        entries (all of them: `arm_rows`, about 1/20 of a row's cost each) and then only its
+        due rows (about 4 times a sequential row each, being scattered). Without the arms'
+        indexes (`arm_rows` None), and for a window within one block, it goes by ids."""
+        if self.arm_rows is None or hi - lo <= BLOCK_IDS:  # a block's rows are cheap to read
+            return False
+        return hi - lo > self.arm_rows / INDEX_ENTRIES_PER_ROW + 4 * self.estimate(lo, hi)

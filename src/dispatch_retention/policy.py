@@ -50,6 +50,7 @@ from .config import Policy, Settings
 
 SETTLED_TRANSMISSION = ("failed",)
 SETTLED_DELIVERY = ("delivered", "failed")
+SETTLED_COLUMNS = ("transmission_status", "delivery_status")
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,44 @@ def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
         row_age < _ts(r.latest_cutoff),  # a superset bound that an index on the age can serve
         or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now)),
         or_(*per_policy),
+    )
+
+
+def arms(table: Table, r: Rules) -> list[tuple[Cutoff, ColumnElement[bool]]]:
+    """The candidates for each policy, in binding order: not yet cleaned, bound by it (it
+    matches and no policy before it does) and older than its retention.
+
+    Every due row lies in exactly one arm, its binding policy's (past its window means older
+    than that policy's `settled` cutoff); an arm also holds rows that are held, waiting out
+    the grace or scheduled ahead, so callers still apply `due()`. Each arm is an index range
+    on (the policy's `where` keys, the age) among rows not yet cleaned: `schema.
+    policy_indexes()`. Reading the arms costs what is past the windows, not the table."""
+    row_age = age(table, r.age_from)
+    out: list[tuple[Cutoff, ColumnElement[bool]]] = []
+    earlier: list[ColumnElement[bool]] = []
+    for c in r.cutoffs:
+        match = matches(table, c.policy)
+        out.append(
+            (
+                c,
+                and_(
+                    table.c.cleaned_at.is_(None),
+                    match,
+                    *(not_(func.coalesce(m, false())) for m in earlier),
+                    row_age < _ts(c.settled),
+                ),
+            )
+        )
+        earlier.append(match)
+    return out
+
+
+def arm_past(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
+    """For a row in `c`'s arm: `past_window()`, in the columns of that arm's index alone
+    (the binding policy's cutoffs decide; the age bound is the arm's own)."""
+    return and_(
+        or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now)),
+        or_(age(table, r.age_from) < _ts(c.unsettled), settled(table)),
     )
 
 

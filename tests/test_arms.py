@@ -1,0 +1,184 @@
+"""Finding due rows through the policies' arms (`policy.arms`) and their indexes.
+
+The choice between a window by ids and a sparse window through the arms is a pure function
+(`Windows.sparse`); the statements' plans are read with EXPLAIN on a real PostgreSQL (with
+the policy indexes, no statement scans the table); the sparse path cleans exactly the due
+rows; `db check` prints the statements that create the indexes. The arms themselves are
+checked against the oracle in test_policy.py and, spread over sparse ids, in
+test_cleaner.py's Hypothesis property.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from psycopg.types.json import Jsonb
+from sqlalchemy import Engine
+from sqlalchemy import text as sql
+from sqlalchemy.dialects import postgresql
+from structlog.testing import capture_logs
+
+from dispatch_retention import db, doctor, indexes, job, planning, policy
+from dispatch_retention.cleaner import Options, Stop
+from dispatch_retention.planning import BLOCK_IDS, Windows
+from dispatch_retention.schema import AuditTables
+
+from .helpers import (
+    AUDIT_SCHEMA,
+    TABLE,
+    assert_consistent,
+    remaining_due,
+    seed_series,
+    settings,
+)
+
+# --- Windows.sparse: pure ----------------------------------------------------------------
+
+
+def test_a_dense_window_goes_by_ids() -> None:
+    """Half the ids due (a first backlog): reading the window's rows is the cheap way."""
+    windows = Windows(((0, 5_000), (1, 5_000)), arm_rows=10_000)
+    assert windows.estimate(0, 2 * BLOCK_IDS) == 10_000
+    assert not windows.sparse(0, 2 * BLOCK_IDS)
+
+
+def test_scattered_rows_go_through_the_arms() -> None:
+    """Ten due rows per 10,000 ids: the window reads its due rows, not a million rows."""
+    blocks = tuple((b, 10) for b in range(100))
+    windows = Windows(blocks, arm_rows=1_000)
+    assert windows.estimate(0, 100 * BLOCK_IDS) == 1_000
+    assert windows.sparse(0, 100 * BLOCK_IDS)
+
+
+def test_huge_arms_make_a_sparse_window_go_by_ids() -> None:
+    """Reading every arm's index entries for each window costs more than the window itself
+    when the arms are huge (a sparse corner of a big backlog)."""
+    blocks = tuple((b, 10) for b in range(100))
+    assert not Windows(blocks, arm_rows=500_000_000).sparse(0, 100 * BLOCK_IDS)
+
+
+def test_a_window_inside_one_block_goes_by_ids() -> None:
+    """At most 10,000 rows to read: cheaper than any index walk, however few are due."""
+    windows = Windows(((0, 1),), arm_rows=1)
+    assert not windows.sparse(0, BLOCK_IDS)
+    assert Windows(((0, 1), (1, 1)), arm_rows=2).sparse(0, 2 * BLOCK_IDS)
+
+
+def test_a_block_whose_planned_rows_are_cleaned_is_not_walked_further() -> None:
+    """Pinned small windows inside a block: once they cleaned the block's planned rows, the
+    next window starts at the next due block, not 8 ids further on."""
+    windows = Windows(((0, 3), (5, 2)))
+    windows.advance(8, rows=2)
+    assert (windows.lo, windows.i) == (8, 0)
+    windows.advance(16, rows=1)
+    assert (windows.lo, windows.i) == (5 * BLOCK_IDS, 1)
+    windows.advance(5 * BLOCK_IDS + 8, rows=0)  # a locked row left behind: keep walking
+    assert windows.lo == 5 * BLOCK_IDS + 8
+    windows.advance(6 * BLOCK_IDS, rows=2)
+    assert windows.done
+
+
+def test_estimate_counts_part_of_a_block_in_proportion() -> None:
+    windows = Windows(((2, 1_000),), arm_rows=1_000)
+    start = 2 * BLOCK_IDS
+    assert windows.estimate(start, start + BLOCK_IDS // 4) == 250
+    assert windows.estimate(0, start) == 0
+
+
+# --- on PostgreSQL -----------------------------------------------------------------------
+
+
+def explain(conn: Any, statement: Any, **params: Any) -> str:
+    compiled = statement.params(**params).compile(
+        dialect=postgresql.dialect(), compile_kwargs={"render_postcompile": True}
+    )
+    values = {k: Jsonb(v) if isinstance(v, dict) else v for k, v in compiled.params.items()}
+    lines = conn.exec_driver_sql(f"EXPLAIN {compiled.string}", values).scalars().all()
+    return "\n".join(lines)
+
+
+def without_indexes(engine: Engine, s: Any) -> None:
+    """Drop the policy indexes the test template has, and the supporting `due_index()`."""
+    names = [ix.name for ix in indexes.policy_indexes(TABLE, s).values()]
+    with engine.begin() as conn:
+        for name in [*names, "dispatches_retention_due_idx"]:
+            conn.execute(sql(f'DROP INDEX IF EXISTS "{name}"'))
+
+
+def with_indexes(engine: Engine, s: Any) -> None:
+    with engine.begin() as conn:
+        indexes.create(conn, s)
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sql("VACUUM ANALYZE dispatches"))
+
+
+def plans(engine: Engine, s: Any) -> list[str]:
+    """EXPLAIN of the plan and a sparse window's UPDATE, set up as a run sets them up."""
+    with engine.begin() as conn:
+        if all(d is not None for d in indexes.serving(conn, s).values()):
+            db.prefer_index_scans(conn)
+        r = policy.rules(s, planning.database_now(conn))
+        stmts = planning.Statements(s, r, AuditTables(AUDIT_SCHEMA).holds)
+        return [
+            explain(conn, st, lo=0, hi=10**9) for st in (stmts.plan_scan(), stmts.indexed_update)
+        ]
+
+
+def test_plan_and_sparse_chunks_read_the_policy_indexes_not_the_table(engine: Engine) -> None:
+    """With the policy indexes, the plan's arms and a sparse window's candidates are index
+    ranges (index-only where the visibility map allows): no sequential scan of the table.
+    Without them, the plan does scan it (so the check can tell)."""
+    s = settings()
+    seed_series(engine, range(1, 5_001), young=lambda i: i % 50 != 0)
+    names = [ix.name for ix in indexes.policy_indexes(TABLE, s).values()]
+    without_indexes(engine, s)
+    assert "Seq Scan on dispatches" in plans(engine, s)[0]
+    with_indexes(engine, s)
+    for plan in plans(engine, s):
+        assert "Seq Scan on dispatches" not in plan, plan
+        # which index serves which arm is the planner's choice on so small a table
+        assert any(name in plan for name in names), plan
+
+
+@pytest.mark.parametrize("indexed", [True, False], ids=["with-indexes", "without"])
+def test_sparse_due_rows_are_cleaned_exactly(engine: Engine, indexed: bool) -> None:
+    """One due row in 401 among 40,000. With the policy indexes every chunk takes the arms
+    (logged as via=arms); without them, windows go by ids. Either way every due row is
+    cleaned, nothing else, and the audit trail accounts for each."""
+    s = settings()
+    due, _young = seed_series(engine, range(1, 40_001), young=lambda i: i % 401 != 0)
+    if indexed:
+        with_indexes(engine, s)
+    else:
+        without_indexes(engine, s)
+    with capture_logs() as logs:
+        outcome = job.run(engine, s, Options(), stop=Stop())
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.plan is not None and outcome.plan.through_indexes == indexed
+    chunks = [e for e in logs if e["event"] == "chunk_committed"]
+    assert chunks and {e["via"] for e in chunks} == {"arms" if indexed else "ids"}
+    assert outcome.rows_cleaned == len(due) == 99
+    assert remaining_due(engine, due) == 0
+    assert_consistent(engine, due)
+
+
+@pytest.mark.parametrize("age_from", ["created_at", "delivered_at"])
+def test_db_check_prints_each_missing_index_and_is_quiet_once_created(
+    engine: Engine, age_from: str
+) -> None:
+    """Each set of `where` keys gets a finding; a missing index comes with the exact
+    CREATE INDEX CONCURRENTLY statement, which creates an index db check then accepts."""
+    s = settings(clean=f'age_from = "{age_from}"')
+    without_indexes(engine, settings())
+    with engine.connect() as conn, conn.begin():
+        findings = [f for f in doctor.check(conn, s) if f.check == "index"]
+    statements = indexes.statements(s)
+    assert len(findings) == len(statements) == 3  # failed-sends, sms, default
+    for statement, finding in zip(statements.values(), findings, strict=True):
+        assert finding.level == "warn" and statement in finding.message
+        with engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").execute(sql(statement))
+    with engine.connect() as conn, conn.begin():
+        levels = [f.level for f in doctor.check(conn, s) if f.check == "index"]
+    assert levels == ["ok", "ok", "ok"]
