@@ -10,9 +10,14 @@ test_cleaner.py's Hypothesis property.
 
 from __future__ import annotations
 
+from itertools import pairwise
+from math import floor
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
 from psycopg.types.json import Jsonb
 from sqlalchemy import Engine
 from sqlalchemy import text as sql
@@ -77,6 +82,46 @@ def test_a_block_whose_planned_rows_are_cleaned_is_not_walked_further() -> None:
     assert windows.lo == 5 * BLOCK_IDS + 8
     windows.advance(6 * BLOCK_IDS, rows=2)
     assert windows.done
+
+
+@st.composite
+def block_maps(draw: st.DrawFn) -> tuple[tuple[int, int], ...]:
+    numbers = draw(st.lists(st.integers(-5, 60), min_size=1, max_size=25, unique=True))
+    return tuple((b, draw(st.integers(1, BLOCK_IDS))) for b in sorted(numbers))
+
+
+@hsettings(max_examples=300, deadline=None)
+@given(blocks=block_maps(), size=st.integers(1, 30_000))
+def test_windows_cover_every_due_block_once_and_never_a_gap(
+    blocks: tuple[tuple[int, int], ...], size: int
+) -> None:
+    """Walking the windows: they follow each other without overlap, cover every due block
+    whole, never read the ids between two due blocks, and hold `size` due rows by the
+    plan's counts (at most; at least unless the due blocks end there; one id at least, so
+    the walk always moves on)."""
+    windows = Windows(blocks)
+    due_ids = {b for b, _ in blocks}
+    run_ends = {(b + 1) * BLOCK_IDS for b in due_ids if b + 1 not in due_ids}
+    covered: list[tuple[int, int]] = []
+    while not windows.done:
+        lo, hi = windows.peek(size)
+        assert hi > lo
+        rows = windows.estimate(lo, hi)
+        assert rows <= size + 1 or hi - lo == 1
+        if hi not in run_ends:  # full, unless the due blocks end there
+            assert rows >= size - 2, (lo, hi, rows)
+        covered.append((lo, hi))
+        windows.advance(hi)
+        assert len(covered) < 100_000
+    for (_, hi), (lo, _) in pairwise(covered):
+        assert lo >= hi  # forward, no overlap
+    for lo, hi in covered:
+        first, last = floor(lo / BLOCK_IDS), floor((hi - 1) / BLOCK_IDS)
+        assert all(b in due_ids for b in range(first, last + 1)), (lo, hi)
+    for b, _ in blocks:  # every id of a due block lies in one window
+        start, end = b * BLOCK_IDS, (b + 1) * BLOCK_IDS
+        inside = sum(min(hi, end) - max(lo, start) for lo, hi in covered if lo < end and hi > start)
+        assert inside == BLOCK_IDS, b
 
 
 def test_estimate_counts_part_of_a_block_in_proportion() -> None:

@@ -5,14 +5,19 @@ SQLAlchemy, psycopg and pydantic takes a few hundred milliseconds. So the handle
 installed here first; a signal that arrives before the command is ready ends the process at
 once with 128 + N, having touched nothing. Once the CLI is loaded, every command stops on a
 signal the same way, except `run`, which installs its own handlers (stop after the chunk in
-progress).
+progress). When the command is done, the process leaves without the interpreter's slow
+teardown (`_leave`).
 """
 
 from __future__ import annotations
 
+import atexit
+import contextlib
+import os
 import signal
 import sys
 from types import FrameType
+from typing import NoReturn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _pending: list[int] = []
@@ -35,4 +40,29 @@ def main() -> None:
         sys.exit(128 + _pending[0])
     for signum in SIGNALS:
         signal.signal(signum, _stop_now)
-    cli_main()
+    try:
+        cli_main()
+    except SystemExit as done:
+        _leave(done.code)
+    _leave(0)
+
+
+def _leave(code: object) -> NoReturn:
+    """Exit with `code` as `sys.exit` would, but without tearing down every module.
+
+    By the time a command returns, its connections are closed and its output written;
+    what is left is the interpreter freeing SQLAlchemy's, pydantic's and psycopg's objects
+    one by one, about 0.1 s, a quarter of a nightly run that finds little to do. The exit
+    handlers still run and the streams are flushed; then the process ends at once."""
+    if code is None:
+        status = 0
+    elif isinstance(code, int):
+        status = code
+    else:
+        print(code, file=sys.stderr)
+        status = 1
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os._exit(status)

@@ -249,8 +249,9 @@ def make_plan(
 class Windows:
     """Id windows over the plan's due blocks, each holding about `size` due rows.
 
-    Consecutive due blocks are merged while their due rows fit; a block with more due rows
-    than that is cut into id ranges in proportion. Blocks without due rows are never
+    A window runs over consecutive due blocks until it holds `size` due rows by the plan's
+    counts, cutting the last block in proportion (so a dense backlog is not split into a
+    full chunk and a small remainder at every block edge). Blocks without due rows are never
     visited. Memory: the plan's block list (one entry per 10,000 ids that hold due rows).
     """
 
@@ -274,7 +275,10 @@ class Windows:
         estimate, hi, j = left_in_block, end, self.i + 1
         while j < len(self.blocks):
             nxt, nxt_rows = self.blocks[j]
-            if nxt != self.blocks[j - 1][0] + 1 or estimate + nxt_rows > size:
+            if nxt != self.blocks[j - 1][0] + 1:
+                break  # never read the ids between two due blocks
+            if estimate + nxt_rows > size:  # the rest of the size, cut inside that block
+                hi = nxt * BLOCK_IDS + int((size - estimate) * BLOCK_IDS / nxt_rows)
                 break
             estimate, hi, j = estimate + nxt_rows, (nxt + 1) * BLOCK_IDS, j + 1
         return self.lo, hi
