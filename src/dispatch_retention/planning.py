@@ -252,7 +252,9 @@ class Windows:
     A window runs over consecutive due blocks until it holds `size` due rows by the plan's
     counts, cutting the last block in proportion (so a dense backlog is not split into a
     full chunk and a small remainder at every block edge). Blocks without due rows are never
-    visited. Memory: the plan's block list (one entry per 10,000 ids that hold due rows).
+    read: a window stops before one, unless it goes through the policies' arms (`sparse`),
+    which read index entries, not ids, and so may span the gap. Memory: the plan's block
+    list (one entry per 10,000 ids that hold due rows).
     """
 
     def __init__(self, blocks: tuple[tuple[int, int], ...], arm_rows: int | None = None) -> None:
@@ -273,14 +275,19 @@ class Windows:
         if left_in_block > size:
             return self.lo, min(end, self.lo + max(1, int(size * BLOCK_IDS / rows)))
         estimate, hi, j = left_in_block, end, self.i + 1
+        contiguous_hi: int | None = None  # where the window ends if it must not span a gap
         while j < len(self.blocks):
             nxt, nxt_rows = self.blocks[j]
             if nxt != self.blocks[j - 1][0] + 1:
-                break  # never read the ids between two due blocks
+                if not self._sparse((nxt + 1) * BLOCK_IDS - self.lo, estimate + nxt_rows):
+                    break
+                contiguous_hi = hi if contiguous_hi is None else contiguous_hi
             if estimate + nxt_rows > size:  # the rest of the size, cut inside that block
-                hi = nxt * BLOCK_IDS + int((size - estimate) * BLOCK_IDS / nxt_rows)
+                hi, estimate = nxt * BLOCK_IDS + int((size - estimate) * BLOCK_IDS / nxt_rows), size
                 break
             estimate, hi, j = estimate + nxt_rows, (nxt + 1) * BLOCK_IDS, j + 1
+        if contiguous_hi is not None and not self._sparse(hi - self.lo, estimate):
+            return self.lo, contiguous_hi  # read by ids after all: never the ids of a gap
         return self.lo, hi
 
     def advance(self, hi: int, rows: int = 0) -> None:
@@ -320,6 +327,9 @@ class Windows:
         entries (all of them: `arm_rows`, about 1/20 of a row's cost each) and then only its
         due rows (about 4 times a sequential row each, being scattered). Without the arms'
         indexes (`arm_rows` None), and for a window within one block, it goes by ids."""
-        if self.arm_rows is None or hi - lo <= BLOCK_IDS:  # a block's rows are cheap to read
+        return self._sparse(hi - lo, self.estimate(lo, hi))
+
+    def _sparse(self, ids: int, rows: float) -> bool:
+        if self.arm_rows is None or ids <= BLOCK_IDS:  # a block's rows are cheap to read
             return False
-        return hi - lo > self.arm_rows / INDEX_ENTRIES_PER_ROW + 4 * self.estimate(lo, hi)
+        return ids > self.arm_rows / INDEX_ENTRIES_PER_ROW + 4 * rows
