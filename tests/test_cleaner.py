@@ -10,7 +10,7 @@ from typing import Any
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, select
+from sqlalchemy import Engine, delete, event, select
 from sqlalchemy import text as sql
 from structlog.testing import capture_logs
 
@@ -342,3 +342,26 @@ def test_replace_writes_json_and_member_id_can_be_stripped(engine: Engine) -> No
     assert row["msisdn"] == ""
     assert row["member_id"] is None
     assert row["email"] is not None  # not listed: kept
+
+
+def test_only_chunks_commit_without_waiting_for_the_disk(engine: Engine) -> None:
+    """Each chunk's transaction sets synchronous_commit off (a server crash loses a chunk
+    whole, rows and audit row together); no other transaction of the run does, so the run
+    record's end flushes every chunk before it."""
+    backlog(engine, 30)
+    statements: list[str] = []
+
+    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", seen)
+    try:
+        outcome = run(engine, settings(), chunk_size=4)
+    finally:
+        event.remove(engine, "before_cursor_execute", seen)
+    assert outcome.status == "succeeded" and outcome.chunks >= 5
+    relaxed = [i for i, s in enumerate(statements) if "synchronous_commit = off" in s]
+    updates = [i for i, s in enumerate(statements) if s.lstrip().startswith("WITH cleaned AS")]
+    assert len(relaxed) == len(updates) == outcome.chunks
+    assert all(r < u for r, u in zip(relaxed, updates, strict=True))
+    assert not any("synchronous_commit" in s for s in statements[updates[-1] + 1 :])

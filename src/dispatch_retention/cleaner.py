@@ -345,6 +345,7 @@ class Cleaner:
                 lock_timeout_ms=lock_ms,
                 statement_timeout_ms=self.settings.clean.statement_timeout_ms,
             )
+            db.commit_without_waiting_for_disk(conn)
             if indexed:
                 db.prefer_index_scans(conn)
             by_policy: dict[str, int] = {}

@@ -130,10 +130,22 @@ def set_local_timeouts(
 
 def prefer_index_scans(conn: Connection) -> None:
     """For this transaction: read through indexes where any serves (the arms of a plan or
-    of a sparse window are index ranges whose size the planner cannot estimate: it assumes
-    `cleaned_at IS NULL` and the age are independent). A table without them is still read,
-    by a sequential scan."""
+    of a sparse window are index ranges whose size the planner misjudges: it assumes
+    `cleaned_at IS NULL` and the age are independent). Callers use it only when every arm
+    has its index (`indexes.serving`)."""
     conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+
+
+def commit_without_waiting_for_disk(conn: Connection) -> None:
+    """For this transaction: COMMIT returns before its WAL is flushed to disk (SET LOCAL
+    synchronous_commit = off), saving a flush per chunk.
+
+    What a server crash can then lose is the last chunks of a run, each whole: their rows
+    keep their personal data and their audit rows are gone with them (same transaction), so
+    the trail stays exact and the next run cleans those rows again. Nothing is ever half
+    written, and a COMMIT of a later, synchronous transaction (the run record's end) flushes
+    every chunk before it."""
+    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
 
 
 def read_only(conn: Connection) -> None:

@@ -2,10 +2,11 @@
 
 `Statements` builds every statement of a run once, from the rules (builders; the cleaner
 executes them). `make_plan()` reads `now` from the database clock, fixes the cutoffs for the
-whole run, and in ONE read-only scan counts what is due per binding policy, what legal holds
-keep back, what waits out the in-flight grace, and which id blocks hold due rows. The chunk
-loop later visits only those blocks, so a run over a few scattered due rows never walks the
-rest of the table, and its windows can be sized in rows.
+whole run, and in one read-only pass over the policies' arms (`policy.arms`, index ranges
+when the policy indexes exist) counts what is due per binding policy, what legal holds keep
+back, what waits out the in-flight grace, and which id blocks hold due rows. The chunk loop
+later visits only those blocks, so a run over a few scattered due rows never walks the rest
+of the table, and its windows can be sized in rows.
 """
 
 from __future__ import annotations
