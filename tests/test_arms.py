@@ -167,7 +167,7 @@ def with_indexes(engine: Engine, s: Any) -> None:
 def plans(engine: Engine, s: Any) -> list[str]:
     """EXPLAIN of the plan and a sparse window's UPDATE, set up as a run sets them up."""
     with engine.begin() as conn:
-        if all(d is not None for d in indexes.serving(conn, s).values()):
+        if indexes.complete(conn, s):
             db.prefer_index_scans(conn)
         r = policy.rules(s, planning.database_now(conn))
         stmts = planning.Statements(s, r, AuditTables(AUDIT_SCHEMA).holds)

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Connection, inspect, text
-from sqlalchemy.dialects import postgresql
 
 from . import db, indexes, migrate
 from .config import PERSONAL_COLUMNS, Settings
@@ -22,7 +21,6 @@ from .grants import read_columns, write_columns
 from .schema import dispatches_table
 
 Level = Literal["ok", "warn", "error"]
-_quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
 
 
 @dataclass(frozen=True)

@@ -47,9 +47,9 @@ def policy_indexes(
         if len(name) > MAX_IDENTIFIER:
             digest = hashlib.sha256(name.encode()).hexdigest()[:8]
             name = f"{name[: MAX_IDENTIFIER - 9]}_{digest}"
-        include = sorted(
-            read - set(keys) - (age_columns if row_age is table.c.created_at else set())
-        )
+        # an expression key serves no index-only scan: its columns are included as well
+        keyed = {"created_at"} if settings.clean.age_from == "created_at" else set()
+        include = sorted(read - set(keys) - keyed)
         indexes[keys] = Index(
             name,
             *(table.c[k] for k in keys),
@@ -121,3 +121,8 @@ def serving(conn: Connection, settings: Settings) -> dict[Keys, str | None]:
         )
         for keys in keys_of(settings)
     }
+
+
+def complete(conn: Connection, settings: Settings) -> bool:
+    """Does every arm have its index (so a run may go through them)?"""
+    return all(definition is not None for definition in serving(conn, settings).values())

@@ -182,7 +182,7 @@ class Statements:
                     block,
                     *per_policy,
                     func.count().filter(and_(past, held)),
-                    func.count().filter(not_(policy.settled(table)), not_(past)),
+                    func.count().filter(policy.arm_waiting(table, r, c)),
                 )
                 .select_from(source)
                 .where(arm, self.scope)
@@ -217,7 +217,7 @@ def make_plan(
     due: Counter[str] = Counter()
     held_rows = waiting_rows = 0
     in_block: Counter[int] = Counter()
-    through_indexes = all(d is not None for d in indexes.serving(conn, settings).values())
+    through_indexes = indexes.complete(conn, settings)
     if through_indexes:
         db.prefer_index_scans(conn)
     for block, *counts in conn.execute(stmts.plan_scan()):

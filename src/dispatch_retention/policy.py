@@ -190,15 +190,10 @@ def due(table: Table, r: Rules, holds: Table | None = None) -> ColumnElement[boo
     return and_(*clauses)
 
 
-def waiting_grace(table: Table, r: Rules) -> ColumnElement[bool]:
-    """Unsettled, past a matching policy's retention but still inside the in-flight grace."""
-    row_age = age(table, r.age_from)
-    return and_(
-        table.c.cleaned_at.is_(None),
-        not_(settled(table)),
-        or_(*(and_(matches(table, c.policy), row_age < _ts(c.settled)) for c in r.cutoffs)),
-        not_(past_window(table, r)),
-    )
+def arm_waiting(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
+    """For a row in `c`'s arm: unsettled and not past the window yet, so waiting out the
+    in-flight grace (or a schedule still ahead)."""
+    return and_(not_(settled(table)), not_(arm_past(table, r, c)))
 
 
 def unmatched(table: Table, r: Rules) -> ColumnElement[bool]:
