@@ -118,7 +118,7 @@ class Statements:
         values: dict[str, Any] = dict(policy.cleaned_values(settings))
         values["cleaned_at"] = func.now()
         values["updated_at"] = func.now()
-        returning = (self.credit, table.c.cleaned_at)
+        returning = (self.credit,)
         self.range_update = self._counted(
             update(table).where(window, self.due).values(values).returning(*returning)
         )
@@ -146,10 +146,13 @@ class Statements:
 
     @staticmethod
     def _counted(statement: Update) -> Select[Any]:
-        """The UPDATE in a CTE, answered per policy: a few rows back, not one per dispatch."""
+        """The UPDATE in a CTE, answered per policy: a few rows back, not one per dispatch.
+
+        Each row returns only its policy's name; the stamp is the transaction's `now()`,
+        which is what the UPDATE wrote into every row's `cleaned_at`."""
         cleaned = statement.cte("cleaned")
         return select(
-            cleaned.c.policy, func.count().label("rows"), func.max(cleaned.c.cleaned_at)
+            cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
         ).group_by(cleaned.c.policy)
 
     def plan_scan(self) -> CompoundSelect[Any]:
