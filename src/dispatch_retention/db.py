@@ -136,6 +136,33 @@ def prefer_index_scans(conn: Connection) -> None:
     conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
 
 
+#: memory the plan's per-block counts may take per worker before they spill to disk
+PLAN_WORK_MEM = "64MB"
+
+
+def read_in_parallel(conn: Connection) -> None:
+    """For this read-only transaction: let the server split the index scans of the plan over
+    its parallel workers, as many as the server allows (`max_parallel_workers_per_gather`,
+    2 by default, 0 turns this off), and count the blocks in memory.
+
+    The planner judges the arms far larger than they are (see `prefer_index_scans`) and the
+    per-block counts as many groups, so by itself it sorts them on disk in one process. The
+    memory is raised only where the server's own `work_mem` is smaller, and only for this
+    transaction."""
+    conn.exec_driver_sql(
+        "SELECT set_config('parallel_setup_cost', '0', true), "
+        "set_config('parallel_tuple_cost', '0', true), "
+        "set_config('min_parallel_index_scan_size', '0', true)"
+    )
+    conn.execute(
+        text(
+            "SELECT set_config('work_mem', :mem, true) "
+            "WHERE pg_size_bytes(current_setting('work_mem')) < pg_size_bytes(:mem)"
+        ),
+        {"mem": PLAN_WORK_MEM},
+    )
+
+
 def commit_without_waiting_for_disk(conn: Connection) -> None:
     """For this transaction: COMMIT returns before its WAL is flushed to disk (SET LOCAL
     synchronous_commit = off), saving a flush per chunk.
