@@ -7,6 +7,7 @@ PYTEST_ARGS ?=
 BENCH_ROWS ?= 1000000
 BENCH_SCENARIO ?= all
 BENCH_SHARDS ?= 2
+BENCH_REPEAT ?= 3
 
 .PHONY: help demo test lint typecheck check bench clean
 
@@ -34,9 +35,9 @@ typecheck: $(BIN)/.installed  ## mypy strict on src/
 
 check: lint typecheck test  ## everything CI runs before the demo
 
-bench: $(BIN)/.installed  ## the job against the single-statement bound (BENCH_ROWS=, BENCH_SCENARIO=)
+bench: $(BIN)/.installed  ## the job against the single-statement bound (BENCH_ROWS=, BENCH_SCENARIO=, BENCH_REPEAT=)
 	$(BIN)/python bench/run.py --rows $(BENCH_ROWS) --scenario $(BENCH_SCENARIO) \
-	    --shards $(BENCH_SHARDS) --json bench/results/bench-$(BENCH_ROWS).json
+	    --shards $(BENCH_SHARDS) --repeat $(BENCH_REPEAT) --json bench/results/bench-$(BENCH_ROWS).json
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

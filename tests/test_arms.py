@@ -169,7 +169,7 @@ def plans(engine: Engine, s: Any) -> list[str]:
     with engine.begin() as conn:
         if indexes.complete(conn, s):
             db.prefer_index_scans(conn)
-            db.read_in_parallel(conn)
+            db.count_in_memory(conn)
         r = policy.rules(s, planning.database_now(conn))
         stmts = planning.Statements(s, r, AuditTables(AUDIT_SCHEMA).holds)
         return [
@@ -193,30 +193,21 @@ def test_plan_and_sparse_chunks_read_the_policy_indexes_not_the_table(engine: En
         assert any(name in plan for name in names), plan
 
 
-def test_the_plan_splits_the_arms_over_parallel_workers_for_its_transaction_only(
-    engine: Engine,
-) -> None:
-    """`read_in_parallel` makes the arms parallel index scans (the server allows 2 workers
-    per query by default), raises work_mem for the plan only where it is lower, and all of
+def test_the_plan_counts_in_memory_for_its_transaction_only(engine: Engine) -> None:
+    """`count_in_memory` raises work_mem for the plan's transaction, never lowers it, and
     it ends with the transaction."""
-    s = settings()
-    seed_series(engine, range(1, 5_001), young=lambda i: i % 50 != 0)
-    with_indexes(engine, s)
-    plan_scan = plans(engine, s)[0]
-    assert "Parallel Index" in plan_scan, plan_scan
     with engine.connect() as conn:
-        show = "SELECT current_setting('work_mem'), current_setting('parallel_setup_cost')"
-        before = conn.execute(sql(show)).one()
+        before = conn.execute(sql("SHOW work_mem")).scalar_one()
         conn.rollback()
         with conn.begin():
-            db.read_in_parallel(conn)
-            assert tuple(conn.execute(sql(show)).one()) == (db.PLAN_WORK_MEM, "0")
-        assert conn.execute(sql(show)).one() == before
+            db.count_in_memory(conn)
+            assert conn.execute(sql("SHOW work_mem")).scalar_one() == db.PLAN_WORK_MEM
+        assert conn.execute(sql("SHOW work_mem")).scalar_one() == before
         conn.rollback()
         with conn.begin():
             conn.execute(sql("SET LOCAL work_mem = '256MB'"))
-            db.read_in_parallel(conn)
-            assert conn.execute(sql("SHOW work_mem")).scalar_one() == "256MB"  # never lowered
+            db.count_in_memory(conn)
+            assert conn.execute(sql("SHOW work_mem")).scalar_one() == "256MB"
 
 
 @pytest.mark.parametrize("indexed", [True, False], ids=["with-indexes", "without"])

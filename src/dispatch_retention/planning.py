@@ -223,7 +223,7 @@ def make_plan(
     through_indexes = indexes.complete(conn, settings)
     if through_indexes:
         db.prefer_index_scans(conn)
-        db.read_in_parallel(conn)
+        db.count_in_memory(conn)
     for block, *counts in conn.execute(stmts.plan_scan()):
         per_policy, held, waiting = counts[: len(names)], counts[-2], counts[-1]
         due.update(dict(zip(names, per_policy, strict=True)))
