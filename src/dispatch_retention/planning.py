@@ -118,9 +118,8 @@ class Statements:
         values: dict[str, Any] = dict(policy.cleaned_values(settings))
         values["cleaned_at"] = func.now()
         values["updated_at"] = func.now()
-        returning = (self.credit,)
         self.range_update = self._counted(
-            update(table).where(window, self.due).values(values).returning(*returning)
+            update(table).where(window, self.due).values(values).returning(self.credit)
         )
         # A sparse window: its candidates come from the policies' arms (index ranges, the
         # window's bounds checked inside the index), not from reading the window's ids.
@@ -134,14 +133,14 @@ class Statements:
             update(table)
             .where(table.c.id.in_(select(candidates.c.id)), window, self.due)
             .values(values)
-            .returning(*returning)
+            .returning(self.credit)
         )
         locked_free = select(table.c.id).where(window, self.due).with_for_update(skip_locked=True)
         self.skip_locked_update = self._counted(
             update(table)
             .where(table.c.id.in_(locked_free.scalar_subquery()), self.due)
             .values(values)
-            .returning(*returning)
+            .returning(self.credit)
         )
 
     @staticmethod
