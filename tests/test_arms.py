@@ -167,9 +167,7 @@ def with_indexes(engine: Engine, s: Any) -> None:
 def plans(engine: Engine, s: Any) -> list[str]:
     """EXPLAIN of the plan and a sparse window's UPDATE, set up as a run sets them up."""
     with engine.begin() as conn:
-        if indexes.complete(conn, s):
-            db.prefer_index_scans(conn)
-            db.count_in_memory(conn)
+        planning.read_through_indexes(conn, s)
         r = policy.rules(s, planning.database_now(conn))
         stmts = planning.Statements(s, r, AuditTables(AUDIT_SCHEMA).holds)
         return [

@@ -200,6 +200,16 @@ def database_now(conn: Connection) -> datetime:
     return value
 
 
+def read_through_indexes(conn: Connection, settings: Settings) -> bool:
+    """When every arm has its index (`indexes.complete`), set this transaction up to read the
+    arms through them and count their blocks in memory; say whether it did."""
+    if not indexes.complete(conn, settings):
+        return False
+    db.prefer_index_scans(conn)
+    db.count_in_memory(conn)
+    return True
+
+
 def make_plan(
     conn: Connection,
     settings: Settings,
@@ -219,10 +229,7 @@ def make_plan(
     due: Counter[str] = Counter()
     held_rows = waiting_rows = 0
     in_block: Counter[int] = Counter()
-    through_indexes = indexes.complete(conn, settings)
-    if through_indexes:
-        db.prefer_index_scans(conn)
-        db.count_in_memory(conn)
+    through_indexes = read_through_indexes(conn, settings)
     for block, *counts in conn.execute(stmts.plan_scan()):
         per_policy, held, waiting = counts[: len(names)], counts[-2], counts[-1]
         due.update(dict(zip(names, per_policy, strict=True)))
