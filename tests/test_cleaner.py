@@ -317,6 +317,29 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     assert snapshot(engine)[10]["cleaned_at"] is not None
 
 
+def test_an_empty_window_jumps_to_the_next_due_row_of_its_block(engine: Engine) -> None:
+    """Small pinned windows do not walk the rest of a block window by window once its due
+    rows are cleaned or held locked: an empty window looks up the block's next due row."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in (1, 2, 3, 5_000, 5_001)])
+    updates: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().startswith("WITH cleaned"):
+            updates.append(statement)
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        outcome = run(engine, settings(), chunk_size=2)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    assert outcome.rows_cleaned == 5
+    cleaned = {i for i, row in snapshot(engine).items() if row["cleaned_at"]}
+    assert cleaned == {1, 2, 3, 5_000, 5_001}
+    # windows [1,3) [3,5) then empty [5,7) jumps to 5,000: [5000,5002) and an empty end
+    assert len(updates) <= 6, len(updates)
+
+
 def test_logs_carry_run_id_and_no_personal_data(engine: Engine) -> None:
     """Every event has the run id; no seeded personal-data marker reaches the log."""
     backlog(engine, 20)

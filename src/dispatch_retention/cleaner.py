@@ -15,6 +15,7 @@ while planning cancels the query (nothing has been written yet).
 
 Windows walk the primary key forward over the id blocks the plan found due rows in
 (`planning.Windows`): no window is visited twice, blocks without due rows are never read,
+an empty window jumps to the next due row of its block (`Statements.next_due`),
 and memory holds the plan's block list and one chunk's per-policy counts. A window first
 runs as a plain range UPDATE under a short lock wait (as fast as one statement over the
 whole table); a sparse window (few due rows over many ids, `Windows.sparse`) instead takes
@@ -65,6 +66,9 @@ class Chunk:
     skipped_locked: bool
     #: found through the policies' arms (a sparse window) rather than by reading its ids
     indexed: bool = False
+    #: an empty window: the id the next window starts at (the block's next due row, or
+    #: the block's end), so that small windows do not walk a block row by row
+    resume_at: int | None = None
 
 
 @dataclass
@@ -211,7 +215,8 @@ class Cleaner:
                 if cap is not None:
                     hi = min(hi, lo + cap)
             chunk = self._clean_window(outcome.chunks + 1, lo, hi)
-            windows.advance(chunk.last_id + 1, chunk.rows)
+            resume = chunk.last_id + 1 if chunk.resume_at is None else chunk.resume_at
+            windows.advance(resume, chunk.rows)
             if chunk.rows:
                 self._committed(chunk)
                 if clean.pause_between_chunks_ms:
@@ -369,6 +374,10 @@ class Cleaner:
             if self.fail_in_chunk is not None:
                 self.fail_in_chunk(seq)
             if not chunk.rows:
+                end = hi if self.windows is None or self.windows.done else self.windows.block_end()
+                if hi < end:
+                    found = conn.execute(self.stmts.next_due, {"lo": hi, "hi": end}).scalar()
+                    chunk = replace(chunk, resume_at=end if found is None else int(found))
                 transaction.rollback()
                 return chunk
             try:

@@ -135,6 +135,8 @@ class Statements:
             .values(values)
             .returning(self.credit)
         )
+        # After an empty window: where the next due row of the block is, if any.
+        self.next_due = select(func.min(table.c.id)).where(window, self.due)
         locked_free = select(table.c.id).where(window, self.due).with_for_update(skip_locked=True)
         self.skip_locked_update = self._counted(
             update(table)
@@ -278,6 +280,10 @@ class Windows:
     @property
     def done(self) -> bool:
         return self.i >= len(self.blocks)
+
+    def block_end(self) -> int:
+        """The first id after the block the next window starts in."""
+        return (self.blocks[self.i][0] + 1) * BLOCK_IDS
 
     def peek(self, size: int) -> tuple[int, int]:
         block, rows = self.blocks[self.i]
