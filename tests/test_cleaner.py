@@ -372,10 +372,10 @@ def test_only_chunks_commit_without_waiting_for_the_disk(engine: Engine) -> None
     whole, rows and audit row together); no other transaction of the run does, so the run
     record's end flushes every chunk before it."""
     backlog(engine, 30)
-    statements: list[str] = []
+    statements: list[tuple[str, str]] = []  # (statement, its parameters)
 
-    def seen(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
+    def seen(_conn: Any, _cursor: Any, statement: str, parameters: Any, *_args: Any) -> None:
+        statements.append((statement, repr(parameters)))
 
     event.listen(engine, "before_cursor_execute", seen)
     try:
@@ -383,8 +383,12 @@ def test_only_chunks_commit_without_waiting_for_the_disk(engine: Engine) -> None
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert outcome.status == "succeeded" and outcome.chunks >= 5
-    relaxed = [i for i, s in enumerate(statements) if "synchronous_commit = off" in s]
-    updates = [i for i, s in enumerate(statements) if s.lstrip().startswith("WITH cleaned AS")]
+    relaxed = [
+        i
+        for i, (s, p) in enumerate(statements)
+        if "set_config" in s and "'synchronous_commit'" in p and "'off'" in p
+    ]
+    updates = [i for i, (s, _) in enumerate(statements) if s.lstrip().startswith("WITH cleaned AS")]
     assert len(relaxed) == len(updates) == outcome.chunks
     assert all(r < u for r, u in zip(relaxed, updates, strict=True))
-    assert not any("synchronous_commit" in s for s in statements[updates[-1] + 1 :])
+    assert not any("synchronous_commit" in s + p for s, p in statements[updates[-1] + 1 :])

@@ -345,14 +345,15 @@ class Cleaner:
         """The one place a chunk's transaction begins and ends."""
         with self.engine.connect() as conn:
             transaction = conn.begin()
-            db.set_local_timeouts(
+            db.set_local(
                 conn,
-                lock_timeout_ms=lock_ms,
-                statement_timeout_ms=self.settings.clean.statement_timeout_ms,
+                **db.timeouts(
+                    lock_timeout_ms=lock_ms,
+                    statement_timeout_ms=self.settings.clean.statement_timeout_ms,
+                ),
+                **db.COMMIT_WITHOUT_WAITING_FOR_DISK,
+                **(db.INDEX_SCANS if indexed else {}),
             )
-            db.commit_without_waiting_for_disk(conn)
-            if indexed:
-                db.prefer_index_scans(conn)
             by_policy: dict[str, int] = {}
             cleaned_at = None
             for name, rows, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):

@@ -115,25 +115,42 @@ def _session_defaults(dbapi_connection: Any, _record: Any) -> None:
     dbapi_connection.commit()
 
 
+def set_local(conn: Connection, **settings: str) -> None:
+    """Settings for this transaction only (`set_config(..., true)`, as SET LOCAL), all in one
+    statement: one round trip, however many there are."""
+    calls = ", ".join(f"set_config(:n{i}, :v{i}, true)" for i in range(len(settings)))
+    params: dict[str, str] = {}
+    for i, (name, value) in enumerate(settings.items()):
+        params[f"n{i}"], params[f"v{i}"] = name, value
+    conn.execute(text(f"SELECT {calls}"), params)
+
+
+def timeouts(*, lock_timeout_ms: int, statement_timeout_ms: int) -> dict[str, str]:
+    """Per-transaction limits, for `set_local`."""
+    return {
+        "lock_timeout": f"{lock_timeout_ms}ms",
+        "statement_timeout": f"{statement_timeout_ms}ms",
+    }
+
+
 def set_local_timeouts(
     conn: Connection, *, lock_timeout_ms: int, statement_timeout_ms: int
 ) -> None:
     """Per-transaction limits; they end with the transaction (SET LOCAL)."""
-    conn.execute(
-        text(
-            "SELECT set_config('lock_timeout', :lt, true), "
-            "set_config('statement_timeout', :st, true)"
-        ),
-        {"lt": f"{lock_timeout_ms}ms", "st": f"{statement_timeout_ms}ms"},
+    set_local(
+        conn, **timeouts(lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms)
     )
 
 
+#: For `set_local`: read through indexes where any serves (the arms of a plan or of a sparse
+#: window are index ranges whose size the planner misjudges: it assumes `cleaned_at IS NULL`
+#: and the age are independent). Used only when every arm has its index (`indexes.serving`).
+INDEX_SCANS = {"enable_seqscan": "off"}
+
+
 def prefer_index_scans(conn: Connection) -> None:
-    """For this transaction: read through indexes where any serves (the arms of a plan or
-    of a sparse window are index ranges whose size the planner misjudges: it assumes
-    `cleaned_at IS NULL` and the age are independent). Callers use it only when every arm
-    has its index (`indexes.serving`)."""
-    conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+    """For this transaction: `INDEX_SCANS`."""
+    set_local(conn, **INDEX_SCANS)
 
 
 #: memory the plan's per-block counts may take before they spill to disk
@@ -157,16 +174,15 @@ def count_in_memory(conn: Connection) -> None:
     )
 
 
-def commit_without_waiting_for_disk(conn: Connection) -> None:
-    """For this transaction: COMMIT returns before its WAL is flushed to disk (SET LOCAL
-    synchronous_commit = off), saving a flush per chunk.
-
-    What a server crash can then lose is the last chunks of a run, each whole: their rows
-    keep their personal data and their audit rows are gone with them (same transaction), so
-    the trail stays exact and the next run cleans those rows again. Nothing is ever half
-    written, and a COMMIT of a later, synchronous transaction (the run record's end) flushes
-    every chunk before it."""
-    conn.exec_driver_sql("SET LOCAL synchronous_commit = off")
+#: For `set_local`: COMMIT returns before its WAL is flushed to disk (synchronous_commit off),
+#: saving a flush per chunk.
+#:
+#: What a server crash can then lose is the last chunks of a run, each whole: their rows keep
+#: their personal data and their audit rows are gone with them (same transaction), so the
+#: trail stays exact and the next run cleans those rows again. Nothing is ever half written,
+#: and a COMMIT of a later, synchronous transaction (the run record's end) flushes every
+#: chunk before it.
+COMMIT_WITHOUT_WAITING_FOR_DISK = {"synchronous_commit": "off"}
 
 
 def read_only(conn: Connection) -> None:

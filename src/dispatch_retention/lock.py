@@ -52,7 +52,9 @@ class RunLock:
         return self.blocked_on is None and len(self.held) == len(self.keys)
 
     def __enter__(self) -> RunLock:
-        self.conn = self.engine.connect()  # a failure leaves self.conn None: ensure() retries
+        # A failure leaves self.conn None: ensure() retries. Autocommit: the locks are
+        # session-level, and ensure()'s check before every chunk is then one round trip.
+        self.conn = self.engine.connect().execution_options(isolation_level="AUTOCOMMIT")
         for key, shared in self.keys:
             function = "pg_try_advisory_lock_shared" if shared else "pg_try_advisory_lock"
             got = self.conn.execute(text(f"SELECT {function}(:k)"), {"k": key}).scalar()
@@ -60,7 +62,7 @@ class RunLock:
                 self.blocked_on = key
                 break
             self.held.append((key, shared))
-        self.conn.commit()  # the locks are session-level: they outlive this transaction
+        self.conn.commit()  # ends SQLAlchemy's transaction; the locks belong to the session
         return self
 
     def ensure(self) -> None:
