@@ -89,6 +89,21 @@ def test_next_size_estimates_from_the_last_few_chunks_weighed_by_rows() -> None:
     assert size(1000, (10, 100.0), (5, 150.0)) == 1000
 
 
+def test_a_chunk_well_over_the_target_sizes_the_next_one_by_itself() -> None:
+    """A chunk over SLOW x the target is answered at once from its own pace, not diluted by
+    the fast chunks before it (a checkpoint beginning slows every chunk for a while)."""
+    fast = [(1000, 100.0)] * (sizing.WINDOW - 1)
+    assert size(1000, *fast, (1000, 250.0)) == 1538  # within SLOW x: the average decides
+    assert size(1000, *fast, (1000, 400.0)) == 500  # twice as slow: half, at once
+    assert size(1000, *fast, (1000, 320.0)) == 625  # 1.6x as slow: in proportion
+    assert size(1000, *fast, (1000, 4000.0)) == 500  # still at most 2x per step
+    assert size(1000, *fast, (0, 350.0)) == 1067  # no rows: no pace of its own
+    # Growth still follows the moving estimate: the slow chunk holds it back while it is
+    # in the window.
+    assert size(500, (500, 400.0), *[(500, 60.0)] * (sizing.WINDOW - 1)) == 781
+    assert size(500, *[(500, 60.0)] * sizing.WINDOW) == 1000
+
+
 @pytest.mark.parametrize(
     ("current", "recent", "limits", "expected"),
     [

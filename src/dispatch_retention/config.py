@@ -142,7 +142,7 @@ class Clean(_Strict):
     row_lock_wait_ms: Annotated[int, Field(ge=1, le=600_000)] = 50
     statement_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 60_000
     plan_timeout_ms: Annotated[int, Field(ge=1, le=86_400_000)] = 900_000
-    target_chunk_ms: Annotated[int, Field(ge=0, le=600_000)] = 100
+    target_chunk_ms: Annotated[int, Field(ge=0, le=600_000)] = 150
     min_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 500
     max_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
     pause_between_chunks_ms: Annotated[int, Field(ge=0, le=600_000)] = 0

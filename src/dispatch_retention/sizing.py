@@ -4,8 +4,12 @@ The size is in due rows per chunk. From the last few chunks it estimates the tim
 takes (their total milliseconds over their total rows, so chunks of different sizes weigh
 right) and aims the next chunk at `target_ms`, moving at most 2x up or down per step so one
 odd chunk cannot swing it far. It shrinks only when chunks take longer than the target (not
-when sparse windows just hold few rows); a statement timeout cuts it to a quarter at once.
-The result stays between a floor and a ceiling.
+when sparse windows just hold few rows). A chunk that took more than `SLOW` times the target
+is answered at once, from its own pace: the server has slowed down (a checkpoint has begun
+and every page first written after it is logged whole, or the application is busy), and the
+few chunks before it would otherwise keep the next ones too large for as long as they stay
+in the estimate. A statement timeout cuts it to a quarter at once. The result stays between
+a floor and a ceiling.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 WINDOW = 5  # chunks in the moving estimate
+SLOW = 1.5  # a chunk over this many times the target sizes the next one by itself
 
 
 def next_size(
@@ -38,6 +43,9 @@ def next_size(
         # Chunks within the target never shrink the size: few due rows in a window (sparse
         # data) make the time per row look high only through the fixed cost per chunk.
         ideal = max(ideal, size)
+    last_rows, last_ms = window[-1]
+    if last_ms > SLOW * target_ms and last_rows > 0:
+        ideal = min(ideal, target_ms * last_rows / last_ms)
     return _clamp(round(min(size * 2, max(size / 2, ideal))), floor, ceiling)
 
 
