@@ -7,12 +7,13 @@ import io
 import json
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from .cleaner import Outcome
-from .doctor import Finding
-from .planning import Plan
-from .verify import Report
+if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the verifier
+    from .cleaner import Outcome
+    from .doctor import Finding
+    from .planning import Plan
+    from .verify import Report
 
 
 def _cell(value: Any) -> str:
