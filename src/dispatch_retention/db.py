@@ -133,24 +133,10 @@ def timeouts(*, lock_timeout_ms: int, statement_timeout_ms: int) -> dict[str, st
     }
 
 
-def set_local_timeouts(
-    conn: Connection, *, lock_timeout_ms: int, statement_timeout_ms: int
-) -> None:
-    """Per-transaction limits; they end with the transaction (SET LOCAL)."""
-    set_local(
-        conn, **timeouts(lock_timeout_ms=lock_timeout_ms, statement_timeout_ms=statement_timeout_ms)
-    )
-
-
 #: For `set_local`: read through indexes where any serves (the arms of a plan or of a sparse
 #: window are index ranges whose size the planner misjudges: it assumes `cleaned_at IS NULL`
 #: and the age are independent). Used only when every arm has its index (`indexes.serving`).
 INDEX_SCANS = {"enable_seqscan": "off"}
-
-
-def prefer_index_scans(conn: Connection) -> None:
-    """For this transaction: `INDEX_SCANS`."""
-    set_local(conn, **INDEX_SCANS)
 
 
 #: memory the plan's per-block counts may take before they spill to disk
@@ -161,7 +147,7 @@ def count_in_memory(conn: Connection) -> None:
     """For this transaction: let the plan's per-block counts take up to `PLAN_WORK_MEM`
     (only where the server's own `work_mem` is smaller).
 
-    The planner judges the arms far larger than they are (see `prefer_index_scans`), and so
+    The planner judges the arms far larger than they are (see `INDEX_SCANS`), and so
     the per-block counts as too many groups for the default 4MB: it sorts them, on disk.
     The real counts take a few MB (one entry per 10,000 ids). Parallel workers were tried
     too: 0.05 s less for a 1M-row backlog, but 0.01-0.03 s more for every nightly run."""

@@ -207,7 +207,7 @@ def read_through_indexes(conn: Connection, settings: Settings) -> bool:
     arms through them and count their blocks in memory; say whether it did."""
     if not indexes.complete(conn, settings):
         return False
-    db.prefer_index_scans(conn)
+    db.set_local(conn, **db.INDEX_SCANS)
     db.count_in_memory(conn)
     return True
 
@@ -220,10 +220,12 @@ def make_plan(
 ) -> Plan:
     """Read-only: cutoffs from the database clock and what is due under them."""
     db.read_only(conn)
-    db.set_local_timeouts(
+    db.set_local(
         conn,
-        lock_timeout_ms=settings.clean.lock_timeout_ms,
-        statement_timeout_ms=settings.clean.plan_timeout_ms,
+        **db.timeouts(
+            lock_timeout_ms=settings.clean.lock_timeout_ms,
+            statement_timeout_ms=settings.clean.plan_timeout_ms,
+        ),
     )
     rules = policy.rules(settings, database_now(conn))
     stmts = Statements(settings, rules, holds, shard)
