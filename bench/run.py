@@ -560,7 +560,7 @@ class Bench:
             "cleaned_at": func.now(),
             "updated_at": func.now(),
         }
-        self.job_bin = find_job_bin()
+        self.job_bin = find_job_bin(args.job_bin)
         self.job_has_db = job_has_command(self.job_bin, "db")
         self.procs: list[subprocess.Popen[bytes]] = []  # running job processes
 
@@ -869,7 +869,12 @@ def job_breakdown(
     return detail
 
 
-def find_job_bin() -> Path:
+def find_job_bin(given: Path | None = None) -> Path:
+    """--job-bin, else the `dispatch-retention` beside this Python, else the one on PATH."""
+    if given is not None:
+        if not given.exists():
+            raise SystemExit(f"--job-bin: {given} does not exist")
+        return given.absolute()
     beside = Path(sys.executable).with_name("dispatch-retention")
     if beside.exists():
         return beside
@@ -877,6 +882,35 @@ def find_job_bin() -> Path:
     if not found:
         raise SystemExit("dispatch-retention is not installed in this environment")
     return Path(found)
+
+
+def job_install(job_bin: Path) -> dict[str, Any]:
+    """The interpreter the job runs on and how the job is installed in it (a wheel, as the
+    image has it, or an editable development install), read off that interpreter."""
+    first = job_bin.read_bytes().split(b"\n", 1)[0]
+    if not first.startswith(b"#!"):
+        return {"bin": str(job_bin)}
+    python = first[2:].decode().strip()
+    probe = (
+        "import json, os, platform, sys, importlib.metadata as m\n"
+        "d = m.distribution('dispatch-retention')\n"
+        "url = json.loads(d.read_text('direct_url.json') or '{}')\n"
+        "print(json.dumps({'python': platform.python_version(),"
+        " 'executable': os.path.realpath(sys.executable),"
+        " 'editable': bool(url.get('dir_info', {}).get('editable'))}))"
+    )
+    out = subprocess.run(
+        [python, "-c", probe], capture_output=True, text=True, check=False, cwd=REPO
+    )
+    info: dict[str, Any] = {"bin": str(job_bin)}
+    with suppress(ValueError):
+        found = json.loads(out.stdout)
+        info.update(
+            python=found["python"],
+            executable=found["executable"],
+            install="editable" if found["editable"] else "wheel",
+        )
+    return info
 
 
 def job_has_command(job_bin: Path, name: str) -> bool:
@@ -964,6 +998,11 @@ def print_report(report: dict[str, Any]) -> None:
         f"{meta['cpus']} CPUs, shared_buffers {meta['server_settings']['shared_buffers']}, "
         f"max_wal_size {meta['server_settings']['max_wal_size']}, "
         f"autovacuum on the table {meta['autovacuum']}"
+    )
+    job = meta.get("job", {})
+    print(
+        f"job: {job.get('bin')} (Python {job.get('python', '?')} at {job.get('executable', '?')},"
+        f" {job.get('install', 'unknown')} install)"
     )
     header = (
         f"{'contender':<16}{'rows':>11}{'seconds':>10}{'rows/s':>10}{'x(a)':>7}"
@@ -1066,6 +1105,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--contenders",
         default="abcd",
         help="which contenders, e.g. 'ab' [abcd]: a bound, b job, c skiplock, d naive, e shards",
+    )
+    p.add_argument(
+        "--job-bin",
+        type=Path,
+        default=os.environ.get("BENCH_JOB_BIN") or None,
+        help="the dispatch-retention executable to measure [$BENCH_JOB_BIN, else the one "
+        "beside this Python]; `make bench` builds one as the image has it: a wheel and the "
+        "locked dependencies in a virtualenv of its own",
     )
     p.add_argument(
         "--job-args",
@@ -1171,6 +1218,7 @@ def main(argv: list[str] | None = None) -> int:
             "naive_commit": args.naive_commit,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "job": job_install(find_job_bin(args.job_bin)),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "scenarios": [],
