@@ -169,9 +169,11 @@ def plans(engine: Engine, s: Any) -> list[str]:
     with engine.begin() as conn:
         planning.read_through_indexes(conn, s)
         r = policy.rules(s, planning.database_now(conn))
-        stmts = planning.Statements(s, r, AuditTables(AUDIT_SCHEMA).holds)
+        holds = AuditTables(AUDIT_SCHEMA).holds
+        stmts = planning.Statements(s, r, holds)
         return [
-            explain(conn, st, lo=0, hi=10**9) for st in (stmts.plan_scan(), stmts.indexed_update)
+            explain(conn, st, lo=0, hi=10**9)
+            for st in (stmts.plan_scan(holds), stmts.plan_scan(None), stmts.indexed_update)
         ]
 
 

@@ -172,8 +172,10 @@ COMMIT_WITHOUT_WAITING_FOR_DISK = {"synchronous_commit": "off"}
 
 
 def read_only(conn: Connection) -> None:
-    """Make the transaction just begun READ ONLY: the server refuses any write in it."""
-    conn.execute(text("SET TRANSACTION READ ONLY"))
+    """Make the transaction just begun READ ONLY (the server refuses any write in it) and
+    give all its statements one snapshot (REPEATABLE READ), so that what they read adds up.
+    A read-only transaction never fails to serialize at that level."""
+    conn.execute(text("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY"))
 
 
 def sqlstate(exc: BaseException) -> str | None:

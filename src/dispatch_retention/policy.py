@@ -182,6 +182,11 @@ def held(table: Table, holds: Table) -> ColumnElement[bool]:
     return exists().where(holds.c.member_id == table.c.member_id, holds.c.released_at.is_(None))
 
 
+def any_active(holds: Table) -> ColumnElement[bool]:
+    """Some member is under an active legal hold."""
+    return exists().where(holds.c.released_at.is_(None))
+
+
 def due(table: Table, r: Rules, holds: Table | None = None) -> ColumnElement[bool]:
     """The full rule of section 3: the rows `run` cleans."""
     clauses = [table.c.cleaned_at.is_(None), past_window(table, r)]
