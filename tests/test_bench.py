@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -78,6 +79,13 @@ def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
     assert proc.returncode == 0, output.decode()[-2000:]
 
     report = json.loads(out.read_text())
+    # without --job-bin: the job beside this Python, the development install
+    job_install = report["bench"]["job"]
+    assert Path(job_install["bin"]) == Path(sys.executable).with_name("dispatch-retention")
+    assert (job_install["python"], job_install["install"]) == (
+        platform.python_version(),
+        "editable",
+    )
     (scenario,) = report["scenarios"]
     assert scenario["due_rows"] > 0
     contenders = {c["key"]: c for c in scenario["contenders"]}
