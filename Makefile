@@ -9,8 +9,8 @@ BENCH_SCENARIO ?= all
 BENCH_SHARDS ?= 2
 BENCH_REPEAT ?= 3
 # The job as the image runs it: a wheel and the locked dependencies in a virtualenv of its
-# own, on the system's CPython 3.11 where there is one (Debian's, like the image's, is built
-# with profile-guided and link-time optimization; pyenv's default build is not).
+# own, on the system's CPython 3.11 where there is one (an optimized distribution build, as
+# the image's is; pyenv's default build is configured without --enable-optimizations).
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
