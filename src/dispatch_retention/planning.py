@@ -159,9 +159,10 @@ class Statements:
     def plan_scan(self, holds: Table | None) -> CompoundSelect[Any]:
         """One read of each policy's arm (`policy.arms`: an index range when the policy
         indexes exist), one row per id block and arm: due rows per binding policy (not
-        held), due rows held back, rows waiting out the grace. `holds` (None when no hold
-        is active: nothing to join) come in through a hash join (not a subquery per row).
-        Its cost follows the rows past the windows, not the size of the table."""
+        held), due rows held back, rows waiting out the grace. The active holds of `holds`
+        (None when no hold is active: nothing to hold back) come in through a hash join
+        (not a subquery per row). Its cost follows the rows past the windows, not the size
+        of the table."""
         table, r = self.table, self.rules
         block = floor_div(table.c.id, BLOCK_IDS).label("block")
         source: Any = table
