@@ -1218,12 +1218,12 @@ def main(argv: list[str] | None = None) -> int:
             "naive_commit": args.naive_commit,
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
-            "job": job_install(find_job_bin(args.job_bin)),
             "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         },
         "scenarios": [],
     }
     bench = Bench(server, settings, args)
+    report["bench"]["job"] = job_install(bench.job_bin)
     failed: BaseException | None = None
     try:
         with terminated_on_signals():

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from .policy import active
 from .schema import AuditTables
 
 
@@ -54,7 +55,7 @@ def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> i
     holds = tables.holds
     released = conn.execute(
         update(holds)
-        .where(holds.c.member_id == member_id, holds.c.released_at.is_(None))
+        .where(holds.c.member_id == member_id, active(holds))
         .values(released_at=func.now(), released_by=f"{by} (db role {_role(conn)})")
         .returning(holds.c.hold_id)
     ).scalar()
@@ -69,7 +70,7 @@ def list_holds(
     holds = tables.holds
     query = select(holds).order_by(holds.c.created_at, holds.c.hold_id)
     if not include_released:
-        query = query.where(holds.c.released_at.is_(None))
+        query = query.where(active(holds))
     return [dict(row) for row in conn.execute(query).mappings()]
 
 

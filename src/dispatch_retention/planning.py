@@ -168,11 +168,7 @@ class Statements:
         source: Any = table
         held: ColumnElement[bool] = false()
         if holds is not None:
-            active = (
-                select(holds.c.member_id)
-                .where(holds.c.released_at.is_(None))
-                .subquery("active_holds")
-            )
+            active = select(holds.c.member_id).where(policy.active(holds)).subquery("active_holds")
             source = table.outerjoin(active, active.c.member_id == table.c.member_id)
             held = active.c.member_id.is_not(None)
         per_arm = []

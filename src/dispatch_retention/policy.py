@@ -177,14 +177,19 @@ def arm_past(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
     )
 
 
+def active(holds: Table) -> ColumnElement[bool]:
+    """A legal hold is active until it is released."""
+    return holds.c.released_at.is_(None)
+
+
 def held(table: Table, holds: Table) -> ColumnElement[bool]:
     """The dispatch's member is under an active legal hold."""
-    return exists().where(holds.c.member_id == table.c.member_id, holds.c.released_at.is_(None))
+    return exists().where(holds.c.member_id == table.c.member_id, active(holds))
 
 
 def any_active(holds: Table) -> ColumnElement[bool]:
     """Some member is under an active legal hold."""
-    return exists().where(holds.c.released_at.is_(None))
+    return exists().where(active(holds))
 
 
 def due(table: Table, r: Rules, holds: Table | None = None) -> ColumnElement[bool]:
