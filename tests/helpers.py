@@ -91,12 +91,17 @@ retention_days = 365
 """
 
 
-def config_text(clean: str = "", guard: str = "", policies: str = DEFAULT_POLICIES) -> str:
-    return f"[clean]\n{clean}\n[guard]\n{guard}\n{policies}"
+def config_text(
+    clean: str = "", guard: str = "", policies: str = DEFAULT_POLICIES, table: str | None = None
+) -> str:
+    target = f'[target]\ntable = "{table}"\n' if table else ""
+    return f"{target}[clean]\n{clean}\n[guard]\n{guard}\n{policies}"
 
 
-def settings(clean: str = "", guard: str = "", policies: str = DEFAULT_POLICIES) -> Settings:
-    return config.parse(config_text(clean, guard, policies), "test.toml")
+def settings(
+    clean: str = "", guard: str = "", policies: str = DEFAULT_POLICIES, table: str | None = None
+) -> Settings:
+    return config.parse(config_text(clean, guard, policies, table), "test.toml")
 
 
 def write_config(path: Path, text: str) -> Path:

@@ -39,11 +39,13 @@ def is_due(
     policy = binding_policy(row, settings)
     if policy is None:
         return False
-    if row["scheduled_at"] is not None and row["scheduled_at"] > now:
-        return False
     start = row[settings.clean.age_from] or row["created_at"]
-    age = now - start
+    if start is None:  # no age to measure: never due (verify reports it as undatable)
+        return False
     window = timedelta(days=policy.retention_days)
     if not is_settled(row):
+        # "never while its scheduled_at is in the future": for unsettled dispatches only
+        if row["scheduled_at"] is not None and row["scheduled_at"] > now:
+            return False
         window += timedelta(days=settings.clean.in_flight_grace_days)
-    return age > window
+    return now - start > window

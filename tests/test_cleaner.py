@@ -102,7 +102,8 @@ def dispatch_specs(draw: st.DrawFn) -> dict[str, Any]:
         "transmission_status": draw(TRANSMISSION),
         "delivery_status": draw(DELIVERY),
         "external_delivery_status": draw(EXTERNAL),
-        "scheduled": draw(st.sampled_from(["null", "past", "future", "created"])),
+        # "future" and "2099" on settled dispatches too: those are due by age alone
+        "scheduled": draw(st.sampled_from(["null", "past", "future", "2099", "created"])),
         "delivered_after": draw(st.sampled_from([None, 0, 40])),
         "cleaned": draw(st.booleans()) and draw(st.booleans()),
     }
@@ -152,6 +153,7 @@ def test_run_cleans_exactly_what_the_oracle_says(
             "null": None,
             "past": anchor - DAY,
             "future": anchor + DAY,
+            "2099": anchor + 27_000 * DAY,
             "created": created,
         }[spec["scheduled"]]
         delivered = (
@@ -357,7 +359,8 @@ def test_replace_writes_json_and_member_id_can_be_stripped(engine: Engine) -> No
     backlog(engine, 6)
     s = settings(
         clean='columns = ["content", "msisdn", "member_id"]\n'
-        'replace = { content = { redacted = true }, msisdn = "" }'
+        'replace = { content = { redacted = true }, msisdn = "" }\n'
+        'keep = { email = "a test keeps it", app_token = "a test keeps it" }'
     )
     run(engine, s)
     row = snapshot(engine)[1]

@@ -273,7 +273,7 @@ def test_run_while_another_holds_the_lock_exits_3(
     seed(engine)
     before = snapshot(engine)
     with engine.connect() as other:
-        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_key("dispatches")})
+        other.execute(text("SELECT pg_advisory_lock(:k)"), {"k": lock_key("public.dispatches")})
         other.commit()
         result = invoke("--config", str(config_file), "--database-url", upgraded, "run", "--yes")
     assert result.exit_code == 3, result.output

@@ -35,9 +35,39 @@ BAD = [
         id="replace-wrong-type",
     ),
     pytest.param(
-        "[clean]\ncolumns = ['msisdn']\nreplace = { content = {} }\n" + ONE_POLICY,
+        "[clean]\ncolumns = ['msisdn', 'email', 'app_token']\nkeep = { content = 'why' }\n"
+        "replace = { content = {} }\n" + ONE_POLICY,
         "clean.replace.content",
         id="replace-not-cleaned",
+    ),
+    pytest.param(
+        "[clean]\ncolumns = ['member_id']\nreplace = {}\n" + ONE_POLICY,
+        "clean.columns",
+        id="personal-columns-neither-stripped-nor-kept",
+    ),
+    pytest.param(
+        "[clean]\ncolumns = ['content', 'msisdn', 'email']\n" + ONE_POLICY,
+        "clean.columns",
+        id="app-token-unclassified",
+    ),
+    pytest.param(
+        "[clean]\ncolumns = ['content', 'msisdn', 'email', 'app_token']\n"
+        "keep = { msisdn = 'x' }\n" + ONE_POLICY,
+        "clean.keep.msisdn",
+        id="kept-and-stripped",
+    ),
+    pytest.param(
+        "[clean]\nkeep = { member_id = '   ' }\n" + ONE_POLICY,
+        "clean.keep.member_id",
+        id="keep-without-reason",
+    ),
+    pytest.param(
+        "[clean]\nkeep = { 'Recipient Name' = 'x' }\n" + ONE_POLICY,
+        "clean.keep",
+        id="keep-not-a-column-name",
+    ),
+    pytest.param(
+        "[acknowledged]\nhist = ''\n" + ONE_POLICY, "acknowledged.hist", id="ack-no-reason"
     ),
     pytest.param("[target]\ntable = 'Dispatches'\n" + ONE_POLICY, "target.table", id="upper-case"),
     pytest.param(

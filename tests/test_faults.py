@@ -201,7 +201,7 @@ def wait_no_backends(engine: Engine, timeout: float = 20) -> None:
 
 def in_chunk_update(backend: dict[str, Any]) -> bool:
     """A chunk's UPDATE running (planning and the audit never update the dispatches)."""
-    return backend["state"] == "active" and "UPDATE dispatches " in backend["query"]
+    return backend["state"] == "active" and "UPDATE public.dispatches " in backend["query"]
 
 
 def in_commit(backend: dict[str, Any]) -> bool:

@@ -125,8 +125,32 @@ CASES = [
     ),
     pytest.param(
         {"created_at": NOW - 200 * DAY, "scheduled_at": NOW + SEC},
+        True,
+        id="settled-scheduled-in-future-is-due-by-age",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "scheduled_at": NOW + 70_000 * DAY},
+        True,
+        id="settled-scheduled-in-2099",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "transmission_status": "failed", "scheduled_at": NOW + DAY},
+        True,
+        id="failed-send-scheduled-in-future",
+    ),
+    pytest.param(
+        {
+            "created_at": NOW - 200 * DAY,
+            "delivery_status": "pending",
+            "scheduled_at": NOW + SEC,
+        },
         False,
-        id="scheduled-in-future",
+        id="unsettled-scheduled-in-future",
+    ),
+    pytest.param(
+        {"created_at": NOW - 200 * DAY, "delivery_status": "pending", "scheduled_at": NOW},
+        True,
+        id="unsettled-scheduled-exactly-now",
     ),
     pytest.param(
         {"created_at": NOW - 200 * DAY, "scheduled_at": NOW}, True, id="scheduled-exactly-now"

@@ -359,7 +359,7 @@ def test_a_whole_run_beside_a_shard_exits_3_and_shards_run_side_by_side(
     touching nothing; shard 1/4 runs beside it. While a whole run holds the target, a
     shard exits 3."""
     cfg = write_config(tmp_path / "retention.toml", config_text())
-    with RunLock(engine, run_locks("dispatches", "0/4")) as held:
+    with RunLock(engine, run_locks("public.dispatches", "0/4")) as held:
         assert held.acquired
         whole = run_script(url_string, cfg, "run", "--yes")
         same = run_script(url_string, cfg, "run", "--yes", "--shard", "0/4")
@@ -373,7 +373,7 @@ def test_a_whole_run_beside_a_shard_exits_3_and_shards_run_side_by_side(
         shard_1 = {i for i in backlog if shard_of(i) == 1}
         assert assert_consistent(engine, backlog) == shard_1
 
-    with RunLock(engine, run_locks("dispatches", None)) as whole_lock:
+    with RunLock(engine, run_locks("public.dispatches", None)) as whole_lock:
         assert whole_lock.acquired
         blocked = run_script(url_string, cfg, "run", "--yes", "--shard", "2/4")
         assert blocked.returncode == 3, blocked.stderr

@@ -160,12 +160,18 @@ def mark_abandoned(
     conn: Connection, tables: AuditTables, target_table: str, shard: str | None = None
 ) -> list[str]:
     """Runs still `running` that our locks prove dead: for a whole run every run of the
-    target; for a shard its own earlier runs and any whole run."""
+    target; for a shard its own earlier runs and any whole run. A record names the target
+    as its run spelled it (earlier versions: as configured, `dispatches`), so the names are
+    compared as the tables they resolve to."""
     runs = tables.runs
     scope = true() if shard is None else or_(runs.c.shard.is_(None), runs.c.shard == shard)
+    same_target = or_(
+        runs.c.target_table == target_table,
+        func.to_regclass(runs.c.target_table) == func.to_regclass(target_table),
+    )
     rows = conn.execute(
         update(runs)
-        .where(runs.c.status == "running", runs.c.target_table == target_table, scope)
+        .where(runs.c.status == "running", same_target, scope)
         .values(
             status="abandoned",
             finished_at=func.now(),

@@ -33,6 +33,7 @@ from . import (
     migrate,
     output,
     shard,
+    target,
 )
 from .cleaner import Chunk, Options, Outcome, Stop
 from .planning import Plan
@@ -382,9 +383,12 @@ def _require_schema(engine: Engine, settings: config.Settings) -> None:
 
 @contextmanager
 def _database_errors() -> Iterator[None]:
-    """A database error ends the command with exit 1 and a message free of row values."""
+    """A database error ends the command with exit 1 and a message free of row values; a
+    target the job refuses (`target.TargetRefused`) with exit 2."""
     try:
         yield
+    except target.TargetRefused as exc:
+        raise UsageProblem(str(exc)) from None
     except DBAPIError as exc:
         raise click.ClickException(f"database error: {db.describe_error(exc)}") from None
 
@@ -407,7 +411,7 @@ def _bundled_settings() -> config.Settings:
 def _job(engine: Engine, *args: Any, **kwargs: Any) -> Outcome:
     try:
         return job.run(engine, *args, **kwargs)
-    except migrate.SchemaNotReady as exc:
+    except (migrate.SchemaNotReady, target.TargetRefused) as exc:
         raise UsageProblem(str(exc)) from None
 
 

@@ -2,7 +2,10 @@
 
 This module is also the one registry of what is personal data: `PERSONAL_COLUMNS` lists the
 columns of a dispatch that may be stripped, `KEPT_COLUMNS` every other column with the reason it
-stays. Nothing else in the project names those columns.
+stays. Nothing else in the project names those columns. A config classifies every personal
+column of the seed model (`SEED_PERSONAL`): stripped (`clean.columns`) or kept with a reason
+(`clean.keep`, which keeps `member_id` by default); `Settings.unclassified()` names the
+columns of a real table that are neither (CONTRACT section 7).
 
 Every way a file can be wrong raises `ConfigError` naming the file, the key and the reason,
 before any database connection exists.
@@ -10,11 +13,12 @@ before any database connection exists.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -59,7 +63,13 @@ KEPT_COLUMNS: Mapping[str, str] = {
     "cleaned_at": "timestamp: marks a cleaned dispatch, never touched again",
 }
 
-DEFAULT_CLEAN_COLUMNS = ("content", "msisdn", "email", "app_token")
+#: The seed model's personal data: each must be stripped or kept with a reason.
+SEED_PERSONAL = ("content", "msisdn", "email", "app_token")
+DEFAULT_CLEAN_COLUMNS = SEED_PERSONAL
+MEMBER_ID_REASON = (
+    "pseudonymous personal data, kept for per-member statistics and legal holds "
+    "(add it to clean.columns to strip it)"
+)
 AGE_COLUMNS = ("created_at", "updated_at", "scheduled_at", "transmitted_at", "delivered_at")
 
 TYPES = ("sms", "email", "push")
@@ -133,6 +143,10 @@ class Target(_Strict):
 
 class Clean(_Strict):
     columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS
+    #: columns that hold (or may hold) personal data and are kept on purpose: column = reason
+    keep: dict[str, Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] = Field(
+        default_factory=dict
+    )  # filled by _default_keep
     replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
     age_from: Literal["created_at", "updated_at", "scheduled_at", "transmitted_at",
                       "delivered_at"] = "created_at"  # fmt: skip
@@ -149,10 +163,42 @@ class Clean(_Strict):
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     retry_max_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _default_keep(cls, data: Any) -> Any:
+        """By default `member_id` is kept (with its reason), unless it is stripped."""
+        if isinstance(data, dict) and "keep" not in data:
+            columns = data.get("columns", DEFAULT_CLEAN_COLUMNS)
+            stripped = isinstance(columns, list | tuple) and "member_id" in columns
+            data = {**data, "keep": {} if stripped else {"member_id": MEMBER_ID_REASON}}
+        return data
+
     @field_validator("columns", mode="before")
     @classmethod
     def _list(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("keep")
+    @classmethod
+    def _keep_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for column in value:
+            if len(column) > MAX_IDENTIFIER or not IDENTIFIER.match(column):
+                raise ValueError(f"{column!r} is not a plain SQL column name")
+        return value
+
+    @model_validator(mode="after")
+    def _classified(self) -> Clean:
+        """Every personal column of the seed model is stripped or kept with a reason."""
+        for column in self.keep:
+            if column in self.columns:
+                raise ValueError(f"keep.{column}: also listed in clean.columns; choose one")
+        for column in SEED_PERSONAL:
+            if column not in self.columns and column not in self.keep:
+                raise ValueError(
+                    f"columns: {column} is personal data and would be neither stripped nor "
+                    f"kept: list it in clean.columns, or in clean.keep with the reason it stays"
+                )
+        return self
 
     @field_validator("columns")
     @classmethod
@@ -244,6 +290,11 @@ class _File(_Strict):
     clean: Clean = Field(default_factory=Clean)
     guard: Guard = Field(default_factory=Guard)
     audit: Audit = Field(default_factory=Audit)
+    #: copy risks (triggers, rules, publications, replica identity) reviewed: name = reason
+    acknowledged: dict[
+        Annotated[str, StringConstraints(min_length=1, max_length=MAX_IDENTIFIER)],
+        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)],
+    ] = Field(default_factory=dict)
     policy: tuple[Policy, ...]
 
     @field_validator("policy", mode="before")
@@ -282,10 +333,21 @@ class Settings:
     guard: Guard
     audit: Audit
     policies: tuple[Policy, ...]
+    acknowledged: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
+
+    def kept(self) -> dict[str, str]:
+        """Every column kept on purpose, with its reason: the seed model's non-personal
+        columns and `clean.keep`."""
+        return {**KEPT_COLUMNS, **self.clean.keep}
+
+    def unclassified(self, columns: Iterable[str]) -> list[str]:
+        """Of a table's `columns`, those neither stripped nor kept (in their order)."""
+        kept = self.kept()
+        return [c for c in columns if c not in self.clean.columns and c not in kept]
 
 
 def resolve_path(path: str | os.PathLike[str] | None) -> Path:
@@ -326,6 +388,7 @@ def parse(text: str, name: str = "<config>") -> Settings:
         guard=parsed.guard,
         audit=parsed.audit,
         policies=parsed.policy,
+        acknowledged=parsed.acknowledged,
     )
 
 

@@ -7,7 +7,10 @@ SQLSTATE and the names of the objects involved, because a message's DETAIL can q
 values (personal data).
 
 Every session runs in UTC with keepalives, a connect timeout and an
-`idle_in_transaction_session_timeout`, so that a stuck job cannot hold locks for long.
+`idle_in_transaction_session_timeout`, so that a stuck job cannot hold locks for long, and
+with `row_security = off`: where row-level security would hide rows from the job's role,
+PostgreSQL raises instead of filtering them out silently (`target.resolve` refuses such a
+target first, naming the fix).
 """
 
 from __future__ import annotations
@@ -87,7 +90,7 @@ def make_engine(
     connect_timeout_s: int = 10,
 ) -> Engine:
     options = (
-        f"-c TimeZone=UTC -c jit=off "
+        f"-c TimeZone=UTC -c jit=off -c row_security=off "
         f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_ms}"
     )
     connect_args: dict[str, Any] = {
@@ -112,6 +115,7 @@ def _session_defaults(dbapi_connection: Any, _record: Any) -> None:
     with dbapi_connection.cursor() as cursor:
         cursor.execute("SET TIME ZONE 'UTC'")
         cursor.execute("SET jit = off")
+        cursor.execute("SET row_security = off")
     dbapi_connection.commit()
 
 

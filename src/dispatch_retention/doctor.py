@@ -16,6 +16,7 @@ from typing import Any, Literal
 from sqlalchemy import Connection, inspect, text
 
 from . import db, indexes, migrate
+from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings
 from .grants import read_columns, write_columns
 from .schema import dispatches_table
@@ -31,12 +32,13 @@ class Finding:
 
 
 def check(conn: Connection, settings: Settings) -> list[Finding]:
+    """The findings, in one read-only snapshot. A target the job refuses (missing, a view,
+    row-level security that applies to this role) raises `target.TargetRefused` (exit 2)."""
     db.read_only(conn)
+    settings = target_module.resolve_settings(conn, settings)
     findings: list[Finding] = []
     target = settings.target
     inspector = inspect(conn)
-    if not inspector.has_table(target.table_name, schema=target.schema_name):
-        return [Finding("error", "table", f"table {target.table} does not exist")]
     columns = {c["name"]: c for c in inspector.get_columns(target.table_name, target.schema_name)}
     expected = {c.name for c in dispatches_table(target).columns}
     missing = sorted(expected - set(columns))

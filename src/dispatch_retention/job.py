@@ -4,9 +4,11 @@
 `Outcome` with a status (CONTRACT section 6) that the CLI maps to an exit code. Errors are
 logged through `db.describe_error()`, which keeps row values (personal data) out of the log.
 
-Order of a real run: the audit schema must be current (else `SchemaNotReady`, exit 2); the
-advisory lock of the target is taken on a dedicated connection (else status `locked`, exit 3,
-nothing written); runs left `running` by a dead process are marked `abandoned`; the run
+Order of a real run: the audit schema must be current (else `SchemaNotReady`, exit 2) and
+the target a table the job can see whole (`target.resolve`, else `TargetRefused`, exit 2;
+from then on the target is named by its resolved schema and name); the advisory lock of
+the target is taken on a dedicated connection (else status `locked`, exit 3, nothing
+written); runs left `running` by a dead process are marked `abandoned`; the run
 record is inserted; then plan, guard, confirmation and chunks; the record is closed last,
 through a fresh connection. A dry run checks the schema and plans, in a READ ONLY
 transaction, and writes nothing at all (no lock, no record).
@@ -21,7 +23,7 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import audit, db, migrate, retry
+from . import audit, db, migrate, retry, target
 from .cleaner import (
     Chunk,
     Cleaner,
@@ -54,7 +56,8 @@ def run(
     on_chunk: Callable[[Chunk], None] | None = None,
     fail_in_chunk: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Run (or dry-run) the job once. Raises only `migrate.SchemaNotReady`."""
+    """Run (or dry-run) the job once. Raises only `migrate.SchemaNotReady` and
+    `target.TargetRefused` (usage errors: nothing was touched)."""
     outcome = Outcome()
     rlog = log.bind(run_id=outcome.run_id)
     tables = AuditTables(settings.audit.schema_)
@@ -70,6 +73,7 @@ def run(
     try:
         with engine.connect() as conn:
             migrate.require_current(conn, tables.schema)
+            settings = target.resolve_settings(conn, settings)
         if options.dry_run:
             _plan(engine, settings, tables, outcome, stop, shard)
             outcome.status = "planned"
@@ -89,7 +93,7 @@ def run(
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
             )
-    except migrate.SchemaNotReady:
+    except (migrate.SchemaNotReady, target.TargetRefused):
         raise
     except (Interrupted, Exception) as exc:
         _ended_by(exc, outcome, rlog)

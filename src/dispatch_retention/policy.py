@@ -10,10 +10,12 @@ The rule, in the words the expressions follow:
 - every policy whose `where` matches applies, and the SHORTEST retention binds (ties: the
   first in the file); a dispatch no policy matches is never due;
 - settled (`transmission_status = 'failed'` or `delivery_status` in delivered/failed):
-  due once age > retention; anything else (including unknown status values and NULLs):
-  due once age > retention + `in_flight_grace_days`;
-- never due while `scheduled_at` is in the future, never due once `cleaned_at` is set, never
-  due while the member is under an active legal hold.
+  due once age > retention, whatever `scheduled_at` says (a delivered or failed message is
+  over; a bogus future schedule must not keep its personal data forever);
+- anything else (including unknown status values and NULLs) is unsettled: due once age >
+  retention + `in_flight_grace_days`, and never while its `scheduled_at` is in the future;
+- never due once `cleaned_at` is set, never due while the member is under an active legal
+  hold.
 
 Because the binding policy has the latest cutoff of all the policies that match a dispatch,
 "due under the binding policy" equals "due under any matching policy": the predicate is an OR
@@ -121,20 +123,28 @@ def age(table: Table, age_from: str) -> ColumnElement[datetime]:
     return func.coalesce(table.c[age_from], table.c.created_at)
 
 
+def not_scheduled_ahead(table: Table, r: Rules) -> ColumnElement[bool]:
+    """`scheduled_at` is not in the future (the rule for unsettled dispatches)."""
+    return or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now))
+
+
 def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
-    """Past its binding policy's window and not scheduled in the future (ignores cleaned_at
-    and holds: `verify` uses it to find cleaned rows that hold personal data again)."""
+    """Past its binding policy's window (ignores cleaned_at and holds: `verify` uses it to
+    find cleaned rows that hold personal data again)."""
     row_age, is_settled = age(table, r.age_from), settled(table)
+    in_time = not_scheduled_ahead(table, r)
     per_policy = [
         and_(
             matches(table, c.policy),
-            or_(row_age < _ts(c.unsettled), and_(is_settled, row_age < _ts(c.settled))),
+            or_(
+                and_(is_settled, row_age < _ts(c.settled)),
+                and_(row_age < _ts(c.unsettled), in_time),
+            ),
         )
         for c in r.cutoffs
     ]
     return and_(
         row_age < _ts(r.latest_cutoff),  # a superset bound that an index on the age can serve
-        or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now)),
         or_(*per_policy),
     )
 
@@ -171,9 +181,9 @@ def arms(table: Table, r: Rules) -> list[tuple[Cutoff, ColumnElement[bool]]]:
 def arm_past(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
     """For a row in `c`'s arm: `past_window()`, in the columns of that arm's index alone
     (the binding policy's cutoffs decide; the age bound is the arm's own)."""
-    return and_(
-        or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now)),
-        or_(age(table, r.age_from) < _ts(c.unsettled), settled(table)),
+    return or_(
+        settled(table),
+        and_(age(table, r.age_from) < _ts(c.unsettled), not_scheduled_ahead(table, r)),
     )
 
 
@@ -207,8 +217,9 @@ def arm_waiting(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
 
 
 def unmatched(table: Table, r: Rules) -> ColumnElement[bool]:
-    """No policy matches: never cleaned, reported by `verify`."""
-    return not_(or_(*(matches(table, c.policy) for c in r.cutoffs)))
+    """No policy matches: never cleaned, reported by `verify`. NULL-safe: a NULL in a
+    `where` column matches no value, so that row counts as unmatched (not as unknown)."""
+    return not_(or_(*(func.coalesce(matches(table, c.policy), false()) for c in r.cutoffs)))
 
 
 def cleaned_values(settings: Settings) -> dict[str, ColumnElement[Any]]:

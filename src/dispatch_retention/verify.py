@@ -18,7 +18,7 @@ from typing import Any
 
 from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
 
-from . import db, policy
+from . import db, policy, target
 from .config import Settings
 from .planning import database_now
 from .schema import AuditTables, dispatches_table
@@ -64,6 +64,7 @@ def verify(
     conn: Connection, settings: Settings, tables: AuditTables, tolerance_hours: float = 0
 ) -> Report:
     db.read_only(conn)
+    settings = target.resolve_settings(conn, settings)
     now = database_now(conn)
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
     table = dispatches_table(settings.target)
