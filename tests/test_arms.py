@@ -70,17 +70,18 @@ def test_a_window_inside_one_block_goes_by_ids() -> None:
     assert Windows(((0, 1), (1, 1)), arm_rows=2).sparse(0, 2 * BLOCK_IDS)
 
 
-def test_a_block_whose_planned_rows_are_cleaned_is_not_walked_further() -> None:
-    """Pinned small windows inside a block: once they cleaned the block's planned rows, the
-    next window starts at the next due block, not 8 ids further on."""
+def test_a_block_is_walked_to_its_end_whatever_the_plan_counted() -> None:
+    """Pinned small windows inside a block keep walking it after the block's planned rows
+    are cleaned (rows that became due since the plan lie there too); only an empty window's
+    lookup of the next due row (`resume_at`) or the block's end moves to the next block."""
     windows = Windows(((0, 3), (5, 2)))
-    windows.advance(8, rows=2)
+    windows.advance(8)
     assert (windows.lo, windows.i) == (8, 0)
-    windows.advance(16, rows=1)
+    windows.advance(16)
+    assert (windows.lo, windows.i) == (16, 0)
+    windows.advance(BLOCK_IDS)  # an empty window found no further due row in block 0
     assert (windows.lo, windows.i) == (5 * BLOCK_IDS, 1)
-    windows.advance(5 * BLOCK_IDS + 8, rows=0)  # a locked row left behind: keep walking
-    assert windows.lo == 5 * BLOCK_IDS + 8
-    windows.advance(6 * BLOCK_IDS, rows=2)
+    windows.advance(6 * BLOCK_IDS)
     assert windows.done
 
 
@@ -172,8 +173,13 @@ def plans(engine: Engine, s: Any) -> list[str]:
         holds = AuditTables(AUDIT_SCHEMA).holds
         stmts = planning.Statements(s, r, holds)
         return [
-            explain(conn, st, lo=0, hi=10**9)
-            for st in (stmts.plan_scan(holds), stmts.plan_scan(None), stmts.indexed_update)
+            explain(conn, st, lo=0, last=10**9)
+            for st in (
+                stmts.plan_scan(holds),
+                stmts.plan_scan(None),
+                stmts.indexed_update,
+                stmts.swept_indexed,
+            )
         ]
 
 

@@ -305,17 +305,18 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     finally:
         release.set()
         holder.join()
-    assert outcome.status == "succeeded"
+    # never `succeeded` while a due row keeps its personal data: incomplete, counted, why
+    assert (outcome.status, outcome.remaining_due_rows) == ("incomplete", 1)
+    assert outcome.remaining_reason == "locked_by_application"
     assert elapsed < 3, f"the run waited {elapsed:.1f}s on a locked row"
     after = snapshot(engine)
     assert after[10]["cleaned_at"] is None
     assert after[10]["msisdn"] is not None
     due = {i for i in after if i % 3}
     assert {i for i in after if after[i]["cleaned_at"]} == due - {10}
-    assert outcome.remaining_rows == 1
 
     nxt = run(engine, s)
-    assert nxt.rows_cleaned == 1
+    assert (nxt.rows_cleaned, nxt.status, nxt.remaining_due_rows) == (1, "succeeded", 0)
     assert snapshot(engine)[10]["cleaned_at"] is not None
 
 
@@ -391,7 +392,8 @@ def test_only_chunks_commit_without_waiting_for_the_disk(engine: Engine) -> None
         for i, (s, p) in enumerate(statements)
         if "set_config" in s and "'synchronous_commit'" in p and "'off'" in p
     ]
+    # one transaction per window (an empty one, rolled back, records no chunk)
     updates = [i for i, (s, _) in enumerate(statements) if s.lstrip().startswith("WITH cleaned AS")]
-    assert len(relaxed) == len(updates) == outcome.chunks
+    assert len(relaxed) == len(updates) >= outcome.chunks
     assert all(r < u for r, u in zip(relaxed, updates, strict=True))
     assert not any("synchronous_commit" in s + p for s, p in statements[updates[-1] + 1 :])

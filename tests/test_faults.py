@@ -826,7 +826,9 @@ def test_rows_locked_by_another_session_are_skipped_without_waiting(
         planned["timestamp"]
     )
     assert took < timedelta(seconds=2), f"the run waited on locked rows ({took})"
-    assert (finished["status"], finished["remaining_due_rows"]) == ("succeeded", len(held))
+    # never `succeeded` while due rows keep their data: incomplete (exit 0), counted, why
+    assert (finished["status"], finished["remaining_due_rows"]) == ("incomplete", len(held))
+    assert finished["remaining_reason"] == "locked_by_application"
     assert any(e["skipped_locked"] for e in job.events("chunk_committed"))
     assert assert_consistent(probe, due) == due - set(held)
     assert remaining_due(probe, due) == len(held)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Sequence
 from datetime import date, datetime
 from importlib.metadata import version
 from typing import Any
@@ -37,6 +38,7 @@ from sqlalchemy import (
 from .cleaner import Chunk, Options, Outcome
 from .config import Settings
 from .planning import Plan
+from .risks import Risk
 from .schema import AuditTables
 
 TRIGGER_ENV = "DISPATCH_RETENTION_TRIGGER"
@@ -70,7 +72,13 @@ class RunRecord:
         # Built once: a chunk's record then costs no statement building, only its values.
         self._insert_chunk = insert(tables.chunks).values(run_id=run_id)
 
-    def start(self, settings: Settings, options: Options, shard: str | None = None) -> None:
+    def start(
+        self,
+        settings: Settings,
+        options: Options,
+        shard: str | None = None,
+        copy_risks: Sequence[Risk] = (),
+    ) -> None:
         runs = self.tables.runs
         with self.engine.begin() as conn:
             conn.execute(
@@ -92,6 +100,7 @@ class RunRecord:
                     config_path=settings.path,
                     config_sha256=settings.sha256,
                     config_text=settings.text,
+                    copy_risks=[r.as_dict() for r in copy_risks],
                 )
             )
 
@@ -116,6 +125,7 @@ class RunRecord:
                 "cleaned_at": chunk.cleaned_at,
                 "by_policy": chunk.by_policy,
                 "skipped_locked": chunk.skipped_locked,
+                "kind": chunk.kind,
             },
         )
 
@@ -145,6 +155,8 @@ class RunRecord:
             stopped_by=outcome.stopped_by
             or (f"signal {outcome.signum}" if outcome.signum else None),
             error=outcome.error,
+            remaining_due_rows=outcome.remaining_due_rows,
+            remaining_reason=outcome.remaining_reason,
         )
 
     def _update(self, *, open_only: bool = False, **values: Any) -> bool:
@@ -187,10 +199,12 @@ def mark_abandoned(
 
 def _totals(tables: AuditTables) -> Any:
     chunks = tables.chunks
+    clean = chunks.c.kind == "clean"
     return (
         select(
             chunks.c.run_id,
-            func.coalesce(func.sum(chunks.c.rows), 0).label("rows_cleaned"),
+            func.coalesce(func.sum(chunks.c.rows).filter(clean), 0).label("rows_cleaned"),
+            func.coalesce(func.sum(chunks.c.rows).filter(~clean), 0).label("rows_recleaned"),
             func.count().label("chunks"),
         )
         .group_by(chunks.c.run_id)
@@ -206,6 +220,7 @@ def list_runs(
         select(
             runs,
             func.coalesce(totals.c.rows_cleaned, 0).label("rows_cleaned"),
+            func.coalesce(totals.c.rows_recleaned, 0).label("rows_recleaned"),
             func.coalesce(totals.c.chunks, 0).label("chunks"),
         )
         .select_from(runs.outerjoin(totals, totals.c.run_id == runs.c.run_id))
@@ -228,19 +243,28 @@ def show_run(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, An
         for name, rows in conn.execute(
             select(each.c.key, func.sum(cast(each.c.value, BigInteger)))
             .select_from(chunks.join(each, true()))
-            .where(chunks.c.run_id == run_id)
+            .where(chunks.c.run_id == run_id, chunks.c.kind == "clean")
             .group_by(each.c.key)
         )
     }
+    clean = chunks.c.kind == "clean"
     stats = conn.execute(
         select(
-            func.coalesce(func.sum(chunks.c.rows), 0),
+            func.coalesce(func.sum(chunks.c.rows).filter(clean), 0),
             func.count(),
             func.min(chunks.c.cleaned_at),
             func.max(chunks.c.cleaned_at),
+            func.coalesce(func.sum(chunks.c.rows).filter(~clean), 0),
         ).where(chunks.c.run_id == run_id)
     ).one()
-    document = _run_dict({**row, "rows_cleaned": int(stats[0]), "chunks": int(stats[1])})
+    document = _run_dict(
+        {
+            **row,
+            "rows_cleaned": int(stats[0]),
+            "chunks": int(stats[1]),
+            "rows_recleaned": int(stats[4]),
+        }
+    )
     document["first_chunk_at"], document["last_chunk_at"] = stats[2], stats[3]
     document["policies"] = [
         {
@@ -265,6 +289,7 @@ def _run_dict(row: Any) -> dict[str, Any]:
         "started_at": row["started_at"],
         "finished_at": row["finished_at"],
         "rows_cleaned": int(row["rows_cleaned"]),
+        "rows_recleaned": int(row["rows_recleaned"]),
         "chunks": int(row["chunks"]),
         "due_rows": row["due_rows"],
         "held_rows": row["held_rows"],
@@ -280,6 +305,9 @@ def _run_dict(row: Any) -> dict[str, Any]:
         "options": row["options"],
         "stopped_by": row["stopped_by"],
         "error": row["error"],
+        "remaining_due_rows": row["remaining_due_rows"],
+        "remaining_reason": row["remaining_reason"],
+        "copy_risks": row["copy_risks"],
     }
     return out
 

@@ -5,8 +5,17 @@ the database clock when the run planned; any column but those in `clean.columns`
 `cleaned_at` and `updated_at`; any row whose `cleaned_at` is set. It never deletes a row.
 
 Transactions: planning is one READ ONLY transaction. Each chunk is one transaction, begun in
-`_clean_window()` and nowhere else: one UPDATE ... RETURNING over an id window, the chunk's
-audit record (when a recorder is given) and COMMIT. Nothing spans two chunks.
+`_transaction()` and nowhere else: one UPDATE ... RETURNING over an id window, then the
+sweep of the same window (`Statements.swept_range` / `swept_indexed`: what is still due
+there is locked and cleaned, so rows that became due meanwhile are taken too, and a due row
+that the UPDATE left alone, because a trigger or rule skipped it, is counted in
+`Chunk.missed`), the chunk's audit record (when a recorder is given) and COMMIT. Nothing
+spans two chunks. A chunk with missed rows commits what it did clean, then fails the run.
+
+When the walk is done, the run counts what is still due at its own cutoffs (`recount`, a
+read-only plan); rows that became due while it ran get one more walk; only a count of zero
+is `succeeded`. Otherwise the run is `incomplete` with the count and the reason
+(`Outcome.remaining_due_rows`, `remaining_reason`).
 
 Why it is safe to interrupt: a chunk commits whole or not at all, and every row it cleaned
 carries that transaction's `now()` in `cleaned_at`; a later run simply finds the rows that
@@ -39,13 +48,14 @@ from datetime import datetime
 from typing import Any, Protocol
 
 import structlog
-from sqlalchemy import Connection, Engine, Select, Table
+from sqlalchemy import CompoundSelect, Connection, Engine, Select, Table
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
 from . import db, retry, sizing
 from .config import Settings
-from .planning import Plan, Statements, Windows
+from .planning import Plan, Statements, Windows, window_params
+from .risks import Risk
 from .shard import Shard
 
 log = structlog.get_logger("dispatch_retention")
@@ -69,6 +79,11 @@ class Chunk:
     #: an empty window: the id the next window starts at (the block's next due row, or
     #: the block's end), so that small windows do not walk a block row by row
     resume_at: int | None = None
+    #: due rows the sweep locked that its UPDATE did not clean (a trigger or rule skipped
+    #: them): the run fails
+    missed: int = 0
+    #: "clean", or "reclean" for written-back rows stripped again (`reclean.py`)
+    kind: str = "clean"
 
 
 @dataclass
@@ -80,23 +95,42 @@ class Outcome:
     status: str = "running"
     plan: Plan | None = None
     rows_cleaned: int = 0
+    #: written-back rows stripped again by `run --reclean` (not in rows_cleaned)
+    rows_recleaned: int = 0
     by_policy: Counter[str] = field(default_factory=Counter)
     chunks: int = 0
     signum: int | None = None
     error: str | None = None
     stopped_by: str | None = None
+    #: due rows left at the end, counted at the run's own cutoffs (None: not counted)
+    remaining_due_rows: int | None = None
+    #: why rows are left: comma-separated `REMAINING_REASONS`
+    remaining_reason: str | None = None
+    #: what the sweeps found left alone by a trigger or rule (the run then fails)
+    missed_rows: int = 0
+    #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
+    copy_risks: list[Risk] = field(default_factory=list)
 
-    @property
-    def remaining_rows(self) -> int | None:
-        return None if self.plan is None else max(self.plan.due_rows - self.rows_cleaned, 0)
+
+#: Why a run can end with due rows left: a budget, rows the application holds locked, rows
+#: that became due during the run after the walk had passed them.
+REMAINING_REASONS = ("max_rows", "max_runtime", "locked_by_application", "became_due_during_run")
 
 
 @dataclass(frozen=True)
 class Options:
     dry_run: bool = False
+    #: after the walk, strip written-back rows again (`reclean.py`)
+    reclean: bool = False
     chunk_size: int | None = None
     max_rows: int | None = None
     max_runtime_s: float | None = None
+
+
+class Recount(Protocol):
+    """Counts what is due at the run's own cutoffs now (a read-only plan with its rules)."""
+
+    def __call__(self) -> Plan: ...
 
 
 class Recorder(Protocol):
@@ -176,6 +210,8 @@ class Cleaner:
         on_chunk: Callable[[Chunk], None] | None = None,
         before_chunk: Callable[[], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
+        recount: Recount | None = None,
+        skipped_by: Callable[[], str] | None = None,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
@@ -184,47 +220,124 @@ class Cleaner:
         self.recorder, self.on_chunk = recorder, on_chunk
         self.before_chunk = before_chunk  # proves the run lock is still held
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
+        self.recount = recount  # the end count; None: trust the walk (unit tests only)
+        self.skipped_by = skipped_by  # names the triggers and rules that may skip rows
+        self.skipped_locked_rows = False
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
 
     def run(self) -> None:
+        """Walk the plan's due blocks; then count what is still due and, where rows became
+        due while the walk ran, walk once more; end `succeeded` only on a count of zero."""
+        outcome = self.outcome
+        if not self._walk(self.plan):
+            return
+        if self.recount is None:
+            outcome.status = "succeeded"
+            return
+        left = self.recount()
+        if left.due_rows and not self._stopped():
+            self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
+            if not self._walk(left):
+                return
+            left = self.recount()
+        self._ended(left.due_rows)
+
+    def _walk(self, plan: Plan) -> bool:
+        """Clean the plan's blocks; False when the run ended on the way (a signal, a budget
+        or a chunk whose sweep found rows left alone), with the outcome set."""
         outcome, clean = self.outcome, self.settings.clean
-        budget = self._row_budget()
-        plan = self.plan
         arm_rows = plan.arm_rows if plan.through_indexes else None
         windows = self.windows = Windows(plan.blocks, arm_rows)
+        self.skipped_locked_rows = False  # of this walk: what the end count's reason says
         while not windows.done:
-            if self.stop.requested:
-                outcome.status, outcome.signum = "interrupted", self.stop.signum
-                return
-            left = None if budget is None else budget - outcome.rows_cleaned
-            if left is not None and left <= 0:
-                outcome.status, outcome.stopped_by = "incomplete", "max_rows"
-                return
-            if (
-                self.options.max_runtime_s is not None
-                and time.monotonic() - outcome.started >= self.options.max_runtime_s
-            ):
-                outcome.status, outcome.stopped_by = "incomplete", "max_runtime"
-                return
+            if self._stopped():
+                return self._stop_here()
             if self.before_chunk is not None:
                 self.before_chunk()
+            left = self._rows_left()
             lo, hi = windows.peek(self.size if left is None else min(self.size, left))
             for cap in (self.options.chunk_size, left):  # rows <= ids: a hard upper bound
                 if cap is not None:
                     hi = min(hi, lo + cap)
             chunk = self._clean_window(outcome.chunks + 1, lo, hi)
             resume = chunk.last_id + 1 if chunk.resume_at is None else chunk.resume_at
-            windows.advance(resume, chunk.rows)
+            windows.advance(resume)
             if chunk.rows:
                 self._committed(chunk)
-                if clean.pause_between_chunks_ms:
-                    self._pause(clean.pause_between_chunks_ms / 1000)
+            if chunk.missed:
+                self._missed(chunk)
+                return False
+            if chunk.rows and clean.pause_between_chunks_ms:
+                self._pause(clean.pause_between_chunks_ms / 1000)
         if self.stop.requested:  # arrived during the last chunk, which committed
+            return self._stop_here()
+        return True
+
+    def _rows_left(self) -> int | None:
+        budget = self._row_budget()
+        return None if budget is None else budget - self.outcome.rows_cleaned
+
+    def _stopped(self) -> bool:
+        """A signal, or a row or time budget used up."""
+        left = self._rows_left()
+        runtime = self.options.max_runtime_s
+        return (
+            self.stop.requested
+            or (left is not None and left <= 0)
+            or (runtime is not None and time.monotonic() - self.outcome.started >= runtime)
+        )
+
+    def _stop_here(self) -> bool:
+        """End the run where the walk stands: interrupted by a signal, else incomplete on a
+        budget (with the count of what is left, when a recount is possible)."""
+        outcome = self.outcome
+        if self.stop.requested:
             outcome.status, outcome.signum = "interrupted", self.stop.signum
+            return False
+        left = self._rows_left()
+        outcome.stopped_by = "max_rows" if left is not None and left <= 0 else "max_runtime"
+        if self.recount is None:
+            outcome.status = "incomplete"
+        else:
+            self._ended(self.recount().due_rows)
+        return False
+
+    def _ended(self, remaining: int) -> None:
+        """The end count decides: `succeeded` at zero, else `incomplete` with the reason."""
+        outcome = self.outcome
+        outcome.remaining_due_rows = remaining
+        if remaining == 0:
+            outcome.status = "succeeded"
             return
-        outcome.status = "succeeded"
+        reasons = [outcome.stopped_by] if outcome.stopped_by else []
+        if self.skipped_locked_rows:
+            reasons.append("locked_by_application")
+        if not reasons:
+            reasons.append("became_due_during_run")
+        outcome.status, outcome.remaining_reason = "incomplete", ",".join(reasons)
+
+    def _missed(self, chunk: Chunk) -> None:
+        """A sweep locked due rows that its UPDATE did not clean: a trigger or rule skipped
+        them. The chunk committed what it cleaned; the run fails, loudly."""
+        outcome = self.outcome
+        outcome.missed_rows += chunk.missed
+        names = self.skipped_by() if self.skipped_by is not None else "unknown"
+        outcome.status = "failed"
+        outcome.error = (
+            f"{chunk.missed} due rows with ids in [{chunk.first_id}, {chunk.last_id}] were "
+            f"left as they were by the cleaning UPDATE: a trigger or rule on the table skipped "
+            f"them ({names}); `db check` lists them"
+        )
+        self.log.error(
+            "rows_not_cleaned",
+            seq=chunk.seq,
+            first_id=chunk.first_id,
+            last_id=chunk.last_id,
+            missed=chunk.missed,
+            skipped_by=names,
+        )
 
     def _committed(self, chunk: Chunk) -> None:
         outcome, clean = self.outcome, self.settings.clean
@@ -314,27 +427,27 @@ class Cleaner:
             raise retry.exhausted(exc, clean, f"chunk {seq}") from None
 
     def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
-        clean = self.settings.clean
+        clean, stmts = self.settings.clean, self.stmts
         t0 = time.monotonic()
         indexed = self.windows is not None and self.windows.sparse(lo, hi)
+        swept = stmts.swept_indexed if indexed else stmts.swept_range
         try:
             chunk = self._transaction(
-                self.stmts.indexed_update if indexed else self.stmts.range_update, seq, lo,
-                hi, min(clean.row_lock_wait_ms, clean.lock_timeout_ms), False, indexed,
+                (stmts.indexed_update if indexed else stmts.range_update, swept), seq, lo, hi,
+                min(clean.row_lock_wait_ms, clean.lock_timeout_ms), False, indexed,
             )  # fmt: skip
         except DBAPIError as exc:
             if not db.is_lock_timeout(exc):
                 raise
             # A row (or the table) is locked by someone else: redo this window without
             # waiting for locked rows; a table lock still waits up to lock_timeout.
-            chunk = self._transaction(
-                self.stmts.skip_locked_update, seq, lo, hi, clean.lock_timeout_ms, True
-            )
+            chunk = self._transaction((swept,), seq, lo, hi, clean.lock_timeout_ms, True, indexed)
+            self.skipped_locked_rows = True
         return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
 
     def _transaction(
         self,
-        statement: Select[Any],
+        statements: tuple[Select[Any] | CompoundSelect[Any], ...],
         seq: int,
         lo: int,
         hi: int,
@@ -343,6 +456,7 @@ class Cleaner:
         indexed: bool = False,
     ) -> Chunk:
         """The one place a chunk's transaction begins and ends."""
+        params = window_params(lo, hi)
         with self.engine.connect() as conn:
             transaction = conn.begin()
             db.set_local(
@@ -354,21 +468,30 @@ class Cleaner:
                 **db.COMMIT_WITHOUT_WAITING_FOR_DISK,
                 **(db.INDEX_SCANS if indexed else {}),
             )
-            by_policy: dict[str, int] = {}
-            cleaned_at = None
-            for name, rows, stamp in conn.execute(statement, {"lo": lo, "hi": hi}):
-                by_policy[name] = int(rows)
-                cleaned_at = stamp
+            by_policy: Counter[str] = Counter()
+            cleaned_at, missed = None, 0
+            for statement in statements:
+                locked, cleaned = None, 0
+                for name, rows, stamp in conn.execute(statement, params):
+                    if name is None:  # a sweep: how many due rows it locked
+                        locked = int(rows)
+                        continue
+                    by_policy[name] += int(rows)
+                    cleaned += int(rows)
+                    cleaned_at = stamp
+                if locked is not None:
+                    missed += max(locked - cleaned, 0)
             chunk = Chunk(
                 seq=seq,
-                first_id=lo,
-                last_id=hi - 1,
+                first_id=params["lo"],
+                last_id=params["last"],
                 rows=sum(by_policy.values()),
-                by_policy=by_policy,
+                by_policy=dict(by_policy),
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
                 skipped_locked=skipped_locked,
                 indexed=indexed,
+                missed=missed,
             )
             if chunk.rows and self.recorder is not None:
                 self.recorder.record_chunk(conn, chunk)
@@ -376,8 +499,8 @@ class Cleaner:
                 self.fail_in_chunk(seq)
             if not chunk.rows:
                 end = hi if self.windows is None or self.windows.done else self.windows.block_end()
-                if hi < end:
-                    found = conn.execute(self.stmts.next_due, {"lo": hi, "hi": end}).scalar()
+                if hi < end and not missed:
+                    found = conn.execute(self.stmts.next_due, window_params(hi, end)).scalar()
                     chunk = replace(chunk, resume_at=end if found is None else int(found))
                 transaction.rollback()
                 return chunk

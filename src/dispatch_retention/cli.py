@@ -35,6 +35,9 @@ from . import (
     shard,
     target,
 )
+from . import (
+    reclean as reclean_module,
+)
 from .cleaner import Chunk, Options, Outcome, Stop
 from .planning import Plan
 from .schema import AuditTables
@@ -122,6 +125,12 @@ def cli(
 @click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
 @click.option("--force", is_flag=True, help="Proceed although guard.refuse_above_rows trips.")
 @click.option(
+    "--reclean",
+    is_flag=True,
+    help="Also strip again cleaned rows whose personal data was written back (verify's "
+    "written_back_rows); needs SELECT on the personal columns.",
+)
+@click.option(
     "--chunk-size",
     type=click.IntRange(1, 1_000_000),
     help="At most N rows per chunk, fixed for this run (default: clean.chunk_size, adaptive).",
@@ -145,6 +154,7 @@ def run(
     dry_run: bool,
     yes: bool,
     force: bool,
+    reclean: bool,
     chunk_size: int | None,
     max_rows: int | None,
     max_runtime: float | None,
@@ -158,7 +168,11 @@ def run(
     settings, engine = state.settings(), state.engine()
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     options = Options(
-        dry_run=dry_run, chunk_size=chunk_size, max_rows=max_rows, max_runtime_s=max_runtime
+        dry_run=dry_run,
+        reclean=reclean,
+        chunk_size=chunk_size,
+        max_rows=max_rows,
+        max_runtime_s=max_runtime,
     )
     with _signals() as stop, _progress(interactive and not dry_run) as progress:
         outcome = _job(
@@ -219,13 +233,19 @@ def demo(state: State, rows: int) -> None:
     show_default=True,
     help="Allow rows whose window passed less than this long ago (the time between runs).",
 )
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Count anomalies (undatable, future-scheduled and written-back rows) as violations: "
+    "exit 5 when there is any.",
+)
 @click.pass_obj
-def verify(state: State, fmt: str, tolerance_hours: float) -> None:
+def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None:
     """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
     from .verify import verify as check
 
     with _audit_session(state) as (conn, settings, tables), conn.begin():
-        report = check(conn, settings, tables, tolerance_hours)
+        report = check(conn, settings, tables, tolerance_hours, strict=strict)
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
     sys.exit(EXIT_OK if report.ok else EXIT_VIOLATIONS)
 
@@ -338,10 +358,15 @@ def db_upgrade(state: State) -> None:
 
 
 @db_group.command("check")
-@click.option("--strict", is_flag=True, help="Exit 1 on warnings too.")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 on warnings too (unacknowledged copy risks and unclassified columns among them).",
+)
 @click.pass_obj
 def db_check(state: State, strict: bool) -> None:
-    """Check the table, columns, supporting index, autovacuum and the role's rights."""
+    """Check the table, its columns, copy risks, supporting index, autovacuum and the role's
+    rights."""
     from . import doctor
 
     settings, engine = state.settings(), state.engine()
@@ -411,7 +436,7 @@ def _bundled_settings() -> config.Settings:
 def _job(engine: Engine, *args: Any, **kwargs: Any) -> Outcome:
     try:
         return job.run(engine, *args, **kwargs)
-    except (migrate.SchemaNotReady, target.TargetRefused) as exc:
+    except (migrate.SchemaNotReady, target.TargetRefused, reclean_module.RecleanRefused) as exc:
         raise UsageProblem(str(exc)) from None
 
 

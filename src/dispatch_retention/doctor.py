@@ -1,11 +1,15 @@
 """`db check`: is this database ready for the job, and is the job's role no mightier than it
 needs to be? Read-only.
 
-Each finding is `ok`, `warn` (works, but slowly or with more rights than needed) or `error`
-(the run would fail or could not be trusted). Checks: the dispatches table and every column
-the job uses; NOT NULL columns that cleaning would set to NULL; the supporting partial index
-(with the exact CREATE INDEX CONCURRENTLY statement when it is missing); the audit schema's
-revision; the table's autovacuum settings and last (auto)vacuum; the current role's rights.
+Each finding is `ok`, `warn` (works, but slowly, with more rights than needed, or with
+something not yet reviewed) or `error` (the run would fail or could not be trusted). Checks:
+the dispatches table and every column the job uses; NOT NULL columns that cleaning would set
+to NULL; the copy risks of the table (risks.py: triggers, rules, publications, REPLICA
+IDENTITY FULL), a warn until named in `[acknowledged]`, and names there that match none;
+columns neither stripped nor kept (a warn); the supporting partial index (with the exact
+CREATE INDEX CONCURRENTLY statement when it is missing); the audit schema's revision; the
+table's autovacuum settings and last (auto)vacuum; the current role's rights. `db check
+--strict` fails on any warn.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, inspect, text
 
-from . import db, indexes, migrate
+from . import db, indexes, migrate, risks
 from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings
 from .grants import read_columns, write_columns
@@ -58,11 +62,82 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
                     f"give clean.replace a value for it",
                 )
             )
+    findings += _copy_risks(conn, settings)
+    findings.append(_classification(settings, list(columns)))
     findings += _indexes(conn, settings)
     findings.append(_schema(conn, settings))
     findings += _vacuum(conn, settings)
-    findings += _privileges(conn, settings)
+    findings += _privileges(conn, settings, set(columns))
     return findings
+
+
+def _copy_risks(conn: Connection, settings: Settings) -> list[Finding]:
+    """One finding per copy risk (warn until acknowledged), one per stale acknowledgement."""
+    table = settings.target.table
+    found = risks.copy_risks(conn, settings)
+    findings = []
+    for risk in found:
+        if risk.kind == "trigger":
+            label = f"trigger {risk.name} ({risk.when} UPDATE)"
+        elif risk.kind == risks.REPLICA_IDENTITY:
+            label = f"REPLICA IDENTITY FULL on {table}"
+        else:
+            label = f"{risk.kind} {risk.name}"
+        if risk.acknowledged is None:
+            findings.append(
+                Finding(
+                    "warn",
+                    "copy risk",
+                    f"{label}: {risk.detail} — review it, then add "
+                    f'{risk.name} = "<reason>" under [acknowledged]',
+                )
+            )
+        else:
+            findings.append(
+                Finding(
+                    "ok", "copy risk", f"{label}: {risk.detail}; acknowledged: {risk.acknowledged}"
+                )
+            )
+    if not found:
+        findings.append(
+            Finding(
+                "ok",
+                "copy risk",
+                f"no trigger or rule fires on UPDATE of {table}, no publication sends its "
+                "updates, its replica identity is not FULL",
+            )
+        )
+    for name in risks.stale_acknowledgements(settings, found):
+        findings.append(
+            Finding(
+                "warn",
+                "acknowledged",
+                f"{name} matches no copy risk of {table} (no such trigger or rule on UPDATE, "
+                f"no such publication of its updates; {risks.REPLICA_IDENTITY} only while "
+                "REPLICA IDENTITY is FULL): remove it from [acknowledged] or correct the name",
+            )
+        )
+    return findings
+
+
+def _classification(settings: Settings, columns: list[str]) -> Finding:
+    """Every column of the table is stripped (clean.columns) or kept with a reason."""
+    table = settings.target.table
+    unclassified = settings.unclassified(columns)
+    if not unclassified:
+        return Finding(
+            "ok",
+            "column classification",
+            f"every column of {table} is stripped (clean.columns) or kept with a reason",
+        )
+    return Finding(
+        "warn",
+        "column classification",
+        f"columns of {table} neither stripped nor kept: {', '.join(unclassified)}. Decide "
+        "whether each holds personal data, then list it in clean.keep with the reason it "
+        "stays (a clean.keep you write replaces the default, which keeps member_id); the job "
+        "cannot strip such columns yet",
+    )
 
 
 def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
@@ -123,8 +198,9 @@ def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
     ]
 
 
-def _privileges(conn: Connection, settings: Settings) -> list[Finding]:
-    """Compare the current role's rights with what `run` needs (grants.py)."""
+def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list[Finding]:
+    """Compare the current role's rights with what `run` needs (grants.py), on the columns
+    the table has (`present`; a missing one is the `columns` check's error)."""
     table = settings.target.table
     role: dict[str, Any] = dict(
         conn.execute(
@@ -155,8 +231,8 @@ def _privileges(conn: Connection, settings: Settings) -> list[Finding]:
         return bool(conn.execute(text(query), {"t": table, "c": column, "p": privilege}).scalar())
 
     needed_write = set(write_columns(settings))
-    lacking = [c for c in write_columns(settings) if not has("UPDATE", c)]
-    lacking += [c for c in read_columns(settings) if not has("SELECT", c)]
+    lacking = [c for c in write_columns(settings) if c in present and not has("UPDATE", c)]
+    lacking += [c for c in read_columns(settings) if c in present and not has("SELECT", c)]
     if lacking:
         findings.append(
             Finding(
@@ -166,9 +242,10 @@ def _privileges(conn: Connection, settings: Settings) -> list[Finding]:
             )
         )
     extra = [p for p in ("DELETE", "TRUNCATE", "INSERT") if has(p)]
-    all_columns = [c.name for c in dispatches_table(settings.target).columns]
+    all_columns = [c.name for c in dispatches_table(settings.target).columns if c.name in present]
     extra += [f"UPDATE({c})" for c in all_columns if c not in needed_write and has("UPDATE", c)]
-    extra += [f"SELECT({c})" for c in PERSONAL_COLUMNS if c != "member_id" and has("SELECT", c)]
+    personal = [c for c in PERSONAL_COLUMNS if c != "member_id" and c in present]
+    extra += [f"SELECT({c})" for c in personal if has("SELECT", c)]
     if extra:
         findings.append(
             Finding(

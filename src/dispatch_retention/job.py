@@ -19,11 +19,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import structlog
-from sqlalchemy import Engine
+from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import audit, db, migrate, retry, target
+from . import audit, db, migrate, policy, reclean, retry, risks, target
 from .cleaner import (
     Chunk,
     Cleaner,
@@ -74,6 +74,9 @@ def run(
         with engine.connect() as conn:
             migrate.require_current(conn, tables.schema)
             settings = target.resolve_settings(conn, settings)
+            if options.reclean and not options.dry_run:
+                reclean.require_rights(conn, settings)
+            _copy_risks(conn, settings, outcome, rlog)
         if options.dry_run:
             _plan(engine, settings, tables, outcome, stop, shard)
             outcome.status = "planned"
@@ -93,7 +96,7 @@ def run(
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
             )
-    except (migrate.SchemaNotReady, target.TargetRefused):
+    except (migrate.SchemaNotReady, target.TargetRefused, reclean.RecleanRefused):
         raise
     except (Interrupted, Exception) as exc:
         _ended_by(exc, outcome, rlog)
@@ -108,10 +111,14 @@ def _plan(
     outcome: Outcome,
     stop: Stop,
     shard: Shard | None,
+    rules: policy.Rules | None = None,
 ) -> Plan:
+    """The plan (`rules` None: cutoffs from the database clock), or with `rules` the end
+    count at the run's own cutoffs; retried like a chunk."""
+
     def attempt() -> Plan:
         with stop.interruptible(), engine.connect() as conn, conn.begin():
-            return make_plan(conn, settings, tables.holds, shard)
+            return make_plan(conn, settings, tables.holds, shard, rules)
 
     def before_sleep(state: RetryCallState) -> None:
         exc = state.outcome.exception() if state.outcome else None
@@ -129,6 +136,9 @@ def _plan(
         if not retry.retryable(exc):
             raise
         raise retry.exhausted(exc, settings.clean, "planning") from None
+    if rules is not None:
+        log.info("recount", run_id=outcome.run_id, due_rows=plan.due_rows)
+        return plan
     outcome.plan = plan
     log.info("plan", run_id=outcome.run_id, **plan.as_dict())
     if not plan.through_indexes:
@@ -169,7 +179,7 @@ def _locked_run(
         if abandoned:
             rlog.warning("runs_abandoned", run_ids=abandoned)
         record = audit.RunRecord(engine, tables, outcome.run_id)
-        record.start(settings, options, shard_name)
+        record.start(settings, options, shard_name, outcome.copy_risks)
         try:
             plan = _plan(engine, settings, tables, outcome, stop, shard)
             record.planned(plan)
@@ -198,7 +208,25 @@ def _locked_run(
                     before_chunk=lambda: _keep(lock, settings, stop, rlog),
                     on_chunk=on_chunk,
                     fail_in_chunk=fail_in_chunk,
+                    recount=lambda: _plan(
+                        engine, settings, tables, outcome, stop, shard, plan.rules
+                    ),
+                    skipped_by=lambda: _skipping(outcome),
                 ).run()
+                if options.reclean and outcome.status in ("succeeded", "incomplete"):
+                    reclean.Recleaner(
+                        engine,
+                        settings,
+                        plan.rules,
+                        outcome=outcome,
+                        stop=stop,
+                        size=options.chunk_size or settings.clean.chunk_size,
+                        holds=tables.holds,
+                        shard=shard,
+                        recorder=record,
+                        log=rlog,
+                        before_chunk=lambda: _keep(lock, settings, stop, rlog),
+                    ).run()
         except (Interrupted, Exception) as exc:
             _ended_by(exc, outcome, rlog)
         finally:
@@ -259,6 +287,23 @@ def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
             outcome.error = "could not close the run record: " + db.describe_error(exc)
 
 
+def _copy_risks(conn: Connection, settings: Settings, outcome: Outcome, rlog: Logger) -> None:
+    """Log each place the cleaning UPDATE may copy personal data to or write it back from
+    (`risks.copy_risks`), once per run; the run record keeps them (`Outcome.copy_risks`)."""
+    outcome.copy_risks = risks.copy_risks(conn, settings)
+    for risk in outcome.copy_risks:
+        if risk.acknowledged is None:
+            rlog.warning("copy_risk", **risk.as_dict(), hint="review it; `db check` explains")
+        else:
+            rlog.info("copy_risk", **risk.as_dict())
+
+
+def _skipping(outcome: Outcome) -> str:
+    """The triggers and rules on the target that can leave a row of the UPDATE as it was."""
+    found = risks.skipping(outcome.copy_risks)
+    return ", ".join(f"{r.kind} {r.name}" for r in found) or "none found in the catalog"
+
+
 def _refused(settings: Settings, plan: Plan, force: bool) -> bool:
     limit = settings.guard.refuse_above_rows
     return bool(limit) and plan.due_rows > limit and not force
@@ -275,10 +320,14 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
         "rows_cleaned": outcome.rows_cleaned,
         "by_policy": dict(outcome.by_policy),
         "chunks": outcome.chunks,
-        "remaining_due_rows": outcome.remaining_rows,
+        "remaining_due_rows": outcome.remaining_due_rows,
     }
+    if outcome.rows_recleaned:
+        fields["rows_recleaned"] = outcome.rows_recleaned
     if outcome.stopped_by:
         fields["stopped_by"] = outcome.stopped_by
+    if outcome.remaining_reason:
+        fields["remaining_reason"] = outcome.remaining_reason
     if outcome.status == "failed":
         rlog.error("run_failed", error=outcome.error, **fields)
     elif outcome.status == "interrupted":

@@ -48,10 +48,11 @@ def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
         "Wall time of the last run.",
         registry=registry,
     ).set(duration_s)
-    remaining = outcome.remaining_rows
+    remaining = outcome.remaining_due_rows
     Gauge(
         "dispatch_retention_due_rows_remaining",
-        "Dispatches still due after the last run (as planned minus cleaned).",
+        "Dispatches still due at the end of the last run, counted at its cutoffs (-1: not "
+        "counted).",
         registry=registry,
     ).set(-1 if remaining is None else remaining)
     status = Gauge(

@@ -78,8 +78,12 @@ def outcome_text(outcome: Outcome) -> str:
     if rows:
         lines += [table(["policy", "cleaned"], rows), ""]
     lines.append(f"cleaned in total: {outcome.rows_cleaned} in {outcome.chunks} chunks")
-    if outcome.remaining_rows is not None:
-        lines.append(f"still due:        {outcome.remaining_rows}")
+    if outcome.rows_recleaned:
+        lines.append(f"cleaned again:    {outcome.rows_recleaned} (written back, --reclean)")
+    if outcome.remaining_due_rows is not None:
+        lines.append(f"still due:        {outcome.remaining_due_rows} (counted at the end)")
+    if outcome.remaining_reason:
+        lines.append(f"why:              {outcome.remaining_reason.replace(',', ', ')}")
     if outcome.error:
         lines.append(f"reason:           {outcome.error}")
     return "\n".join(lines)
@@ -93,21 +97,42 @@ def _policy_names(outcome: Outcome) -> list[str]:
 
 def verify_text(report: Report) -> str:
     rows = [[name, count] for name, count in report.violations.items()]
-    verdict = (
-        "OK: no dispatch past its window holds personal data"
-        if report.ok
-        else f"VIOLATION: {sum(report.violations.values())} dispatches past their window "
-        "still hold personal data"
+    anomalies = report.anomalies
+    verdicts = []
+    if report.violation_rows:
+        verdicts.append(
+            f"VIOLATION: {report.violation_rows} dispatches past their window "
+            "still hold personal data"
+        )
+    if anomalies.total and report.strict:
+        verdicts.append(f"VIOLATION (--strict): {anomalies.total} anomalies")
+    if not verdicts:
+        verdicts.append("OK: no dispatch past its window holds personal data")
+        if anomalies.total:
+            verdicts.append(f"REVIEW: {anomalies.total} anomalies (violations under --strict)")
+    label = "counted as violations: --strict" if report.strict else "violations under --strict"
+    checked = ", ".join(
+        f"{column} (cleaned: {'NULL' if value is None else json.dumps(value)})"
+        for column, value in report.checked_columns
     )
     lines = [
         f"Checked at {_cell(report.now)} (database clock), tolerance {report.tolerance_hours:g} h",
+        f"checked columns: {checked}",
         table(["policy", "violations"], rows),
         "",
         f"held back by legal holds (not violations): {report.held_rows}",
         f"matched by no policy (never cleaned):      {report.unmatched_rows}",
         f"cleaned so far:                            {report.cleaned_rows}",
         "",
-        verdict,
+        f"anomalies ({label}):",
+        f"  undatable_rows:         {anomalies.undatable_rows:>8}  "
+        "personal data and no age to measure (never due)",
+        f"  future_scheduled_rows:  {anomalies.future_scheduled_rows:>8}  "
+        "unsettled, scheduled beyond the longest retention",
+        f"  written_back_rows:      {anomalies.written_back_rows:>8}  "
+        "cleaned, yet holding personal data again",
+        "",
+        *verdicts,
     ]
     return "\n".join(lines)
 
@@ -120,6 +145,7 @@ LIST_COLUMNS = (
     "finished_at",
     "rows_cleaned",
     "due_rows",
+    "remaining_due_rows",
     "held_rows",
     "host",
     "shard",
@@ -146,6 +172,7 @@ def run_text(doc: Mapping[str, Any]) -> str:
         "finished_at",
         "planned_at",
         "rows_cleaned",
+        "rows_recleaned",
         "chunks",
         "due_rows",
         "held_rows",
@@ -158,6 +185,8 @@ def run_text(doc: Mapping[str, Any]) -> str:
         "config_path",
         "config_sha256",
         "stopped_by",
+        "remaining_due_rows",
+        "remaining_reason",
         "error",
     )
     width = max(len(f) for f in fields)

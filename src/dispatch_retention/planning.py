@@ -30,6 +30,7 @@ from sqlalchemy import (
     func,
     literal,
     not_,
+    null,
     select,
     true,
     union_all,
@@ -43,6 +44,8 @@ from .shard import STRIPE_IDS, Shard, floor_div
 
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
 BLOCK_IDS = 10_000
+#: The ids a bigint primary key can hold: windows are clamped to them when bound.
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1
 #: Index entries read for the cost of one row read by id (`Windows.sparse`).
 INDEX_ENTRIES_PER_ROW = 20
 assert STRIPE_IDS % BLOCK_IDS == 0
@@ -98,8 +101,28 @@ class Plan:
         }
 
 
+def window_params(lo: int, hi: int) -> dict[str, int]:
+    """The bound parameters of the id window [lo, hi): its first and last id, clamped to
+    what a bigint holds (a block may reach past either end of the id space). A window wholly
+    outside them is bound as an empty one."""
+    if lo > MAX_ID or hi - 1 < MIN_ID:
+        return {"lo": MAX_ID, "last": MAX_ID - 1}
+    return {"lo": max(lo, MIN_ID), "last": min(hi - 1, MAX_ID)}
+
+
 class Statements:
-    """The run's statements, built once from the rules."""
+    """The run's statements, built once from the rules.
+
+    Each cleaning statement answers with one row per binding policy: (policy, rows, the
+    stamp), plus, for the swept forms, one row (NULL, candidates, stamp) with the number of
+    due rows it locked and so had to clean. The fast forms (`range_update`,
+    `indexed_update`) update what is due in the window under the statement's snapshot; the
+    swept forms (`swept_range`, `swept_indexed`) first lock the window's due rows that
+    nobody else holds (SKIP LOCKED), then update exactly those, so a due row they did not
+    clean was left alone by a trigger or rule (`Chunk.missed`). A chunk runs a fast form
+    and then the swept form of its window in the same transaction: the sweep recounts what
+    is still due there, cleans rows that became due meanwhile, and finds what a trigger
+    skipped; when the fast form meets a row lock, the chunk runs the swept form alone."""
 
     def __init__(
         self,
@@ -113,48 +136,60 @@ class Statements:
         self.scope = shard.predicate(table) if shard else true()
         self.due = and_(policy.due(table, rules, holds), self.scope)
         self.credit = policy.credit(table, rules)
-        lo, hi = bindparam("lo", type_=BigInteger), bindparam("hi", type_=BigInteger)
-        window = and_(table.c.id >= lo, table.c.id < hi)
-        values: dict[str, Any] = dict(policy.cleaned_values(settings))
-        values["cleaned_at"] = func.now()
-        values["updated_at"] = func.now()
-        self.range_update = self._counted(
-            update(table).where(window, self.due).values(values).returning(self.credit)
-        )
+        lo, last = bindparam("lo", type_=BigInteger), bindparam("last", type_=BigInteger)
+        window = and_(table.c.id >= lo, table.c.id <= last)  # `window_params()`
+        self.values: dict[str, Any] = dict(policy.cleaned_values(settings))
+        self.values["cleaned_at"] = func.now()
+        self.values["updated_at"] = func.now()
+        self.range_update = self._counted(update(table).where(window, self.due))
         # A sparse window: its candidates come from the policies' arms (index ranges, the
         # window's bounds checked inside the index), not from reading the window's ids.
-        candidates = union_all(
+        arm_candidates = union_all(
             *(
                 select(table.c.id).where(arm, policy.arm_past(table, rules, c), window, self.scope)
                 for c, arm in policy.arms(table, rules)
             )
-        ).subquery("candidates")
-        self.indexed_update = self._counted(
-            update(table)
-            .where(table.c.id.in_(select(candidates.c.id)), window, self.due)
-            .values(values)
-            .returning(self.credit)
-        )
+        ).subquery("arm_candidates")
+        through_arms = table.c.id.in_(select(arm_candidates.c.id))
+        self.indexed_update = self._counted(update(table).where(through_arms, window, self.due))
+        self.swept_range = self._swept(select(table.c.id).where(window, self.due))
+        self.swept_indexed = self._swept(select(table.c.id).where(through_arms, window, self.due))
         # After an empty window: where the next due row of the block is, if any.
         self.next_due = select(func.min(table.c.id)).where(window, self.due)
-        locked_free = select(table.c.id).where(window, self.due).with_for_update(skip_locked=True)
-        self.skip_locked_update = self._counted(
-            update(table)
-            .where(table.c.id.in_(locked_free.scalar_subquery()), self.due)
-            .values(values)
-            .returning(self.credit)
-        )
 
-    @staticmethod
-    def _counted(statement: Update) -> Select[Any]:
+    def _counted(self, statement: Update) -> Select[Any]:
         """The UPDATE in a CTE, answered per policy: a few rows back, not one per dispatch.
 
         Each row returns only its policy's name; the stamp is the transaction's `now()`,
         which is what the UPDATE wrote into every row's `cleaned_at`."""
-        cleaned = statement.cte("cleaned")
+        cleaned = statement.values(self.values).returning(self.credit).cte("cleaned")
         return select(
             cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
         ).group_by(cleaned.c.policy)
+
+    def _swept(self, due_ids: Select[Any]) -> CompoundSelect[Any]:
+        """Lock `due_ids` that nobody else holds, clean exactly those, and answer per policy
+        plus (NULL, how many were locked): the UPDATE cleans every locked row unless a
+        trigger or rule leaves it alone (the rows stay locked, so nothing else can)."""
+        table = self.table
+        locked = due_ids.with_for_update(of=table, skip_locked=True).cte("locked")
+        cleaned = (
+            update(table)
+            .where(table.c.id.in_(select(locked.c.id)), self.due)
+            .values(self.values)
+            .returning(self.credit)
+            .cte("cleaned")
+        )
+        return union_all(
+            select(
+                cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
+            ).group_by(cleaned.c.policy),
+            select(
+                null().label("policy"),
+                select(func.count()).select_from(locked).scalar_subquery(),
+                func.now(),
+            ),
+        )
 
     def plan_scan(self, holds: Table | None) -> CompoundSelect[Any]:
         """One read of each policy's arm (`policy.arms`: an index range when the policy
@@ -214,8 +249,10 @@ def make_plan(
     settings: Settings,
     holds: Table | None = None,
     shard: Shard | None = None,
+    rules: policy.Rules | None = None,
 ) -> Plan:
-    """Read-only: cutoffs from the database clock and what is due under them."""
+    """Read-only: cutoffs from the database clock (or the given `rules`: a run's end count
+    at its own cutoffs) and what is due under them."""
     db.read_only(conn)
     db.set_local(
         conn,
@@ -224,7 +261,8 @@ def make_plan(
             statement_timeout_ms=settings.clean.plan_timeout_ms,
         ),
     )
-    rules = policy.rules(settings, database_now(conn))
+    if rules is None:
+        rules = policy.rules(settings, database_now(conn))
     stmts = Statements(settings, rules, holds, shard)
     names = [c.policy.name for c in rules.cutoffs]
     due: Counter[str] = Counter()
@@ -277,7 +315,6 @@ class Windows:
         self.blocks = blocks
         self.arm_rows = arm_rows
         self.i = 0
-        self.seen = 0  # rows cleaned so far in block i, by windows inside it
         self.lo = blocks[0][0] * BLOCK_IDS if blocks else 0
 
     @property
@@ -310,22 +347,17 @@ class Windows:
             return self.lo, contiguous_hi  # read by ids after all: never the ids of a gap
         return self.lo, hi
 
-    def advance(self, hi: int, rows: int = 0) -> None:
-        """Everything below `hi` is done (`rows` cleaned in that window): move on to the
-        next due block at or after it. Windows cut inside one block (a pinned chunk size)
-        count its cleaned rows; once they reach the plan's count for the block, the rest of
-        it holds no row the plan saw due, so it is not walked."""
-        if self.i < len(self.blocks):
-            block, planned = self.blocks[self.i]
-            end = (block + 1) * BLOCK_IDS
-            if hi < end:
-                self.seen += rows
-                if self.seen >= planned:
-                    hi = end
+    def advance(self, hi: int) -> None:
+        """Everything below `hi` is done: move on to the next due block at or after it.
+
+        A block is walked to its end (or to where an empty window found no further due row:
+        `Chunk.resume_at`), never cut short on the plan's count of it: rows that became due
+        since the plan are in it too."""
         self.lo = hi
+        if hi > MAX_ID:  # past the last id a bigint holds
+            self.i = len(self.blocks)
         while self.i < len(self.blocks) and (self.blocks[self.i][0] + 1) * BLOCK_IDS <= hi:
             self.i += 1
-            self.seen = 0
         if self.i < len(self.blocks):
             self.lo = max(hi, self.blocks[self.i][0] * BLOCK_IDS)
 

@@ -235,6 +235,23 @@ def cleaned_values(settings: Settings) -> dict[str, ColumnElement[Any]]:
     return values
 
 
+def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]:
+    """Any column of `clean.columns` differs from what cleaning writes (NULL or its
+    `clean.replace` value): the row still holds personal data."""
+    return or_(
+        *(
+            table.c[column].is_distinct_from(value)
+            for column, value in cleaned_values(settings).items()
+        )
+    )
+
+
+def written_back(table: Table, settings: Settings) -> ColumnElement[bool]:
+    """Cleaned, yet holding personal data again (a trigger or the application wrote it
+    back): what `verify` reports and `run --reclean` strips again."""
+    return and_(table.c.cleaned_at.is_not(None), holds_personal_data(table, settings))
+
+
 def credit(table: Table, r: Rules) -> ColumnElement[str]:
     """The binding policy's name: the first matching policy in binding order."""
     whens = [(matches(table, c.policy), literal(c.policy.name)) for c in r.cutoffs]

@@ -115,6 +115,9 @@ class AuditTables:
             Column("waiting_grace_rows", BigInteger),
             Column("stopped_by", Text),
             Column("error", Text),
+            Column("remaining_due_rows", BigInteger),
+            Column("remaining_reason", Text),
+            Column("copy_risks", JSONB),
         )
         self.chunks = Table(
             "chunks",
@@ -127,6 +130,7 @@ class AuditTables:
             Column("cleaned_at", DateTime(timezone=True), nullable=False),
             Column("by_policy", JSONB, nullable=False),
             Column("skipped_locked", Boolean, nullable=False),
+            Column("kind", Text, nullable=False, server_default="clean"),
         )
         self.holds = Table(
             "legal_holds",

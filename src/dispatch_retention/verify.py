@@ -1,27 +1,59 @@
 """`verify`: proof of storage limitation at this moment. Read-only (a READ ONLY transaction).
 
 A violation is a dispatch past its binding policy's window (the same rule as `run`, legal
-holds excluded) that still holds personal data: any column of `clean.columns` that differs
-from what cleaning writes. That includes rows whose `cleaned_at` is set but whose personal
-columns were written back. Reported apart, not as violations: dispatches no policy matches,
-and dispatches past their window kept by a legal hold.
+holds excluded) that still holds personal data: any column of `clean.columns` (the
+`checked_columns`) that differs from what cleaning writes. That includes rows whose
+`cleaned_at` is set but whose personal columns were written back. Reported apart, not as
+violations: dispatches no policy matches, and dispatches past their window kept by a legal
+hold.
 
-`tolerance_hours` shifts `now` back: a nightly job cannot clean a row the moment its window
-passes, so a monitor may allow the rows that became due since the last run.
+Anomalies (CONTRACT section 7) are rows the due rule can never reach or should never see,
+so `verify` is the only place they show; `--strict` counts them as violations:
+- `undatable_rows`: not cleaned, holding personal data, and no age to measure (the
+  `clean.age_from` column and `created_at` both NULL): never due;
+- `future_scheduled_rows`: not cleaned, unsettled, and `scheduled_at` further ahead than the
+  longest retention (from the database's `now`, before any tolerance): never due while the
+  schedule stands, most likely a bogus schedule on a message that was never sent;
+- `written_back_rows`: cleaned, yet holding personal data again (past its window, such a row
+  is also a violation).
+
+`tolerance_hours` shifts `now` back for the windows: a nightly job cannot clean a row the
+moment its window passes, so a monitor may allow the rows that became due since the last
+run. Every count is read in one READ ONLY, REPEATABLE READ snapshot.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, and_, func, or_, select
+from sqlalchemy import ColumnElement, Connection, DateTime, and_, bindparam, func, not_, or_, select
 
 from . import db, policy, target
 from .config import Settings
 from .planning import database_now
 from .schema import AuditTables, dispatches_table
+
+
+@dataclass(frozen=True)
+class Anomalies:
+    """Rows the due rule cannot see as they are (see the module docstring)."""
+
+    undatable_rows: int = 0
+    future_scheduled_rows: int = 0
+    written_back_rows: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.undatable_rows + self.future_scheduled_rows + self.written_back_rows
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "undatable_rows": self.undatable_rows,
+            "future_scheduled_rows": self.future_scheduled_rows,
+            "written_back_rows": self.written_back_rows,
+        }
 
 
 @dataclass
@@ -32,21 +64,36 @@ class Report:
     held_rows: int = 0
     unmatched_rows: int = 0
     cleaned_rows: int = 0
+    anomalies: Anomalies = field(default_factory=Anomalies)
+    #: clean.columns in config order, each with what cleaning writes (None: NULL)
+    checked_columns: list[tuple[str, Any]] = field(default_factory=list)
+    strict: bool = False
+
+    @property
+    def violation_rows(self) -> int:
+        return sum(self.violations.values())
 
     @property
     def ok(self) -> bool:
-        return not any(self.violations.values())
+        """No violation; under `strict`, no anomaly either."""
+        return self.violation_rows == 0 and not (self.strict and self.anomalies.total)
 
     def as_dict(self) -> dict[str, Any]:
         return {
             "ok": self.ok,
+            "strict": self.strict,
             "checked_at": self.now,
             "tolerance_hours": self.tolerance_hours,
             "violations": [{"policy": k, "rows": v} for k, v in self.violations.items() if v],
-            "violation_rows": sum(self.violations.values()),
+            "violation_rows": self.violation_rows,
             "held_rows": self.held_rows,
             "unmatched_rows": self.unmatched_rows,
             "cleaned_rows": self.cleaned_rows,
+            "anomalies": self.anomalies.as_dict(),
+            "anomaly_rows": self.anomalies.total,
+            "checked_columns": [
+                {"column": column, "cleaned_value": value} for column, value in self.checked_columns
+            ],
         }
 
 
@@ -60,18 +107,33 @@ def holds_personal_data(table: Any, settings: Settings) -> ColumnElement[bool]:
     )
 
 
+def checked_columns(settings: Settings) -> list[tuple[str, Any]]:
+    """The columns `verify` compares, with the value cleaning writes (None for NULL)."""
+    return [(c, settings.clean.replace.get(c)) for c in settings.clean.columns]
+
+
 def verify(
-    conn: Connection, settings: Settings, tables: AuditTables, tolerance_hours: float = 0
+    conn: Connection,
+    settings: Settings,
+    tables: AuditTables,
+    tolerance_hours: float = 0,
+    strict: bool = False,
 ) -> Report:
     db.read_only(conn)
     settings = target.resolve_settings(conn, settings)
     now = database_now(conn)
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
     table = dispatches_table(settings.target)
-    past = and_(policy.past_window(table, rules), holds_personal_data(table, settings))
+    personal = holds_personal_data(table, settings)
+    past = and_(policy.past_window(table, rules), personal)
     held = policy.held(table, tables.holds)
     credit = policy.credit(table, rules)
-    report = Report(now=now, tolerance_hours=tolerance_hours)
+    report = Report(
+        now=now,
+        tolerance_hours=tolerance_hours,
+        checked_columns=checked_columns(settings),
+        strict=strict,
+    )
     report.violations = {c.policy.name: 0 for c in rules.cutoffs}
     for name, is_held, rows in conn.execute(
         select(credit, held.label("held"), func.count()).where(past).group_by(credit, held)
@@ -80,10 +142,33 @@ def verify(
             report.held_rows += rows
         else:
             report.violations[name] += rows
-    report.unmatched_rows = conn.execute(
-        select(func.count()).where(policy.unmatched(table, rules))
-    ).scalar_one()
-    report.cleaned_rows = conn.execute(
-        select(func.count()).where(table.c.cleaned_at.is_not(None))
-    ).scalar_one()
+
+    # One pass over the table for everything else.
+    cleaned, not_cleaned = table.c.cleaned_at.is_not(None), table.c.cleaned_at.is_(None)
+    horizon = now + timedelta(days=max(p.retention_days for p in settings.policies))
+    counts = conn.execute(
+        select(
+            func.count().filter(policy.unmatched(table, rules)),
+            func.count().filter(cleaned),
+            func.count().filter(
+                and_(not_cleaned, policy.age(table, settings.clean.age_from).is_(None), personal)
+            ),
+            func.count().filter(
+                and_(
+                    not_cleaned,
+                    not_(policy.settled(table)),
+                    table.c.scheduled_at > _timestamp(horizon),
+                )
+            ),
+            func.count().filter(and_(cleaned, personal)),
+        )
+    ).one()
+    report.unmatched_rows, report.cleaned_rows = counts[0], counts[1]
+    report.anomalies = Anomalies(
+        undatable_rows=counts[2], future_scheduled_rows=counts[3], written_back_rows=counts[4]
+    )
     return report
+
+
+def _timestamp(value: datetime) -> ColumnElement[datetime]:
+    return bindparam(None, value, type_=DateTime(timezone=True))

@@ -1,0 +1,181 @@
+"""`run --reclean`: strip again the cleaned dispatches whose personal data was written back.
+
+A plain run never touches a row whose `cleaned_at` is set. When `verify` reports
+`written_back_rows` (a trigger or the application put personal data back into cleaned rows),
+an operator fixes the cause (`db check` lists the triggers and rules) and runs `run
+--reclean`, which after the normal walk finds those rows (`policy.written_back`, members
+under an active legal hold excepted) and strips them again, in committed chunks of its own
+(`kind = 'reclean'` in the audit trail, counted apart from the rows cleaned).
+
+Finding them means reading the personal columns (whether they hold a value): the role needs
+SELECT on them, which the run role of `db grants` does not have; `require_rights()` refuses
+(exit 2) before anything is touched.
+
+Transactions: each chunk locks up to `size` written-back rows past the last id it saw (SKIP
+LOCKED: a row the application holds is left for the next reclean), strips them (the columns
+of `clean.columns`, and `updated_at`; `cleaned_at` keeps the time of the first cleaning),
+checks that none of them holds personal data afterwards (a trigger that writes back again:
+the chunk rolls back and the run fails with the count), writes its audit record and
+commits. A stop
+signal is honoured between chunks.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import replace
+
+import structlog
+from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, text, true, update
+
+from . import db, policy
+from .cleaner import Chunk, Outcome, Recorder, Stop
+from .config import Settings
+from .schema import dispatches_table
+from .shard import Shard
+
+log = structlog.get_logger("dispatch_retention")
+
+
+class RecleanRefused(Exception):
+    """`run --reclean` by a role that cannot read the personal columns (exit 2)."""
+
+
+def require_rights(conn: Connection, settings: Settings) -> None:
+    """Raise `RecleanRefused` naming the columns the role cannot read but must, to find
+    written-back rows."""
+    query = text("SELECT has_column_privilege(CAST(:t AS regclass), :c, 'SELECT')")
+    missing = [
+        c
+        for c in settings.clean.columns
+        if not conn.execute(query, {"t": settings.target.table, "c": c}).scalar()
+    ]
+    if missing:
+        raise RecleanRefused(
+            f"run --reclean must see whether {', '.join(missing)} hold data again, and this "
+            f"role may not read {'it' if len(missing) == 1 else 'them'} on "
+            f"{settings.target.table}: run it as a role with SELECT on those columns (the "
+            "table's owner, say); the nightly run role needs no such right"
+        )
+
+
+class Recleaner:
+    """The chunks of one reclean pass, after the run's walk."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        settings: Settings,
+        rules: policy.Rules,
+        *,
+        outcome: Outcome,
+        stop: Stop,
+        size: int,
+        holds: Table | None = None,
+        shard: Shard | None = None,
+        recorder: Recorder | None = None,
+        log: structlog.typing.FilteringBoundLogger = log,
+        before_chunk: Callable[[], None] | None = None,
+    ) -> None:
+        self.engine, self.settings, self.outcome, self.stop = engine, settings, outcome, stop
+        self.size, self.recorder, self.log, self.before_chunk = size, recorder, log, before_chunk
+        table = self.table = dispatches_table(settings.target)
+        scope = shard.predicate(table) if shard else true()
+        found = and_(policy.written_back(table, settings), scope)
+        if holds is not None:
+            found = and_(found, not_(policy.held(table, holds)))
+        self.found = found
+        self.credit = policy.credit(table, rules)
+        self.values = {**policy.cleaned_values(settings), "updated_at": func.now()}
+
+    def run(self) -> bool:
+        """Reclean every written-back row; False when the run ended on the way (a stop
+        signal, or rows a trigger wrote back again), with the outcome set."""
+        after: int | None = None
+        while True:
+            if self.stop.requested:
+                self.outcome.status, self.outcome.signum = "interrupted", self.stop.signum
+                return False
+            if self.before_chunk is not None:
+                self.before_chunk()
+            chunk, after = self._chunk(self.outcome.chunks + 1, after)
+            if chunk is None:
+                return True
+            if chunk.rows:
+                self.outcome.chunks += 1
+                self.outcome.rows_recleaned += chunk.rows
+                self.log.info(
+                    "chunk_committed",
+                    seq=chunk.seq,
+                    first_id=chunk.first_id,
+                    last_id=chunk.last_id,
+                    rows=chunk.rows,
+                    by_policy=chunk.by_policy,
+                    kind=chunk.kind,
+                )
+            if chunk.missed:
+                self.outcome.status = "failed"
+                self.outcome.error = (
+                    f"{chunk.missed} rows still hold personal data right after being cleaned "
+                    f"again (ids in [{chunk.first_id}, {chunk.last_id}]): a trigger or rule "
+                    "writes it back; `db check` lists them"
+                )
+                return False
+
+    def _chunk(self, seq: int, after: int | None) -> tuple[Chunk | None, int | None]:
+        table = self.table
+        with self.engine.connect() as conn, conn.begin() as transaction:
+            clean = self.settings.clean
+            db.set_local(
+                conn,
+                **db.timeouts(
+                    lock_timeout_ms=clean.lock_timeout_ms,
+                    statement_timeout_ms=clean.statement_timeout_ms,
+                ),
+            )
+            beyond = true() if after is None else table.c.id > after
+            ids = list(
+                conn.execute(
+                    select(table.c.id)
+                    .where(beyond, self.found)
+                    .order_by(table.c.id)
+                    .limit(self.size)
+                    .with_for_update(skip_locked=True)
+                ).scalars()
+            )
+            if not ids:
+                return None, after
+            by_policy = Counter(
+                conn.execute(
+                    update(table)
+                    .where(table.c.id.in_(ids))
+                    .values(self.values)
+                    .returning(self.credit)
+                ).scalars()
+            )
+            still = conn.execute(
+                select(func.count()).where(
+                    table.c.id.in_(ids), policy.holds_personal_data(table, self.settings)
+                )
+            ).scalar_one()
+            stamp = conn.execute(select(func.now())).scalar_one()
+            chunk = Chunk(
+                seq=seq,
+                first_id=ids[0],
+                last_id=ids[-1],
+                rows=sum(by_policy.values()),
+                by_policy={str(k): v for k, v in by_policy.items()},
+                cleaned_at=stamp,
+                elapsed_ms=0.0,
+                skipped_locked=True,
+                missed=int(still),
+                kind="reclean",
+            )
+            if still:  # written back at once: nothing achieved, nothing to record
+                transaction.rollback()
+                return replace(chunk, rows=0, by_policy={}), ids[-1]
+            if chunk.rows and self.recorder is not None:
+                self.recorder.record_chunk(conn, chunk)
+            transaction.commit()
+            return chunk, ids[-1]

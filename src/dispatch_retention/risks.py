@@ -1,0 +1,187 @@
+"""Copy risks: where the cleaning UPDATE can copy personal data to, or write it back from.
+
+Stripping a row is only as good as what the database does around the UPDATE (CONTRACT
+section 7). Read from the catalog, never from a row, for the resolved target table:
+
+- triggers that fire on UPDATE (not the internal ones of foreign keys, not disabled ones):
+  a BEFORE row trigger may skip the row (RETURN NULL) or put a personal value back, an AFTER
+  trigger may copy the old row elsewhere (a history table); on a partitioned table the row
+  triggers of its partitions count too;
+- rules ON UPDATE (DO ALSO copies, DO INSTEAD replaces the UPDATE);
+- publications that include the table (or a partition or ancestor of it) and publish
+  updates: each cleaned row goes to the subscribers, whose copies live by their retention;
+- `REPLICA IDENTITY FULL`: the WAL carries the old values of each cleaned row in full.
+
+A reviewed risk is named in the config's `[acknowledged]` table (object name = reason; the
+key for replica identity is `replica_identity`) and carries that reason. `db check` reports
+every risk, `run` logs them (`copy_risk`) and records them. Nothing here writes, and no
+detail holds a row value: only object names and what they may do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from sqlalchemy import Connection, text
+
+from .config import Settings
+
+#: The key of `[acknowledged]` for REPLICA IDENTITY FULL.
+REPLICA_IDENTITY = "replica_identity"
+
+# pg_trigger.tgtype bits (src/include/catalog/pg_trigger.h); UPDATE is 16
+_ROW, _BEFORE, _INSTEAD = 1, 2, 64
+
+#: The target, and the partitions below it (pg_partition_tree lists nothing for a plain
+#: table); `level` 0 is the target itself.
+_TREE = (
+    "WITH tree AS ("
+    "SELECT CAST(:t AS regclass) AS relid, 0 AS level "
+    "UNION SELECT relid, level FROM pg_partition_tree(CAST(:t AS regclass)) WHERE level > 0) "
+)
+
+# Row triggers of partitions fire when the target is updated; their statement triggers and
+# the clones of the target's own row triggers (tgparentid <> 0) are not listed again.
+_TRIGGERS = text(
+    _TREE + "SELECT tg.tgname AS name, tg.tgtype AS tgtype, tree.level = 0 AS on_target, "
+    "format('%I.%I', rn.nspname, c.relname) AS relation, "
+    "format('%I.%I', fn.nspname, p.proname) AS function "
+    "FROM pg_trigger tg JOIN tree ON tree.relid = tg.tgrelid "
+    "JOIN pg_class c ON c.oid = tg.tgrelid JOIN pg_namespace rn ON rn.oid = c.relnamespace "
+    "JOIN pg_proc p ON p.oid = tg.tgfoid JOIN pg_namespace fn ON fn.oid = p.pronamespace "
+    "WHERE NOT tg.tgisinternal AND tg.tgenabled <> 'D' AND (tg.tgtype & 16) <> 0 "
+    "AND (tree.level = 0 OR (tg.tgparentid = 0 AND (tg.tgtype & 1) <> 0)) "
+    "ORDER BY tree.level, relation, tg.tgname"
+)
+
+# Rules of partitions do not fire on an UPDATE of the target: the target's own only.
+_RULES = text(
+    "SELECT rulename AS name, is_instead FROM pg_rewrite "
+    "WHERE ev_class = CAST(:t AS regclass) AND ev_type = '2' AND rulename <> '_RETURN' "
+    "AND ev_enabled <> 'D' ORDER BY rulename"
+)
+
+# pg_publication_tables expands FOR ALL TABLES and FOR TABLES IN SCHEMA, and lists either
+# the partitions or the root of a partitioned table (publish_via_partition_root).
+_PUBLICATIONS = text(
+    _TREE + ", rels AS (SELECT relid FROM tree "
+    "UNION SELECT relid FROM pg_partition_ancestors(CAST(:t AS regclass))) "
+    "SELECT DISTINCT pt.pubname AS name FROM pg_publication_tables pt "
+    "JOIN pg_publication p ON p.pubname = pt.pubname "
+    "JOIN pg_namespace n ON n.nspname = pt.schemaname "
+    "JOIN pg_class c ON c.relnamespace = n.oid AND c.relname = pt.tablename "
+    "JOIN rels ON rels.relid = c.oid "
+    "WHERE p.pubupdate ORDER BY pt.pubname"
+)
+
+_REPLICA_IDENTITY = text(
+    _TREE + "SELECT tree.level = 0 AS on_target, "
+    "format('%I.%I', n.nspname, c.relname) AS relation "
+    "FROM pg_class c JOIN tree ON tree.relid = c.oid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relreplident = 'f' ORDER BY tree.level, relation"
+)
+
+
+@dataclass(frozen=True)
+class Risk:
+    """A place the cleaning UPDATE can copy personal data to or write it back from."""
+
+    kind: str  # "trigger" | "rule" | "publication" | "replica_identity"
+    name: str  # the object's name; the key in [acknowledged]
+    when: str | None  # "BEFORE" | "AFTER" | "INSTEAD OF" for triggers, else None
+    detail: str  # what it may do, one sentence, no personal data
+    acknowledged: str | None  # the reason from [acknowledged], None when not reviewed
+
+    def as_dict(self) -> dict[str, Any]:
+        """For logs and JSON."""
+        return asdict(self)
+
+
+def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
+    """Every copy risk of the target (`settings.target.table`, resolved by
+    `target.resolve_settings`): triggers, rules, publications, replica identity, in that
+    order, each with its reason from `[acknowledged]` when it has one."""
+    params = {"t": settings.target.table}
+    found: list[tuple[str, str, str | None, str]] = []
+    for row in conn.execute(_TRIGGERS, params).mappings():
+        when, effect = _trigger_effect(int(row["tgtype"]))
+        level = "row-level" if int(row["tgtype"]) & _ROW else "statement-level"
+        where = "" if row["on_target"] else f"on partition {row['relation']}, "
+        detail = f"{where}{level}, calls {row['function']}(): {effect}"
+        found.append(("trigger", str(row["name"]), when, detail))
+    for row in conn.execute(_RULES, params).mappings():
+        effect = (
+            "DO INSTEAD: replaces the cleaning UPDATE, so rows may stay uncleaned and "
+            "personal data may be copied elsewhere"
+            if row["is_instead"]
+            else "DO ALSO: runs more statements with each cleaning UPDATE, which may copy "
+            "the old row's personal data elsewhere"
+        )
+        found.append(("rule", str(row["name"]), None, effect))
+    for row in conn.execute(_PUBLICATIONS, params).mappings():
+        found.append(
+            (
+                "publication",
+                str(row["name"]),
+                None,
+                "subscribers receive each cleaned row; their copies keep personal data per "
+                "their own retention",
+            )
+        )
+    full = conn.execute(_REPLICA_IDENTITY, params).mappings().all()
+    if full:
+        partitions = [str(r["relation"]) for r in full if not r["on_target"]]
+        where = f"on partition {', '.join(partitions)}, " if partitions else ""
+        found.append(
+            (
+                REPLICA_IDENTITY,
+                REPLICA_IDENTITY,
+                None,
+                f"{where}the WAL carries each cleaned row's old values in full "
+                "(logical decoding, CDC)",
+            )
+        )
+    return [
+        Risk(kind, name, when, detail, settings.acknowledged.get(name))
+        for kind, name, when, detail in found
+    ]
+
+
+def _trigger_effect(tgtype: int) -> tuple[str, str]:
+    """BEFORE / AFTER / INSTEAD OF, and what such a trigger on UPDATE may do."""
+    row = bool(tgtype & _ROW)
+    if tgtype & _INSTEAD:
+        return "INSTEAD OF", (
+            "replaces the cleaning UPDATE, so rows may stay uncleaned and personal data may "
+            "be copied elsewhere"
+        )
+    if tgtype & _BEFORE:
+        if row:
+            return "BEFORE", "may skip rows (RETURN NULL) or write personal columns back"
+        return "BEFORE", "runs before each cleaning UPDATE and may copy personal data elsewhere"
+    if row:
+        return "AFTER", "may copy the old row's personal data elsewhere (e.g. a history table)"
+    return "AFTER", (
+        "may copy the old rows' personal data elsewhere (e.g. through a transition table)"
+    )
+
+
+def stale_acknowledgements(settings: Settings, risks: Iterable[Risk]) -> list[str]:
+    """Names in `[acknowledged]` that match no risk (a dropped trigger, a typo), in the
+    config's order."""
+    names = {r.name for r in risks}
+    return [name for name in settings.acknowledged if name not in names]
+
+
+def skipping(risks: Iterable[Risk]) -> list[Risk]:
+    """The risks that can leave a row of the cleaning UPDATE as it was: row-level BEFORE
+    triggers (RETURN NULL) and rules (DO INSTEAD)."""
+    return [
+        r
+        for r in risks
+        if r.kind == "rule"
+        or (r.kind == "trigger" and r.when == "BEFORE" and "row-level" in r.detail)
+    ]
