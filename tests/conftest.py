@@ -25,7 +25,7 @@ from dispatch_retention import db, indexes, migrate
 from dispatch_retention.config import Target
 from dispatch_retention.schema import create_dispatches
 
-from .helpers import settings
+from .helpers import granted_role, settings
 
 _counter = itertools.count()
 AUDIT_SCHEMA = "dispatch_retention"
@@ -102,6 +102,13 @@ def engine(database_url: URL) -> Iterator[Engine]:
     eng = db.make_engine(database_url)
     yield eng
     eng.dispose()
+
+
+@pytest.fixture
+def run_role(engine: Engine, database_url: URL) -> Iterator[tuple[str, str]]:
+    """A role with exactly the rights of `db grants --purpose run`: its name and URL."""
+    with granted_role(engine, database_url, "run") as role:
+        yield role
 
 
 @pytest.fixture

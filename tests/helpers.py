@@ -8,15 +8,18 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping
+import uuid
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any, ClassVar
 
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy import text as sql
+from sqlalchemy.engine import URL
 
-from dispatch_retention import config
+from dispatch_retention import config, grants
 from dispatch_retention.config import Settings, Target
 from dispatch_retention.schema import dispatches_table
 
@@ -107,6 +110,26 @@ def settings(
 def write_config(path: Path, text: str) -> Path:
     path.write_text(text, encoding="utf-8")
     return path
+
+
+@contextmanager
+def granted_role(
+    engine: Engine, database_url: URL, purpose: str, s: Settings | None = None
+) -> Iterator[tuple[str, str]]:
+    """A LOGIN role (not a superuser, not the table's owner) with exactly the rights `db
+    grants --purpose PURPOSE` prints: its name and its postgresql:// URL. Dropped after."""
+    name = f"dr_{purpose.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
+    with engine.begin() as conn:
+        conn.execute(sql(f"CREATE ROLE {name} LOGIN"))
+        for statement in grants.statements(s or settings(), name, purpose):  # type: ignore[arg-type]
+            conn.execute(sql(statement))
+    url = database_url.set(drivername="postgresql", username=name)
+    try:
+        yield name, url.render_as_string(hide_password=False)
+    finally:
+        with engine.begin() as conn:
+            conn.execute(sql(f"DROP OWNED BY {name}"))
+            conn.execute(sql(f"DROP ROLE {name}"))
 
 
 def assert_no_marker(*texts: str) -> None:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
-from sqlalchemy.engine import URL
 
-from dispatch_retention import config, doctor, grants, risks
+from dispatch_retention import config, doctor, risks
 from dispatch_retention.config import Settings
 from dispatch_retention.doctor import Finding
 
@@ -92,24 +89,6 @@ def about(findings: list[Finding], name: str) -> list[Finding]:
 def seed(engine: Engine) -> None:
     now = db_now(engine)
     insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 6)])
-
-
-@pytest.fixture
-def run_role(engine: Engine, database_url: URL) -> Iterator[URL]:
-    """A non-superuser role with exactly what `run` needs (`db grants --purpose run`)."""
-    name = f"dr_trust_{uuid.uuid4().hex[:8]}"
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE ROLE {name} LOGIN"))
-        for statement in grants.statements(settings(), name, "run"):
-            conn.execute(text(statement))
-    yield database_url.set(username=name)
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP OWNED BY {name}"))
-        conn.execute(text(f"DROP ROLE {name}"))
-
-
-def as_url(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 # --- copy risks ------------------------------------------------------------------------------
@@ -331,13 +310,13 @@ def test_missing_column_is_an_error_and_privileges_still_checked(engine: Engine)
 
 
 def test_strict_fails_on_unacknowledged_risk_and_unclassified_column(
-    engine: Engine, run_role: URL, tmp_path: Path
+    engine: Engine, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
     """db check --strict exits 1 naming an unacknowledged trigger or an unclassified column,
     and 0 under the run role once both are settled."""
     seed(engine)
     execute(engine, HISTORY_TABLE, COPY_OLD)
-    url = as_url(run_role)
+    url = run_role[1]
     plain = write_config(tmp_path / "plain.toml", config_text())
     job = run_script(url, plain, "db", "check", "--strict")
     assert job.returncode == 1, job.stdout + job.stderr
@@ -367,7 +346,7 @@ def test_db_check_refuses_a_view(engine: Engine, url_string: str, tmp_path: Path
 
 
 def test_db_check_refuses_rls_for_a_non_owner(
-    engine: Engine, run_role: URL, tmp_path: Path
+    engine: Engine, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
     """db check exits 2 naming row-level security when RLS applies to the job's role."""
     execute(
@@ -376,7 +355,7 @@ def test_db_check_refuses_rls_for_a_non_owner(
         "CREATE POLICY sms_only ON dispatches USING (type = 'sms')",
     )
     cfg = write_config(tmp_path / "r.toml", config_text())
-    job = run_script(as_url(run_role), cfg, "db", "check")
+    job = run_script(run_role[1], cfg, "db", "check")
     assert job.returncode == 2, job.stdout + job.stderr
     assert "row-level security" in job.stderr and "BYPASSRLS" in job.stderr
 

@@ -7,8 +7,6 @@ the run's status and its end count say what the table holds.
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -18,10 +16,9 @@ from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from sqlalchemy import Engine, delete, func, select, text
-from sqlalchemy.engine import URL
 from structlog.testing import capture_logs
 
-from dispatch_retention import grants, job, policy
+from dispatch_retention import job, policy
 from dispatch_retention.cleaner import Chunk, Options, Stop
 from dispatch_retention.config import Settings
 from dispatch_retention.planning import MAX_ID, MIN_ID
@@ -233,26 +230,8 @@ def test_a_shard_at_the_bigint_limits_cleans_its_rows(engine: Engine) -> None:
 # --- targets that would hide rows ------------------------------------------------------------
 
 
-@pytest.fixture
-def run_role(engine: Engine, database_url: URL) -> Iterator[tuple[str, URL]]:
-    """A role made from `db grants --purpose run` (not the table's owner)."""
-    name = f"dr_trust_{uuid.uuid4().hex[:8]}"
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE ROLE {name} LOGIN"))
-        for statement in grants.statements(settings(), name, "run"):
-            conn.execute(text(statement))
-    yield name, database_url.set(username=name)
-    with engine.begin() as conn:
-        conn.execute(text(f"DROP OWNED BY {name}"))
-        conn.execute(text(f"DROP ROLE {name}"))
-
-
-def as_url(url: URL) -> str:
-    return url.set(drivername="postgresql").render_as_string(hide_password=False)
-
-
 def test_row_level_security_that_hides_rows_is_refused_with_exit_2(
-    engine: Engine, run_role: tuple[str, URL], tmp_path: Path
+    engine: Engine, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
     """RLS hiding half the rows from the run role: `run`, `run --dry-run` and `db check`
     exit 2 naming row-level security and BYPASSRLS, touching nothing; with BYPASSRLS the
@@ -265,13 +244,13 @@ def test_row_level_security_that_hides_rows_is_refused_with_exit_2(
         conn.execute(text(f"CREATE POLICY half ON dispatches TO {role} USING (id % 2 = 0)"))
     config = write_config(tmp_path / "r.toml", config_text())
     for args in (("run", "--yes"), ("run", "--dry-run"), ("db", "check")):
-        refused = run_script(as_url(url), config, *args)
+        refused = run_script(url, config, *args)
         assert refused.returncode == 2, (args, refused.stdout, refused.stderr)
         assert "row-level security" in refused.stderr and "BYPASSRLS" in refused.stderr
     assert all(row["cleaned_at"] is None for row in snapshot(engine).values())
     with engine.begin() as conn:
         conn.execute(text(f"ALTER ROLE {role} BYPASSRLS"))
-    done = run_script(as_url(url), config, "run", "--yes")
+    done = run_script(url, config, "run", "--yes")
     assert done.returncode == 0, done.stderr
     assert done.last("run_finished")["rows_cleaned"] == 20
 
@@ -426,7 +405,9 @@ def test_a_trigger_that_copies_old_rows_is_logged_once_and_recorded(
             {"r": done.last("run_started")["run_id"]},
         ).scalar_one()
     assert [r["name"] for r in recorded] == ["app_history"]
-    assert_no_marker(done.stdout, done.stderr, str(recorded))
+    shown = run_script(url_string, config, "audit", "show", done.last("run_started")["run_id"])
+    assert "trigger app_history (AFTER): not acknowledged" in shown.stdout
+    assert_no_marker(done.stdout, done.stderr, str(recorded), shown.stdout)
 
     reviewed = write_config(
         tmp_path / "a.toml",
@@ -452,7 +433,7 @@ CREATE TRIGGER app_keep_token BEFORE UPDATE ON dispatches
 
 
 def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
-    engine: Engine, url_string: str, run_role: tuple[str, URL], tmp_path: Path
+    engine: Engine, url_string: str, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
     """A BEFORE trigger writes app_token back for pushes: `verify` reports them
     (written_back_rows, and violations: exit 5); `run --reclean` as the run role is refused
@@ -476,7 +457,7 @@ def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
     assert report["anomalies"]["written_back_rows"] == 10
 
     _role, role_url = run_role
-    refused = run_script(as_url(role_url), config, "run", "--yes", "--reclean")
+    refused = run_script(role_url, config, "run", "--yes", "--reclean")
     assert refused.returncode == 2, refused.stderr
     assert "--reclean" in refused.stderr and "app_token" in refused.stderr
 

@@ -8,11 +8,7 @@ personal value (`MARK`).
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -21,7 +17,6 @@ from click.testing import CliRunner
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from dispatch_retention import grants
 from dispatch_retention.cli import cli
 
 from .helpers import (
@@ -30,6 +25,7 @@ from .helpers import (
     config_text,
     db_now,
     dispatch,
+    granted_role,
     insert_rows,
     run_script,
     settings,
@@ -40,7 +36,6 @@ DAY = timedelta(days=1)
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=UTC)
 UNSETTLED = {"transmission_status": "scheduled", "delivery_status": "pending"}
 STRIPPED = {"content": {}, "msisdn": None, "email": None, "app_token": None}
-_roles = itertools.count()
 
 
 def verify(cfg: Path, url: str, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -256,23 +251,6 @@ def test_checked_columns_are_exactly_clean_columns(
     assert [c["column"] for c in default["checked_columns"]] == list(settings().clean.columns)
 
 
-@contextmanager
-def read_only_role(engine: Engine, database_url: URL) -> Iterator[tuple[str, str]]:
-    """A LOGIN role with the `db grants --purpose read-only` rights: its name and URL."""
-    name = f"dr_ro_{os.getpid()}_{next(_roles)}"
-    with engine.begin() as conn:
-        conn.execute(text(f"CREATE ROLE {name} LOGIN"))
-        for statement in grants.statements(settings(), name, "read-only"):
-            conn.execute(text(statement))
-    url = database_url.set(drivername="postgresql", username=name)
-    try:
-        yield name, url.render_as_string(hide_password=False)
-    finally:
-        with engine.begin() as conn:
-            conn.execute(text(f"DROP OWNED BY {name}"))
-            conn.execute(text(f"DROP ROLE {name}"))
-
-
 def test_row_level_security_is_refused_unless_the_role_bypasses_it(
     engine: Engine, database_url: URL, tmp_path: Path
 ) -> None:
@@ -281,7 +259,7 @@ def test_row_level_security_is_refused_unless_the_role_bypasses_it(
     cfg = default_config(tmp_path)
     now = db_now(engine)
     insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 11)])
-    with read_only_role(engine, database_url) as (role, url):
+    with granted_role(engine, database_url, "read-only") as (role, url):
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE dispatches ENABLE ROW LEVEL SECURITY"))
             conn.execute(

@@ -201,10 +201,31 @@ def run_text(doc: Mapping[str, Any]) -> str:
         if policies
         else "no plan recorded",
         "",
+        "copy risks (triggers, rules, publications, replica identity):",
+        *_risk_lines(doc.get("copy_risks")),
+        "",
         "config:",
         *(f"  {line}" for line in doc["config_text"].splitlines()),
     ]
     return "\n".join(lines)
+
+
+def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:
+    """One line per copy risk the run saw (`risks.Risk.as_dict()`), or why there are none."""
+    if risks is None:
+        return ["  not recorded (a run of an earlier version)"]
+    if not risks:
+        return ["  none"]
+    return [
+        f"  {r['kind']} {r['name']}"
+        + (f" ({r['when']})" if r.get("when") else "")
+        + (
+            f": acknowledged: {r['acknowledged']}"
+            if r.get("acknowledged")
+            else ": not acknowledged"
+        )
+        for r in risks
+    ]
 
 
 HOLD_COLUMNS = ("hold_id", "member_id", "reason", "created_at", "created_by", "released_at",

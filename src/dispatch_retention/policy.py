@@ -246,6 +246,28 @@ def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]
     )
 
 
+def undatable(table: Table, settings: Settings) -> ColumnElement[bool]:
+    """Not cleaned, holding personal data, and no age to measure (the age column and
+    `created_at` both NULL): never due, so `verify` reports it (`undatable_rows`)."""
+    return and_(
+        table.c.cleaned_at.is_(None),
+        age(table, settings.clean.age_from).is_(None),
+        holds_personal_data(table, settings),
+    )
+
+
+def scheduled_far_ahead(table: Table, settings: Settings, now: datetime) -> ColumnElement[bool]:
+    """Not cleaned, unsettled and scheduled further ahead than the longest retention: a
+    bogus schedule that would keep an unsent message's data for ever (`verify` reports it
+    as `future_scheduled_rows`)."""
+    longest = max(p.retention_days for p in settings.policies)
+    return and_(
+        table.c.cleaned_at.is_(None),
+        not_(settled(table)),
+        table.c.scheduled_at > _ts(now + timedelta(days=longest)),
+    )
+
+
 def written_back(table: Table, settings: Settings) -> ColumnElement[bool]:
     """Cleaned, yet holding personal data again (a trigger or the application wrote it
     back): what `verify` reports and `run --reclean` strips again."""

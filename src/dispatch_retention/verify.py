@@ -25,10 +25,10 @@ run. Every count is read in one READ ONLY, REPEATABLE READ snapshot.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Connection, DateTime, and_, bindparam, func, not_, or_, select
+from sqlalchemy import Connection, and_, func, select
 
 from . import db, policy, target
 from .config import Settings
@@ -97,16 +97,6 @@ class Report:
         }
 
 
-def holds_personal_data(table: Any, settings: Settings) -> ColumnElement[bool]:
-    """Any cleaned column that differs from what cleaning writes (NULL or its replacement)."""
-    return or_(
-        *(
-            table.c[column].is_distinct_from(value)
-            for column, value in policy.cleaned_values(settings).items()
-        )
-    )
-
-
 def checked_columns(settings: Settings) -> list[tuple[str, Any]]:
     """The columns `verify` compares, with the value cleaning writes (None for NULL)."""
     return [(c, settings.clean.replace.get(c)) for c in settings.clean.columns]
@@ -124,7 +114,7 @@ def verify(
     now = database_now(conn)
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
     table = dispatches_table(settings.target)
-    personal = holds_personal_data(table, settings)
+    personal = policy.holds_personal_data(table, settings)
     past = and_(policy.past_window(table, rules), personal)
     held = policy.held(table, tables.holds)
     credit = policy.credit(table, rules)
@@ -144,23 +134,13 @@ def verify(
             report.violations[name] += rows
 
     # One pass over the table for everything else.
-    cleaned, not_cleaned = table.c.cleaned_at.is_not(None), table.c.cleaned_at.is_(None)
-    horizon = now + timedelta(days=max(p.retention_days for p in settings.policies))
     counts = conn.execute(
         select(
             func.count().filter(policy.unmatched(table, rules)),
-            func.count().filter(cleaned),
-            func.count().filter(
-                and_(not_cleaned, policy.age(table, settings.clean.age_from).is_(None), personal)
-            ),
-            func.count().filter(
-                and_(
-                    not_cleaned,
-                    not_(policy.settled(table)),
-                    table.c.scheduled_at > _timestamp(horizon),
-                )
-            ),
-            func.count().filter(and_(cleaned, personal)),
+            func.count().filter(table.c.cleaned_at.is_not(None)),
+            func.count().filter(policy.undatable(table, settings)),
+            func.count().filter(policy.scheduled_far_ahead(table, settings, now)),
+            func.count().filter(policy.written_back(table, settings)),
         )
     ).one()
     report.unmatched_rows, report.cleaned_rows = counts[0], counts[1]
@@ -168,7 +148,3 @@ def verify(
         undatable_rows=counts[2], future_scheduled_rows=counts[3], written_back_rows=counts[4]
     )
     return report
-
-
-def _timestamp(value: datetime) -> ColumnElement[datetime]:
-    return bindparam(None, value, type_=DateTime(timezone=True))
