@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -30,17 +31,19 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-@pytest.fixture(scope="module")
-def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port."""
+@contextmanager
+def started_gateway(directory: Path) -> Iterator[str]:
+    """A real Pushgateway (Debian's prometheus-pushgateway) on a free loopback port, with
+    no persistence file: Debian's build otherwise loads and saves a shared default file
+    (/var/lib/prometheus/pushgateway.data), so one gateway would see another's metrics."""
     binary = shutil.which("prometheus-pushgateway") or shutil.which("pushgateway")
     assert binary, "install Debian's prometheus-pushgateway (.ci/run does)"
     port = _free_port()
     process = subprocess.Popen(
-        [binary, f"--web.listen-address=127.0.0.1:{port}"],
+        [binary, f"--web.listen-address=127.0.0.1:{port}", "--persistence.file="],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        cwd=tmp_path_factory.mktemp("pushgateway"),
+        cwd=directory,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -56,6 +59,26 @@ def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         process.terminate()
         process.wait(10)
+
+
+@pytest.fixture(scope="module")
+def pushgateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    with started_gateway(tmp_path_factory.mktemp("pushgateway")) as url:
+        yield url
+
+
+def test_a_test_gateway_starts_empty_whatever_ran_before(tmp_path: Path) -> None:
+    """A metric pushed to one test gateway is not there in the next one (no shared
+    persistence file between gateways, on a machine where other gateways ran before)."""
+    body = b"dispatch_retention_probe 1\n"
+    with started_gateway(tmp_path) as url:
+        request = urllib.request.Request(
+            f"{url}/metrics/job/dispatch_retention", data=body, method="PUT"
+        )
+        urllib.request.urlopen(request, timeout=5)
+        assert "dispatch_retention_probe" in metric_values(url)
+    with started_gateway(tmp_path) as url:
+        assert metric_values(url) == {}
 
 
 def metric_values(url: str) -> dict[str, dict[str, float]]:
