@@ -25,9 +25,9 @@ from sqlalchemy.dialects import postgresql
 from structlog.testing import capture_logs
 
 from dispatch_retention import db, doctor, indexes, job, planning, policy
-from dispatch_retention.cleaner import Options, Stop
 from dispatch_retention.planning import BLOCK_IDS, Windows
 from dispatch_retention.schema import AuditTables
+from dispatch_retention.vocabulary import Options, Stop
 
 from .helpers import (
     AUDIT_SCHEMA,
@@ -169,7 +169,7 @@ def plans(engine: Engine, s: Any) -> list[str]:
     """EXPLAIN of the plan and a sparse window's UPDATE, set up as a run sets them up."""
     with engine.begin() as conn:
         planning.read_through_indexes(conn, s)
-        r = policy.rules(s, planning.database_now(conn))
+        r = policy.rules(s, db.database_now(conn))
         holds = AuditTables(AUDIT_SCHEMA).holds
         stmts = planning.Statements(s, r, holds)
         return [

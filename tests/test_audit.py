@@ -28,12 +28,12 @@ from click.testing import CliRunner, Result
 from sqlalchemy import Engine, event, text
 
 from dispatch_retention import audit, holds, job
-from dispatch_retention.cleaner import Options, Stop
 from dispatch_retention.cli import cli
 from dispatch_retention.config import DEFAULT_CLEAN_COLUMNS
 from dispatch_retention.lock import RunLock, run_locks
 from dispatch_retention.output import LIST_COLUMNS
 from dispatch_retention.schema import AuditTables
+from dispatch_retention.vocabulary import Options, Stop
 
 from .helpers import (
     MARK,

@@ -15,9 +15,9 @@ from sqlalchemy import text as sql
 from structlog.testing import capture_logs
 
 from dispatch_retention import indexes, job
-from dispatch_retention.cleaner import Options, Stop
 from dispatch_retention.config import KEPT_COLUMNS, Settings
 from dispatch_retention.planning import BLOCK_IDS
+from dispatch_retention.vocabulary import Options, Outcome, Stop
 
 from .helpers import (
     MARK,
@@ -34,7 +34,7 @@ DAY = timedelta(days=1)
 SPREAD = 10_007  # ids this far apart: every due row in a block of its own
 
 
-def run(engine: Engine, s: Settings, **options: Any) -> job.Outcome:
+def run(engine: Engine, s: Settings, **options: Any) -> Outcome:
     return job.run(engine, s, Options(**options), stop=Stop())
 
 

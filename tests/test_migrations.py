@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
 
 from dispatch_retention import migrate
 from dispatch_retention.schema import ALEMBIC_VERSION_TABLE, AuditTables
+from dispatch_retention.vocabulary import Status
 
 
 def test_head_constant_matches_alembic() -> None:
@@ -48,3 +51,18 @@ def test_downgrade_and_upgrade_again(engine: Engine) -> None:
         ).scalar()
     assert count == 1  # only the version table remains
     assert migrate.upgrade(engine, "dispatch_retention") == (None, migrate.HEAD)
+
+
+def test_the_status_enum_is_the_check_constraint(engine: Engine) -> None:
+    """`Status.recorded()` (what the code writes) equals the statuses the migrated CHECK
+    constraint on runs.status allows (migrations keep their own literals)."""
+    with engine.connect() as conn:
+        definition = conn.execute(
+            text(
+                "SELECT pg_get_constraintdef(oid) FROM pg_constraint "
+                "WHERE conname = 'runs_status_known' "
+                "AND conrelid = 'dispatch_retention.runs'::regclass"
+            )
+        ).scalar_one()
+    allowed = set(re.findall(r"'([a-z_]+)'::text", definition))
+    assert allowed == {s.value for s in Status.recorded()}

@@ -19,11 +19,11 @@ from sqlalchemy import Engine, select
 from sqlalchemy import text as sql
 
 from dispatch_retention import job, sizing
-from dispatch_retention.cleaner import Options, Stop
 from dispatch_retention.config import Target
 from dispatch_retention.lock import RunLock, run_locks
 from dispatch_retention.schema import dispatches_table
 from dispatch_retention.shard import STRIPE_IDS, Shard, from_env, parse
+from dispatch_retention.vocabulary import Options, Stop
 
 from .helpers import (
     AUDIT_SCHEMA,

@@ -35,23 +35,14 @@ from sqlalchemy import (
     update,
 )
 
-from .cleaner import Chunk, Options, Outcome
 from .config import Settings
 from .planning import Plan
 from .risks import Risk
 from .schema import AuditTables
+from .vocabulary import Chunk, Options, Outcome, Status
 
 TRIGGER_ENV = "DISPATCH_RETENTION_TRIGGER"
 TRIGGERS = ("cron", "manual")
-FINAL_STATUSES = (
-    "succeeded",
-    "incomplete",
-    "interrupted",
-    "failed",
-    "refused",
-    "abandoned",
-    "cancelled",
-)
 
 
 def trigger() -> str:
@@ -84,7 +75,7 @@ class RunRecord:
             conn.execute(
                 insert(runs).values(
                     run_id=self.run_id,
-                    status="running",
+                    status=Status.RUNNING.value,
                     started_at=func.now(),
                     trigger=trigger(),
                     host=socket.gethostname(),
@@ -150,7 +141,7 @@ class RunRecord:
         fact alive (it lost its lock connection). Returns whether it was closed."""
         return self._update(
             open_only=True,
-            status=outcome.status,
+            status=outcome.status.value,
             finished_at=func.now(),
             stopped_by=outcome.stopped_by
             or (f"signal {outcome.signum}" if outcome.signum else None),
@@ -163,7 +154,7 @@ class RunRecord:
         runs = self.tables.runs
         query = update(runs).where(runs.c.run_id == self.run_id)
         if open_only:
-            query = query.where(runs.c.status.in_(("running", "abandoned")))
+            query = query.where(runs.c.status.in_((Status.RUNNING.value, Status.ABANDONED.value)))
         with self.engine.begin() as conn:
             return bool(conn.execute(query.values(**values)).rowcount)
 
@@ -183,9 +174,9 @@ def mark_abandoned(
     )
     rows = conn.execute(
         update(runs)
-        .where(runs.c.status == "running", same_target, scope)
+        .where(runs.c.status == Status.RUNNING.value, same_target, scope)
         .values(
-            status="abandoned",
+            status=Status.ABANDONED.value,
             finished_at=func.now(),
             error="the process ended without closing its record (killed?); marked by the next run",
         )

@@ -39,153 +39,23 @@ from __future__ import annotations
 
 import contextlib
 import time
-import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from datetime import datetime
-from typing import Any, Protocol
+from collections.abc import Callable
+from dataclasses import replace
+from typing import Any
 
 import structlog
-from sqlalchemy import CompoundSelect, Connection, Engine, Select, Table
+from sqlalchemy import CompoundSelect, Engine, Select, Table
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
 from . import db, retry, sizing
 from .config import Settings
 from .planning import Plan, Statements, Windows, window_params
-from .risks import Risk
 from .shard import Shard
+from .vocabulary import Chunk, Interrupted, Options, Outcome, Recorder, Recount, Status, Stop
 
 log = structlog.get_logger("dispatch_retention")
-
-
-# --- what a run plans and what it did --------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Chunk:
-    seq: int
-    first_id: int
-    last_id: int
-    rows: int
-    by_policy: dict[str, int]
-    cleaned_at: datetime | None
-    elapsed_ms: float
-    skipped_locked: bool
-    #: found through the policies' arms (a sparse window) rather than by reading its ids
-    indexed: bool = False
-    #: an empty window: the id the next window starts at (the block's next due row, or
-    #: the block's end), so that small windows do not walk a block row by row
-    resume_at: int | None = None
-    #: due rows the sweep locked that its UPDATE did not clean (a trigger or rule skipped
-    #: them): the run fails
-    missed: int = 0
-    #: "clean", or "reclean" for written-back rows stripped again (`reclean.py`)
-    kind: str = "clean"
-
-
-@dataclass
-class Outcome:
-    """How a run ended. `status` is one of the run statuses of CONTRACT section 6."""
-
-    run_id: str = field(default_factory=lambda: str(uuid.uuid4()))
-    started: float = field(default_factory=time.monotonic)  # --max-runtime counts from here
-    status: str = "running"
-    plan: Plan | None = None
-    rows_cleaned: int = 0
-    #: written-back rows stripped again by `run --reclean` (not in rows_cleaned)
-    rows_recleaned: int = 0
-    by_policy: Counter[str] = field(default_factory=Counter)
-    chunks: int = 0
-    signum: int | None = None
-    error: str | None = None
-    stopped_by: str | None = None
-    #: due rows left at the end, counted at the run's own cutoffs (None: not counted)
-    remaining_due_rows: int | None = None
-    #: why rows are left: comma-separated `REMAINING_REASONS`
-    remaining_reason: str | None = None
-    #: what the sweeps found left alone by a trigger or rule (the run then fails)
-    missed_rows: int = 0
-    #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
-    copy_risks: list[Risk] = field(default_factory=list)
-
-
-#: Why a run can end with due rows left: a budget, rows the application holds locked, rows
-#: that became due during the run after the walk had passed them.
-REMAINING_REASONS = ("max_rows", "max_runtime", "locked_by_application", "became_due_during_run")
-
-
-@dataclass(frozen=True)
-class Options:
-    dry_run: bool = False
-    #: after the walk, strip written-back rows again (`reclean.py`)
-    reclean: bool = False
-    chunk_size: int | None = None
-    max_rows: int | None = None
-    max_runtime_s: float | None = None
-
-
-class Recount(Protocol):
-    """Counts what is due at the run's own cutoffs now (a read-only plan with its rules)."""
-
-    def __call__(self) -> Plan: ...
-
-
-class Recorder(Protocol):
-    """Writes a chunk's audit record inside the chunk's own transaction."""
-
-    def record_chunk(self, conn: Connection, chunk: Chunk) -> None: ...
-
-    def chunk_committed(self, seq: int) -> bool: ...
-
-
-class Interrupted(KeyboardInterrupt):
-    """A stop signal arrived while the job was waiting on the server (no write in flight).
-
-    Subclassing KeyboardInterrupt makes psycopg cancel the query on the server."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
-
-
-class Stop:
-    """Set by a signal handler; honoured between chunks, or at once while only reading."""
-
-    def __init__(self) -> None:
-        self.signum: int | None = None
-        self._interruptible = False
-
-    def request(self, signum: int) -> None:
-        self.signum = signum
-        if self._interruptible:
-            self._interruptible = False
-            raise Interrupted(signum)
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def sleep(self, seconds: float) -> None:
-        """Sleep, but end it at once with `Interrupted` when a stop signal arrives."""
-        deadline = time.monotonic() + seconds
-        while self.signum is None and time.monotonic() < deadline:
-            time.sleep(min(0.05, max(deadline - time.monotonic(), 0)))
-        if self.signum is not None:
-            raise Interrupted(self.signum)
-
-    @contextmanager
-    def interruptible(self) -> Iterator[None]:
-        """While inside, a signal raises `Interrupted` at once (for read-only work)."""
-        if self.signum is not None:
-            raise Interrupted(self.signum)
-        self._interruptible = True
-        try:
-            yield
-        finally:
-            self._interruptible = False
 
 
 # --- the chunk loop ---------------------------------------------------------------------
@@ -234,7 +104,7 @@ class Cleaner:
         if not self._walk(self.plan):
             return
         if self.recount is None:
-            outcome.status = "succeeded"
+            outcome.status = Status.SUCCEEDED
             return
         left = self.recount()
         if left.due_rows and not self._stopped():
@@ -294,12 +164,12 @@ class Cleaner:
         budget (with the count of what is left, when a recount is possible)."""
         outcome = self.outcome
         if self.stop.requested:
-            outcome.status, outcome.signum = "interrupted", self.stop.signum
+            outcome.status, outcome.signum = Status.INTERRUPTED, self.stop.signum
             return False
         left = self._rows_left()
         outcome.stopped_by = "max_rows" if left is not None and left <= 0 else "max_runtime"
         if self.recount is None:
-            outcome.status = "incomplete"
+            outcome.status = Status.INCOMPLETE
         else:
             self._ended(self.recount().due_rows)
         return False
@@ -309,14 +179,14 @@ class Cleaner:
         outcome = self.outcome
         outcome.remaining_due_rows = remaining
         if remaining == 0:
-            outcome.status = "succeeded"
+            outcome.status = Status.SUCCEEDED
             return
         reasons = [outcome.stopped_by] if outcome.stopped_by else []
         if self.skipped_locked_rows:
             reasons.append("locked_by_application")
         if not reasons:
             reasons.append("became_due_during_run")
-        outcome.status, outcome.remaining_reason = "incomplete", ",".join(reasons)
+        outcome.status, outcome.remaining_reason = Status.INCOMPLETE, ",".join(reasons)
 
     def _missed(self, chunk: Chunk) -> None:
         """A sweep locked due rows that its UPDATE did not clean: a trigger or rule skipped
@@ -324,7 +194,7 @@ class Cleaner:
         outcome = self.outcome
         outcome.missed_rows += chunk.missed
         names = self.skipped_by() if self.skipped_by is not None else "unknown"
-        outcome.status = "failed"
+        outcome.status = Status.FAILED
         outcome.error = (
             f"{chunk.missed} due rows with ids in [{chunk.first_id}, {chunk.last_id}] were "
             f"left as they were by the cleaning UPDATE: a trigger or rule on the table skipped "

@@ -38,17 +38,15 @@ from . import (
 from . import (
     reclean as reclean_module,
 )
-from .cleaner import Chunk, Options, Outcome, Stop
 from .planning import Plan
 from .schema import AuditTables
-
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_LOCKED, EXIT_REFUSED, EXIT_VIOLATIONS = 0, 1, 2, 3, 4, 5
+from .vocabulary import Chunk, Exit, Options, Outcome, Status, Stop, exit_code
 
 
 class UsageProblem(click.ClickException):
     """A user mistake (configuration, URL): exit 2, one line, no traceback."""
 
-    exit_code = EXIT_USAGE
+    exit_code = Exit.USAGE
 
 
 class State:
@@ -197,7 +195,7 @@ def run(
         )
     if outcome.plan is not None and dry_run:
         click.echo(output.plan_text(outcome.plan))
-    elif outcome.status != "cancelled":
+    elif outcome.status != Status.CANCELLED:
         click.echo(output.outcome_text(outcome))
     sys.exit(exit_code(outcome))
 
@@ -247,7 +245,7 @@ def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None
     with _audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, tolerance_hours, strict=strict)
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
-    sys.exit(EXIT_OK if report.ok else EXIT_VIOLATIONS)
+    sys.exit(Exit.OK if report.ok else Exit.VIOLATIONS)
 
 
 @cli.group("audit")
@@ -375,7 +373,7 @@ def db_check(state: State, strict: bool) -> None:
     engine.dispose()
     click.echo(output.findings(findings))
     worst = {f.level for f in findings}
-    sys.exit(EXIT_FAILED if "error" in worst or (strict and "warn" in worst) else EXIT_OK)
+    sys.exit(Exit.FAILED if "error" in worst or (strict and "warn" in worst) else Exit.OK)
 
 
 @db_group.command("grants")
@@ -438,19 +436,6 @@ def _job(engine: Engine, *args: Any, **kwargs: Any) -> Outcome:
         return job.run(engine, *args, **kwargs)
     except (migrate.SchemaNotReady, target.TargetRefused, reclean_module.RecleanRefused) as exc:
         raise UsageProblem(str(exc)) from None
-
-
-def exit_code(outcome: Outcome) -> int:
-    if outcome.status == "interrupted" and outcome.signum:
-        return 128 + outcome.signum
-    return {
-        "succeeded": EXIT_OK,
-        "incomplete": EXIT_OK,
-        "planned": EXIT_OK,
-        "cancelled": EXIT_OK,
-        "refused": EXIT_REFUSED,
-        "locked": EXIT_LOCKED,
-    }.get(outcome.status, EXIT_FAILED)
 
 
 def _confirm(plan: Plan) -> bool:

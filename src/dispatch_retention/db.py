@@ -16,6 +16,7 @@ target first, naming the fix).
 from __future__ import annotations
 
 import os
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,13 @@ def count_in_memory(conn: Connection) -> None:
 #: and a COMMIT of a later, synchronous transaction (the run record's end) flushes every
 #: chunk before it.
 COMMIT_WITHOUT_WAITING_FOR_DISK = {"synchronous_commit": "off"}
+
+
+def database_now(conn: Connection) -> datetime:
+    """The database clock: the one source of `now` for a run, a verify or a check."""
+    value = conn.execute(text("SELECT now()")).scalar_one()
+    assert isinstance(value, datetime)
+    return value
 
 
 def read_only(conn: Connection) -> None:

@@ -15,11 +15,11 @@ from pathlib import Path
 from sqlalchemy import Engine, func, select
 
 from . import audit, db, holds, indexes, job, migrate, output
-from .cleaner import Options, Outcome, Stop
 from .config import Settings
 from .schema import AuditTables, create_dispatches
 from .synthetic import seed
 from .verify import verify
+from .vocabulary import Options, Outcome, Stop
 
 
 class EmbeddedUnavailable(Exception):

@@ -24,20 +24,14 @@ from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
 from . import audit, db, migrate, policy, reclean, retry, risks, target
-from .cleaner import (
-    Chunk,
-    Cleaner,
-    Interrupted,
-    Options,
-    Outcome,
-    Stop,
-)
+from .cleaner import Cleaner
 from .config import Settings
 from .lock import LockLost, RunLock, run_locks
 from .planning import Plan, make_plan
 from .retry import RetriesExhausted
 from .schema import AuditTables
 from .shard import Shard
+from .vocabulary import Chunk, Interrupted, Options, Outcome, Status, Stop
 
 log = structlog.get_logger("dispatch_retention")
 Logger = structlog.typing.FilteringBoundLogger
@@ -79,7 +73,7 @@ def run(
             _copy_risks(conn, settings, outcome, rlog)
         if options.dry_run:
             _plan(engine, settings, tables, outcome, stop, shard)
-            outcome.status = "planned"
+            outcome.status = Status.PLANNED
         else:
             _locked_run(
                 engine,
@@ -170,7 +164,7 @@ def _locked_run(
     shard_name = str(shard) if shard else None
     with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
         if not lock.acquired:
-            outcome.status = "locked"
+            outcome.status = Status.LOCKED
             outcome.error = "another run holds the lock of this target"
             rlog.warning("run_locked", holder=lock.holder())
             return
@@ -184,13 +178,13 @@ def _locked_run(
             plan = _plan(engine, settings, tables, outcome, stop, shard)
             record.planned(plan)
             if _refused(settings, plan, force):
-                outcome.status = "refused"
+                outcome.status = Status.REFUSED
                 outcome.error = (
                     f"{plan.due_rows} due rows exceed guard.refuse_above_rows "
                     f"({settings.guard.refuse_above_rows}); rerun with --force if intended"
                 )
             elif confirm is not None and not _ask(confirm, plan, stop):
-                outcome.status = "cancelled"
+                outcome.status = Status.CANCELLED
             else:
                 if on_plan is not None:
                     on_plan(plan)
@@ -213,7 +207,7 @@ def _locked_run(
                     ),
                     skipped_by=lambda: _skipping(outcome),
                 ).run()
-                if options.reclean and outcome.status in ("succeeded", "incomplete"):
+                if options.reclean and outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
                     reclean.Recleaner(
                         engine,
                         settings,
@@ -256,34 +250,34 @@ def _keep(lock: RunLock, settings: Settings, stop: Stop, rlog: Logger) -> None:
 def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
     """The status an exception gives the run; a bug is logged with its traceback."""
     if isinstance(exc, Interrupted):
-        outcome.status, outcome.signum = "interrupted", exc.signum
+        outcome.status, outcome.signum = Status.INTERRUPTED, exc.signum
     elif isinstance(exc, RetriesExhausted):
-        outcome.status, outcome.error = "failed", exc.reason
+        outcome.status, outcome.error = Status.FAILED, exc.reason
     elif isinstance(exc, LockLost):
-        outcome.status, outcome.error = "failed", str(exc)
+        outcome.status, outcome.error = Status.FAILED, str(exc)
     elif isinstance(exc, DBAPIError):
-        outcome.status, outcome.error = "failed", db.describe_error(exc)
+        outcome.status, outcome.error = Status.FAILED, db.describe_error(exc)
     else:
-        outcome.status, outcome.error = "failed", f"internal error: {type(exc).__name__}"
+        outcome.status, outcome.error = Status.FAILED, f"internal error: {type(exc).__name__}"
         rlog.error("internal_error", exc_info=exc)
 
 
 def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
-    if outcome.status == "running":  # never leave a record open on a path we did not foresee
-        outcome.status, outcome.error = "failed", "the run ended without a status"
+    if outcome.status == Status.RUNNING:  # never leave a record open on a path we did not foresee
+        outcome.status, outcome.error = Status.FAILED, "the run ended without a status"
     try:
-        if record.status() == "abandoned":  # another run took the lock while we lived
+        if record.status() == Status.ABANDONED:  # another run took the lock while we lived
             rlog.error("run_record_taken_over", status=outcome.status)
-            if outcome.status in ("succeeded", "incomplete"):
-                outcome.status = "failed"
+            if outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
+                outcome.status = Status.FAILED
                 outcome.error = (
                     "lost the run lock: another run took it and marked this one abandoned"
                 )
         record.finish(outcome)
     except DBAPIError as exc:
         rlog.error("run_record_failed", error=db.describe_error(exc))
-        if outcome.status in ("succeeded", "incomplete"):
-            outcome.status = "failed"
+        if outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
+            outcome.status = Status.FAILED
             outcome.error = "could not close the run record: " + db.describe_error(exc)
 
 
@@ -328,11 +322,11 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
         fields["stopped_by"] = outcome.stopped_by
     if outcome.remaining_reason:
         fields["remaining_reason"] = outcome.remaining_reason
-    if outcome.status == "failed":
+    if outcome.status == Status.FAILED:
         rlog.error("run_failed", error=outcome.error, **fields)
-    elif outcome.status == "interrupted":
+    elif outcome.status == Status.INTERRUPTED:
         rlog.warning("run_interrupted", signal=outcome.signum, **fields)
-    elif outcome.status in ("refused", "locked"):
+    elif outcome.status in (Status.REFUSED, Status.LOCKED):
         rlog.error("run_finished", reason=outcome.error, **fields)
     else:
         rlog.info("run_finished", **fields)

@@ -15,8 +15,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from .audit import FINAL_STATUSES
-from .cleaner import Outcome
+from .vocabulary import Outcome, Status
 
 if TYPE_CHECKING:
     from prometheus_client import CollectorRegistry
@@ -26,7 +25,7 @@ JOB = "dispatch_retention"
 URL_ENV = "PUSHGATEWAY_URL"
 #: What a run can end as from its own point of view: the audit trail's final statuses
 #: (`abandoned` is set by a later run, never pushed by the run itself) plus `locked`.
-STATUSES = (*(s for s in FINAL_STATUSES if s != "abandoned"), "locked")
+STATUSES = (*(s for s in Status.final() if s is not Status.ABANDONED), Status.LOCKED)
 
 
 def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
@@ -63,7 +62,7 @@ def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
     )
     for name in STATUSES:
         status.labels(status=name).set(1 if outcome.status == name else 0)
-    if outcome.status == "succeeded":
+    if outcome.status == Status.SUCCEEDED:
         Gauge(
             "dispatch_retention_last_success_timestamp_seconds",
             "Unix time at which the last successful run finished.",

@@ -10,10 +10,10 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the verifier
-    from .cleaner import Outcome
     from .doctor import Finding
     from .planning import Plan
     from .verify import Report
+    from .vocabulary import Outcome
 
 
 def _cell(value: Any) -> str:

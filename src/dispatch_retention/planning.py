@@ -227,13 +227,6 @@ class Statements:
         return union_all(*per_arm)
 
 
-def database_now(conn: Connection) -> datetime:
-    """The database clock: the one source of `now` for the whole run."""
-    value = conn.execute(select(func.now())).scalar_one()
-    assert isinstance(value, datetime)
-    return value
-
-
 def read_through_indexes(conn: Connection, settings: Settings) -> bool:
     """When every arm has its index (`indexes.complete`), set this transaction up to read the
     arms through them and count their blocks in memory; say whether it did."""
@@ -262,7 +255,7 @@ def make_plan(
         ),
     )
     if rules is None:
-        rules = policy.rules(settings, database_now(conn))
+        rules = policy.rules(settings, db.database_now(conn))
     stmts = Statements(settings, rules, holds, shard)
     names = [c.policy.name for c in rules.cutoffs]
     due: Counter[str] = Counter()

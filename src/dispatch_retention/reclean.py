@@ -30,10 +30,10 @@ import structlog
 from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, text, true, update
 
 from . import db, policy
-from .cleaner import Chunk, Outcome, Recorder, Stop
 from .config import Settings
 from .schema import dispatches_table
 from .shard import Shard
+from .vocabulary import Chunk, Outcome, Recorder, Status, Stop
 
 log = structlog.get_logger("dispatch_retention")
 
@@ -95,7 +95,7 @@ class Recleaner:
         after: int | None = None
         while True:
             if self.stop.requested:
-                self.outcome.status, self.outcome.signum = "interrupted", self.stop.signum
+                self.outcome.status, self.outcome.signum = Status.INTERRUPTED, self.stop.signum
                 return False
             if self.before_chunk is not None:
                 self.before_chunk()
@@ -115,7 +115,7 @@ class Recleaner:
                     kind=chunk.kind,
                 )
             if chunk.missed:
-                self.outcome.status = "failed"
+                self.outcome.status = Status.FAILED
                 self.outcome.error = (
                     f"{chunk.missed} rows still hold personal data right after being cleaned "
                     f"again (ids in [{chunk.first_id}, {chunk.last_id}]): a trigger or rule "

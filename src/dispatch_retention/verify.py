@@ -32,7 +32,6 @@ from sqlalchemy import Connection, and_, func, select
 
 from . import db, policy, target
 from .config import Settings
-from .planning import database_now
 from .schema import AuditTables, dispatches_table
 
 
@@ -111,7 +110,7 @@ def verify(
 ) -> Report:
     db.read_only(conn)
     settings = target.resolve_settings(conn, settings)
-    now = database_now(conn)
+    now = db.database_now(conn)
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
     table = dispatches_table(settings.target)
     personal = policy.holds_personal_data(table, settings)
