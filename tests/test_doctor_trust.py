@@ -384,3 +384,43 @@ def test_risk_output_holds_no_personal_data(
     assert job.returncode == 1
     assert HISTORY_TRIGGER in job.stdout and "recipient_name" in job.stdout
     assert_no_marker(job.stdout, job.stderr)
+
+
+def test_inheritance_children_triggers_and_replica_identity_are_listed(engine: Engine) -> None:
+    """A child table (INHERITS dispatches) is updated with its parent: its row triggers
+    and its REPLICA IDENTITY FULL are copy risks of the target too."""
+    execute(
+        engine,
+        "CREATE TABLE dispatches_2023 () INHERITS (dispatches)",
+        "CREATE TABLE hist (id bigint, email text)",
+        "CREATE FUNCTION hist() RETURNS trigger LANGUAGE plpgsql AS $$ "
+        "BEGIN INSERT INTO hist VALUES (OLD.id, OLD.email); RETURN NEW; END $$",
+        "CREATE TRIGGER child_hist AFTER UPDATE ON dispatches_2023 "
+        "FOR EACH ROW EXECUTE FUNCTION hist()",
+        "ALTER TABLE dispatches_2023 REPLICA IDENTITY FULL",
+    )
+    found = {(r.kind, r.name): r for r in copy_risks(engine)}
+    assert ("trigger", "child_hist") in found
+    assert "dispatches_2023" in found[("trigger", "child_hist")].detail
+    assert "dispatches_2023" in found[("replica_identity", "replica_identity")].detail
+
+
+def test_a_name_on_the_search_path_twice_is_a_warn(engine: Engine) -> None:
+    """An unqualified target.table that another schema on the search_path also holds is a
+    warn (a role with another search_path would clean or verify the other table); the
+    resolved table is named."""
+    execute(
+        engine,
+        "CREATE SCHEMA reporting",
+        "CREATE TABLE reporting.dispatches (LIKE public.dispatches INCLUDING ALL)",
+    )
+    findings = [f for f in check(engine) if f.check == "target"]
+    assert [f.level for f in findings] == ["ok"]
+    assert "public.dispatches" in findings[0].message
+    with engine.begin() as conn:
+        name = engine.url.database
+        conn.execute(text(f'ALTER DATABASE "{name}" SET search_path = public, reporting'))
+    engine.dispose()  # new sessions take the database's search_path
+    findings = [f for f in check(engine) if f.check == "target"]
+    assert [f.level for f in findings] == ["warn"]
+    assert "reporting.dispatches" in findings[0].message

@@ -19,9 +19,9 @@ from sqlalchemy import Engine, delete, func, select, text
 from structlog.testing import capture_logs
 
 from dispatch_retention import job, policy
-from dispatch_retention.cleaner import Chunk, Options, Stop
 from dispatch_retention.config import Settings
 from dispatch_retention.planning import MAX_ID, MIN_ID
+from dispatch_retention.vocabulary import Chunk, Options, Outcome, Stop, exit_code
 
 from .helpers import (
     MARK,
@@ -42,12 +42,12 @@ from .oracle import is_due
 DAY = timedelta(days=1)
 
 
-def run(engine: Engine, s: Settings, **kwargs: Any) -> job.Outcome:
+def run(engine: Engine, s: Settings, **kwargs: Any) -> Outcome:
     on_chunk = kwargs.pop("on_chunk", None)
     return job.run(engine, s, Options(**kwargs), stop=Stop(), on_chunk=on_chunk)
 
 
-def due_now(engine: Engine, s: Settings, outcome: job.Outcome) -> int:
+def due_now(engine: Engine, s: Settings, outcome: Outcome) -> int:
     """A fresh count of due rows at the run's own cutoffs (the oracle over the table)."""
     assert outcome.plan is not None
     now = outcome.plan.rules.now
@@ -177,8 +177,6 @@ def test_rows_that_keep_becoming_due_leave_the_run_incomplete_and_counted(
     assert outcome.status == "incomplete"
     assert outcome.remaining_reason == "became_due_during_run"
     assert outcome.remaining_due_rows == due_now(engine, settings(), outcome) > 0
-    from dispatch_retention.cli import exit_code
-
     assert exit_code(outcome) == 0
 
 
@@ -435,7 +433,8 @@ CREATE TRIGGER app_keep_token BEFORE UPDATE ON dispatches
 def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
     engine: Engine, url_string: str, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
-    """A BEFORE trigger writes app_token back for pushes: `verify` reports them
+    """A BEFORE trigger writes app_token back for pushes: the run role cannot see it (it
+    may not read the columns) and logs write_back_unchecked; `verify` reports them
     (written_back_rows, and violations: exit 5); `run --reclean` as the run role is refused
     (exit 2, it cannot read the columns); with the trigger still there it fails (exit 1);
     once the trigger is gone it strips them again, counted apart (rows_recleaned, chunks of
@@ -448,15 +447,17 @@ def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
     with engine.begin() as conn:
         conn.execute(text(WRITE_BACK))
     config = write_config(tmp_path / "r.toml", config_text())
-    first = run_script(url_string, config, "run", "--yes")
+    _role, role_url = run_role
+    # the run role cannot read the personal columns: it cannot see the write-back, and says so
+    first = run_script(role_url, config, "run", "--yes")
     assert first.returncode == 0, first.stderr
     assert [r["name"] for r in first.events("copy_risk")] == ["app_keep_token"]
+    assert first.events("write_back_unchecked")
     check = run_script(url_string, config, "verify", "--format", "json")
     assert check.returncode == 5, check.stdout
     report = __import__("json").loads(check.stdout)
     assert report["anomalies"]["written_back_rows"] == 10
 
-    _role, role_url = run_role
     refused = run_script(role_url, config, "run", "--yes", "--reclean")
     assert refused.returncode == 2, refused.stderr
     assert "--reclean" in refused.stderr and "app_token" in refused.stderr
@@ -494,3 +495,31 @@ def test_a_plain_run_never_touches_a_cleaned_row(engine: Engine) -> None:
     outcome = run(engine, settings())
     assert (outcome.status, outcome.rows_cleaned, outcome.rows_recleaned) == ("succeeded", 0, 0)
     assert snapshot(engine) == before
+
+
+def test_a_role_that_can_read_the_columns_fails_a_run_whose_rows_are_written_back(
+    engine: Engine,
+) -> None:
+    """Run by a role that may read the personal columns (the owner), a chunk whose cleaned
+    rows hold personal data again right after the UPDATE rolls back, and the run fails
+    naming the trigger: never `succeeded` while it can see the data."""
+    now = db_now(engine)
+    insert_rows(
+        engine,
+        [dispatch(i, now - 500 * DAY, type="push" if i % 2 else "sms") for i in range(1, 21)],
+    )
+    with engine.begin() as conn:
+        conn.execute(text(WRITE_BACK))
+    with capture_logs() as logs:
+        outcome = run(engine, settings(), chunk_size=5)
+    assert outcome.status == "failed"
+    assert "app_keep_token" in (outcome.error or "") and "again" in (outcome.error or "")
+    assert any(e["event"] == "rows_written_back" for e in logs)
+    after = snapshot(engine)
+    written_back = [i for i, r in after.items() if r["cleaned_at"] and r["app_token"]]
+    assert written_back == []  # the chunk that saw it rolled back: nothing claims them
+    with engine.connect() as conn:
+        audited = conn.execute(
+            text("SELECT coalesce(sum(rows), 0) FROM dispatch_retention.chunks")
+        ).scalar_one()
+    assert audited == sum(1 for r in after.values() if r["cleaned_at"])

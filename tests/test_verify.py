@@ -298,3 +298,21 @@ def test_a_view_as_target_is_refused(engine: Engine, url_string: str, tmp_path: 
     assert refused.returncode == 2, refused.stderr
     assert "view" in refused.stderr and "live_dispatches" in refused.stderr
     assert refused.stdout == ""
+
+
+def test_a_future_or_infinite_age_is_undatable(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """A created_at of 'infinity' or in the year 2999 would keep personal data for ever:
+    undatable_rows (exit 5 with --strict); the JSON and the table name the target."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(1, datetime(2999, 1, 1, tzinfo=UTC)), dispatch(2, now - DAY)])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dispatches SET created_at = 'infinity' WHERE id = 2"))
+    config = write_config(tmp_path / "v.toml", config_text())
+    code, report = verify(config, url_string, "--strict")
+    assert code == 5
+    assert report["anomalies"]["undatable_rows"] == 2
+    assert report["target"] == "public.dispatches"
+    code, table = verify_table(config, url_string)
+    assert code == 0 and "public.dispatches" in table

@@ -82,6 +82,7 @@ class Cleaner:
         fail_in_chunk: Callable[[int], None] | None = None,
         recount: Recount | None = None,
         skipped_by: Callable[[], str] | None = None,
+        check_write_back: bool = False,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
@@ -92,6 +93,9 @@ class Cleaner:
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.recount = recount  # the end count; None: trust the walk (unit tests only)
         self.skipped_by = skipped_by  # names the triggers and rules that may skip rows
+        #: a trigger or rule fires on UPDATE and the role may read the personal columns:
+        #: each chunk checks that what it cleaned holds no personal data before COMMIT
+        self.check_write_back = check_write_back
         self.skipped_locked_rows = False
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
@@ -138,6 +142,9 @@ class Cleaner:
                 self._committed(chunk)
             if chunk.missed:
                 self._missed(chunk)
+                return False
+            if chunk.written_back:
+                self._written_back(chunk)
                 return False
             if chunk.rows and clean.pause_between_chunks_ms:
                 self._pause(clean.pause_between_chunks_ms / 1000)
@@ -188,6 +195,27 @@ class Cleaner:
             reasons.append("became_due_during_run")
         outcome.status, outcome.remaining_reason = Status.INCOMPLETE, ",".join(reasons)
 
+    def _written_back(self, chunk: Chunk) -> None:
+        """Rows the chunk cleaned held personal data again before COMMIT: a trigger or rule
+        writes it back. The chunk rolled back (nothing claims them cleaned); the run fails."""
+        outcome = self.outcome
+        outcome.written_back_rows += chunk.written_back
+        names = self.skipped_by() if self.skipped_by is not None else "unknown"
+        outcome.status = Status.FAILED
+        outcome.error = (
+            f"{chunk.written_back} rows with ids in [{chunk.first_id}, {chunk.last_id}] held "
+            f"personal data again right after the cleaning UPDATE: a trigger or rule writes "
+            f"it back (on UPDATE: {names}); the chunk was rolled back; `db check` lists them"
+        )
+        self.log.error(
+            "rows_written_back",
+            seq=chunk.seq,
+            first_id=chunk.first_id,
+            last_id=chunk.last_id,
+            written_back=chunk.written_back,
+            triggers=names,
+        )
+
     def _missed(self, chunk: Chunk) -> None:
         """A sweep locked due rows that its UPDATE did not clean: a trigger or rule skipped
         them. The chunk committed what it cleaned; the run fails, loudly."""
@@ -198,7 +226,7 @@ class Cleaner:
         outcome.error = (
             f"{chunk.missed} due rows with ids in [{chunk.first_id}, {chunk.last_id}] were "
             f"left as they were by the cleaning UPDATE: a trigger or rule on the table skipped "
-            f"them ({names}); `db check` lists them"
+            f"them (on UPDATE: {names}); `db check` lists them"
         )
         self.log.error(
             "rows_not_cleaned",
@@ -363,6 +391,11 @@ class Cleaner:
                 indexed=indexed,
                 missed=missed,
             )
+            if chunk.rows and self.check_write_back:
+                again = int(conn.execute(self.stmts.written_back_now, params).scalar_one())
+                if again:
+                    transaction.rollback()
+                    return replace(chunk, rows=0, by_policy={}, written_back=again)
             if chunk.rows and self.recorder is not None:
                 self.recorder.record_chunk(conn, chunk)
             if self.fail_in_chunk is not None:

@@ -140,6 +140,11 @@ class Target(_Strict):
     def table_name(self) -> str:
         return self.table.split(".")[-1]
 
+    @property
+    def regclass(self) -> str:
+        """The name quoted for `CAST(... AS regclass)` (a resolved schema may hold capitals)."""
+        return ".".join('"' + part.replace('"', '""') + '"' for part in self.table.split("."))
+
 
 class Clean(_Strict):
     columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS

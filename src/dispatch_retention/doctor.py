@@ -21,7 +21,7 @@ from sqlalchemy import Connection, inspect, text
 
 from . import db, indexes, migrate, risks
 from . import target as target_module
-from .config import PERSONAL_COLUMNS, Settings
+from .config import PERSONAL_COLUMNS, Settings, Target
 from .grants import read_columns, write_columns
 from .schema import dispatches_table
 
@@ -39,8 +39,9 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     """The findings, in one read-only snapshot. A target the job refuses (missing, a view,
     row-level security that applies to this role) raises `target.TargetRefused` (exit 2)."""
     db.read_only(conn)
+    configured = settings.target
     settings = target_module.resolve_settings(conn, settings)
-    findings: list[Finding] = []
+    findings: list[Finding] = [_target(conn, configured, settings)]
     target = settings.target
     inspector = inspect(conn)
     columns = {c["name"]: c for c in inspector.get_columns(target.table_name, target.schema_name)}
@@ -140,6 +141,38 @@ def _classification(settings: Settings, columns: list[str]) -> Finding:
     )
 
 
+_SAME_NAME_ON_PATH = text(
+    "SELECT format('%I.%I', n.nspname, c.relname) FROM pg_class c "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relname = :name AND n.nspname = ANY(current_schemas(false)) "
+    "AND c.oid <> CAST(:resolved AS regclass) ORDER BY 1"
+)
+
+
+def _target(conn: Connection, configured: Target, settings: Settings) -> Finding:
+    """Which table `target.table` names; a warn when it is unqualified and another schema
+    on the search_path holds the name too (a role with another search_path would clean or
+    verify that other table)."""
+    resolved = settings.target.table
+    said = f"target.table {configured.table} is {resolved}"
+    if configured.schema_name is None:
+        others = list(
+            conn.execute(
+                _SAME_NAME_ON_PATH,
+                {"name": configured.table_name, "resolved": settings.target.regclass},
+            ).scalars()
+        )
+        if others:
+            return Finding(
+                "warn",
+                "target",
+                f"{said}, but {', '.join(others)} is on the search_path too: a role with "
+                f"another search_path would clean or verify that one; write target.table = "
+                f'"{resolved}"',
+            )
+    return Finding("ok", "target", said)
+
+
 def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
     """One finding per set of policy `where` keys: is there an index for their arm?"""
     create = indexes.statements(settings)
@@ -179,7 +212,7 @@ def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
                 "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
                 "WHERE c.oid = CAST(:table AS regclass)"
             ),
-            {"table": settings.target.table},
+            {"table": settings.target.regclass},
         )
         .mappings()
         .one()
@@ -201,7 +234,7 @@ def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
 def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list[Finding]:
     """Compare the current role's rights with what `run` needs (grants.py), on the columns
     the table has (`present`; a missing one is the `columns` check's error)."""
-    table = settings.target.table
+    table, regclass = settings.target.table, settings.target.regclass
     role: dict[str, Any] = dict(
         conn.execute(
             text(
@@ -226,9 +259,11 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
     def has(privilege: str, column: str | None = None) -> bool:
         if column is None:
             query = "SELECT has_table_privilege(CAST(:t AS regclass), :p)"
-            return bool(conn.execute(text(query), {"t": table, "p": privilege}).scalar())
+            return bool(conn.execute(text(query), {"t": regclass, "p": privilege}).scalar())
         query = "SELECT has_column_privilege(CAST(:t AS regclass), :c, :p)"
-        return bool(conn.execute(text(query), {"t": table, "c": column, "p": privilege}).scalar())
+        return bool(
+            conn.execute(text(query), {"t": regclass, "c": column, "p": privilege}).scalar()
+        )
 
     needed_write = set(write_columns(settings))
     lacking = [c for c in write_columns(settings) if c in present and not has("UPDATE", c)]

@@ -95,7 +95,7 @@ def serving(conn: Connection, settings: Settings) -> dict[Keys, str | None]:
                 "FROM pg_index i WHERE i.indrelid = CAST(:table AS regclass) AND i.indisvalid "
                 "ORDER BY i.indnatts DESC"
             ),
-            {"table": settings.target.table},
+            {"table": settings.target.regclass},
         )
         .mappings()
         .all()

@@ -71,6 +71,7 @@ def run(
             if options.reclean and not options.dry_run:
                 reclean.require_rights(conn, settings)
             _copy_risks(conn, settings, outcome, rlog)
+            check_write_back = _checks_write_back(conn, settings, outcome, rlog)
         if options.dry_run:
             _plan(engine, settings, tables, outcome, stop, shard)
             outcome.status = Status.PLANNED
@@ -89,6 +90,7 @@ def run(
                 on_plan=on_plan,
                 on_chunk=on_chunk,
                 fail_in_chunk=fail_in_chunk,
+                check_write_back=check_write_back,
             )
     except (migrate.SchemaNotReady, target.TargetRefused, reclean.RecleanRefused):
         raise
@@ -134,7 +136,7 @@ def _plan(
         log.info("recount", run_id=outcome.run_id, due_rows=plan.due_rows)
         return plan
     outcome.plan = plan
-    log.info("plan", run_id=outcome.run_id, **plan.as_dict())
+    log.info("plan", run_id=outcome.run_id, table=settings.target.table, **plan.as_dict())
     if not plan.through_indexes:
         log.warning(
             "policy_indexes_missing",
@@ -160,6 +162,7 @@ def _locked_run(
     on_plan: Callable[[Plan], None] | None,
     on_chunk: Callable[[Chunk], None] | None,
     fail_in_chunk: Callable[[int], None] | None,
+    check_write_back: bool,
 ) -> None:
     shard_name = str(shard) if shard else None
     with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
@@ -206,6 +209,7 @@ def _locked_run(
                         engine, settings, tables, outcome, stop, shard, plan.rules
                     ),
                     skipped_by=lambda: _skipping(outcome),
+                    check_write_back=check_write_back,
                 ).run()
                 if options.reclean and outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
                     reclean.Recleaner(
@@ -292,9 +296,30 @@ def _copy_risks(conn: Connection, settings: Settings, outcome: Outcome, rlog: Lo
             rlog.info("copy_risk", **risk.as_dict())
 
 
+def _checks_write_back(
+    conn: Connection, settings: Settings, outcome: Outcome, rlog: Logger
+) -> bool:
+    """Whether chunks check that what they cleaned holds no personal data (a trigger or
+    rule fires on UPDATE, and the role may read the personal columns); where it cannot,
+    say so once: `verify` is then where written-back rows show."""
+    if not risks.updating(outcome.copy_risks):
+        return False
+    unreadable = target.unreadable_columns(conn, settings)
+    if unreadable:
+        rlog.warning(
+            "write_back_unchecked",
+            columns=unreadable,
+            hint="a trigger or rule fires on UPDATE and this role may not read these columns, "
+            "so the run cannot see personal data written back: `verify` reports it "
+            "(written_back_rows)",
+        )
+    return not unreadable
+
+
 def _skipping(outcome: Outcome) -> str:
-    """The triggers and rules on the target that can leave a row of the UPDATE as it was."""
-    found = risks.skipping(outcome.copy_risks)
+    """The triggers and rules that fire on UPDATE of the target: what can leave a row of
+    the cleaning UPDATE as it was, or write personal data back into it."""
+    found = risks.updating(outcome.copy_risks)
     return ", ".join(f"{r.kind} {r.name}" for r in found) or "none found in the catalog"
 
 

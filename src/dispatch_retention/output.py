@@ -116,7 +116,8 @@ def verify_text(report: Report) -> str:
         for column, value in report.checked_columns
     )
     lines = [
-        f"Checked at {_cell(report.now)} (database clock), tolerance {report.tolerance_hours:g} h",
+        f"Checked {report.target} at {_cell(report.now)} (database clock), "
+        f"tolerance {report.tolerance_hours:g} h",
         f"checked columns: {checked}",
         table(["policy", "violations"], rows),
         "",
@@ -126,7 +127,7 @@ def verify_text(report: Report) -> str:
         "",
         f"anomalies ({label}):",
         f"  undatable_rows:         {anomalies.undatable_rows:>8}  "
-        "personal data and no age to measure (never due)",
+        "personal data and no age to measure (never due): NULL, future or infinite",
         f"  future_scheduled_rows:  {anomalies.future_scheduled_rows:>8}  "
         "unsettled, scheduled beyond the longest retention",
         f"  written_back_rows:      {anomalies.written_back_rows:>8}  "

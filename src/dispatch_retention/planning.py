@@ -154,6 +154,13 @@ class Statements:
         self.indexed_update = self._counted(update(table).where(through_arms, window, self.due))
         self.swept_range = self._swept(select(table.c.id).where(window, self.due))
         self.swept_indexed = self._swept(select(table.c.id).where(through_arms, window, self.due))
+        # Rows this transaction cleaned (stamped with its now()) that hold personal data
+        # again: a trigger wrote it back. Reads the personal columns: only for a role that may.
+        self.written_back_now = select(func.count()).where(
+            window,
+            table.c.cleaned_at == func.now(),
+            policy.holds_personal_data(table, settings),
+        )
         # After an empty window: where the next due row of the block is, if any.
         self.next_due = select(func.min(table.c.id)).where(window, self.due)
 

@@ -246,12 +246,19 @@ def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]
     )
 
 
-def undatable(table: Table, settings: Settings) -> ColumnElement[bool]:
-    """Not cleaned, holding personal data, and no age to measure (the age column and
-    `created_at` both NULL): never due, so `verify` reports it (`undatable_rows`)."""
+#: An age that starts later than this after `now` is no age: clocks differ a little, a
+#: dispatch from the future or from 'infinity' is bogus, and would never be due.
+FUTURE_AGE_SLACK = timedelta(days=1)
+
+
+def undatable(table: Table, settings: Settings, now: datetime) -> ColumnElement[bool]:
+    """Not cleaned, holding personal data, and no age to measure: the age column and
+    `created_at` both NULL, or an age that starts in the future (beyond a day's slack) or
+    at 'infinity'. Never due, so `verify` reports it (`undatable_rows`)."""
+    row_age = age(table, settings.clean.age_from)
     return and_(
         table.c.cleaned_at.is_(None),
-        age(table, settings.clean.age_from).is_(None),
+        or_(row_age.is_(None), row_age > _ts(now + FUTURE_AGE_SLACK)),
         holds_personal_data(table, settings),
     )
 

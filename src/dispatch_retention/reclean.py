@@ -27,9 +27,9 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, text, true, update
+from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, true, update
 
-from . import db, policy
+from . import db, policy, target
 from .config import Settings
 from .schema import dispatches_table
 from .shard import Shard
@@ -45,12 +45,7 @@ class RecleanRefused(Exception):
 def require_rights(conn: Connection, settings: Settings) -> None:
     """Raise `RecleanRefused` naming the columns the role cannot read but must, to find
     written-back rows."""
-    query = text("SELECT has_column_privilege(CAST(:t AS regclass), :c, 'SELECT')")
-    missing = [
-        c
-        for c in settings.clean.columns
-        if not conn.execute(query, {"t": settings.target.table, "c": c}).scalar()
-    ]
+    missing = target.unreadable_columns(conn, settings)
     if missing:
         raise RecleanRefused(
             f"run --reclean must see whether {', '.join(missing)} hold data again, and this "

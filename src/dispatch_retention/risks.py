@@ -5,8 +5,8 @@ section 7). Read from the catalog, never from a row, for the resolved target tab
 
 - triggers that fire on UPDATE (not the internal ones of foreign keys, not disabled ones):
   a BEFORE row trigger may skip the row (RETURN NULL) or put a personal value back, an AFTER
-  trigger may copy the old row elsewhere (a history table); on a partitioned table the row
-  triggers of its partitions count too;
+  trigger may copy the old row elsewhere (a history table); the row triggers of the tables
+  below the target (partitions, inheritance children) count too, as their rows are updated;
 - rules ON UPDATE (DO ALSO copies, DO INSTEAD replaces the UPDATE);
 - publications that include the table (or a partition or ancestor of it) and publish
   updates: each cleaned row goes to the subscribers, whose copies live by their retention;
@@ -34,12 +34,14 @@ REPLICA_IDENTITY = "replica_identity"
 # pg_trigger.tgtype bits (src/include/catalog/pg_trigger.h); UPDATE is 16
 _ROW, _BEFORE, _INSTEAD = 1, 2, 64
 
-#: The target, and the partitions below it (pg_partition_tree lists nothing for a plain
-#: table); `level` 0 is the target itself.
+#: The target and every table below it: partitions and inheritance children alike (both
+#: are in pg_inherits, and an UPDATE of the target updates their rows too); `level` 0 is
+#: the target itself.
 _TREE = (
-    "WITH tree AS ("
-    "SELECT CAST(:t AS regclass) AS relid, 0 AS level "
-    "UNION SELECT relid, level FROM pg_partition_tree(CAST(:t AS regclass)) WHERE level > 0) "
+    "WITH RECURSIVE tree(relid, level) AS ("
+    "SELECT CAST(CAST(:t AS regclass) AS oid), 0 "
+    "UNION SELECT i.inhrelid, tree.level + 1 FROM pg_inherits i "
+    "JOIN tree ON i.inhparent = tree.relid) "
 )
 
 # Row triggers of partitions fire when the target is updated; their statement triggers and
@@ -104,7 +106,7 @@ def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
     """Every copy risk of the target (`settings.target.table`, resolved by
     `target.resolve_settings`): triggers, rules, publications, replica identity, in that
     order, each with its reason from `[acknowledged]` when it has one."""
-    params = {"t": settings.target.table}
+    params = {"t": settings.target.regclass}
     found: list[tuple[str, str, str | None, str]] = []
     for row in conn.execute(_TRIGGERS, params).mappings():
         when, effect = _trigger_effect(int(row["tgtype"]))
@@ -176,12 +178,7 @@ def stale_acknowledgements(settings: Settings, risks: Iterable[Risk]) -> list[st
     return [name for name in settings.acknowledged if name not in names]
 
 
-def skipping(risks: Iterable[Risk]) -> list[Risk]:
-    """The risks that can leave a row of the cleaning UPDATE as it was: row-level BEFORE
-    triggers (RETURN NULL) and rules (DO INSTEAD)."""
-    return [
-        r
-        for r in risks
-        if r.kind == "rule"
-        or (r.kind == "trigger" and r.when == "BEFORE" and "row-level" in r.detail)
-    ]
+def updating(risks: Iterable[Risk]) -> list[Risk]:
+    """The triggers and rules that fire on UPDATE of the target (any of them can write
+    personal data back into a row the run cleaned)."""
+    return [r for r in risks if r.kind in ("trigger", "rule")]

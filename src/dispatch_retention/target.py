@@ -68,13 +68,9 @@ class ResolvedTarget:
         return f"{self.schema}.{self.name}"
 
 
-def _quoted(target: Target) -> str:
-    return ".".join(f'"{part}"' for part in target.table.split("."))
-
-
 def resolve(conn: Connection, target: Target) -> ResolvedTarget:
     """The table the config names, or `TargetRefused` with the reason."""
-    row = conn.execute(_RESOLVE, {"name": _quoted(target)}).mappings().first()
+    row = conn.execute(_RESOLVE, {"name": target.regclass}).mappings().first()
     if row is None:
         raise TargetRefused(
             target.table,
@@ -108,6 +104,17 @@ def pinned(settings: Settings, resolved: ResolvedTarget) -> Settings:
     statement, the run lock and the audit trail refer to the table itself."""
     target = Target.model_construct(table=resolved.qualified)
     return dataclasses.replace(settings, target=target)
+
+
+def unreadable_columns(conn: Connection, settings: Settings) -> list[str]:
+    """The personal columns (`clean.columns`) this role may not read: it can then not tell
+    whether a cleaned row holds personal data again (the run role of `db grants`)."""
+    query = text("SELECT has_column_privilege(CAST(:t AS regclass), :c, 'SELECT')")
+    return [
+        c
+        for c in settings.clean.columns
+        if not conn.execute(query, {"t": settings.target.regclass, "c": c}).scalar()
+    ]
 
 
 def resolve_settings(conn: Connection, settings: Settings) -> Settings:

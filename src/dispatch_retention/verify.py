@@ -10,7 +10,8 @@ hold.
 Anomalies (CONTRACT section 7) are rows the due rule can never reach or should never see,
 so `verify` is the only place they show; `--strict` counts them as violations:
 - `undatable_rows`: not cleaned, holding personal data, and no age to measure (the
-  `clean.age_from` column and `created_at` both NULL): never due;
+  `clean.age_from` column and `created_at` both NULL, or an age starting more than a day in
+  the future or at 'infinity'): never due;
 - `future_scheduled_rows`: not cleaned, unsettled, and `scheduled_at` further ahead than the
   longest retention (from the database's `now`, before any tolerance): never due while the
   schedule stands, most likely a bogus schedule on a message that was never sent;
@@ -67,6 +68,8 @@ class Report:
     #: clean.columns in config order, each with what cleaning writes (None: NULL)
     checked_columns: list[tuple[str, Any]] = field(default_factory=list)
     strict: bool = False
+    #: the table checked, as the database resolved `target.table` (schema.name)
+    target: str = ""
 
     @property
     def violation_rows(self) -> int:
@@ -81,6 +84,7 @@ class Report:
         return {
             "ok": self.ok,
             "strict": self.strict,
+            "target": self.target,
             "checked_at": self.now,
             "tolerance_hours": self.tolerance_hours,
             "violations": [{"policy": k, "rows": v} for k, v in self.violations.items() if v],
@@ -118,6 +122,7 @@ def verify(
     held = policy.held(table, tables.holds)
     credit = policy.credit(table, rules)
     report = Report(
+        target=settings.target.table,
         now=now,
         tolerance_hours=tolerance_hours,
         checked_columns=checked_columns(settings),
@@ -137,7 +142,7 @@ def verify(
         select(
             func.count().filter(policy.unmatched(table, rules)),
             func.count().filter(table.c.cleaned_at.is_not(None)),
-            func.count().filter(policy.undatable(table, settings)),
+            func.count().filter(policy.undatable(table, settings, now)),
             func.count().filter(policy.scheduled_far_ahead(table, settings, now)),
             func.count().filter(policy.written_back(table, settings)),
         )

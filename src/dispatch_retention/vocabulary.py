@@ -106,6 +106,9 @@ class Chunk:
     missed: int = 0
     #: "clean", or "reclean" for written-back rows stripped again (`reclean.py`)
     kind: str = "clean"
+    #: rows the chunk cleaned that held personal data again before it committed (a trigger
+    #: wrote it back): the chunk rolled back and the run fails
+    written_back: int = 0
 
 
 @dataclass
@@ -130,6 +133,8 @@ class Outcome:
     remaining_reason: str | None = None
     #: what the sweeps found left alone by a trigger or rule (the run then fails)
     missed_rows: int = 0
+    #: rows a chunk cleaned that held personal data again at once (the run then fails)
+    written_back_rows: int = 0
     #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
     copy_risks: list[Risk] = field(default_factory=list)
 
