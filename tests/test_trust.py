@@ -15,7 +15,7 @@ import pytest
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, func, select, text
+from sqlalchemy import Engine, delete, event, func, select, text
 from structlog.testing import capture_logs
 
 from dispatch_retention import job, policy
@@ -523,3 +523,60 @@ def test_a_role_that_can_read_the_columns_fails_a_run_whose_rows_are_written_bac
             text("SELECT coalesce(sum(rows), 0) FROM dispatch_retention.chunks")
         ).scalar_one()
     assert audited == sum(1 for r in after.values() if r["cleaned_at"])
+
+
+def sweeps(engine: Engine, s: Settings, **kwargs: Any) -> tuple[Outcome, int, int]:
+    """Run, counting the windows' fast UPDATEs and their sweeps (lock, then clean)."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        words = statement.split()
+        seen.append(words[1] if words[:1] == ["WITH"] and len(words) > 1 else words[0])
+
+    event.listen(engine, "before_cursor_execute", count)
+    try:
+        outcome = run(engine, s, **kwargs)
+    finally:
+        event.remove(engine, "before_cursor_execute", count)
+    return outcome, seen.count("cleaned"), seen.count("locked")
+
+
+def test_windows_are_swept_only_where_something_can_leave_a_row(engine: Engine) -> None:
+    """Without a trigger or rule on UPDATE a plain UPDATE cleans every row it matches: no
+    sweep (the end count still decides the status); with one, every chunk sweeps."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 31)])
+    plain, windows, swept = sweeps(engine, settings(), chunk_size=10)
+    assert (plain.status, plain.rows_cleaned, swept) == ("succeeded", 30, 0)
+    assert windows >= plain.chunks >= 3
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(31, 61)])
+    with engine.begin() as conn:
+        conn.execute(text(COPY_OLD))
+    watched, windows, swept = sweeps(engine, settings(), chunk_size=10)
+    assert (watched.status, watched.rows_cleaned) == ("succeeded", 30)
+    assert swept == windows >= watched.chunks >= 3
+
+
+def test_a_trigger_created_during_the_run_is_caught_by_the_catch_up_sweep(
+    engine: Engine,
+) -> None:
+    """A trigger that skips e-mails, created after the first chunk (the run saw none when
+    it began, so its windows were not swept): the end count finds the rows, the catch-up
+    walk sweeps them, and the run fails naming the trigger (never `succeeded`)."""
+    now = db_now(engine)
+    insert_rows(
+        engine,
+        [dispatch(i, now - 500 * DAY, type="email" if i % 2 else "sms") for i in range(1, 41)],
+    )
+    created = False
+
+    def deploy(chunk: Chunk) -> None:
+        nonlocal created
+        if not created:
+            created = True
+            with engine.begin() as conn:
+                conn.execute(text(SKIP_EMAILS))
+
+    outcome = run(engine, settings(), chunk_size=10, on_chunk=deploy)
+    assert outcome.status == "failed"
+    assert "trigger app_keep_emails" in (outcome.error or "")

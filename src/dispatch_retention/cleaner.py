@@ -5,12 +5,15 @@ the database clock when the run planned; any column but those in `clean.columns`
 `cleaned_at` and `updated_at`; any row whose `cleaned_at` is set. It never deletes a row.
 
 Transactions: planning is one READ ONLY transaction. Each chunk is one transaction, begun in
-`_transaction()` and nowhere else: one UPDATE ... RETURNING over an id window, then the
-sweep of the same window (`Statements.swept_range` / `swept_indexed`: what is still due
-there is locked and cleaned, so rows that became due meanwhile are taken too, and a due row
-that the UPDATE left alone, because a trigger or rule skipped it, is counted in
-`Chunk.missed`), the chunk's audit record (when a recorder is given) and COMMIT. Nothing
-spans two chunks. A chunk with missed rows commits what it did clean, then fails the run.
+`_transaction()` and nowhere else: one UPDATE ... RETURNING over an id window, then, where
+something can leave a row of that UPDATE as it was (a trigger or rule on UPDATE, a foreign
+table below the target: `risks.updating`), the sweep of the same window
+(`Statements.swept_range` / `swept_indexed`: what is still due there is locked and
+cleaned, and a due row that the UPDATE left alone is counted in `Chunk.missed`), the
+chunk's audit record (when a recorder is given) and COMMIT. Without such a thing a plain
+UPDATE cleans every row its WHERE matches, so the sweep is skipped (it costs about 6 % of
+the chunk time: docs/performance.md); the catch-up walk always sweeps. Nothing spans two
+chunks. A chunk with missed rows commits what it did clean, then fails the run.
 
 When the walk is done, the run counts what is still due at its own cutoffs (`recount`, a
 read-only plan); rows that became due while it ran get one more walk; only a count of zero
@@ -83,6 +86,7 @@ class Cleaner:
         recount: Recount | None = None,
         skipped_by: Callable[[], str] | None = None,
         check_write_back: bool = False,
+        sweep: bool = True,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
@@ -96,6 +100,9 @@ class Cleaner:
         #: a trigger or rule fires on UPDATE and the role may read the personal columns:
         #: each chunk checks that what it cleaned holds no personal data before COMMIT
         self.check_write_back = check_write_back
+        #: sweep each window after its UPDATE (where something can leave a row as it was:
+        #: `risks.updating`); the catch-up walk always sweeps
+        self.sweep = sweep
         self.skipped_locked_rows = False
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
@@ -113,6 +120,7 @@ class Cleaner:
         left = self.recount()
         if left.due_rows and not self._stopped():
             self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
+            self.sweep = True  # rows left after a walk: prove why, window by window
             if not self._walk(left):
                 return
             left = self.recount()
@@ -329,9 +337,10 @@ class Cleaner:
         t0 = time.monotonic()
         indexed = self.windows is not None and self.windows.sparse(lo, hi)
         swept = stmts.swept_indexed if indexed else stmts.swept_range
+        fast = stmts.indexed_update if indexed else stmts.range_update
         try:
             chunk = self._transaction(
-                (stmts.indexed_update if indexed else stmts.range_update, swept), seq, lo, hi,
+                (fast, swept) if self.sweep else (fast,), seq, lo, hi,
                 min(clean.row_lock_wait_ms, clean.lock_timeout_ms), False, indexed,
             )  # fmt: skip
         except DBAPIError as exc:

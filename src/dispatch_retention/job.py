@@ -208,8 +208,9 @@ def _locked_run(
                     recount=lambda: _plan(
                         engine, settings, tables, outcome, stop, shard, plan.rules
                     ),
-                    skipped_by=lambda: _skipping(outcome),
+                    skipped_by=lambda: _skipping(engine, settings),
                     check_write_back=check_write_back,
+                    sweep=bool(risks.updating(outcome.copy_risks)),
                 ).run()
                 if options.reclean and outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
                     reclean.Recleaner(
@@ -316,10 +317,12 @@ def _checks_write_back(
     return not unreadable
 
 
-def _skipping(outcome: Outcome) -> str:
-    """The triggers and rules that fire on UPDATE of the target: what can leave a row of
-    the cleaning UPDATE as it was, or write personal data back into it."""
-    found = risks.updating(outcome.copy_risks)
+def _skipping(engine: Engine, settings: Settings) -> str:
+    """What can leave a row of the cleaning UPDATE as it was, or write personal data back
+    into it (`risks.updating`), read from the catalog now: one may have come since the
+    run began."""
+    with engine.connect() as conn:
+        found = risks.updating(risks.copy_risks(conn, settings))
     return ", ".join(f"{r.kind} {r.name}" for r in found) or "none found in the catalog"
 
 

@@ -122,7 +122,8 @@ class Statements:
     clean was left alone by a trigger or rule (`Chunk.missed`). A chunk runs a fast form
     and then the swept form of its window in the same transaction: the sweep recounts what
     is still due there, cleans rows that became due meanwhile, and finds what a trigger
-    skipped; when the fast form meets a row lock, the chunk runs the swept form alone."""
+    skipped (where something can skip one: `risks.updating`); when the fast form meets a row
+    lock, the chunk runs the swept form alone."""
 
     def __init__(
         self,

@@ -86,12 +86,21 @@ _REPLICA_IDENTITY = text(
     "WHERE c.relreplident = 'f' ORDER BY tree.level, relation"
 )
 
+# A foreign table below the target (a partition on another server): its rows are updated
+# there, by rules and triggers this job cannot see.
+_FOREIGN = text(
+    _TREE + "SELECT format('%I.%I', n.nspname, c.relname) AS relation "
+    "FROM pg_class c JOIN tree ON tree.relid = c.oid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE c.relkind = 'f' ORDER BY relation"
+)
+
 
 @dataclass(frozen=True)
 class Risk:
     """A place the cleaning UPDATE can copy personal data to or write it back from."""
 
-    kind: str  # "trigger" | "rule" | "publication" | "replica_identity"
+    kind: str  # "trigger" | "rule" | "publication" | "replica_identity" | "foreign_table"
     name: str  # the object's name; the key in [acknowledged]
     when: str | None  # "BEFORE" | "AFTER" | "INSTEAD OF" for triggers, else None
     detail: str  # what it may do, one sentence, no personal data
@@ -146,6 +155,16 @@ def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
                 "(logical decoding, CDC)",
             )
         )
+    for relation in conn.execute(_FOREIGN, params).scalars():
+        found.append(
+            (
+                "foreign_table",
+                str(relation),
+                None,
+                "a foreign table below the target: its rows are updated on another server, "
+                "whose triggers, rules and copies this job cannot see",
+            )
+        )
     return [
         Risk(kind, name, when, detail, settings.acknowledged.get(name))
         for kind, name, when, detail in found
@@ -179,6 +198,8 @@ def stale_acknowledgements(settings: Settings, risks: Iterable[Risk]) -> list[st
 
 
 def updating(risks: Iterable[Risk]) -> list[Risk]:
-    """The triggers and rules that fire on UPDATE of the target (any of them can write
-    personal data back into a row the run cleaned)."""
-    return [r for r in risks if r.kind in ("trigger", "rule")]
+    """What can leave a row of the cleaning UPDATE as it was, or write personal data back
+    into it: the triggers and rules that fire on UPDATE of the target (or of a table below
+    it), and foreign tables below it. Without any, a plain UPDATE cleans every row its
+    WHERE matches."""
+    return [r for r in risks if r.kind in ("trigger", "rule", "foreign_table")]

@@ -1,0 +1,107 @@
+"""Every error the job raises on purpose, in one tree, turned into an exit code in one place
+(`cli.main`'s group). Each class carries the data a caller or a test needs, and its message
+never holds a row value or a password.
+
+    DispatchRetentionError
+    ├── UsageError                   exit 2: nothing was touched; retrying cannot help
+    │   ├── ConfigError              the config file: its path, key and reason
+    │   ├── DatabaseUrlError         no usable database URL (never repeats the URL)
+    │   ├── SchemaNotReady           the audit schema is missing or at another revision
+    │   ├── TargetRefused            the target is not a table the job can see whole
+    │   ├── RecleanRefused           `run --reclean` by a role that cannot read the columns
+    │   ├── HoldError                a legal hold that cannot be placed or released as asked
+    │   └── EmbeddedUnavailable      `demo` without the `embedded` extra
+    └── RunError                     exit 1: the run started and could not go on
+        ├── LockLost                 the run lock's connection died and another run took it
+        └── RetriesExhausted         a step kept failing on a retryable error
+
+Not in the tree: `vocabulary.Interrupted` (a stop signal: a KeyboardInterrupt, so that
+psycopg cancels the query on the server) and database errors (SQLAlchemy's `DBAPIError`,
+reduced to their SQLSTATE and object names by `db.describe_error`, exit 1).
+"""
+
+from __future__ import annotations
+
+
+class DispatchRetentionError(Exception):
+    """The base of every error the job raises on purpose."""
+
+
+class UsageError(DispatchRetentionError):
+    """A mistake in how the job was called or configured: exit 2, nothing touched."""
+
+
+class RunError(DispatchRetentionError):
+    """A run that could not go on: exit 1 (the run record says why)."""
+
+
+class ConfigError(UsageError):
+    """An invalid configuration file: names the file, the key and what is wrong."""
+
+    def __init__(self, path: str, key: str, reason: str) -> None:
+        self.path, self.key, self.reason = path, key, reason
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"invalid configuration: {where}: {reason}")
+
+
+class DatabaseUrlError(UsageError):
+    """No usable database URL (the message never repeats the URL: it may hold a password)."""
+
+
+class SchemaNotReady(UsageError):
+    """The audit schema is missing or at another revision than this version needs."""
+
+    def __init__(self, schema: str, found: str | None, needed: str) -> None:
+        self.schema, self.found, self.needed = schema, found, needed
+        if found is None:
+            message = (
+                f"the audit schema {schema!r} has no tables yet: run `dispatch-retention db "
+                "upgrade` (with a role that may create them) before the first run"
+            )
+        else:
+            message = (
+                f"the audit schema {schema!r} is at revision {found}, this version needs "
+                f"{needed}: run `dispatch-retention db upgrade`"
+            )
+        super().__init__(message)
+
+
+class TargetRefused(UsageError):
+    """The configured target cannot be cleaned truthfully: `reason` says why and the fix."""
+
+    def __init__(self, table: str, reason: str) -> None:
+        self.table, self.reason = table, reason
+        super().__init__(f"target {table}: {reason}")
+
+
+class RecleanRefused(UsageError):
+    """`run --reclean` by a role that may not read `columns` of `table`."""
+
+    def __init__(self, table: str, columns: list[str]) -> None:
+        self.table, self.columns = table, columns
+        which = "it" if len(columns) == 1 else "them"
+        super().__init__(
+            f"run --reclean must see whether {', '.join(columns)} hold data again, and this "
+            f"role may not read {which} on {table}: run it as a role with SELECT on those "
+            "columns (the table's owner, say); the nightly run role needs no such right"
+        )
+
+
+class HoldError(UsageError):
+    """A legal hold that cannot be placed or released as asked."""
+
+
+class EmbeddedUnavailable(UsageError):
+    """`demo` needs the embedded PostgreSQL: pip install 'dispatch-retention[embedded]'."""
+
+
+class LockLost(RunError):
+    """The run lock could not be kept (its connection died and someone else took it)."""
+
+
+class RetriesExhausted(RunError):
+    """A step kept failing on a retryable error; the run fails with `reason`."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
