@@ -25,6 +25,7 @@ from . import (
     audit,
     config,
     db,
+    errors,
     grants,
     holds,
     job,
@@ -33,20 +34,69 @@ from . import (
     migrate,
     output,
     shard,
-    target,
-)
-from . import (
-    reclean as reclean_module,
 )
 from .planning import Plan
 from .schema import AuditTables
-from .vocabulary import Chunk, Exit, Options, Outcome, Status, Stop, exit_code
+from .vocabulary import Chunk, Exit, Options, Status, Stop, exit_code
 
 
 class UsageProblem(click.ClickException):
-    """A user mistake (configuration, URL): exit 2, one line, no traceback."""
+    """A user mistake (configuration, URL, target): exit 2, one line, no traceback."""
 
     exit_code = Exit.USAGE
+
+
+class Commands(click.Group):
+    """The root group: the one place an error of the job's becomes an exit code (as
+    Alembic's CLI turns its `CommandError` into one). `errors.UsageError` exits 2,
+    `errors.RunError` and a database error exit 1, each as one line without a traceback; a
+    database error is reduced to its SQLSTATE and object names (`db.describe_error`)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except errors.UsageError as exc:
+            raise UsageProblem(exc.for_user()) from None
+        except errors.RunError as exc:
+            raise click.ClickException(exc.for_user()) from None
+        except DBAPIError as exc:
+            raise click.ClickException(f"database error: {db.describe_error(exc)}") from None
+
+
+class ShardParam(click.ParamType[shard.Shard | None]):
+    """`I/N` (0 <= I < N <= 1024): a `shard.Shard`."""
+
+    name = "I/N"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if value is None or isinstance(value, shard.Shard):
+            return value
+        try:
+            return shard.parse(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+class RunIdParam(click.ParamType[str]):
+    """A run id as `audit list` shows it (a UUID), in its canonical form."""
+
+    name = "RUN_ID"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            return str(uuid.UUID(str(value)))
+        except ValueError:
+            self.fail("not a run id (a UUID, as `audit list` shows)", param, ctx)
+
+
+def _shard_from_env() -> shard.Shard | None:
+    """The default of `--shard`: a Kubernetes Indexed Job's own index and count."""
+    try:
+        return shard.from_env(os.environ)
+    except ValueError as exc:
+        raise click.BadParameter(
+            f"{exc} (from JOB_COMPLETION_INDEX/JOB_COMPLETIONS)", param_hint="--shard"
+        ) from None
 
 
 class State:
@@ -54,17 +104,10 @@ class State:
         self.config_path, self.database_url = config_path, database_url
 
     def settings(self) -> config.Settings:
-        try:
-            return config.load(self.config_path)
-        except config.ConfigError as exc:
-            raise UsageProblem(f"invalid configuration: {exc}") from None
+        return config.load(self.config_path)
 
     def engine(self) -> Engine:
-        try:
-            url = db.parse_url(db.resolve_url(self.database_url))
-        except db.DatabaseUrlError as exc:
-            raise UsageProblem(str(exc)) from None
-        return db.make_engine(url)
+        return db.make_engine(db.parse_url(db.resolve_url(self.database_url)))
 
 
 table_or_json = click.option(
@@ -84,15 +127,15 @@ def _audit_session(
     """Settings, a checked audit schema and one connection (one transaction if `write`)."""
     settings, engine = state.settings(), state.engine()
     try:
-        with _database_errors():
-            _require_schema(engine, settings)
-            with engine.begin() if write else engine.connect() as conn:
-                yield conn, settings, AuditTables(settings.audit.schema_)
+        with engine.connect() as conn:
+            migrate.require_current(conn, settings.audit.schema_)
+        with engine.begin() if write else engine.connect() as conn:
+            yield conn, settings, AuditTables(settings.audit.schema_)
     finally:
         engine.dispose()
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=Commands, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--config",
     "config_path",
@@ -142,9 +185,11 @@ def cli(
 )
 @click.option(
     "--shard",
-    "shard_text",
-    metavar="I/N",
-    help="Clean only shard I of N (default: from JOB_COMPLETION_INDEX/JOB_COMPLETIONS).",
+    "chosen",
+    type=ShardParam(),
+    default=_shard_from_env,
+    show_default="from JOB_COMPLETION_INDEX/JOB_COMPLETIONS",
+    help="Clean only shard I of N.",
 )
 @click.pass_obj
 def run(
@@ -156,13 +201,9 @@ def run(
     chunk_size: int | None,
     max_rows: int | None,
     max_runtime: float | None,
-    shard_text: str | None,
+    chosen: shard.Shard | None,
 ) -> None:
     """Clean every dispatch that is due (see --dry-run first)."""
-    try:
-        chosen = shard.parse(shard_text) if shard_text is not None else shard.from_env(os.environ)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--shard") from None
     settings, engine = state.settings(), state.engine()
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     options = Options(
@@ -173,7 +214,7 @@ def run(
         max_runtime_s=max_runtime,
     )
     with _signals() as stop, _progress(interactive and not dry_run) as progress:
-        outcome = _job(
+        outcome = job.run(
             engine,
             settings,
             options,
@@ -214,11 +255,8 @@ def demo(state: State, rows: int) -> None:
     from . import demo as demo_module
 
     settings = state.settings() if state.config_path else _bundled_settings()
-    try:
-        with _signals() as stop:
-            outcome = demo_module.cycle(settings, rows, stop=stop, echo=click.echo)
-    except demo_module.EmbeddedUnavailable as exc:
-        raise UsageProblem(str(exc)) from None
+    with _signals() as stop:
+        outcome = demo_module.cycle(settings, rows, stop=stop, echo=click.echo)
     sys.exit(exit_code(outcome))
 
 
@@ -280,15 +318,11 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> No
 
 
 @audit_group.command("show")
-@click.argument("run_id")
+@click.argument("run_id", type=RunIdParam())
 @table_or_json
 @click.pass_obj
 def audit_show(state: State, run_id: str, fmt: str) -> None:
     """Show one run: its status, config, policies with cutoffs and rows cleaned."""
-    try:
-        run_id = str(uuid.UUID(run_id))
-    except ValueError:
-        raise click.BadParameter("not a run id (a UUID, as `audit list` shows)") from None
     with _audit_session(state) as (conn, _settings, tables):
         document = audit.show_run(conn, tables, run_id)
     if document is None:
@@ -308,7 +342,7 @@ def hold_group() -> None:
 @click.pass_obj
 def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
     """Put a member's dispatches under legal hold."""
-    with _hold_errors(), _audit_session(state, write=True) as (conn, _settings, tables):
+    with _audit_session(state, write=True) as (conn, _settings, tables):
         hold_id = holds.add(conn, tables, member_id, reason, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} is under legal hold")
 
@@ -319,7 +353,7 @@ def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
 @click.pass_obj
 def hold_release(state: State, member_id: int, by: str | None) -> None:
     """Release a member's active hold (the hold is kept, stamped released_at)."""
-    with _hold_errors(), _audit_session(state, write=True) as (conn, _settings, tables):
+    with _audit_session(state, write=True) as (conn, _settings, tables):
         hold_id = holds.release(conn, tables, member_id, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} released")
 
@@ -345,8 +379,7 @@ def db_group() -> None:
 def db_upgrade(state: State) -> None:
     """Create or migrate the job's own tables (needs a role that may create them)."""
     settings, engine = state.settings(), state.engine()
-    with _database_errors():
-        before, after = migrate.upgrade(engine, settings.audit.schema_)
+    before, after = migrate.upgrade(engine, settings.audit.schema_)
     engine.dispose()
     schema = settings.audit.schema_
     if before == after:
@@ -368,7 +401,7 @@ def db_check(state: State, strict: bool) -> None:
     from . import doctor
 
     settings, engine = state.settings(), state.engine()
-    with _database_errors(), engine.connect() as conn, conn.begin():
+    with engine.connect() as conn, conn.begin():
         findings = doctor.check(conn, settings)
     engine.dispose()
     click.echo(output.findings(findings))
@@ -395,47 +428,11 @@ def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
         raise click.BadParameter(str(exc), param_hint="--role") from None
 
 
-def _require_schema(engine: Engine, settings: config.Settings) -> None:
-    """Exit 2 with the fix (`db upgrade`) when the audit schema is missing or behind."""
-    with engine.connect() as conn:
-        try:
-            migrate.require_current(conn, settings.audit.schema_)
-        except migrate.SchemaNotReady as exc:
-            raise UsageProblem(str(exc)) from None
-
-
-@contextmanager
-def _database_errors() -> Iterator[None]:
-    """A database error ends the command with exit 1 and a message free of row values; a
-    target the job refuses (`target.TargetRefused`) with exit 2."""
-    try:
-        yield
-    except target.TargetRefused as exc:
-        raise UsageProblem(str(exc)) from None
-    except DBAPIError as exc:
-        raise click.ClickException(f"database error: {db.describe_error(exc)}") from None
-
-
-@contextmanager
-def _hold_errors() -> Iterator[None]:
-    try:
-        yield
-    except holds.HoldError as exc:
-        raise UsageProblem(str(exc)) from None
-
-
 def _bundled_settings() -> config.Settings:
     from importlib import resources  # not on `run`'s path: 16 ms of start-up
 
     text = resources.files("dispatch_retention").joinpath("retention.toml").read_text("utf-8")
     return config.parse(text, "<bundled retention.toml>")
-
-
-def _job(engine: Engine, *args: Any, **kwargs: Any) -> Outcome:
-    try:
-        return job.run(engine, *args, **kwargs)
-    except (migrate.SchemaNotReady, target.TargetRefused, reclean_module.RecleanRefused) as exc:
-        raise UsageProblem(str(exc)) from None
 
 
 def _confirm(plan: Plan) -> bool:

@@ -33,6 +33,8 @@ from pydantic import (
     model_validator,
 )
 
+from .errors import ConfigError
+
 DEFAULT_CONFIG_PATH = Path("config/retention.toml")
 CONFIG_ENV = "DISPATCH_RETENTION_CONFIG"
 
@@ -86,15 +88,6 @@ MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {
 IDENTIFIER = re.compile(r"^[a-z_][a-z0-9_]*$")
 MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 MAX_RETENTION_DAYS = 36_500  # a hundred years: anything longer is a typo
-
-
-class ConfigError(Exception):
-    """An invalid configuration file: names the file, the key and what is wrong."""
-
-    def __init__(self, path: str, key: str, reason: str) -> None:
-        self.path, self.key, self.reason = path, key, reason
-        where = f"{path}: {key}" if key else path
-        super().__init__(f"{where}: {reason}")
 
 
 def _identifier(value: str, what: str) -> str:

@@ -25,6 +25,8 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
+from .errors import DatabaseUrlError
+
 URL_ENV = "DATABASE_URL"
 URL_FILE_ENV = "DATABASE_URL_FILE"
 APPLICATION_NAME = "dispatch-retention"
@@ -35,10 +37,6 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
 CONNECTION_CLASSES = ("08", "28", "3D")
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
-
-
-class DatabaseUrlError(Exception):
-    """No usable database URL (a usage error: exit 2)."""
 
 
 def resolve_url(cli_value: str | None) -> str:

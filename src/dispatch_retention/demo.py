@@ -16,14 +16,11 @@ from sqlalchemy import Engine, func, select
 
 from . import audit, db, holds, indexes, job, migrate, output
 from .config import Settings
+from .errors import EmbeddedUnavailable
 from .schema import AuditTables, create_dispatches
 from .synthetic import seed
 from .verify import verify
 from .vocabulary import Options, Outcome, Stop
-
-
-class EmbeddedUnavailable(Exception):
-    """pgserver is not installed (pip install 'dispatch-retention[embedded]')."""
 
 
 @contextlib.contextmanager

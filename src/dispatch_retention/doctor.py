@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from sqlalchemy import Connection, inspect, text
 
-from . import db, indexes, migrate, risks
+from . import db, errors, indexes, migrate, risks
 from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings, Target
 from .grants import read_columns, write_columns
@@ -198,7 +198,7 @@ def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
 def _schema(conn: Connection, settings: Settings) -> Finding:
     try:
         migrate.require_current(conn, settings.audit.schema_)
-    except migrate.SchemaNotReady as exc:
+    except errors.SchemaNotReady as exc:
         return Finding("error", "audit schema", str(exc))
     return Finding("ok", "audit schema", f"{settings.audit.schema_} is at {migrate.HEAD}")
 

@@ -26,6 +26,10 @@ from __future__ import annotations
 class DispatchRetentionError(Exception):
     """The base of every error the job raises on purpose."""
 
+    def for_user(self) -> str:
+        """The one line the command line prints for it."""
+        return str(self)
+
 
 class UsageError(DispatchRetentionError):
     """A mistake in how the job was called or configured: exit 2, nothing touched."""
@@ -41,7 +45,10 @@ class ConfigError(UsageError):
     def __init__(self, path: str, key: str, reason: str) -> None:
         self.path, self.key, self.reason = path, key, reason
         where = f"{path}: {key}" if key else path
-        super().__init__(f"invalid configuration: {where}: {reason}")
+        super().__init__(f"{where}: {reason}")
+
+    def for_user(self) -> str:
+        return f"invalid configuration: {self}"
 
 
 class DatabaseUrlError(UsageError):

@@ -13,12 +13,9 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from .errors import HoldError
 from .policy import active
 from .schema import AuditTables
-
-
-class HoldError(Exception):
-    """A hold that cannot be added or released as asked (exit 2)."""
 
 
 def operator() -> str:

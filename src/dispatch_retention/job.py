@@ -23,12 +23,11 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import audit, db, migrate, policy, reclean, retry, risks, target
+from . import audit, db, errors, migrate, policy, reclean, retry, risks, target
 from .cleaner import Cleaner
 from .config import Settings
-from .lock import LockLost, RunLock, run_locks
+from .lock import RunLock, run_locks
 from .planning import Plan, make_plan
-from .retry import RetriesExhausted
 from .schema import AuditTables
 from .shard import Shard
 from .vocabulary import Chunk, Interrupted, Options, Outcome, Status, Stop
@@ -50,8 +49,8 @@ def run(
     on_chunk: Callable[[Chunk], None] | None = None,
     fail_in_chunk: Callable[[int], None] | None = None,
 ) -> Outcome:
-    """Run (or dry-run) the job once. Raises only `migrate.SchemaNotReady` and
-    `target.TargetRefused` (usage errors: nothing was touched)."""
+    """Run (or dry-run) the job once. Raises only `errors.UsageError` (nothing was
+    touched); every other way it ends is an `Outcome`."""
     outcome = Outcome()
     rlog = log.bind(run_id=outcome.run_id)
     tables = AuditTables(settings.audit.schema_)
@@ -92,7 +91,7 @@ def run(
                 fail_in_chunk=fail_in_chunk,
                 check_write_back=check_write_back,
             )
-    except (migrate.SchemaNotReady, target.TargetRefused, reclean.RecleanRefused):
+    except errors.UsageError:
         raise
     except (Interrupted, Exception) as exc:
         _ended_by(exc, outcome, rlog)
@@ -256,9 +255,7 @@ def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
     """The status an exception gives the run; a bug is logged with its traceback."""
     if isinstance(exc, Interrupted):
         outcome.status, outcome.signum = Status.INTERRUPTED, exc.signum
-    elif isinstance(exc, RetriesExhausted):
-        outcome.status, outcome.error = Status.FAILED, exc.reason
-    elif isinstance(exc, LockLost):
+    elif isinstance(exc, errors.RunError):
         outcome.status, outcome.error = Status.FAILED, str(exc)
     elif isinstance(exc, DBAPIError):
         outcome.status, outcome.error = Status.FAILED, db.describe_error(exc)

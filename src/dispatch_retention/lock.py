@@ -16,6 +16,8 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
+from .errors import LockLost
+
 NAMESPACE = "dispatch-retention"
 
 
@@ -32,10 +34,6 @@ def run_locks(target_table: str, shard: str | None) -> list[tuple[int, bool]]:
     if shard is None:
         return [(lock_key(target_table), False)]
     return [(lock_key(target_table), True), (lock_key(target_table, shard), False)]
-
-
-class LockLost(Exception):
-    """The run lock could not be kept (its connection died and someone else took it)."""
 
 
 class RunLock:

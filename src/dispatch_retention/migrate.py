@@ -13,14 +13,11 @@ from typing import Any
 from sqlalchemy import Column, Connection, Engine, MetaData, Table, Text, inspect, select
 from sqlalchemy.schema import CreateSchema
 
+from .errors import SchemaNotReady
 from .schema import ALEMBIC_VERSION_TABLE
 
 #: The newest migration; `tests/test_migrations.py` checks it against Alembic's own head.
 HEAD = "0002"
-
-
-class SchemaNotReady(Exception):
-    """The audit schema is missing or behind: `db upgrade` must run first (exit 2)."""
 
 
 def alembic_config() -> Any:
@@ -56,12 +53,6 @@ def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
 def require_current(conn: Connection, schema: str) -> None:
     found = current(conn, schema)
     if found is None:
-        raise SchemaNotReady(
-            f"the audit schema {schema!r} has no tables yet: run `dispatch-retention db upgrade`"
-            " (with a role that may create them) before the first run"
-        )
+        raise SchemaNotReady(schema, None, HEAD)
     if found != HEAD:
-        raise SchemaNotReady(
-            f"the audit schema {schema!r} is at revision {found}, this version needs {HEAD}:"
-            " run `dispatch-retention db upgrade`"
-        )
+        raise SchemaNotReady(schema, found, HEAD)

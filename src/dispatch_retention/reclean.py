@@ -31,6 +31,7 @@ from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, true
 
 from . import db, policy, target
 from .config import Settings
+from .errors import RecleanRefused
 from .schema import dispatches_table
 from .shard import Shard
 from .vocabulary import Chunk, Outcome, Recorder, Status, Stop
@@ -38,21 +39,12 @@ from .vocabulary import Chunk, Outcome, Recorder, Status, Stop
 log = structlog.get_logger("dispatch_retention")
 
 
-class RecleanRefused(Exception):
-    """`run --reclean` by a role that cannot read the personal columns (exit 2)."""
-
-
 def require_rights(conn: Connection, settings: Settings) -> None:
     """Raise `RecleanRefused` naming the columns the role cannot read but must, to find
     written-back rows."""
     missing = target.unreadable_columns(conn, settings)
     if missing:
-        raise RecleanRefused(
-            f"run --reclean must see whether {', '.join(missing)} hold data again, and this "
-            f"role may not read {'it' if len(missing) == 1 else 'them'} on "
-            f"{settings.target.table}: run it as a role with SELECT on those columns (the "
-            "table's owner, say); the nightly run role needs no such right"
-        )
+        raise RecleanRefused(settings.target.table, missing)
 
 
 class Recleaner:

@@ -20,14 +20,7 @@ from tenacity import (
 
 from . import db
 from .config import Clean
-
-
-class RetriesExhausted(Exception):
-    """A step kept failing on a retryable error; the run fails with `reason`."""
-
-    def __init__(self, reason: str) -> None:
-        super().__init__(reason)
-        self.reason = reason
+from .errors import RetriesExhausted
 
 
 def retryable(exc: BaseException) -> bool:

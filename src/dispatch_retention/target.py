@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, text
 
 from .config import Settings, Target
+from .errors import TargetRefused
 
 #: pg_class.relkind values the job accepts, and names for the ones it refuses.
 ACCEPTED_KINDS = {"r": "table", "p": "partitioned table"}
@@ -45,15 +46,6 @@ _RESOLVE = text(
     "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
     "WHERE c.oid = to_regclass(:name)"
 )
-
-
-class TargetRefused(Exception):
-    """The configured target cannot be cleaned truthfully (exit 2): `reason` says why and
-    how to fix it."""
-
-    def __init__(self, table: str, reason: str) -> None:
-        super().__init__(f"target {table}: {reason}")
-        self.table, self.reason = table, reason
 
 
 @dataclass(frozen=True)
