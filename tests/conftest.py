@@ -15,6 +15,7 @@ import itertools
 import os
 import tempfile
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
@@ -25,7 +26,8 @@ from dispatch_retention import db, indexes, migrate
 from dispatch_retention.config import Target
 from dispatch_retention.schema import create_dispatches
 
-from .helpers import granted_role, settings
+from .faults import PROBE_APP, make_config
+from .helpers import Job, granted_role, settings
 
 _counter = itertools.count()
 AUDIT_SCHEMA = "dispatch_retention"
@@ -134,3 +136,26 @@ def _fresh_logging() -> Iterator[None]:
     """CLI tests configure structlog to print to click's stream; undo it after each test."""
     yield
     structlog.reset_defaults()
+
+
+# --- the fault-injection tests' fixtures (tests/faults.py holds their helpers) ----------
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test() -> Iterator[None]:
+    yield
+    Job.reap()
+
+
+@pytest.fixture
+def probe(database_url: URL) -> Iterator[Engine]:
+    """The test's own engine (another application_name than the job's)."""
+    engine = create_engine(
+        database_url, pool_pre_ping=True, connect_args={"application_name": PROBE_APP}
+    )
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def plain_config(tmp_path: Path) -> Path:
+    """The config of a following normal run: defaults and DEFAULT_POLICIES."""
+    return make_config(tmp_path, "plain.toml")

@@ -141,7 +141,7 @@ def as_json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
-# --- real subprocesses and fault-injection checks (test_faults.py, test_sizing_shard.py) ------
+# --- real subprocesses and fault-injection checks (faults.py and its tests) ---------------------
 
 SCRIPT = Path(sys.executable).parent / "dispatch-retention"
 AUDIT_SCHEMA = "dispatch_retention"

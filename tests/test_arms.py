@@ -25,9 +25,10 @@ from sqlalchemy.dialects import postgresql
 from structlog.testing import capture_logs
 
 from dispatch_retention import db, doctor, indexes, job, planning, policy
-from dispatch_retention.planning import BLOCK_IDS, Windows
 from dispatch_retention.schema import AuditTables
-from dispatch_retention.vocabulary import Options, Stop
+from dispatch_retention.statements import BLOCK_IDS, Statements
+from dispatch_retention.vocabulary import Request, Stop
+from dispatch_retention.windows import Windows
 
 from .helpers import (
     AUDIT_SCHEMA,
@@ -171,7 +172,7 @@ def plans(engine: Engine, s: Any) -> list[str]:
         planning.read_through_indexes(conn, s)
         r = policy.rules(s, db.database_now(conn))
         holds = AuditTables(AUDIT_SCHEMA).holds
-        stmts = planning.Statements(s, r, holds)
+        stmts = Statements(s, r, holds)
         return [
             explain(conn, st, lo=0, last=10**9)
             for st in (
@@ -228,7 +229,7 @@ def test_sparse_due_rows_are_cleaned_exactly(engine: Engine, indexed: bool) -> N
     else:
         without_indexes(engine, s)
     with capture_logs() as logs:
-        outcome = job.run(engine, s, Options(), stop=Stop())
+        outcome = job.run(engine, s, Request(), stop=Stop())
     assert outcome.status == "succeeded", outcome.error
     assert outcome.plan is not None and outcome.plan.through_indexes == indexed
     chunks = [e for e in logs if e["event"] == "chunk_committed"]

@@ -33,7 +33,7 @@ from dispatch_retention.config import DEFAULT_CLEAN_COLUMNS
 from dispatch_retention.lock import RunLock, run_locks
 from dispatch_retention.output import LIST_COLUMNS
 from dispatch_retention.schema import AuditTables
-from dispatch_retention.vocabulary import Options, Stop
+from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
 
 from .helpers import (
     MARK,
@@ -256,7 +256,9 @@ def test_failure_before_commit_leaves_neither_rows_nor_chunk_record(
     monkeypatch.setattr(audit.RunRecord, "record_chunk", spy)
     s = settings()
     before = snapshot(engine)
-    outcome = job.run(engine, s, Options(chunk_size=5), stop=Stop(), fail_in_chunk=fail)
+    outcome = job.run(
+        engine, s, Request(Options(chunk_size=5)), stop=Stop(), hooks=Hooks(fail_in_chunk=fail)
+    )
 
     assert outcome.status == "failed"
     assert (failing, 1) in inserted_in_transaction  # the audit row existed inside the chunk
@@ -270,7 +272,7 @@ def test_failure_before_commit_leaves_neither_rows_nor_chunk_record(
     assert_chunks_account_for_every_cleaned_row(engine)
 
     monkeypatch.undo()
-    rerun = job.run(engine, s, Options(chunk_size=7), stop=Stop())
+    rerun = job.run(engine, s, Request(Options(chunk_size=7)), stop=Stop())
     assert rerun.status == "succeeded"
     for run_id, run in run_records(engine).items():
         assert sum(c["rows"] for c in chunk_records(engine, run_id)) == (
@@ -740,16 +742,22 @@ def test_audit_list_and_show_cover_every_final_status(
         if seq == 2:
             raise RuntimeError("injected")
 
-    failed = job.run(engine, s, Options(chunk_size=5), stop=Stop(), fail_in_chunk=fail)
+    failed = job.run(
+        engine, s, Request(Options(chunk_size=5)), stop=Stop(), hooks=Hooks(fail_in_chunk=fail)
+    )
     ids["failed"] = failed.run_id
 
     stop = Stop()
     interrupted = job.run(
-        engine, s, Options(chunk_size=5), stop=stop, on_chunk=lambda _c: stop.request(15)
+        engine,
+        s,
+        Request(Options(chunk_size=5)),
+        stop=stop,
+        hooks=Hooks(on_chunk=lambda _c: stop.request(15)),
     )
     ids["interrupted"] = interrupted.run_id
 
-    cancelled = job.run(engine, s, Options(), stop=Stop(), confirm=lambda _plan: False)
+    cancelled = job.run(engine, s, Request(), stop=Stop(), hooks=Hooks(confirm=lambda _plan: False))
     ids["cancelled"] = cancelled.run_id
 
     incomplete = invoke(*base, "run", "--max-rows", "7", "--chunk-size", "5")

@@ -16,8 +16,8 @@ from structlog.testing import capture_logs
 
 from dispatch_retention import indexes, job
 from dispatch_retention.config import KEPT_COLUMNS, Settings
-from dispatch_retention.planning import BLOCK_IDS
-from dispatch_retention.vocabulary import Options, Outcome, Stop
+from dispatch_retention.statements import BLOCK_IDS
+from dispatch_retention.vocabulary import Hooks, Options, Outcome, Request, Stop
 
 from .helpers import (
     MARK,
@@ -35,7 +35,7 @@ SPREAD = 10_007  # ids this far apart: every due row in a block of its own
 
 
 def run(engine: Engine, s: Settings, **options: Any) -> Outcome:
-    return job.run(engine, s, Options(**options), stop=Stop())
+    return job.run(engine, s, Request(Options(**options)), stop=Stop())
 
 
 def assert_cleaned_exactly(
@@ -233,7 +233,9 @@ def test_failure_in_chunk_n_rolls_back_that_chunk_only(engine: Engine) -> None:
             raise RuntimeError("injected")
 
     before = snapshot(engine)
-    outcome = job.run(engine, s, Options(chunk_size=3), stop=Stop(), fail_in_chunk=fail)
+    outcome = job.run(
+        engine, s, Request(Options(chunk_size=3)), stop=Stop(), hooks=Hooks(fail_in_chunk=fail)
+    )
     assert outcome.status == "failed"
     after = snapshot(engine)
     cleaned = sorted(i for i in after if after[i]["cleaned_at"] is not None)

@@ -23,7 +23,7 @@ from dispatch_retention.config import Target
 from dispatch_retention.lock import RunLock, run_locks
 from dispatch_retention.schema import dispatches_table
 from dispatch_retention.shard import STRIPE_IDS, Shard, from_env, parse
-from dispatch_retention.vocabulary import Options, Stop
+from dispatch_retention.vocabulary import Request, Stop
 
 from .helpers import (
     AUDIT_SCHEMA,
@@ -292,7 +292,7 @@ def test_negative_ids_are_cleaned_too(engine: Engine, count: int) -> None:
     s = settings()
     for index in range(count):
         shard = Shard(index, count) if count > 1 else None
-        outcome = job.run(engine, s, Options(), stop=Stop(), shard=shard)
+        outcome = job.run(engine, s, Request(shard=shard), stop=Stop())
         assert outcome.status == "succeeded", outcome.error
     with engine.connect() as conn:
         left = conn.execute(select(TABLE.c.id).where(TABLE.c.cleaned_at.is_(None))).scalars()

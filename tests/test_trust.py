@@ -20,8 +20,8 @@ from structlog.testing import capture_logs
 
 from dispatch_retention import job, policy
 from dispatch_retention.config import Settings
-from dispatch_retention.planning import MAX_ID, MIN_ID
-from dispatch_retention.vocabulary import Chunk, Options, Outcome, Stop, exit_code
+from dispatch_retention.statements import MAX_ID, MIN_ID
+from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop, exit_code
 
 from .helpers import (
     MARK,
@@ -44,7 +44,9 @@ DAY = timedelta(days=1)
 
 def run(engine: Engine, s: Settings, **kwargs: Any) -> Outcome:
     on_chunk = kwargs.pop("on_chunk", None)
-    return job.run(engine, s, Options(**kwargs), stop=Stop(), on_chunk=on_chunk)
+    return job.run(
+        engine, s, Request(Options(**kwargs)), stop=Stop(), hooks=Hooks(on_chunk=on_chunk)
+    )
 
 
 def due_now(engine: Engine, s: Settings, outcome: Outcome) -> int:
@@ -219,7 +221,7 @@ def test_a_shard_at_the_bigint_limits_cleans_its_rows(engine: Engine) -> None:
     insert_rows(engine, [dispatch(i, now - 500 * DAY, member_id=7) for i in ids])
     cleaned = 0
     for index in range(3):
-        outcome = job.run(engine, settings(), Options(), stop=Stop(), shard=Shard(index, 3))
+        outcome = job.run(engine, settings(), Request(shard=Shard(index, 3)), stop=Stop())
         assert outcome.status == "succeeded", outcome.error
         cleaned += outcome.rows_cleaned
     assert cleaned == 2

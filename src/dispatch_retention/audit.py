@@ -1,4 +1,4 @@
-"""Run and chunk records (CONTRACT section 6), and the queries behind `audit list` / `show`.
+"""Run and chunk records (docs/auditor.md), and the queries behind `audit list` / `show`.
 
 A run record is inserted when a run starts (status `running`), updated with its plan (the
 cutoffs from the database clock, due and held counts), and closed with its final status. A
@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import socket
 from collections.abc import Sequence
-from datetime import date, datetime
+from datetime import date
 from importlib.metadata import version
 from typing import Any
 
@@ -301,7 +301,3 @@ def _run_dict(row: Any) -> dict[str, Any]:
         "copy_risks": row["copy_risks"],
     }
     return out
-
-
-def iso(value: datetime | None) -> str | None:
-    return None if value is None else value.isoformat()

@@ -26,7 +26,7 @@ are still due. A signal during a chunk is noted and honoured after the commit; a
 while planning cancels the query (nothing has been written yet).
 
 Windows walk the primary key forward over the id blocks the plan found due rows in
-(`planning.Windows`): no window is visited twice, blocks without due rows are never read,
+(`windows.Windows`): no window is visited twice, blocks without due rows are never read,
 an empty window jumps to the next due row of its block (`Statements.next_due`),
 and memory holds the plan's block list and one chunk's per-policy counts. A window first
 runs as a plain range UPDATE under a short lock wait (as fast as one statement over the
@@ -45,6 +45,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import replace
+from enum import Enum
 from typing import Any
 
 import structlog
@@ -53,10 +54,12 @@ from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
 from . import db, retry, sizing
-from .config import Settings
-from .planning import Plan, Statements, Windows, window_params
+from .config import Clean, Settings
+from .planning import Plan
 from .shard import Shard
+from .statements import Statements, window_params
 from .vocabulary import Chunk, Interrupted, Options, Outcome, Recorder, Recount, Status, Stop
+from .windows import Windows
 
 log = structlog.get_logger("dispatch_retention")
 
@@ -333,37 +336,25 @@ class Cleaner:
             raise retry.exhausted(exc, clean, f"chunk {seq}") from None
 
     def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
-        clean, stmts = self.settings.clean, self.stmts
         t0 = time.monotonic()
-        indexed = self.windows is not None and self.windows.sparse(lo, hi)
-        swept = stmts.swept_indexed if indexed else stmts.swept_range
-        fast = stmts.indexed_update if indexed else stmts.range_update
+        sparse = self.windows is not None and self.windows.sparse(lo, hi)
+        attempt = Attempt.INDEXED if sparse else Attempt.RANGE
         try:
-            chunk = self._transaction(
-                (fast, swept) if self.sweep else (fast,), seq, lo, hi,
-                min(clean.row_lock_wait_ms, clean.lock_timeout_ms), False, indexed,
-            )  # fmt: skip
+            chunk = self._transaction(attempt, seq, lo, hi)
         except DBAPIError as exc:
             if not db.is_lock_timeout(exc):
                 raise
             # A row (or the table) is locked by someone else: redo this window without
             # waiting for locked rows; a table lock still waits up to lock_timeout.
-            chunk = self._transaction((swept,), seq, lo, hi, clean.lock_timeout_ms, True, indexed)
+            chunk = self._transaction(attempt.skipping_locked(), seq, lo, hi)
             self.skipped_locked_rows = True
         return replace(chunk, elapsed_ms=(time.monotonic() - t0) * 1000)
 
-    def _transaction(
-        self,
-        statements: tuple[Select[Any] | CompoundSelect[Any], ...],
-        seq: int,
-        lo: int,
-        hi: int,
-        lock_ms: int,
-        skipped_locked: bool,
-        indexed: bool = False,
-    ) -> Chunk:
+    def _transaction(self, attempt: Attempt, seq: int, lo: int, hi: int) -> Chunk:
         """The one place a chunk's transaction begins and ends."""
         params = window_params(lo, hi)
+        statements = attempt.statements(self.stmts, sweep=self.sweep)
+        lock_ms, indexed = attempt.lock_wait_ms(self.settings.clean), attempt.indexed
         with self.engine.connect() as conn:
             transaction = conn.begin()
             db.set_local(
@@ -396,7 +387,7 @@ class Cleaner:
                 by_policy=dict(by_policy),
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
-                skipped_locked=skipped_locked,
+                skipped_locked=attempt.skips_locked,
                 indexed=indexed,
                 missed=missed,
             )
@@ -423,6 +414,46 @@ class Cleaner:
                     raise _CommitUnknown(chunk, exc) from exc
                 raise
             return chunk
+
+
+class Attempt(Enum):
+    """How a window is tried: by its ids or through the policies' arms (a sparse window),
+    and with a short wait for row locks, or skipping the rows others hold locked."""
+
+    RANGE = "range"
+    INDEXED = "indexed"
+    RANGE_SKIP_LOCKED = "range, skip locked"
+    INDEXED_SKIP_LOCKED = "indexed, skip locked"
+
+    @property
+    def indexed(self) -> bool:
+        return self in (Attempt.INDEXED, Attempt.INDEXED_SKIP_LOCKED)
+
+    @property
+    def skips_locked(self) -> bool:
+        return self in (Attempt.RANGE_SKIP_LOCKED, Attempt.INDEXED_SKIP_LOCKED)
+
+    def skipping_locked(self) -> Attempt:
+        """The same window again, skipping locked rows (after a row lock timed out)."""
+        return Attempt.INDEXED_SKIP_LOCKED if self.indexed else Attempt.RANGE_SKIP_LOCKED
+
+    def statements(
+        self, stmts: Statements, *, sweep: bool
+    ) -> tuple[Select[Any] | CompoundSelect[Any], ...]:
+        """The fast UPDATE, then (where `sweep`) the sweep; skipping locked rows, the sweep
+        alone (it locks what it cleans, skipping what others hold)."""
+        swept = stmts.swept_indexed if self.indexed else stmts.swept_range
+        if self.skips_locked:
+            return (swept,)
+        fast = stmts.indexed_update if self.indexed else stmts.range_update
+        return (fast, swept) if sweep else (fast,)
+
+    def lock_wait_ms(self, clean: Clean) -> int:
+        """A short wait for a row lock first (`row_lock_wait_ms`); skipping locked rows,
+        only a table lock is waited for, up to `lock_timeout_ms`."""
+        if self.skips_locked:
+            return clean.lock_timeout_ms
+        return min(clean.row_lock_wait_ms, clean.lock_timeout_ms)
 
 
 class _CommitUnknown(Exception):

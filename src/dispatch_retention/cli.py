@@ -1,4 +1,4 @@
-"""The command line (CONTRACT section 5): parse, call one library function, map to an exit code.
+"""The command line (README "Command line"): parse, call one library function, map to an exit code.
 
 Exit codes: 0 done (also a clean stop on a budget), 1 failed, 2 bad usage or configuration,
 3 another run holds the lock, 4 refused by a guard, 5 verify found violations,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import signal
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -30,14 +29,13 @@ from . import (
     holds,
     job,
     logs,
-    metrics,
     migrate,
     output,
     shard,
 )
 from .planning import Plan
 from .schema import AuditTables
-from .vocabulary import Chunk, Exit, Options, Status, Stop, exit_code
+from .vocabulary import Chunk, Exit, Hooks, Options, Request, Status, Stop, exit_code
 
 
 class UsageProblem(click.ClickException):
@@ -191,6 +189,12 @@ def cli(
     show_default="from JOB_COMPLETION_INDEX/JOB_COMPLETIONS",
     help="Clean only shard I of N.",
 )
+@click.option(
+    "--pushgateway",
+    metavar="URL",
+    envvar="PUSHGATEWAY_URL",
+    help="Push the run's figures to this Prometheus Pushgateway [default: $PUSHGATEWAY_URL].",
+)
 @click.pass_obj
 def run(
     state: State,
@@ -202,6 +206,7 @@ def run(
     max_rows: int | None,
     max_runtime: float | None,
     chosen: shard.Shard | None,
+    pushgateway: str | None,
 ) -> None:
     """Clean every dispatch that is due (see --dry-run first)."""
     settings, engine = state.settings(), state.engine()
@@ -213,27 +218,15 @@ def run(
         max_rows=max_rows,
         max_runtime_s=max_runtime,
     )
+    request = Request(options, force=force, shard=chosen, pushgateway=pushgateway)
     with _signals() as stop, _progress(interactive and not dry_run) as progress:
-        outcome = job.run(
-            engine,
-            settings,
-            options,
-            stop=stop,
-            force=force,
-            shard=chosen,
+        hooks = Hooks(
             confirm=None if dry_run or yes or not interactive else _confirm,
             on_plan=progress.start if progress else None,
             on_chunk=progress.advance if progress else None,
         )
+        outcome = job.run(engine, settings, request, stop=stop, hooks=hooks)
     engine.dispose()
-    if os.environ.get(metrics.URL_ENV) and not dry_run:
-        metrics.push(
-            os.environ[metrics.URL_ENV],
-            outcome,
-            time.monotonic() - outcome.started,
-            settings.target.table,
-            str(chosen) if chosen else None,
-        )
     if outcome.plan is not None and dry_run:
         click.echo(output.plan_text(outcome.plan))
     elif outcome.status != Status.CANCELLED:

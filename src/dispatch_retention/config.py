@@ -1,11 +1,11 @@
-"""TOML -> validated, immutable settings (CONTRACT section 4).
+"""TOML -> validated, immutable settings (README "Configuration").
 
 This module is also the one registry of what is personal data: `PERSONAL_COLUMNS` lists the
 columns of a dispatch that may be stripped, `KEPT_COLUMNS` every other column with the reason it
 stays. Nothing else in the project names those columns. A config classifies every personal
 column of the seed model (`SEED_PERSONAL`): stripped (`clean.columns`) or kept with a reason
 (`clean.keep`, which keeps `member_id` by default); `Settings.unclassified()` names the
-columns of a real table that are neither (CONTRACT section 7).
+columns of a real table that are neither (README "What the job refuses and what it reports").
 
 Every way a file can be wrong raises `ConfigError` naming the file, the key and the reason,
 before any database connection exists.
@@ -72,7 +72,6 @@ MEMBER_ID_REASON = (
     "pseudonymous personal data, kept for per-member statistics and legal holds "
     "(add it to clean.columns to strip it)"
 )
-AGE_COLUMNS = ("created_at", "updated_at", "scheduled_at", "transmitted_at", "delivered_at")
 
 TYPES = ("sms", "email", "push")
 TRANSMISSION_STATUSES = ("scheduled", "transmitted", "failed")
@@ -105,7 +104,6 @@ def _identifier(value: str, what: str) -> str:
 
 # --- the file's shape ------------------------------------------------------------------------
 
-PositiveInt = Annotated[int, Field(ge=1, le=2**31 - 1)]
 NonNegativeInt = Annotated[int, Field(ge=0, le=2**62)]
 PolicyName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

@@ -78,10 +78,6 @@ def parse_url(value: str) -> URL:
     )
 
 
-def safe_url(url: URL) -> str:
-    return url.render_as_string(hide_password=True)
-
-
 def make_engine(
     url: URL,
     *,

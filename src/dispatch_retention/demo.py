@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import tempfile
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from .errors import EmbeddedUnavailable
 from .schema import AuditTables, create_dispatches
 from .synthetic import seed
 from .verify import verify
-from .vocabulary import Options, Outcome, Stop
+from .vocabulary import Options, Outcome, Request, Stop
 
 
 @contextlib.contextmanager
@@ -36,7 +37,9 @@ def embedded_server(data_dir: Path | None = None) -> Iterator[str]:
     with contextlib.ExitStack() as stack:
         if data_dir is None:
             data_dir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="dr-demo-")))
-        server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
+        with warnings.catch_warnings():  # platformdirs: "XDG_RUNTIME_DIR is not set, ..."
+            warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR is not set")
+            server = pgserver.get_server(data_dir, cleanup_mode="stop")  # type: ignore[attr-defined]
         try:
             yield str(server.get_uri())
         finally:
@@ -70,11 +73,11 @@ def cycle(settings: Settings, rows: int, *, stop: Stop, echo: Callable[[str], No
                 "\n== dispatch-retention hold list ==\n"
                 + output.holds(_holds(engine, tables), "table")
             )
-            planned = job.run(engine, settings, Options(dry_run=True), stop=stop)
+            planned = job.run(engine, settings, Request(Options(dry_run=True)), stop=stop)
             if planned.plan is None:
                 return planned
             echo("\n== dispatch-retention run --dry-run ==\n" + output.plan_text(planned.plan))
-            outcome = job.run(engine, settings, Options(), stop=stop)
+            outcome = job.run(engine, settings, Request(), stop=stop)
             echo("\n== dispatch-retention run ==\n" + output.outcome_text(outcome))
             with engine.connect() as conn, conn.begin():
                 report = verify(conn, settings, tables)

@@ -1,7 +1,7 @@
 """One run of the job from start to finish: check, lock, record, plan, guard, confirm, clean.
 
 `run()` never lets a database error escape as a traceback: every way a run ends is an
-`Outcome` with a status (CONTRACT section 6) that the CLI maps to an exit code. Errors are
+`Outcome` with a status (docs/auditor.md) that the CLI maps to an exit code. Errors are
 logged through `db.describe_error()`, which keeps row values (personal data) out of the log.
 
 Order of a real run: the audit schema must be current (else `SchemaNotReady`, exit 2) and
@@ -16,6 +16,7 @@ transaction, and writes nothing at all (no lock, no record).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import structlog
@@ -23,14 +24,14 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import audit, db, errors, migrate, policy, reclean, retry, risks, target
+from . import audit, db, errors, metrics, migrate, policy, reclean, retry, risks, target
 from .cleaner import Cleaner
 from .config import Settings
 from .lock import RunLock, run_locks
 from .planning import Plan, make_plan
 from .schema import AuditTables
 from .shard import Shard
-from .vocabulary import Chunk, Interrupted, Options, Outcome, Status, Stop
+from .vocabulary import Hooks, Interrupted, Outcome, Request, Status, Stop
 
 log = structlog.get_logger("dispatch_retention")
 Logger = structlog.typing.FilteringBoundLogger
@@ -39,21 +40,18 @@ Logger = structlog.typing.FilteringBoundLogger
 def run(
     engine: Engine,
     settings: Settings,
-    options: Options,
+    request: Request,
     *,
     stop: Stop,
-    force: bool = False,
-    shard: Shard | None = None,
-    confirm: Callable[[Plan], bool] | None = None,
-    on_plan: Callable[[Plan], None] | None = None,
-    on_chunk: Callable[[Chunk], None] | None = None,
-    fail_in_chunk: Callable[[int], None] | None = None,
+    hooks: Hooks = Hooks(),  # noqa: B008 (frozen: one shared empty instance is fine)
 ) -> Outcome:
     """Run (or dry-run) the job once. Raises only `errors.UsageError` (nothing was
     touched); every other way it ends is an `Outcome`."""
+    options, shard = request.options, request.shard
     outcome = Outcome()
     rlog = log.bind(run_id=outcome.run_id)
     tables = AuditTables(settings.audit.schema_)
+    configured = settings.target.table  # the metrics' target label, as before resolving
     rlog.info(
         "run_started",
         dry_run=options.dry_run,
@@ -79,16 +77,11 @@ def run(
                 engine,
                 settings,
                 tables,
-                options,
+                request,
+                hooks,
                 outcome,
                 rlog,
                 stop=stop,
-                force=force,
-                shard=shard,
-                confirm=confirm,
-                on_plan=on_plan,
-                on_chunk=on_chunk,
-                fail_in_chunk=fail_in_chunk,
                 check_write_back=check_write_back,
             )
     except errors.UsageError:
@@ -96,6 +89,11 @@ def run(
     except (Interrupted, Exception) as exc:
         _ended_by(exc, outcome, rlog)
     _report(rlog, outcome)
+    if request.pushgateway and not options.dry_run:
+        duration = time.monotonic() - outcome.started
+        metrics.push(
+            request.pushgateway, outcome, duration, configured, str(shard) if shard else None
+        )
     return outcome
 
 
@@ -150,19 +148,15 @@ def _locked_run(
     engine: Engine,
     settings: Settings,
     tables: AuditTables,
-    options: Options,
+    request: Request,
+    hooks: Hooks,
     outcome: Outcome,
     rlog: Logger,
     *,
     stop: Stop,
-    force: bool,
-    shard: Shard | None,
-    confirm: Callable[[Plan], bool] | None,
-    on_plan: Callable[[Plan], None] | None,
-    on_chunk: Callable[[Chunk], None] | None,
-    fail_in_chunk: Callable[[int], None] | None,
     check_write_back: bool,
 ) -> None:
+    options, shard = request.options, request.shard
     shard_name = str(shard) if shard else None
     with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
         if not lock.acquired:
@@ -179,17 +173,17 @@ def _locked_run(
         try:
             plan = _plan(engine, settings, tables, outcome, stop, shard)
             record.planned(plan)
-            if _refused(settings, plan, force):
+            if _refused(settings, plan, request.force):
                 outcome.status = Status.REFUSED
                 outcome.error = (
                     f"{plan.due_rows} due rows exceed guard.refuse_above_rows "
                     f"({settings.guard.refuse_above_rows}); rerun with --force if intended"
                 )
-            elif confirm is not None and not _ask(confirm, plan, stop):
+            elif hooks.confirm is not None and not _ask(hooks.confirm, plan, stop):
                 outcome.status = Status.CANCELLED
             else:
-                if on_plan is not None:
-                    on_plan(plan)
+                if hooks.on_plan is not None:
+                    hooks.on_plan(plan)
                 Cleaner(
                     engine,
                     settings,
@@ -202,8 +196,8 @@ def _locked_run(
                     shard=shard,
                     recorder=record,
                     before_chunk=lambda: _keep(lock, settings, stop, rlog),
-                    on_chunk=on_chunk,
-                    fail_in_chunk=fail_in_chunk,
+                    on_chunk=hooks.on_chunk,
+                    fail_in_chunk=hooks.fail_in_chunk,
                     recount=lambda: _plan(
                         engine, settings, tables, outcome, stop, shard, plan.rules
                     ),

@@ -1,4 +1,4 @@
-"""The rule that decides which dispatches are due (CONTRACT section 3). Pure: no I/O.
+"""The rule that decides which dispatches are due (README "What is due"). Pure: no I/O.
 
 Everything here takes the validated settings and `now` (read once from the database clock by
 the caller) and returns SQLAlchemy Core expressions; it never reads a clock, an env var or a

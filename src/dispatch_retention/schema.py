@@ -30,7 +30,7 @@ from .config import Target
 
 
 def dispatches_table(target: Target, metadata: MetaData | None = None) -> Table:
-    """The dispatches table as the seed model documents it (CONTRACT section 2)."""
+    """The dispatches table as the Messaging API's Dispatch model documents it."""
     return Table(
         target.table_name,
         metadata or MetaData(),
@@ -78,7 +78,7 @@ def create_dispatches(conn: Connection, target: Target) -> Table:
     return table
 
 
-# --- the job's own tables (CONTRACT section 6), in their own schema --------------------------
+# --- the job's own tables (docs/auditor.md), in their own schema --------------------------
 # They hold ids, counts, timestamps, policy names and the config: never a dispatch's content,
 # msisdn, email or app_token. Created and migrated by `db upgrade` (Alembic, migrations/).
 

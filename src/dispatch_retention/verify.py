@@ -7,8 +7,9 @@ holds excluded) that still holds personal data: any column of `clean.columns` (t
 violations: dispatches no policy matches, and dispatches past their window kept by a legal
 hold.
 
-Anomalies (CONTRACT section 7) are rows the due rule can never reach or should never see,
-so `verify` is the only place they show; `--strict` counts them as violations:
+Anomalies (README "What the job refuses and what it reports") are rows the due rule can
+never reach or should never see, so `verify` is the only place they show; `--strict`
+counts them as violations:
 - `undatable_rows`: not cleaned, holding personal data, and no age to measure (the
   `clean.age_from` column and `created_at` both NULL, or an age starting more than a day in
   the future or at 'infinity'): never due;

@@ -5,8 +5,8 @@ type).
 - `Status`: how a run ends (the audit trail's statuses, plus `planned` for a dry run and
   `locked` when another run holds the target), and `exit_code()`: the one place an outcome
   becomes an exit code (`Exit`).
-- `Options`, `Chunk`, `Outcome`: what a run is asked to do, what each chunk did, how the run
-  ended.
+- `Request` (`Options`, `--force`, shard, Pushgateway) and `Hooks`: what a run is asked to do
+  and who hears of it; `Chunk`, `Outcome`: what each chunk did, how the run ended.
 - `Stop`, `Interrupted`: stop signals, honoured between chunks or at once while reading.
 - `Recorder`, `Recount`: what the chunk loop needs from the audit trail and the planner.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -31,6 +31,7 @@ if TYPE_CHECKING:  # annotations only: this module imports nothing of ours at ru
 
     from .planning import Plan
     from .risks import Risk
+    from .shard import Shard
 
 
 class Status(StrEnum):
@@ -61,7 +62,7 @@ class Status(StrEnum):
 
 
 class Exit(IntEnum):
-    """The exit codes of CONTRACT section 5 (a signal exits 128 + its number)."""
+    """The exit codes of README "Command line" (a signal exits 128 + its number)."""
 
     OK = 0
     FAILED = 1
@@ -152,6 +153,29 @@ class Options:
     chunk_size: int | None = None
     max_rows: int | None = None
     max_runtime_s: float | None = None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What one run is asked to do: its options, whether a tripped guard may be overridden
+    (`--force`), its shard, and where to push its figures (None: nowhere)."""
+
+    options: Options = field(default_factory=Options)
+    force: bool = False
+    shard: Shard | None = None
+    pushgateway: str | None = None
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """What the caller of a run wants to hear of it (all optional): `confirm` asks before
+    cleaning (a terminal), `on_plan` and `on_chunk` follow it (a progress bar), and
+    `fail_in_chunk` raises inside chunk N before its COMMIT (tests)."""
+
+    confirm: Callable[[Plan], bool] | None = None
+    on_plan: Callable[[Plan], None] | None = None
+    on_chunk: Callable[[Chunk], None] | None = None
+    fail_in_chunk: Callable[[int], None] | None = None
 
 
 class Recount(Protocol):

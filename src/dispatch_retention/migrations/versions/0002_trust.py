@@ -21,7 +21,7 @@ def upgrade(schema: str) -> None:
     op.add_column("runs", sa.Column("remaining_due_rows", sa.BigInteger), schema=schema)
     op.add_column("runs", sa.Column("remaining_reason", sa.Text), schema=schema)
     # Triggers, rules, publications, replica identity that may copy personal data when the
-    # run cleans (CONTRACT section 7), as the run saw them.
+    # run cleans (README "What the job refuses and what it reports"), as the run saw them.
     op.add_column("runs", sa.Column("copy_risks", JSONB), schema=schema)
     op.add_column(
         "chunks",

@@ -1,0 +1,182 @@
+"""The statements of a run, built once from its rules: builders only (the cleaner and the
+planner execute them), pure like `policy.py`, whose expressions they put together.
+
+- the plan's read of the policies' arms (`Statements.plan_scan`), one row per id block;
+- a window's cleaning UPDATE: `range_update` (by ids) or `indexed_update` (a sparse
+  window's candidates from the policies' arms), each answered per binding policy;
+- the sweeps (`swept_range`, `swept_indexed`): lock what is due and clean exactly that,
+  answering how many were locked;
+- `written_back_now` and `next_due`.
+
+Ids are bound as a window's first and last id (`window_params`), clamped to what a bigint
+holds.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import (
+    BigInteger,
+    ColumnElement,
+    CompoundSelect,
+    Select,
+    Table,
+    Update,
+    and_,
+    bindparam,
+    false,
+    func,
+    literal,
+    not_,
+    null,
+    select,
+    true,
+    union_all,
+    update,
+)
+
+from . import policy
+from .config import Settings
+from .schema import dispatches_table
+from .shard import STRIPE_IDS, Shard, floor_div
+
+#: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
+BLOCK_IDS = 10_000
+#: The ids a bigint primary key can hold: windows are clamped to them when bound.
+MIN_ID, MAX_ID = -(2**63), 2**63 - 1
+assert STRIPE_IDS % BLOCK_IDS == 0
+
+
+def window_params(lo: int, hi: int) -> dict[str, int]:
+    """The bound parameters of the id window [lo, hi): its first and last id, clamped to
+    what a bigint holds (a block may reach past either end of the id space). A window wholly
+    outside them is bound as an empty one."""
+    if lo > MAX_ID or hi - 1 < MIN_ID:
+        return {"lo": MAX_ID, "last": MAX_ID - 1}
+    return {"lo": max(lo, MIN_ID), "last": min(hi - 1, MAX_ID)}
+
+
+class Statements:
+    """The run's statements, built once from the rules.
+
+    Each cleaning statement answers with one row per binding policy: (policy, rows, the
+    stamp), plus, for the swept forms, one row (NULL, candidates, stamp) with the number of
+    due rows it locked and so had to clean. The fast forms (`range_update`,
+    `indexed_update`) update what is due in the window under the statement's snapshot; the
+    swept forms (`swept_range`, `swept_indexed`) first lock the window's due rows that
+    nobody else holds (SKIP LOCKED), then update exactly those, so a due row they did not
+    clean was left alone by a trigger or rule (`Chunk.missed`). A chunk runs a fast form
+    and then the swept form of its window in the same transaction: the sweep recounts what
+    is still due there, cleans rows that became due meanwhile, and finds what a trigger
+    skipped (where something can skip one: `risks.updating`); when the fast form meets a row
+    lock, the chunk runs the swept form alone."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        rules: policy.Rules,
+        holds: Table | None = None,
+        shard: Shard | None = None,
+    ) -> None:
+        self.table = table = dispatches_table(settings.target)
+        self.rules, self.holds = rules, holds
+        self.scope = shard.predicate(table) if shard else true()
+        self.due = and_(policy.due(table, rules, holds), self.scope)
+        self.credit = policy.credit(table, rules)
+        lo, last = bindparam("lo", type_=BigInteger), bindparam("last", type_=BigInteger)
+        window = and_(table.c.id >= lo, table.c.id <= last)  # `window_params()`
+        self.values: dict[str, Any] = dict(policy.cleaned_values(settings))
+        self.values["cleaned_at"] = func.now()
+        self.values["updated_at"] = func.now()
+        self.range_update = self._counted(update(table).where(window, self.due))
+        # A sparse window: its candidates come from the policies' arms (index ranges, the
+        # window's bounds checked inside the index), not from reading the window's ids.
+        arm_candidates = union_all(
+            *(
+                select(table.c.id).where(arm, policy.arm_past(table, rules, c), window, self.scope)
+                for c, arm in policy.arms(table, rules)
+            )
+        ).subquery("arm_candidates")
+        through_arms = table.c.id.in_(select(arm_candidates.c.id))
+        self.indexed_update = self._counted(update(table).where(through_arms, window, self.due))
+        self.swept_range = self._swept(select(table.c.id).where(window, self.due))
+        self.swept_indexed = self._swept(select(table.c.id).where(through_arms, window, self.due))
+        # Rows this transaction cleaned (stamped with its now()) that hold personal data
+        # again: a trigger wrote it back. Reads the personal columns: only for a role that may.
+        self.written_back_now = select(func.count()).where(
+            window,
+            table.c.cleaned_at == func.now(),
+            policy.holds_personal_data(table, settings),
+        )
+        # After an empty window: where the next due row of the block is, if any.
+        self.next_due = select(func.min(table.c.id)).where(window, self.due)
+
+    def _counted(self, statement: Update) -> Select[Any]:
+        """The UPDATE in a CTE, answered per policy: a few rows back, not one per dispatch.
+
+        Each row returns only its policy's name; the stamp is the transaction's `now()`,
+        which is what the UPDATE wrote into every row's `cleaned_at`."""
+        cleaned = statement.values(self.values).returning(self.credit).cte("cleaned")
+        return select(
+            cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
+        ).group_by(cleaned.c.policy)
+
+    def _swept(self, due_ids: Select[Any]) -> CompoundSelect[Any]:
+        """Lock `due_ids` that nobody else holds, clean exactly those, and answer per policy
+        plus (NULL, how many were locked): the UPDATE cleans every locked row unless a
+        trigger or rule leaves it alone (the rows stay locked, so nothing else can)."""
+        table = self.table
+        locked = due_ids.with_for_update(of=table, skip_locked=True).cte("locked")
+        cleaned = (
+            update(table)
+            .where(table.c.id.in_(select(locked.c.id)), self.due)
+            .values(self.values)
+            .returning(self.credit)
+            .cte("cleaned")
+        )
+        return union_all(
+            select(
+                cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
+            ).group_by(cleaned.c.policy),
+            select(
+                null().label("policy"),
+                select(func.count()).select_from(locked).scalar_subquery(),
+                func.now(),
+            ),
+        )
+
+    def plan_scan(self, holds: Table | None) -> CompoundSelect[Any]:
+        """One read of each policy's arm (`policy.arms`: an index range when the policy
+        indexes exist), one row per id block and arm: due rows per binding policy (not
+        held), due rows held back, rows waiting out the grace. The active holds of `holds`
+        (None when no hold is active: nothing to hold back) come in through a hash join
+        (not a subquery per row). Its cost follows the rows past the windows, not the size
+        of the table."""
+        table, r = self.table, self.rules
+        block = floor_div(table.c.id, BLOCK_IDS).label("block")
+        source: Any = table
+        held: ColumnElement[bool] = false()
+        if holds is not None:
+            active = select(holds.c.member_id).where(policy.active(holds)).subquery("active_holds")
+            source = table.outerjoin(active, active.c.member_id == table.c.member_id)
+            held = active.c.member_id.is_not(None)
+        per_arm = []
+        for c, arm in policy.arms(table, r):
+            past = policy.arm_past(table, r, c)
+            per_policy = [
+                func.count().filter(and_(past, not_(held))) if other is c else literal(0)
+                for other in r.cutoffs
+            ]
+            per_arm.append(
+                select(
+                    block,
+                    *per_policy,
+                    func.count().filter(and_(past, held)),
+                    func.count().filter(policy.arm_waiting(table, r, c)),
+                )
+                .select_from(source)
+                .where(arm, self.scope)
+                .group_by(block)
+            )
+        return union_all(*per_arm)

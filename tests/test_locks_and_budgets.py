@@ -1,0 +1,255 @@
+"""Fault injection: table and row locks, timeouts, guards and row and time budgets."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine
+from sqlalchemy import text as sql
+
+from .faults import (
+    every_fifth_young,
+    finish_work,
+    first_window,
+    in_chunk_update,
+    make_config,
+    run_id_of,
+    slow,
+    wait_backend,
+)
+from .helpers import (
+    Job,
+    assert_consistent,
+    remaining_due,
+    run_records,
+    run_script,
+    seed_series,
+    snapshot,
+)
+
+# --- locks and timeouts ----------------------------------------------------------------------
+
+IMPATIENT = "lock_timeout_ms = 200\nmax_retries = 2\nretry_max_wait_s = 0.2"
+
+
+def test_table_locked_before_the_run_fails_it_with_a_lock_timeout(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """ACCESS EXCLUSIVE held by another session from the start: bounded retries, then
+    failed / exit 1 with the lock timeout as the reason; nothing cleaned."""
+    due, _ = seed_series(probe, range(1, 1001), young=every_fifth_young)
+    impatient = make_config(tmp_path, clean=IMPATIENT)
+    with probe.connect() as holder:
+        holder.execute(sql("LOCK TABLE dispatches IN ACCESS EXCLUSIVE MODE"))
+        job = run_script(url_string, impatient, "run", "--yes", timeout=20)
+        holder.rollback()
+    assert job.returncode == 1, job.stderr
+    record = run_records(probe)[run_id_of(job)]
+    assert record["status"] == "failed"
+    assert "lock timeout" in record["error"]
+    assert "lock timeout" in job.last("run_failed")["error"]
+    assert assert_consistent(probe, due) == set()
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_table_locked_mid_run_fails_it_with_a_lock_timeout(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """ACCESS EXCLUSIVE taken between chunks (an ALTER TABLE, say): the next chunk retries
+    twice, then the run fails with the lock timeout; chunk 1 stays, nothing partial."""
+    due, _ = seed_series(probe, range(1, 1001), young=every_fifth_young)
+    impatient = make_config(tmp_path, clean=IMPATIENT + "\npause_between_chunks_ms = 1000")
+    with probe.connect() as holder:
+        job = Job(url_string, impatient, "run", "--yes", "--chunk-size", "200")
+        job.wait_for("chunk_committed", seq=1)
+        holder.execute(sql("LOCK TABLE dispatches IN ACCESS EXCLUSIVE MODE"))
+        job.finish(20)
+        holder.rollback()
+    assert job.returncode == 1, job.stderr
+    retries = job.events("chunk_retry")
+    assert [(r["seq"], r["attempt"]) for r in retries] == [(2, 1), (2, 2)]
+    assert all(r["reason"].startswith("lock timeout") for r in retries)
+    record = run_records(probe)[run_id_of(job)]
+    assert record["status"] == "failed"
+    assert "lock timeout" in record["error"]
+    assert "lock timeout" in job.last("run_failed")["error"]
+    chunk_1 = first_window(probe, run_id_of(job), due)
+    assert (record["chunks"], record["audited_rows"]) == (1, len(chunk_1))
+    assert 0 < len(chunk_1) < len(due)
+    assert assert_consistent(probe, due) == chunk_1
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_table_lock_queued_behind_a_chunk_never_hangs_the_run(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """ACCESS EXCLUSIVE requested while chunk 2's UPDATE runs, so it is granted the moment
+    that chunk ends: whatever the job reads or writes next times out like a chunk would
+    (bounded retries, failed, exit 1), it never waits forever."""
+    due, _ = seed_series(probe, range(1, 1001), young=lambda i: 200 < i <= 400)
+    slow(probe, chunk=0.5)
+    impatient = make_config(tmp_path, clean=IMPATIENT)
+    job = Job(url_string, impatient, "run", "--yes", "--chunk-size", "200")
+    job.wait_for("chunk_committed", seq=1)
+    wait_backend(probe, job, in_chunk_update)  # chunk 2
+    locked, release = threading.Event(), threading.Event()
+
+    def hold() -> None:  # queued behind chunk 2's UPDATE, granted when its transaction ends
+        with probe.connect() as holder:
+            holder.execute(sql("LOCK TABLE dispatches IN ACCESS EXCLUSIVE MODE"))
+            locked.set()
+            release.wait(60)
+            holder.rollback()
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert locked.wait(10)
+        rc = job.finish(8)  # a lock timeout of 200 ms and two retries need about 1 s
+    finally:
+        release.set()
+        holder.join()
+    assert rc == 1, job.stderr
+    assert "lock timeout" in job.last("run_failed")["error"]
+    assert run_records(probe)[run_id_of(job)]["status"] == "failed"
+    assert_consistent(probe, due)
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_tiny_statement_timeout_rolls_chunks_back_and_fails_the_run(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """statement_timeout_ms = 1: every chunk is cancelled and rolled back, the window
+    shrinks, retries run out, and the run fails with the statement timeout as the reason."""
+    due, _ = seed_series(probe, range(1, 2001), young=every_fifth_young)
+    slow(probe, chunk=0.01)  # so that even a shrunken window outlasts 1 ms
+    tiny = make_config(tmp_path, clean="statement_timeout_ms = 1\n" + IMPATIENT)
+    job = run_script(url_string, tiny, "run", "--yes", "--chunk-size", "1000")
+    assert job.returncode == 1, job.stderr
+    retries = job.events("chunk_retry")
+    assert [r["reason"] for r in retries] == ["statement timeout"] * 2
+    record = run_records(probe)[run_id_of(job)]
+    assert record["status"] == "failed"
+    assert "statement timeout" in record["error"]
+    assert "statement timeout" in job.last("run_failed")["error"]
+    assert (record["chunks"], record["audited_rows"]) == (0, 0)
+    assert assert_consistent(probe, due) == set()
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_rows_locked_by_another_session_are_skipped_without_waiting(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """Due rows held FOR UPDATE elsewhere are skipped at once (the lock wait is 10 s), they
+    are the only due rows left, and the next run cleans them."""
+    due, _ = seed_series(probe, range(1, 2001), young=every_fifth_young)
+    held = [7, 333, 1001, 1502, 1999]
+    patient = make_config(tmp_path, clean="lock_timeout_ms = 10000")
+    with probe.connect() as holder:
+        holder.execute(
+            sql("SELECT id FROM dispatches WHERE id = ANY(:ids) FOR UPDATE"), {"ids": held}
+        )
+        job = run_script(url_string, patient, "run", "--yes", "--chunk-size", "200")
+        holder.rollback()
+    assert job.returncode == 0, job.stderr
+    planned, finished = job.last("plan"), job.last("run_finished")
+    took = datetime.fromisoformat(finished["timestamp"]) - datetime.fromisoformat(
+        planned["timestamp"]
+    )
+    assert took < timedelta(seconds=2), f"the run waited on locked rows ({took})"
+    # never `succeeded` while due rows keep their data: incomplete (exit 0), counted, why
+    assert (finished["status"], finished["remaining_due_rows"]) == ("incomplete", len(held))
+    assert finished["remaining_reason"] == "locked_by_application"
+    assert any(e["skipped_locked"] for e in job.events("chunk_committed"))
+    assert assert_consistent(probe, due) == due - set(held)
+    assert remaining_due(probe, due) == len(held)
+    following = finish_work(url_string, probe, due, plain_config)
+    assert following.last("run_finished")["rows_cleaned"] == len(held)
+
+
+# --- guards and budgets ----------------------------------------------------------------------
+
+
+def test_refuse_above_rows_writes_nothing_and_force_proceeds(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """A plan over guard.refuse_above_rows: exit 4, status refused, not a row changed;
+    with --force the same run cleans everything."""
+    due, _ = seed_series(probe, range(1, 626), young=every_fifth_young)
+    guarded = make_config(tmp_path, guard="refuse_above_rows = 100")
+    before = snapshot(probe)
+    refused = run_script(url_string, guarded, "run", "--yes")
+    assert refused.returncode == 4, refused.stderr
+    assert snapshot(probe) == before
+    record = run_records(probe)[run_id_of(refused)]
+    assert (record["status"], record["chunks"], record["due_rows"]) == ("refused", 0, len(due))
+    assert "refuse_above_rows" in record["error"]
+    assert refused.last("run_finished")["status"] == "refused"
+    assert refused.events("chunk_committed") == []
+
+    forced = run_script(url_string, guarded, "run", "--yes", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert forced.last("run_finished")["rows_cleaned"] == len(due)
+    assert assert_consistent(probe, due) == due
+    finish_work(url_string, probe, due, plain_config)
+
+
+@pytest.mark.parametrize(
+    ("guard", "args"),
+    [
+        pytest.param("", ("--max-rows", "1000"), id="max-rows-option"),
+        pytest.param("max_rows_per_run = 1000", (), id="guard-max-rows-per-run"),
+        pytest.param("max_rows_per_run = 5000", ("--max-rows", "1000"), id="smaller-wins"),
+    ],
+)
+def test_row_budget_cleans_exactly_that_many_then_the_next_run_carries_on(
+    probe: Engine,
+    url_string: str,
+    tmp_path: Path,
+    plain_config: Path,
+    guard: str,
+    args: tuple[str, ...],
+) -> None:
+    """A row budget of 1000 on 3000 due rows: exactly 1000 cleaned, exit 0, incomplete,
+    remaining_due_rows 2000 in the log; the next run cleans the other 2000."""
+    due, _ = seed_series(probe, range(1, 3751), young=every_fifth_young)
+    budget = make_config(tmp_path, guard=guard)
+    job = run_script(url_string, budget, "run", "--yes", "--chunk-size", "300", *args)
+    assert job.returncode == 0, job.stderr
+    finished = job.last("run_finished")
+    assert (finished["status"], finished["stopped_by"]) == ("incomplete", "max_rows")
+    assert (finished["rows_cleaned"], finished["remaining_due_rows"]) == (1000, 2000)
+    record = run_records(probe)[run_id_of(job)]
+    assert (record["status"], record["audited_rows"]) == ("incomplete", 1000)
+    assert len(assert_consistent(probe, due)) == 1000
+    following = finish_work(url_string, probe, due, plain_config)
+    assert following.last("run_finished")["rows_cleaned"] == 2000
+
+
+def test_runtime_budget_stops_cleanly_and_the_next_run_carries_on(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """--max-runtime 1 with a 300 ms pause between chunks: exit 0, incomplete after about a
+    second, the log says what remains; the next run finishes."""
+    due, _ = seed_series(probe, range(1, 3001), young=every_fifth_young)
+    paused = make_config(tmp_path, clean="pause_between_chunks_ms = 300")
+    job = run_script(
+        url_string, paused, "run", "--yes", "--chunk-size", "100", "--max-runtime", "1"
+    )
+    assert job.returncode == 0, job.stderr
+    finished = job.last("run_finished")
+    assert (finished["status"], finished["stopped_by"]) == ("incomplete", "max_runtime")
+    cleaned = assert_consistent(probe, due)
+    assert 0 < len(cleaned) < len(due)
+    assert finished["rows_cleaned"] == len(cleaned)
+    assert finished["remaining_due_rows"] == len(due) - len(cleaned)
+    took = datetime.fromisoformat(finished["timestamp"]) - datetime.fromisoformat(
+        job.last("run_started")["timestamp"]  # the budget counts from the start, plan included
+    )
+    assert timedelta(seconds=1) <= took < timedelta(seconds=2.5), took
+    assert finished["chunks"] >= 2
+    assert run_records(probe)[run_id_of(job)]["status"] == "incomplete"
+    finish_work(url_string, probe, due, plain_config)
