@@ -663,3 +663,20 @@ def test_signal_stops_after_the_chunk_in_progress(
     done = json_lines(finish.stderr)[-1]
     assert (done["event"], done["remaining_due_rows"]) == ("run_finished", 0)
     assert len(assert_fully_cleaned_or_untouched(before, snapshot(engine))) == BACKLOG
+
+
+def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:
+    """`demo` (what `make demo` runs) seeds, runs, verifies and exits 0, and prints no warning
+    or traceback for a newcomer to wonder about (pgserver's RuntimeDirWarning included)."""
+    env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
+    proc = subprocess.run(
+        [str(SCRIPT), "demo", "--rows", "1000"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "== dispatch-retention verify ==" in proc.stdout
+    for stream in (proc.stdout, proc.stderr):
+        assert "Warning" not in stream and "Traceback" not in stream, stream
