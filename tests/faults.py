@@ -14,7 +14,6 @@ import json
 import signal
 import time
 from collections.abc import Callable
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,6 @@ SIGNALS = [
 ]
 PROBE_APP = "dr-test-probe"  # the tests' own connections: no fault is ever aimed at them
 UNREACHABLE = "postgresql://x@127.0.0.1:1/x"  # nothing listens on port 1
-DAY = timedelta(days=1)
 
 
 def every_fifth_young(row_id: int) -> bool:

@@ -11,19 +11,22 @@ import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, ClassVar
 
+from click.testing import CliRunner, Result
 from sqlalchemy import Engine, func, insert, select
 from sqlalchemy import text as sql
 from sqlalchemy.engine import URL
 
 from dispatch_retention import config, grants
+from dispatch_retention.cli import cli
 from dispatch_retention.config import Settings, Target
 from dispatch_retention.schema import dispatches_table
 
 TABLE = dispatches_table(Target())
+DAY = timedelta(days=1)
 MARK = "PIIMARK"  # every personal value seeded by a test carries it; output must never
 
 
@@ -138,7 +141,31 @@ def assert_no_marker(*texts: str) -> None:
 
 
 def as_json_lines(text: str) -> list[dict[str, Any]]:
+    """The JSON log events in `text` (other lines, e.g. a click usage message, skipped)."""
     return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
+
+
+def json_lines(stderr: str) -> list[dict[str, Any]]:
+    """Every line of a non-terminal stderr, each of which must be one JSON log event."""
+    return [json.loads(line) for line in stderr.splitlines()]
+
+
+def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
+    """The CLI in-process (click's CliRunner); `result.stdout` and `result.stderr` apart."""
+    return CliRunner().invoke(cli, list(args), prog_name="dispatch-retention", env=env)
+
+
+def script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """The installed console script in a real subprocess, without the ambient job settings
+    of the shell (stderr is not a terminal: JSON logs)."""
+    return subprocess.run(
+        [str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env=script_env(),
+    )
 
 
 # --- real subprocesses and fault-injection checks (faults.py and its tests) ---------------------

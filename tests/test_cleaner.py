@@ -20,6 +20,7 @@ from dispatch_retention.statements import BLOCK_IDS
 from dispatch_retention.vocabulary import Hooks, Options, Outcome, Request, Stop
 
 from .helpers import (
+    DAY,
     MARK,
     TABLE,
     db_now,
@@ -30,7 +31,6 @@ from .helpers import (
 )
 from .oracle import is_due
 
-DAY = timedelta(days=1)
 SPREAD = 10_007  # ids this far apart: every due row in a block of its own
 
 

@@ -12,15 +12,12 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import click
 import pytest
-from click.testing import CliRunner, Result
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 
@@ -28,12 +25,23 @@ from dispatch_retention.cli import cli
 from dispatch_retention.config import DEFAULT_CLEAN_COLUMNS, KEPT_COLUMNS
 from dispatch_retention.lock import lock_key
 
-from .helpers import MARK, config_text, db_now, dispatch, insert_rows, snapshot, write_config
+from .helpers import (
+    DAY,
+    MARK,
+    SCRIPT,
+    config_text,
+    db_now,
+    dispatch,
+    insert_rows,
+    invoke,
+    json_lines,
+    script,
+    snapshot,
+    write_config,
+)
 
-SCRIPT = Path(sys.executable).parent / "dispatch-retention"
 PASSWORD = "s3cr3tPW"
 UNREACHABLE = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"  # nothing listens on port 1
-DAY = timedelta(days=1)
 AUDIT = "dispatch_retention"  # the audit schema of config_text() (the default)
 _roles = itertools.count()
 
@@ -126,21 +134,6 @@ def plan_table(stdout: str) -> dict[str, tuple[int, int]]:
         name, retention, _cutoff, due = line.split()
         table[name] = (int(retention), int(due))
     return table
-
-
-def invoke(*args: str) -> Result:
-    return CliRunner().invoke(cli, list(args), prog_name="dispatch-retention")
-
-
-def script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [str(SCRIPT), *args], capture_output=True, text=True, timeout=timeout, check=False
-    )
-
-
-def json_lines(stderr: str) -> list[dict[str, Any]]:
-    """Every stderr line must be one JSON object (non-tty => JSON logs)."""
-    return [json.loads(line) for line in stderr.splitlines()]
 
 
 def assert_fully_cleaned_or_untouched(before: Rows, after: Rows) -> set[int]:

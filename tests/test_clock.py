@@ -20,12 +20,12 @@ from sqlalchemy.engine import URL
 from dispatch_retention import config
 
 from .faults import (
-    DAY,
     make_config,
     run_id_of,
 )
 from .helpers import (
     AUDIT_SCHEMA,
+    DAY,
     dispatch,
     insert_rows,
     run_records,

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ from dispatch_retention.config import Settings
 from dispatch_retention.doctor import Finding
 
 from .helpers import (
+    DAY,
     assert_no_marker,
     config_text,
     db_now,
@@ -23,7 +23,6 @@ from .helpers import (
     write_config,
 )
 
-DAY = timedelta(days=1)
 HISTORY_TRIGGER = "dispatches_history_copy"
 REVIEWED = "history purged nightly, reviewed"
 

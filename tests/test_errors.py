@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -11,6 +10,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from .helpers import (
+    DAY,
     MARK,
     config_text,
     db_now,
@@ -20,8 +20,6 @@ from .helpers import (
     run_script,
     write_config,
 )
-
-DAY = timedelta(days=1)
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,7 @@ from sqlalchemy import Engine
 
 from dispatch_retention.cli import cli
 
-from .helpers import config_text, db_now, dispatch, insert_rows, write_config
-
-DAY = timedelta(days=1)
+from .helpers import DAY, config_text, db_now, dispatch, insert_rows, write_config
 
 
 def _free_port() -> int:

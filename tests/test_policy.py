@@ -11,11 +11,10 @@ from sqlalchemy.dialects import postgresql
 
 from dispatch_retention import policy
 
-from .helpers import TABLE, dispatch, insert_rows, settings
+from .helpers import DAY, TABLE, dispatch, insert_rows, settings
 from .oracle import binding_policy, is_due
 
 NOW = datetime(2026, 3, 29, 12, 0, tzinfo=UTC)  # a DST change in Europe, for good measure
-DAY = timedelta(days=1)
 SEC = timedelta(seconds=1)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -17,9 +16,16 @@ from sqlalchemy.exc import ProgrammingError
 from dispatch_retention import db, doctor, grants
 from dispatch_retention.cli import cli
 
-from .helpers import config_text, db_now, dispatch, insert_rows, settings, snapshot, write_config
-
-DAY = timedelta(days=1)
+from .helpers import (
+    DAY,
+    config_text,
+    db_now,
+    dispatch,
+    insert_rows,
+    settings,
+    snapshot,
+    write_config,
+)
 
 
 @pytest.fixture

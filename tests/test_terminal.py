@@ -6,18 +6,13 @@ import os
 import pty
 import select
 import subprocess
-import sys
 import time
-from datetime import timedelta
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine
 
-from .helpers import config_text, db_now, dispatch, insert_rows, snapshot, write_config
-
-DAY = timedelta(days=1)
-SCRIPT = Path(sys.executable).parent / "dispatch-retention"
+from .helpers import DAY, SCRIPT, config_text, db_now, dispatch, insert_rows, snapshot, write_config
 
 
 def on_terminal(args: list[str], answer: str | None, timeout: float = 30) -> tuple[int, str]:

@@ -7,7 +7,6 @@ the run's status and its end count say what the table holds.
 
 from __future__ import annotations
 
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from dispatch_retention.statements import MAX_ID, MIN_ID
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop, exit_code
 
 from .helpers import (
+    DAY,
     MARK,
     TABLE,
     as_json_lines,
@@ -38,8 +38,6 @@ from .helpers import (
     write_config,
 )
 from .oracle import is_due
-
-DAY = timedelta(days=1)
 
 
 def run(engine: Engine, s: Settings, **kwargs: Any) -> Outcome:

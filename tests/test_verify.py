@@ -9,7 +9,7 @@ personal value (`MARK`).
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from sqlalchemy.engine import URL
 from dispatch_retention.cli import cli
 
 from .helpers import (
+    DAY,
     MARK,
     assert_no_marker,
     config_text,
@@ -32,7 +33,6 @@ from .helpers import (
     write_config,
 )
 
-DAY = timedelta(days=1)
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=UTC)
 UNSETTLED = {"transmission_status": "scheduled", "delivery_status": "pending"}
 STRIPPED = {"content": {}, "msisdn": None, "email": None, "app_token": None}
