@@ -20,10 +20,13 @@ from sqlalchemy import Engine, func, insert, select
 from sqlalchemy import text as sql
 from sqlalchemy.engine import URL
 
-from dispatch_retention import config, grants
+from dispatch_retention import config, grants, job
 from dispatch_retention.cli import cli
 from dispatch_retention.config import Settings, Target
 from dispatch_retention.schema import dispatches_table
+from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop
+
+from . import oracle
 
 TABLE = dispatches_table(Target())
 DAY = timedelta(days=1)
@@ -133,6 +136,22 @@ def granted_role(
         with engine.begin() as conn:
             conn.execute(sql(f"DROP OWNED BY {name}"))
             conn.execute(sql(f"DROP ROLE {name}"))
+
+
+def run_job(
+    engine: Engine, s: Settings, on_chunk: Callable[[Chunk], None] | None = None, **options: Any
+) -> Outcome:
+    """One run of the job in-process (`job.run`) with `Options(**options)`."""
+    return job.run(
+        engine, s, Request(Options(**options)), stop=Stop(), hooks=Hooks(on_chunk=on_chunk)
+    )
+
+
+def due_now(engine: Engine, s: Settings, outcome: Outcome) -> int:
+    """A fresh count of due rows at the run's own cutoffs (the oracle over the table)."""
+    assert outcome.plan is not None
+    now = outcome.plan.rules.now
+    return sum(1 for row in snapshot(engine).values() if oracle.is_due(row, s, now))
 
 
 def assert_no_marker(*texts: str) -> None:

@@ -38,6 +38,9 @@ from .helpers import (
     seed_series,
     settings,
 )
+from .strategies import (
+    block_maps,
+)
 
 # --- Windows.sparse: pure ----------------------------------------------------------------
 
@@ -84,12 +87,6 @@ def test_a_block_is_walked_to_its_end_whatever_the_plan_counted() -> None:
     assert (windows.lo, windows.i) == (5 * BLOCK_IDS, 1)
     windows.advance(6 * BLOCK_IDS)
     assert windows.done
-
-
-@st.composite
-def block_maps(draw: st.DrawFn) -> tuple[tuple[int, int], ...]:
-    numbers = draw(st.lists(st.integers(-5, 60), min_size=1, max_size=25, unique=True))
-    return tuple((b, draw(st.integers(1, BLOCK_IDS))) for b in sorted(numbers))
 
 
 @hsettings(max_examples=300, deadline=None)

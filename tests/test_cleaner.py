@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import timedelta
 from typing import Any
 
 from hypothesis import HealthCheck, given
@@ -17,7 +16,7 @@ from structlog.testing import capture_logs
 from dispatch_retention import indexes, job
 from dispatch_retention.config import KEPT_COLUMNS, Settings
 from dispatch_retention.statements import BLOCK_IDS
-from dispatch_retention.vocabulary import Hooks, Options, Outcome, Request, Stop
+from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
 
 from .helpers import (
     DAY,
@@ -26,16 +25,17 @@ from .helpers import (
     db_now,
     dispatch,
     insert_rows,
+    run_job,
     settings,
     snapshot,
 )
 from .oracle import is_due
+from .strategies import (
+    dispatch_specs,
+    policy_sets,
+)
 
 SPREAD = 10_007  # ids this far apart: every due row in a block of its own
-
-
-def run(engine: Engine, s: Settings, **options: Any) -> Outcome:
-    return job.run(engine, s, Request(Options(**options)), stop=Stop())
 
 
 def assert_cleaned_exactly(
@@ -58,55 +58,6 @@ def assert_cleaned_exactly(
 
 
 # --- the oracle property ---------------------------------------------------------------------
-
-TYPES = st.sampled_from(["sms", "email", "push"])
-TRANSMISSION = st.sampled_from(["scheduled", "transmitted", "failed", "paused", None])
-DELIVERY = st.sampled_from(["pending", "delivered", "failed", "bounced", None])
-EXTERNAL = st.sampled_from(["delivered", "undeliverable", "queued", None])
-
-
-@st.composite
-def policy_sets(draw: st.DrawFn) -> str:
-    count = draw(st.integers(1, 4))
-    out = []
-    for i in range(count):
-        where = {}
-        if draw(st.booleans()):
-            key = draw(st.sampled_from(["type", "transmission_status", "delivery_status"]))
-            values = {
-                "type": ["sms", "email", "push"],
-                "transmission_status": ["scheduled", "transmitted", "failed"],
-                "delivery_status": ["pending", "delivered", "failed"],
-            }[key]
-            chosen = draw(st.lists(st.sampled_from(values), min_size=1, max_size=2, unique=True))
-            where[key] = chosen
-        if draw(st.booleans()):
-            where["external_delivery_status"] = [draw(st.sampled_from(["delivered", "queued"]))]
-        retention = draw(st.integers(7, 400))
-        clause = ", ".join(f"{k} = {v!r}".replace("'", '"') for k, v in where.items())
-        out.append(
-            f'[[policy]]\nname = "p{i}"\nretention_days = {retention}\n'
-            + (f"where = {{ {clause} }}\n" if where else "")
-        )
-    return "\n".join(out)
-
-
-@st.composite
-def dispatch_specs(draw: st.DrawFn) -> dict[str, Any]:
-    # Ages cluster around every interesting boundary: 7..430 days, plus or minus seconds.
-    age = timedelta(days=draw(st.sampled_from([0, 7, 30, 60, 90, 120, 200, 365, 400, 430])))
-    age += timedelta(seconds=draw(st.sampled_from([-86400, -2, -1, 1, 2, 86400])))
-    return {
-        "age": age,
-        "type": draw(TYPES),
-        "transmission_status": draw(TRANSMISSION),
-        "delivery_status": draw(DELIVERY),
-        "external_delivery_status": draw(EXTERNAL),
-        # "future" and "2099" on settled dispatches too: those are due by age alone
-        "scheduled": draw(st.sampled_from(["null", "past", "future", "2099", "created"])),
-        "delivered_after": draw(st.sampled_from([None, 0, 40])),
-        "cleaned": draw(st.booleans()) and draw(st.booleans()),
-    }
 
 
 @hsettings(
@@ -177,7 +128,7 @@ def test_run_cleans_exactly_what_the_oracle_says(
 
     with capture_logs() as logs:
         # a pinned size caps a window's ids too: spread rows take the adaptive size
-        outcome = run(engine, s, chunk_size=chunk_size if spread == 1 else None)
+        outcome = run_job(engine, s, chunk_size=chunk_size if spread == 1 else None)
 
     assert outcome.status == "succeeded", outcome.error
     if spread > 1:  # the indexes are there, and a window over several blocks is sparse
@@ -212,7 +163,7 @@ def test_chunk_size_two_cleans_everything_in_many_chunks(engine: Engine) -> None
     s = settings()
     before = snapshot(engine)
     with capture_logs() as logs:
-        outcome = run(engine, s, chunk_size=2)
+        outcome = run_job(engine, s, chunk_size=2)
     chunks = [e for e in logs if e["event"] == "chunk_committed"]
     due = {r["id"] for r in rows if r["id"] % 3}
     assert outcome.status == "succeeded"
@@ -245,11 +196,11 @@ def test_failure_in_chunk_n_rolls_back_that_chunk_only(engine: Engine) -> None:
     stamps = {after[i]["cleaned_at"] for i in cleaned}
     assert len(stamps) == 2  # one transaction timestamp per chunk
 
-    rerun = run(engine, s)
+    rerun = run_job(engine, s)
     assert rerun.status == "succeeded"
     final = snapshot(engine)
     assert_cleaned_exactly(before, final, {i for i in before if i % 3}, s)
-    again = run(engine, s)
+    again = run_job(engine, s)
     assert (again.status, again.rows_cleaned) == ("succeeded", 0)
     assert snapshot(engine) == final
 
@@ -270,7 +221,7 @@ def test_dry_run_writes_nothing_and_predicts_the_run(engine: Engine) -> None:
     before = snapshot(engine)
     with engine.connect() as conn:
         xid_before = conn.exec_driver_sql("SELECT txid_current_snapshot()::text").scalar()
-    planned = run(engine, s, dry_run=True)
+    planned = run_job(engine, s, dry_run=True)
     assert planned.status == "planned"
     assert snapshot(engine) == before
     with engine.connect() as conn:
@@ -279,7 +230,7 @@ def test_dry_run_writes_nothing_and_predicts_the_run(engine: Engine) -> None:
     assert planned.plan is not None
     predicted = {p.name: p.due_rows for p in planned.plan.policies}
     assert planned.plan.waiting_grace_rows == 1
-    outcome = run(engine, s)
+    outcome = run_job(engine, s)
     assert {p: outcome.by_policy.get(p, 0) for p in predicted} == predicted
     assert predicted["failed-sends"] == 1
 
@@ -302,7 +253,7 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     assert locked.wait(10)
     try:
         started = time.monotonic()
-        outcome = run(engine, s, chunk_size=8)
+        outcome = run_job(engine, s, chunk_size=8)
         elapsed = time.monotonic() - started
     finally:
         release.set()
@@ -317,7 +268,7 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     due = {i for i in after if i % 3}
     assert {i for i in after if after[i]["cleaned_at"]} == due - {10}
 
-    nxt = run(engine, s)
+    nxt = run_job(engine, s)
     assert (nxt.rows_cleaned, nxt.status, nxt.remaining_due_rows) == (1, "succeeded", 0)
     assert snapshot(engine)[10]["cleaned_at"] is not None
 
@@ -335,7 +286,7 @@ def test_an_empty_window_jumps_to_the_next_due_row_of_its_block(engine: Engine) 
 
     event.listen(engine, "before_cursor_execute", count)
     try:
-        outcome = run(engine, settings(), chunk_size=2)
+        outcome = run_job(engine, settings(), chunk_size=2)
     finally:
         event.remove(engine, "before_cursor_execute", count)
     assert outcome.rows_cleaned == 5
@@ -349,7 +300,7 @@ def test_logs_carry_run_id_and_no_personal_data(engine: Engine) -> None:
     """Every event has the run id; no seeded personal-data marker reaches the log."""
     backlog(engine, 20)
     with capture_logs() as logs:
-        outcome = run(engine, settings(), chunk_size=5)
+        outcome = run_job(engine, settings(), chunk_size=5)
     events = [e["event"] for e in logs]
     assert events[0] == "run_started" and events[1] == "plan" and events[-1] == "run_finished"
     assert "chunk_committed" in events
@@ -365,7 +316,7 @@ def test_replace_writes_json_and_member_id_can_be_stripped(engine: Engine) -> No
         'replace = { content = { redacted = true }, msisdn = "" }\n'
         'keep = { email = "a test keeps it", app_token = "a test keeps it" }'
     )
-    run(engine, s)
+    run_job(engine, s)
     row = snapshot(engine)[1]
     assert row["content"] == {"redacted": True}
     assert row["msisdn"] == ""
@@ -385,7 +336,7 @@ def test_only_chunks_commit_without_waiting_for_the_disk(engine: Engine) -> None
 
     event.listen(engine, "before_cursor_execute", seen)
     try:
-        outcome = run(engine, settings(), chunk_size=4)
+        outcome = run_job(engine, settings(), chunk_size=4)
     finally:
         event.remove(engine, "before_cursor_execute", seen)
     assert outcome.status == "succeeded" and outcome.chunks >= 5
