@@ -105,11 +105,11 @@ try:
     )
     from sqlalchemy.dialects import postgresql
     from sqlalchemy.dialects.postgresql import JSONB
-    from sqlalchemy.engine import URL, make_url
+    from sqlalchemy.engine import URL
     from sqlalchemy.pool import NullPool
     from sqlalchemy.schema import CreateSchema, CreateTable, DropTable
 
-    from dispatch_retention import config, indexes, policy, schema, synthetic
+    from dispatch_retention import config, db, errors, indexes, policy, schema, synthetic
 except ImportError as exc:  # pragma: no cover - a usage problem, not a bug
     sys.exit(
         f"bench/run.py needs the project's environment ({exc}).\n"
@@ -175,10 +175,10 @@ class Server:
     """Admin access to the server, and the databases this run created (dropped at the end)."""
 
     def __init__(self, raw_url: str) -> None:
-        url = make_url(raw_url)
-        if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
-            raise SystemExit(f"--database-url must be postgresql:// (got {url.drivername}://)")
-        self.url: URL = url.set(drivername="postgresql+psycopg")
+        try:
+            self.url: URL = db.parse_url(raw_url)  # the job's own rules for a database URL
+        except errors.DatabaseUrlError as exc:
+            raise SystemExit(f"--database-url: {exc}") from None
         self.created: list[str] = []
         self.admin = create_engine(self.url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
         with self.admin.connect() as conn:

@@ -229,39 +229,6 @@ def test_from_env_refuses_an_index_out_of_range() -> None:
         from_env({"JOB_COMPLETION_INDEX": "4", "JOB_COMPLETIONS": "4"})
 
 
-@pytest.mark.parametrize(
-    ("shard", "lo", "aligned", "end"),
-    [
-        pytest.param(Shard(0, 4), 0, 0, STRIPE_IDS, id="own-stripe-start"),
-        pytest.param(Shard(0, 4), 99_999, 99_999, STRIPE_IDS, id="own-stripe-last-id"),
-        pytest.param(Shard(1, 4), 0, 100_000, 200_000, id="next-stripe"),
-        pytest.param(Shard(1, 4), 150_000, 150_000, 200_000, id="inside-own-stripe"),
-        pytest.param(Shard(1, 4), 250_000, 500_000, 600_000, id="wraps-to-next-round"),
-        pytest.param(Shard(3, 4), 400_001, 700_000, 800_000, id="skips-three-stripes"),
-        pytest.param(Shard(0, 1), 123_456, 123_456, 200_000, id="one-shard-owns-all"),
-    ],
-)
-def test_align_and_stripe_end(shard: Shard, lo: int, aligned: int, end: int) -> None:
-    """align() finds the first id of the shard at or after lo; stripe_end() the stripe's end."""
-    assert shard.align(lo) == aligned
-    assert shard.stripe_end(aligned) == end
-
-
-@hsettings(max_examples=500)
-@given(row_id=st.integers(0, 2**62), count=st.integers(1, 1024))
-def test_every_id_belongs_to_exactly_one_shard(row_id: int, count: int) -> None:
-    """For N shards, exactly one shard's align() keeps an id where it is; every other
-    shard's align() moves past it, to an id of its own, within one round of stripes."""
-    owners = [i for i in range(count) if Shard(i, count).align(row_id) == row_id]
-    assert owners == [(row_id // STRIPE_IDS) % count]
-    for index in {0, owners[0], count - 1, (owners[0] + 1) % count}:
-        shard = Shard(index, count)
-        aligned = shard.align(row_id)
-        assert row_id <= aligned < row_id + count * STRIPE_IDS
-        assert (aligned // STRIPE_IDS) % count == index
-        assert aligned < shard.stripe_end(aligned) <= aligned + STRIPE_IDS
-
-
 def _owners_in_sql(engine: Engine, count: int) -> dict[int, list[int]]:
     """Which shards' predicate PostgreSQL says each row of the table satisfies."""
     owners: dict[int, list[int]] = {}

@@ -121,3 +121,18 @@ def test_sigterm_as_pid_1(engine: Engine, url_string: str, tmp_path: Path) -> No
     assert process.returncode == 143
     rows = snapshot(engine).values()
     assert 0 < sum(r["cleaned_at"] is not None for r in rows) < 3000
+
+
+@pytest.mark.usefixtures("backlog")
+def test_logs_do_not_tear_the_progress_bar(engine: Engine, url_string: str, tmp_path: Path) -> None:
+    """While the bar is shown, the run's info events (a line per chunk, the end count) stay
+    off the terminal, so the bar redraws cleanly; the outcome is printed after it."""
+    config = write_config(tmp_path / "r.toml", config_text())
+    code, seen = on_terminal(
+        ["--config", str(config), "--database-url", url_string, "run", "--chunk-size", "5"], "y"
+    )
+    assert code == 0, seen
+    assert "cleaning" in seen and "100%" in seen
+    for event in ("chunk_committed", "recount", "run_finished"):
+        assert event not in seen, seen
+    assert seen.index("100%") < seen.index(": succeeded")

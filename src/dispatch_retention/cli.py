@@ -7,6 +7,7 @@ Exit codes: 0 done (also a clean stop on a budget), 1 failed, 2 bad usage or con
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -98,8 +99,11 @@ def _shard_from_env() -> shard.Shard | None:
 
 
 class State:
-    def __init__(self, config_path: str | None, database_url: str | None) -> None:
+    def __init__(
+        self, config_path: str | None, database_url: str | None, log_format: Any = None
+    ) -> None:
         self.config_path, self.database_url = config_path, database_url
+        self.log_format = log_format
 
     def settings(self) -> config.Settings:
         return config.load(self.config_path)
@@ -156,7 +160,7 @@ def cli(
 ) -> None:
     """Strip personal data from Messaging API dispatches past their retention window."""
     logs.configure(log_format)
-    ctx.obj = State(config_path, database_url)
+    ctx.obj = State(config_path, database_url, log_format)
 
 
 @cli.command()
@@ -219,6 +223,8 @@ def run(
         max_runtime_s=max_runtime,
     )
     request = Request(options, force=force, shard=chosen, pushgateway=pushgateway)
+    if interactive and not dry_run:  # the bar and the outcome tell it; warnings still show
+        logs.configure(state.log_format, level=logging.WARNING)
     with _signals() as stop, _progress(interactive and not dry_run) as progress:
         hooks = Hooks(
             confirm=None if dry_run or yes or not interactive else _confirm,
@@ -229,7 +235,9 @@ def run(
     engine.dispose()
     if outcome.plan is not None and dry_run:
         click.echo(output.plan_text(outcome.plan))
-    elif outcome.status != Status.CANCELLED:
+    elif outcome.status == Status.CANCELLED:
+        click.echo(f"Run {outcome.run_id}: cancelled, nothing cleaned")
+    else:
         click.echo(output.outcome_text(outcome))
     sys.exit(exit_code(outcome))
 

@@ -15,7 +15,9 @@ import structlog
 Format = Literal["json", "console"]
 
 
-def configure(fmt: Format | None = None) -> None:
+def configure(fmt: Format | None = None, *, level: int = logging.INFO) -> None:
+    """Logs on stderr in `fmt` (console on a terminal, else JSON), from `level` up (a run
+    that draws a progress bar keeps its info events off the terminal: `level` WARNING)."""
     if fmt is None:
         fmt = "console" if sys.stderr.isatty() else "json"
     shared: list[structlog.types.Processor] = [
@@ -31,7 +33,7 @@ def configure(fmt: Format | None = None) -> None:
         renderer = structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)
     structlog.configure(
         processors=[*shared, renderer],
-        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO),
+        wrapper_class=structlog.make_filtering_bound_logger(level),
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )

@@ -36,16 +36,6 @@ class Shard:
         stripe = floor_div(table.c.id, STRIPE_IDS)
         return ((stripe % self.count) + self.count) % self.count == self.index
 
-    def align(self, lo: int) -> int:
-        """The first id at or after `lo` that lies in one of this shard's stripes."""
-        stripe = lo // STRIPE_IDS
-        ahead = (self.index - stripe) % self.count
-        return lo if ahead == 0 else (stripe + ahead) * STRIPE_IDS
-
-    def stripe_end(self, lo: int) -> int:
-        """The first id after the stripe holding `lo` (a window never crosses it)."""
-        return (lo // STRIPE_IDS + 1) * STRIPE_IDS
-
 
 def floor_div(column: ColumnElement[int], n: int) -> ColumnElement[int]:
     """Python's `//` in SQL: PostgreSQL's integer division rounds toward zero, so negative
