@@ -136,3 +136,16 @@ def test_logs_do_not_tear_the_progress_bar(engine: Engine, url_string: str, tmp_
     for event in ("chunk_committed", "recount", "run_finished"):
         assert event not in seen, seen
     assert seen.index("100%") < seen.index(": succeeded")
+
+
+@pytest.mark.usefixtures("backlog")
+def test_ctrl_d_at_the_prompt_cancels(engine: Engine, url_string: str, tmp_path: Path) -> None:
+    """End of input (Ctrl-D) at the question is a no: status cancelled, exit 0, nothing
+    cleaned, no traceback and no 'internal error'."""
+    config = write_config(tmp_path / "r.toml", config_text())
+    before = snapshot(engine)
+    code, seen = on_terminal(["--config", str(config), "--database-url", url_string, "run"], "\x04")
+    assert code == 0, seen
+    assert "cancelled" in seen
+    assert "Traceback" not in seen and "internal error" not in seen and "Abort" not in seen
+    assert snapshot(engine) == before

@@ -8,6 +8,7 @@ Exit codes: 0 done (also a clean stop on a budget), 1 failed, 2 bad usage or con
 from __future__ import annotations
 
 import logging
+import math
 import os
 import signal
 import sys
@@ -86,6 +87,32 @@ class RunIdParam(click.ParamType[str]):
             return str(uuid.UUID(str(value)))
         except ValueError:
             self.fail("not a run id (a UUID, as `audit list` shows)", param, ctx)
+
+
+#: --max-runtime at most a week; --tolerance-hours at most ten years (anything more is a typo)
+MAX_RUNTIME_S, MAX_TOLERANCE_HOURS = 7 * 24 * 3600.0, 10 * 365 * 24.0
+
+
+class Bounded(click.ParamType[float]):
+    """A finite number in (low, high] (or [low, high] with `allow_min`): never nan or inf."""
+
+    name = "number"
+
+    def __init__(self, low: float, high: float, *, allow_min: bool = False) -> None:
+        self.low, self.high, self.allow_min = low, high, allow_min
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        above = number >= self.low if self.allow_min else number > self.low
+        if not (math.isfinite(number) and above and number <= self.high):
+            bound = "from" if self.allow_min else "above"
+            self.fail(
+                f"{value!r}: give a number {bound} {self.low:g} up to {self.high:g}", param, ctx
+            )
+        return number
 
 
 def _shard_from_env() -> shard.Shard | None:
@@ -181,7 +208,7 @@ def cli(
 @click.option("--max-rows", type=click.IntRange(1), help="Stop cleanly after this many rows.")
 @click.option(
     "--max-runtime",
-    type=click.FloatRange(min=0, min_open=True),
+    type=Bounded(0, MAX_RUNTIME_S),
     metavar="SECONDS",
     help="Stop cleanly after this long (the chunk in progress finishes).",
 )
@@ -265,7 +292,7 @@ def demo(state: State, rows: int) -> None:
 @table_or_json
 @click.option(
     "--tolerance-hours",
-    type=click.FloatRange(min=0),
+    type=Bounded(0, MAX_TOLERANCE_HOURS, allow_min=True),
     default=0,
     show_default=True,
     help="Allow rows whose window passed less than this long ago (the time between runs).",
@@ -437,8 +464,13 @@ def _bundled_settings() -> config.Settings:
 
 
 def _confirm(plan: Plan) -> bool:
+    """Show the plan and ask; an end of input (Ctrl-D) is a no."""
     click.echo(output.plan_text(plan), err=True)
-    return click.confirm(f"Clean {plan.due_rows} dispatches now?", default=False, err=True)
+    try:
+        return click.confirm(f"Clean {plan.due_rows} dispatches now?", default=False, err=True)
+    except click.Abort:
+        click.echo("", err=True)
+        return False
 
 
 @contextmanager

@@ -231,7 +231,21 @@ class Clean(_Strict):
                 raise ValueError(f"replace.{column}: wrong type for that column")
             if isinstance(replacement, int) and not -(2**63) <= replacement < 2**63:
                 raise ValueError(f"replace.{column}: out of range for a bigint")
+            if _has_nul(replacement):
+                raise ValueError(f"replace.{column}: holds a NUL character (\\u0000)")
         return self
+
+
+def _has_nul(value: Any) -> bool:
+    """A NUL character anywhere in a JSON value (keys included): PostgreSQL's text and jsonb
+    cannot hold one, so it would fail at run time."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(k) or _has_nul(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
 
 
 class Guard(_Strict):
@@ -276,6 +290,8 @@ class Policy(_Strict):
                 raise ValueError(f"{key}: give at least one value")
             allowed = MATCH_KEYS[key]
             for v in values:
+                if "\x00" in v:
+                    raise ValueError(f"{key}: a value holds a NUL character (\\u0000)")
                 if allowed is not None and v not in allowed:
                     raise ValueError(f"{key}: unknown value {v!r}; one of {', '.join(allowed)}")
         return value
@@ -353,15 +369,23 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
     return Path(os.environ.get(CONFIG_ENV) or DEFAULT_CONFIG_PATH)
 
 
+#: A config file is a page of TOML; anything larger is a mistake (`/dev/zero`, a log file),
+#: and the text is stored in every run record.
+MAX_CONFIG_BYTES = 1024 * 1024
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     file = resolve_path(path)
     name = str(file)
     try:
-        raw = file.read_bytes()
+        with open(file, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
         raise ConfigError(name, "", f"cannot read the file ({exc.strerror or exc})") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(name, "", "the file is larger than 1 MiB: not a config file")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError:
         raise ConfigError(name, "", "the file is not UTF-8 text") from None
     return parse(text, name)

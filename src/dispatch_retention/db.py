@@ -55,6 +55,8 @@ def resolve_url(cli_value: str | None) -> str:
             raise DatabaseUrlError(
                 f"{URL_FILE_ENV}: cannot read {file} ({exc.strerror or exc})"
             ) from None
+        except UnicodeDecodeError:  # never repeat the content: it is a secret
+            raise DatabaseUrlError(f"{URL_FILE_ENV}: {file} is not UTF-8 text") from None
         if value:
             return value
         raise DatabaseUrlError(f"{URL_FILE_ENV}: {file} is empty")
@@ -64,7 +66,17 @@ def resolve_url(cli_value: str | None) -> str:
 
 
 def parse_url(value: str) -> URL:
-    """Accept postgresql:// (and postgres://) as psycopg 3; refuse anything else."""
+    """Accept postgresql:// (and postgres://) as psycopg 3; refuse anything else.
+
+    An authority with more than one `@` (a password with an unencoded `@`) is refused before
+    anything connects: otherwise the tail of the password becomes part of the host name, and
+    a failed lookup would print it."""
+    authority = value.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
+    if authority.count("@") > 1:
+        raise DatabaseUrlError(
+            "the database URL has more than one '@' before the host: percent-encode an '@' "
+            "in the user name or password as %40"
+        )
     try:
         url = make_url(value)
     except (ArgumentError, ValueError):  # never repeat the value: it may hold the password

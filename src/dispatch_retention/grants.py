@@ -27,6 +27,15 @@ _quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyp
 
 
 def valid_role(name: str) -> str:
+    """A role to grant to: a plain SQL name, never `public` (every role in the cluster) nor a
+    `pg_*` role (the server's own)."""
+    if name.lower() == "public":
+        raise ValueError(
+            "public is every role in the cluster: name the job's own role (CREATE ROLE ... "
+            "LOGIN), never public"
+        )
+    if name.lower().startswith("pg_"):
+        raise ValueError("pg_* roles are the server's own: name the job's own role")
     if len(name) > MAX_IDENTIFIER or not IDENTIFIER.match(name):
         raise ValueError("a role name must be a plain SQL name (lower-case letters, digits, _)")
     return name

@@ -27,7 +27,17 @@ def operator() -> str:
     return f"{user}@{socket.gethostname()}"
 
 
+def _text(value: str, what: str) -> str:
+    """A value typed on a terminal in another encoding arrives with undecodable bytes."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise HoldError(f"{what} is not UTF-8 text: set the terminal to UTF-8") from None
+    return value
+
+
 def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: str) -> int:
+    reason, by = _text(reason, "--reason"), _text(by, "--by")
     if not reason.strip():
         raise HoldError("a legal hold needs a reason (--reason)")
     holds = tables.holds
@@ -49,6 +59,7 @@ def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: 
 
 
 def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> int:
+    by = _text(by, "--by")
     holds = tables.holds
     released = conn.execute(
         update(holds)

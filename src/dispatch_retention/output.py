@@ -17,11 +17,32 @@ if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the v
 
 
 def _cell(value: Any) -> str:
+    """A value as a table shows it, on one line: control characters (a terminal escape
+    sequence, a bell, a newline faking a row) are shown escaped, never sent raw."""
     if value is None:
         return "-"
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
-    return str(value)
+    return _escaped(str(value))
+
+
+def _escaped(text: str) -> str:
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
+#: What a spreadsheet reads as the start of a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell that a spreadsheet would run as a formula gets a leading quote."""
+    if isinstance(value, datetime):
+        return _json_default(value)
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
 
 
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -53,9 +74,7 @@ def to_csv(headers: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     writer = csv.DictWriter(buffer, fieldnames=list(headers), extrasaction="ignore")
     writer.writeheader()
     for row in rows:
-        writer.writerow(
-            {k: _json_default(v) if isinstance(v, datetime) else v for k, v in row.items()}
-        )
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
     return buffer.getvalue()
 
 
