@@ -211,3 +211,32 @@ def test_a_reason_that_is_not_utf8_is_a_usage_error(
     )  # fmt: skip
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr and "UTF-8" in proc.stderr
+
+
+LEAKY_TRIGGER = """
+CREATE FUNCTION app_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  RAISE EXCEPTION 'refused' USING COLUMN = OLD.email, CONSTRAINT = OLD.msisdn,
+    TABLE = OLD.app_token, SCHEMA = OLD.content::text, DATATYPE = OLD.email;
+END $$;
+CREATE TRIGGER app_refuse BEFORE UPDATE ON dispatches
+  FOR EACH ROW EXECUTE FUNCTION app_refuse();
+"""
+
+
+def test_diagnostic_fields_set_by_a_trigger_never_carry_personal_data(
+    engine: Engine, url_string: str, config: Path
+) -> None:
+    """A trigger that raises with COLUMN = OLD.email, CONSTRAINT = OLD.msisdn (and the
+    other diagnostic fields) from the row: the run fails (exit 1) and neither its log, its
+    output nor `runs.error` holds a personal value; the SQLSTATE is kept."""
+    insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY, type="email")])
+    with engine.begin() as conn:
+        conn.execute(text(LEAKY_TRIGGER))
+    proc = script("--config", str(config), "--database-url", url_string, "run", "--yes")
+    assert proc.returncode == 1, proc.stderr
+    with engine.connect() as conn:
+        error = conn.execute(text("SELECT error FROM dispatch_retention.runs")).scalar_one()
+    for shown in (proc.stdout, proc.stderr, error):
+        assert MARK not in shown, shown
+    assert "P0001" in error

@@ -25,7 +25,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
+from .config import KEPT_COLUMNS, PERSONAL_COLUMNS
 from .errors import DatabaseUrlError
+from .schema import AUDIT_NAMES
 
 URL_ENV = "DATABASE_URL"
 URL_FILE_ENV = "DATABASE_URL_FILE"
@@ -220,8 +222,22 @@ def is_transient(exc: BaseException) -> bool:
     return state.startswith("08") or state in TRANSIENT_SQLSTATE_CLASSES
 
 
+#: The names an error message may show: the job's own schema, tables, columns and
+#: constraints, and the target's schema, table and columns (`know()`, when the target is
+#: resolved). A diagnostic field can be set to anything by a trigger (`RAISE ... USING
+#: COLUMN = OLD.email`), so a name the job does not know is never shown.
+_KNOWN_NAMES: set[str] = {*PERSONAL_COLUMNS, *KEPT_COLUMNS, *AUDIT_NAMES}
+
+
+def know(*names: str) -> None:
+    """Names the job may show in an error message from now on (the resolved target's)."""
+    _KNOWN_NAMES.update(names)
+
+
 def describe_error(exc: BaseException) -> str:
-    """A message safe to log and store: SQLSTATE, condition and object names, never values."""
+    """A message safe to log and store: SQLSTATE, condition and the names of objects the job
+    knows (`know`), never values: a DETAIL can quote row values, and a trigger can put them
+    into any diagnostic field."""
     orig = exc.orig if isinstance(exc, DBAPIError) else exc
     if not isinstance(orig, psycopg.Error):
         return type(exc).__name__
@@ -235,7 +251,7 @@ def describe_error(exc: BaseException) -> str:
         ("column", diag.column_name),
         ("constraint", diag.constraint_name),
     ):
-        if value:
+        if value and value in _KNOWN_NAMES:
             parts.append(f"{label} {value}")
     if orig.sqlstate is None or orig.sqlstate[:2] in CONNECTION_CLASSES:
         # libpq's own message (host, port, role, database; never row values or passwords)

@@ -83,6 +83,22 @@ def create_dispatches(conn: Connection, target: Target) -> Table:
 # msisdn, email or app_token. Created and migrated by `db upgrade` (Alembic, migrations/).
 
 ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
+#: The job's own tables, their columns and constraints: names an error message may show.
+AUDIT_NAMES = frozenset(
+    {
+        "runs", "chunks", "legal_holds", ALEMBIC_VERSION_TABLE, "dispatch_retention",
+        "runs_pkey", "chunks_pkey", "legal_holds_pkey", "chunks_run_id_fkey",
+        "runs_status_known", "legal_holds_reason_given", "chunks_kind_known",
+        "legal_holds_one_active_per_member",
+        "run_id", "status", "started_at", "finished_at", "trigger", "host", "tool_version",
+        "db_user", "target_table", "shard", "options", "config_path", "config_sha256",
+        "config_text", "planned_at", "policies", "due_rows", "held_rows", "waiting_grace_rows",
+        "stopped_by", "error", "remaining_due_rows", "remaining_reason", "copy_risks", "seq",
+        "first_id", "last_id", "rows", "cleaned_at", "by_policy", "skipped_locked", "kind",
+        "hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
+        "released_by",
+    }
+)  # fmt: skip
 
 
 class AuditTables:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from sqlalchemy import Connection, text
 
+from . import db
 from .config import Settings, Target
 from .errors import TargetRefused
 
@@ -111,5 +112,8 @@ def unreadable_columns(conn: Connection, settings: Settings) -> list[str]:
 
 
 def resolve_settings(conn: Connection, settings: Settings) -> Settings:
-    """`resolve()` then `pinned()`: what every command does when it connects."""
-    return pinned(settings, resolve(conn, settings.target))
+    """`resolve()` then `pinned()`: what every command does when it connects. The target's
+    names, and the audit schema's, may be shown in error messages from then on."""
+    resolved = resolve(conn, settings.target)
+    db.know(resolved.schema, resolved.name, settings.audit.schema_, *settings.clean.keep)
+    return pinned(settings, resolved)
