@@ -181,3 +181,16 @@ def test_every_column_is_cleaned_or_kept_with_a_reason() -> None:
     assert columns == registered
     assert not set(config.PERSONAL_COLUMNS) & set(config.KEPT_COLUMNS)
     assert all(reason for reason in config.KEPT_COLUMNS.values())
+
+
+def test_content_kept_gets_no_default_replacement() -> None:
+    """`columns` without content (content kept with a reason) and no `replace` line: valid,
+    and no replacement for a column that is not stripped (it used to fail on
+    `clean.replace.content`, a key the user never wrote)."""
+    s = config.parse(
+        '[clean]\ncolumns = ["msisdn", "email", "app_token"]\n'
+        'keep = { content = "templates only, reviewed", member_id = "statistics" }\n' + ONE_POLICY,
+        "keep-content.toml",
+    )
+    assert s.clean.replace == {}
+    assert config.parse(ONE_POLICY, "default.toml").clean.replace == {"content": {}}

@@ -198,11 +198,15 @@ def test_refuse_above_rows_writes_nothing_and_force_proceeds(
 
 
 @pytest.mark.parametrize(
-    ("guard", "args"),
+    ("guard", "args", "stopped_by"),
     [
-        pytest.param("", ("--max-rows", "1000"), id="max-rows-option"),
-        pytest.param("max_rows_per_run = 1000", (), id="guard-max-rows-per-run"),
-        pytest.param("max_rows_per_run = 5000", ("--max-rows", "1000"), id="smaller-wins"),
+        pytest.param("", ("--max-rows", "1000"), "max_rows", id="max-rows-option"),
+        pytest.param(
+            "max_rows_per_run = 1000", (), "max_rows_per_run", id="guard-max-rows-per-run"
+        ),
+        pytest.param(
+            "max_rows_per_run = 5000", ("--max-rows", "1000"), "max_rows", id="smaller-wins"
+        ),
     ],
 )
 def test_row_budget_cleans_exactly_that_many_then_the_next_run_carries_on(
@@ -212,15 +216,17 @@ def test_row_budget_cleans_exactly_that_many_then_the_next_run_carries_on(
     plain_config: Path,
     guard: str,
     args: tuple[str, ...],
+    stopped_by: str,
 ) -> None:
     """A row budget of 1000 on 3000 due rows: exactly 1000 cleaned, exit 0, incomplete,
-    remaining_due_rows 2000 in the log; the next run cleans the other 2000."""
+    remaining_due_rows 2000 in the log, `stopped_by` naming the budget that stopped it
+    (--max-rows or guard.max_rows_per_run); the next run cleans the other 2000."""
     due, _ = seed_series(probe, range(1, 3751), young=every_fifth_young)
     budget = make_config(tmp_path, guard=guard)
     job = run_script(url_string, budget, "run", "--yes", "--chunk-size", "300", *args)
     assert job.returncode == 0, job.stderr
     finished = job.last("run_finished")
-    assert (finished["status"], finished["stopped_by"]) == ("incomplete", "max_rows")
+    assert (finished["status"], finished["stopped_by"]) == ("incomplete", stopped_by)
     assert (finished["rows_cleaned"], finished["remaining_due_rows"]) == (1000, 2000)
     record = run_records(probe)[run_id_of(job)]
     assert (record["status"], record["audited_rows"]) == ("incomplete", 1000)

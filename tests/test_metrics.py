@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -173,3 +175,52 @@ def test_no_gateway_configured_pushes_nothing(
     assert result.exit_code == 0
     assert "metrics_" not in result.output
     assert metric_values(pushgateway) == before
+
+
+@contextmanager
+def not_http() -> Iterator[str]:
+    """A loopback server that answers every connection with bytes that are not HTTP."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen()
+    stop = threading.Event()
+
+    def answer() -> None:
+        server.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = server.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(b"SSH-2.0-OpenSSH_9.2\r\n")
+
+    thread = threading.Thread(target=answer, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        stop.set()
+        thread.join(5)
+        server.close()
+
+
+@pytest.mark.parametrize("gateway", ["http://[::1", "not-http"])
+def test_a_bad_gateway_never_changes_the_outcome(
+    engine: Engine, url_string: str, tmp_path: Path, gateway: str
+) -> None:
+    """A malformed PUSHGATEWAY_URL (`http://[::1`) or a gateway that answers something other
+    than HTTP: the push fails, is logged, and the run keeps its summary and exit 0."""
+    insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
+    config = write_config(tmp_path / "r.toml", config_text())
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(not_http()) if gateway == "not-http" else gateway
+        result = CliRunner().invoke(
+            cli,
+            ["--config", str(config), "--database-url", url_string, "run", "--yes"],
+            env={"PUSHGATEWAY_URL": url},
+        )
+    assert result.exit_code == 0, result.output
+    assert ": succeeded" in result.stdout
+    assert "metrics_push_failed" in result.output

@@ -185,7 +185,9 @@ class Cleaner:
             outcome.status, outcome.signum = Status.INTERRUPTED, self.stop.signum
             return False
         left = self._rows_left()
-        outcome.stopped_by = "max_rows" if left is not None and left <= 0 else "max_runtime"
+        outcome.stopped_by = (
+            self._row_budget_name() if left is not None and left <= 0 else "max_runtime"
+        )
         if self.recount is None:
             outcome.status = Status.INCOMPLETE
         else:
@@ -276,6 +278,11 @@ class Cleaner:
         )
         if self.on_chunk:
             self.on_chunk(chunk)
+
+    def _row_budget_name(self) -> str:
+        """Which row budget is the smaller: `--max-rows` or `guard.max_rows_per_run`."""
+        option, guard = self.options.max_rows, self.settings.guard.max_rows_per_run
+        return "max_rows" if option and (not guard or option <= guard) else "max_rows_per_run"
 
     def _row_budget(self) -> int | None:
         limits = [n for n in (self.options.max_rows, self.settings.guard.max_rows_per_run) if n]

@@ -142,7 +142,7 @@ class Clean(_Strict):
     #: columns that hold (or may hold) personal data and are kept on purpose: column = reason
     keep: dict[str, Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] = Field(
         default_factory=dict
-    )  # filled by _default_keep
+    )  # filled by _defaults_for_the_columns
     replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
     age_from: Literal["created_at", "updated_at", "scheduled_at", "transmitted_at",
                       "delivered_at"] = "created_at"  # fmt: skip
@@ -161,12 +161,20 @@ class Clean(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _default_keep(cls, data: Any) -> Any:
-        """By default `member_id` is kept (with its reason), unless it is stripped."""
-        if isinstance(data, dict) and "keep" not in data:
-            columns = data.get("columns", DEFAULT_CLEAN_COLUMNS)
-            stripped = isinstance(columns, list | tuple) and "member_id" in columns
-            data = {**data, "keep": {} if stripped else {"member_id": MEMBER_ID_REASON}}
+    def _defaults_for_the_columns(cls, data: Any) -> Any:
+        """The defaults that depend on `columns`: `member_id` is kept (with its reason)
+        unless it is stripped, and `content` becomes `{}` only where it is stripped."""
+        if not isinstance(data, dict):
+            return data
+        columns = data.get("columns", DEFAULT_CLEAN_COLUMNS)
+        listed = columns if isinstance(columns, list | tuple) else ()
+        if "keep" not in data:
+            data = {
+                **data,
+                "keep": {} if "member_id" in listed else {"member_id": MEMBER_ID_REASON},
+            }
+        if "replace" not in data:
+            data = {**data, "replace": {"content": {}} if "content" in listed else {}}
         return data
 
     @field_validator("columns", mode="before")

@@ -10,6 +10,7 @@ logged and never changes the run's outcome or exit code.
 
 from __future__ import annotations
 
+import http.client
 import time
 from typing import TYPE_CHECKING
 
@@ -83,7 +84,9 @@ def push(url: str, outcome: Outcome, duration_s: float, target: str, shard: str 
             grouping_key=grouping,
             timeout=10,
         )
-    except OSError as exc:
+    except (OSError, ValueError, http.client.HTTPException) as exc:
+        # unreachable, a malformed URL (`http://[::1`), a gateway that answers no HTTP: the
+        # run's outcome stands whatever the push does
         log.warning("metrics_push_failed", run_id=outcome.run_id, error=type(exc).__name__)
         return False
     log.info("metrics_pushed", run_id=outcome.run_id)

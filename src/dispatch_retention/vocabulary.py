@@ -142,7 +142,13 @@ class Outcome:
 
 #: Why a run can end with due rows left: a budget, rows the application holds locked, rows
 #: that became due during the run after the walk had passed them.
-REMAINING_REASONS = ("max_rows", "max_runtime", "locked_by_application", "became_due_during_run")
+REMAINING_REASONS = (
+    "max_rows",
+    "max_rows_per_run",
+    "max_runtime",
+    "locked_by_application",
+    "became_due_during_run",
+)
 
 
 @dataclass(frozen=True)
