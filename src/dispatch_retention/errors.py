@@ -56,14 +56,31 @@ class DatabaseUrlError(UsageError):
 
 
 class SchemaNotReady(UsageError):
-    """The audit schema is missing or at another revision than this version needs."""
+    """The audit schema is missing, behind, ahead of this version (an image rolled back), or
+    holds the job's tables without their version table (`state` says which)."""
 
-    def __init__(self, schema: str, found: str | None, needed: str) -> None:
+    def __init__(
+        self, schema: str, found: str | None, needed: str, *, state: str | None = None
+    ) -> None:
         self.schema, self.found, self.needed = schema, found, needed
-        if found is None:
+        self.state = state or ("missing" if found is None else "behind")
+        if self.state == "missing":
             message = (
                 f"the audit schema {schema!r} has no tables yet: run `dispatch-retention db "
                 "upgrade` (with a role that may create them) before the first run"
+            )
+        elif self.state == "newer":
+            message = (
+                f"the audit schema {schema!r} is at revision {found}, newer than this version "
+                f"of dispatch-retention knows (it ends at {needed}): this image is older than "
+                "the one that migrated the database; run the newer image"
+            )
+        elif self.state == "unversioned":
+            message = (
+                f"the audit schema {schema!r} holds the job's tables but not its version table "
+                "(dispatch_retention_alembic_version), so its revision is unknown (a partial "
+                "restore?): restore that table too; `db upgrade` will not create the tables "
+                "over the ones there"
             )
         else:
             message = (

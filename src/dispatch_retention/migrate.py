@@ -16,8 +16,10 @@ from sqlalchemy.schema import CreateSchema
 from .errors import SchemaNotReady
 from .schema import ALEMBIC_VERSION_TABLE
 
-#: The newest migration; `tests/test_migrations.py` checks it against Alembic's own head.
-HEAD = "0002"
+#: Every migration in order; `tests/test_migrations.py` checks them against Alembic's own.
+REVISIONS = ("0001", "0002")
+#: The newest migration: what this version needs.
+HEAD = REVISIONS[-1]
 
 
 def alembic_config() -> Any:
@@ -36,6 +38,16 @@ def current(conn: Connection, schema: str) -> str | None:
     return conn.execute(select(version.c.version_num)).scalar()
 
 
+def _check(conn: Connection, schema: str, found: str | None) -> None:
+    """Refuse a revision this version does not know (a newer image migrated the database)
+    and job tables without their version table (their revision is unknown)."""
+    # revisions are numbered "0001", "0002", ...: one past HEAD comes from a newer version
+    if found is not None and found not in REVISIONS and found > HEAD:
+        raise SchemaNotReady(schema, found, HEAD, state="newer")
+    if found is None and inspect(conn).has_table("runs", schema=schema):
+        raise SchemaNotReady(schema, None, HEAD, state="unversioned")
+
+
 def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
     """Create the schema if needed and migrate it to head; return (before, after)."""
     from alembic import command
@@ -43,6 +55,7 @@ def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
     with engine.begin() as conn:
         conn.execute(CreateSchema(schema, if_not_exists=True))
         before = current(conn, schema)
+        _check(conn, schema, before)
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
         cfg.attributes["schema"] = schema
@@ -52,6 +65,7 @@ def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
 
 def require_current(conn: Connection, schema: str) -> None:
     found = current(conn, schema)
+    _check(conn, schema, found)
     if found is None:
         raise SchemaNotReady(schema, None, HEAD)
     if found != HEAD:
