@@ -1,0 +1,74 @@
+"""`db upgrade`, `db check`, `db grants`: the job's own tables and the database it works on."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from .. import (
+    grants,
+    migrate,
+    output,
+)
+from ..vocabulary import Exit
+from . import State, cli
+
+
+@cli.group("db")
+def db_group() -> None:
+    """The job's own tables and the database it works on."""
+
+
+@db_group.command("upgrade")
+@click.pass_obj
+def db_upgrade(state: State) -> None:
+    """Create or migrate the job's own tables (needs a role that may create them)."""
+    settings, engine = state.settings(), state.engine()
+    before, after = migrate.upgrade(engine, settings.audit.schema_)
+    engine.dispose()
+    schema = settings.audit.schema_
+    if before == after:
+        click.echo(f"audit schema {schema!r} is up to date (revision {after})")
+    else:
+        click.echo(f"audit schema {schema!r} migrated from {before or 'nothing'} to {after}")
+
+
+@db_group.command("check")
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Exit 1 on warnings too (unacknowledged copy risks and unclassified columns among them).",
+)
+@click.pass_obj
+def db_check(state: State, strict: bool) -> None:
+    """Check the table, its columns, copy risks, supporting index, autovacuum and the role's
+    rights."""
+    from .. import doctor
+
+    settings, engine = state.settings(), state.engine()
+    with engine.connect() as conn, conn.begin():
+        findings = doctor.check(conn, settings)
+    engine.dispose()
+    click.echo(output.findings(findings))
+    worst = {f.level for f in findings}
+    sys.exit(Exit.FAILED if "error" in worst or (strict and "warn" in worst) else Exit.OK)
+
+
+@db_group.command("grants")
+@click.option("--role", required=True, help="The role to grant to (a plain SQL name).")
+@click.option(
+    "--purpose",
+    type=click.Choice(grants.PURPOSES),
+    default="run",
+    show_default=True,
+    help="run: the CronJob; read-only: verify and dry runs; holds: placing legal holds.",
+)
+@click.pass_obj
+def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
+    """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed)."""
+    settings = state.settings()
+    try:
+        click.echo("\n".join(grants.statements(settings, role, purpose)))
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--role") from None

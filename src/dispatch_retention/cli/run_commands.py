@@ -1,0 +1,192 @@
+"""`run` and `demo`: the job itself, with its prompt, progress bar and signals on a terminal."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import click
+
+from .. import (
+    config,
+    job,
+    logs,
+    output,
+    shard,
+)
+from ..planning import Plan
+from ..vocabulary import Chunk, Hooks, Options, Request, Status, Stop, exit_code
+from . import State, cli
+from .params import (
+    MAX_RUNTIME_S,
+    Bounded,
+    ShardParam,
+    shard_from_env,
+)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="Show what is due; write nothing (READ ONLY).")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation on a terminal.")
+@click.option("--force", is_flag=True, help="Proceed although guard.refuse_above_rows trips.")
+@click.option(
+    "--reclean",
+    is_flag=True,
+    help="Also strip again cleaned rows whose personal data was written back (verify's "
+    "written_back_rows); needs SELECT on the personal columns.",
+)
+@click.option(
+    "--chunk-size",
+    type=click.IntRange(1, 1_000_000),
+    help="At most N rows per chunk, fixed for this run (default: clean.chunk_size, adaptive).",
+)
+@click.option("--max-rows", type=click.IntRange(1), help="Stop cleanly after this many rows.")
+@click.option(
+    "--max-runtime",
+    type=Bounded(0, MAX_RUNTIME_S),
+    metavar="SECONDS",
+    help="Stop cleanly after this long (the chunk in progress finishes).",
+)
+@click.option(
+    "--shard",
+    "chosen",
+    type=ShardParam(),
+    default=shard_from_env,
+    show_default="from JOB_COMPLETION_INDEX/JOB_COMPLETIONS",
+    help="Clean only shard I of N.",
+)
+@click.option(
+    "--pushgateway",
+    metavar="URL",
+    envvar="PUSHGATEWAY_URL",
+    help="Push the run's figures to this Prometheus Pushgateway [default: $PUSHGATEWAY_URL].",
+)
+@click.pass_obj
+def run(
+    state: State,
+    dry_run: bool,
+    yes: bool,
+    force: bool,
+    reclean: bool,
+    chunk_size: int | None,
+    max_rows: int | None,
+    max_runtime: float | None,
+    chosen: shard.Shard | None,
+    pushgateway: str | None,
+) -> None:
+    """Clean every dispatch that is due (see --dry-run first)."""
+    settings, engine = state.settings(), state.engine()
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    options = Options(
+        dry_run=dry_run,
+        reclean=reclean,
+        chunk_size=chunk_size,
+        max_rows=max_rows,
+        max_runtime_s=max_runtime,
+    )
+    request = Request(options, force=force, shard=chosen, pushgateway=pushgateway)
+    if interactive and not dry_run:  # the bar and the outcome tell it; warnings still show
+        logs.configure(state.log_format, level=logging.WARNING)
+    with _signals() as stop, _progress(interactive and not dry_run) as progress:
+        hooks = Hooks(
+            confirm=None if dry_run or yes or not interactive else _confirm,
+            on_plan=progress.start if progress else None,
+            on_chunk=progress.advance if progress else None,
+        )
+        outcome = job.run(engine, settings, request, stop=stop, hooks=hooks)
+    engine.dispose()
+    if outcome.plan is not None and dry_run:
+        click.echo(output.plan_text(outcome.plan))
+    elif outcome.status == Status.CANCELLED:
+        click.echo(f"Run {outcome.run_id}: cancelled, nothing cleaned")
+    else:
+        click.echo(output.outcome_text(outcome))
+    sys.exit(exit_code(outcome))
+
+
+@cli.command()
+@click.option(
+    "--rows",
+    type=click.IntRange(1, 100_000_000),
+    default=20_000,
+    show_default=True,
+    help="Synthetic dispatches to seed.",
+)
+@click.pass_obj
+def demo(state: State, rows: int) -> None:
+    """The whole cycle on an embedded PostgreSQL with synthetic dispatches."""
+    from .. import demo as demo_module
+
+    settings = state.settings() if state.config_path else _bundled_settings()
+    with _signals() as stop:
+        outcome = demo_module.cycle(settings, rows, stop=stop, echo=click.echo)
+    sys.exit(exit_code(outcome))
+
+
+def _bundled_settings() -> config.Settings:
+    from importlib import resources  # not on `run`'s path: 16 ms of start-up
+
+    text = resources.files("dispatch_retention").joinpath("retention.toml").read_text("utf-8")
+    return config.parse(text, "<bundled retention.toml>")
+
+
+def _confirm(plan: Plan) -> bool:
+    """Show the plan and ask; an end of input (Ctrl-D) is a no."""
+    click.echo(output.plan_text(plan), err=True)
+    try:
+        return click.confirm(f"Clean {plan.due_rows} dispatches now?", default=False, err=True)
+    except click.Abort:
+        click.echo("", err=True)
+        return False
+
+
+@contextmanager
+def _signals() -> Iterator[Stop]:
+    """SIGTERM and SIGINT ask the run to stop after the chunk in progress."""
+    stop = Stop()
+    previous = {
+        signum: signal.signal(signum, lambda n, _f: stop.request(n))
+        for signum in (signal.SIGTERM, signal.SIGINT)
+    }
+    try:
+        yield stop
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class _Progress:
+    """A progress bar on stderr, sized by the plan; only on a terminal."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+
+    def start(self, plan: Plan) -> None:
+        self.bar = click.progressbar(
+            length=max(plan.due_rows, 1), label="cleaning", file=sys.stderr
+        )
+        self.bar.__enter__()
+
+    def advance(self, chunk: Chunk) -> None:
+        if self.bar is not None:
+            self.bar.update(chunk.rows)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.__exit__(None, None, None)
+
+
+@contextmanager
+def _progress(enabled: bool) -> Iterator[_Progress | None]:
+    if not enabled:
+        yield None
+        return
+    progress = _Progress()
+    try:
+        yield progress
+    finally:
+        progress.close()

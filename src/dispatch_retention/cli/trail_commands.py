@@ -1,0 +1,90 @@
+"""`verify` and `audit list` / `audit show`: what the trail and the table say."""
+
+from __future__ import annotations
+
+import sys
+from datetime import UTC, datetime
+
+import click
+
+from .. import (
+    audit,
+    output,
+)
+from ..vocabulary import Exit
+from . import State, audit_session, cli, table_or_json
+from .params import (
+    MAX_TOLERANCE_HOURS,
+    Bounded,
+    RunIdParam,
+)
+
+
+@cli.command()
+@table_or_json
+@click.option(
+    "--tolerance-hours",
+    type=Bounded(0, MAX_TOLERANCE_HOURS, allow_min=True),
+    default=0,
+    show_default=True,
+    help="Allow rows whose window passed less than this long ago (the time between runs).",
+)
+@click.option(
+    "--strict",
+    is_flag=True,
+    help="Count anomalies (undatable, future-scheduled and written-back rows) as violations: "
+    "exit 5 when there is any.",
+)
+@click.pass_obj
+def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None:
+    """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
+    from ..verify import verify as check
+
+    with audit_session(state) as (conn, settings, tables), conn.begin():
+        report = check(conn, settings, tables, tolerance_hours, strict=strict)
+    click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
+    sys.exit(Exit.OK if report.ok else Exit.VIOLATIONS)
+
+
+@cli.group("audit")
+def audit_group() -> None:
+    """Read the audit trail: what was cleaned, when, under which policy."""
+
+
+@audit_group.command("list")
+@click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="YYYY-MM-DD (UTC).")
+@click.option(
+    "--limit",
+    type=click.IntRange(1, 100_000),
+    default=50,
+    show_default=True,
+    help="At most this many runs.",
+)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json", "csv"]),
+    default="table",
+    show_default=True,
+    help="Output format (csv opens in a spreadsheet).",
+)
+@click.pass_obj
+def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> None:
+    """List runs, newest first."""
+    since_utc = since.replace(tzinfo=UTC) if since else None
+    with audit_session(state) as (conn, _settings, tables):
+        runs = audit.list_runs(conn, tables, since=since_utc, limit=limit)
+    click.echo(output.runs(runs, fmt), nl=fmt != "csv")
+
+
+@audit_group.command("show")
+@click.argument("run_id", type=RunIdParam())
+@table_or_json
+@click.pass_obj
+def audit_show(state: State, run_id: str, fmt: str) -> None:
+    """Show one run: its status, config, policies with cutoffs and rows cleaned."""
+    with audit_session(state) as (conn, _settings, tables):
+        document = audit.show_run(conn, tables, run_id)
+    if document is None:
+        raise click.ClickException(f"no run {run_id} in the audit trail")
+    click.echo(output.to_json(document) if fmt == "json" else output.run_text(document))
