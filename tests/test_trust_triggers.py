@@ -61,7 +61,7 @@ def test_a_before_trigger_that_skips_rows_fails_the_run_naming_it(engine: Engine
     assert "app_keep_emails" in (outcome.error or "")
     assert "left as they were" in (outcome.error or "")
     missed = [e for e in logs if e["event"] == "rows_not_cleaned"]
-    assert missed and missed[0]["missed"] == outcome.missed_rows
+    assert missed and missed[0]["rows"] == outcome.missed_rows
     after = snapshot(engine)
     assert all(after[i]["cleaned_at"] is None for i in after if after[i]["type"] == "email")
     assert outcome.rows_cleaned == sum(1 for r in after.values() if r["cleaned_at"] is not None)

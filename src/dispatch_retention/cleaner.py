@@ -152,10 +152,10 @@ class Cleaner:
             if chunk.rows:
                 self._committed(chunk)
             if chunk.missed:
-                self._missed(chunk)
+                self._left_alone(chunk, written_back=False)
                 return False
             if chunk.written_back:
-                self._written_back(chunk)
+                self._left_alone(chunk, written_back=True)
                 return False
             if chunk.rows and clean.pause_between_chunks_ms:
                 self._pause(clean.pause_between_chunks_ms / 1000)
@@ -208,46 +208,38 @@ class Cleaner:
             reasons.append("became_due_during_run")
         outcome.status, outcome.remaining_reason = Status.INCOMPLETE, ",".join(reasons)
 
-    def _written_back(self, chunk: Chunk) -> None:
-        """Rows the chunk cleaned held personal data again before COMMIT: a trigger or rule
-        writes it back. The chunk rolled back (nothing claims them cleaned); the run fails."""
+    def _left_alone(self, chunk: Chunk, *, written_back: bool) -> None:
+        """The cleaning UPDATE did not do its work on some rows of the chunk, and the run
+        fails, loudly, naming what fires on UPDATE: a sweep locked due rows that it left as
+        they were (`missed`: the chunk committed what it did clean), or rows it cleaned held
+        personal data again before COMMIT (`written_back`: the chunk rolled back, so nothing
+        claims them cleaned)."""
         outcome = self.outcome
-        outcome.written_back_rows += chunk.written_back
         names = self.skipped_by() if self.skipped_by is not None else "unknown"
-        outcome.status = Status.FAILED
-        outcome.error = (
-            f"{chunk.written_back} rows with ids in [{chunk.first_id}, {chunk.last_id}] held "
-            f"personal data again right after the cleaning UPDATE: a trigger or rule writes "
-            f"it back (on UPDATE: {names}); the chunk was rolled back; `db check` lists them"
-        )
+        where = f"with ids in [{chunk.first_id}, {chunk.last_id}]"
+        if written_back:
+            count, event = chunk.written_back, "rows_written_back"
+            outcome.written_back_rows += count
+            what = (
+                f"{count} rows {where} held personal data again right after the cleaning "
+                f"UPDATE: a trigger or rule writes it back (on UPDATE: {names}); the chunk "
+                "was rolled back"
+            )
+        else:
+            count, event = chunk.missed, "rows_not_cleaned"
+            outcome.missed_rows += count
+            what = (
+                f"{count} due rows {where} were left as they were by the cleaning UPDATE: a "
+                f"trigger or rule on the table skipped them (on UPDATE: {names})"
+            )
+        outcome.status, outcome.error = Status.FAILED, f"{what}; `db check` lists them"
         self.log.error(
-            "rows_written_back",
+            event,
             seq=chunk.seq,
             first_id=chunk.first_id,
             last_id=chunk.last_id,
-            written_back=chunk.written_back,
-            triggers=names,
-        )
-
-    def _missed(self, chunk: Chunk) -> None:
-        """A sweep locked due rows that its UPDATE did not clean: a trigger or rule skipped
-        them. The chunk committed what it cleaned; the run fails, loudly."""
-        outcome = self.outcome
-        outcome.missed_rows += chunk.missed
-        names = self.skipped_by() if self.skipped_by is not None else "unknown"
-        outcome.status = Status.FAILED
-        outcome.error = (
-            f"{chunk.missed} due rows with ids in [{chunk.first_id}, {chunk.last_id}] were "
-            f"left as they were by the cleaning UPDATE: a trigger or rule on the table skipped "
-            f"them (on UPDATE: {names}); `db check` lists them"
-        )
-        self.log.error(
-            "rows_not_cleaned",
-            seq=chunk.seq,
-            first_id=chunk.first_id,
-            last_id=chunk.last_id,
-            missed=chunk.missed,
-            skipped_by=names,
+            rows=count,
+            on_update=names,
         )
 
     def _committed(self, chunk: Chunk) -> None:
