@@ -78,6 +78,19 @@ BAD = [
     pytest.param("[target]\ntable = 'a.b.c'\n" + ONE_POLICY, "target.table", id="three-parts"),
     pytest.param("[audit]\nschema = '1abc'\n" + ONE_POLICY, "audit.schema", id="bad-audit-schema"),
     pytest.param(
+        "[audit]\nschema = 'information_schema'\n" + ONE_POLICY,
+        "audit.schema",
+        id="audit-schema-information-schema",
+    ),
+    pytest.param(
+        "[audit]\nschema = 'pg_catalog'\n" + ONE_POLICY,
+        "audit.schema",
+        id="audit-schema-pg-catalog",
+    ),
+    pytest.param(
+        "[audit]\nschema = 'pg_toast'\n" + ONE_POLICY, "audit.schema", id="audit-schema-pg-toast"
+    ),
+    pytest.param(
         ONE_POLICY + "where = { type = 'fax' }\n", "policy[0].where.type", id="unknown-type"
     ),
     pytest.param(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 from alembic import command
 from alembic.script import ScriptDirectory
@@ -108,3 +109,23 @@ def test_tables_without_their_version_table_are_not_recreated(
         assert code == 2, (args, out)
         assert "dispatch_retention_alembic_version" in out and "DuplicateTable" not in out
     assert inspect(engine).has_table("runs", schema="dispatch_retention")
+
+
+def test_db_upgrade_never_adopts_tables_it_did_not_create(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """`audit.schema = "public"` where the application already has a `runs` table: `db
+    upgrade` exits 2 and leaves that table as it was (no DuplicateTable, no adoption)."""
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE public.runs (id int PRIMARY KEY, note text)"))
+        conn.execute(text("INSERT INTO public.runs VALUES (1, 'the application')"))
+    config = tmp_path / "public.toml"
+    config.write_text(
+        '[audit]\nschema = "public"\n[[policy]]\nname = "p"\nretention_days = 30\n',
+        encoding="utf-8",
+    )
+    code, out = _cli(url_string, "--config", str(config), "db", "upgrade")
+    assert code == 2, out
+    assert "never adopts" in out and "DuplicateTable" not in out
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT note FROM public.runs")).scalar_one() == "the application"

@@ -270,6 +270,11 @@ class Audit(_Strict):
     def _plain_name(cls, value: str) -> str:
         if "." in value:
             raise ValueError("the audit schema must be a single plain SQL name")
+        if value.startswith("pg_") or value == "information_schema":
+            raise ValueError(
+                f"{value} is a system schema: pg_dump leaves it out, and the audit trail with "
+                "it; name a schema of the job's own"
+            )
         return _identifier(value, "the audit schema")
 
 

@@ -77,10 +77,10 @@ class SchemaNotReady(UsageError):
             )
         elif self.state == "unversioned":
             message = (
-                f"the audit schema {schema!r} holds the job's tables but not its version table "
-                "(dispatch_retention_alembic_version), so its revision is unknown (a partial "
-                "restore?): restore that table too; `db upgrade` will not create the tables "
-                "over the ones there"
+                f"the audit schema {schema!r} holds tables named like the job's (runs, ...) but "
+                "not its version table (dispatch_retention_alembic_version): the job's after a "
+                "partial restore (restore that table too), or another application's (name "
+                "another audit.schema); the job never adopts tables it did not create"
             )
         else:
             message = (
