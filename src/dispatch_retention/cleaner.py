@@ -5,15 +5,12 @@ the database clock when the run planned; any column but those in `clean.columns`
 `cleaned_at` and `updated_at`; any row whose `cleaned_at` is set. It never deletes a row.
 
 Transactions: planning is one READ ONLY transaction. Each chunk is one transaction, begun in
-`_transaction()` and nowhere else: one UPDATE ... RETURNING over an id window, then, where
-something can leave a row of that UPDATE as it was (a trigger or rule on UPDATE, a foreign
-table below the target: `risks.updating`), the sweep of the same window
-(`Statements.swept_range` / `swept_indexed`: what is still due there is locked and
-cleaned, and a due row that the UPDATE left alone is counted in `Chunk.missed`), the
-chunk's audit record (when a recorder is given) and COMMIT. Without such a thing a plain
-UPDATE cleans every row its WHERE matches, so the sweep is skipped (it costs about 6 % of
-the chunk time: docs/performance.md); the catch-up walk always sweeps. Nothing spans two
-chunks. A chunk with missed rows commits what it did clean, then fails the run.
+`_transaction()` and nowhere else: one UPDATE ... RETURNING over an id window, then the
+sweep of the same window (`Statements.swept_range` / `swept_indexed`: the due rows left
+there are recounted, locked and cleaned, and a due row that the UPDATE left alone is
+counted in `Chunk.missed`), the chunk's audit record (when a recorder is given) and
+COMMIT. Nothing spans two chunks. A chunk with missed rows commits what it did clean, then
+fails the run.
 
 When the walk is done, the run counts what is still due at its own cutoffs (`recount`, a
 read-only plan); rows that became due while it ran get one more walk; only a count of zero
@@ -89,7 +86,6 @@ class Cleaner:
         recount: Recount | None = None,
         skipped_by: Callable[[], str] | None = None,
         check_write_back: bool = False,
-        sweep: bool = True,
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
@@ -103,9 +99,6 @@ class Cleaner:
         #: a trigger or rule fires on UPDATE and the role may read the personal columns:
         #: each chunk checks that what it cleaned holds no personal data before COMMIT
         self.check_write_back = check_write_back
-        #: sweep each window after its UPDATE (where something can leave a row as it was:
-        #: `risks.updating`); the catch-up walk always sweeps
-        self.sweep = sweep
         self.skipped_locked_rows = False
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
@@ -123,7 +116,6 @@ class Cleaner:
         left = self.recount()
         if left.due_rows and not self._stopped():
             self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
-            self.sweep = True  # rows left after a walk: prove why, window by window
             if not self._walk(left):
                 return
             left = self.recount()
@@ -352,7 +344,7 @@ class Cleaner:
     def _transaction(self, attempt: Attempt, seq: int, lo: int, hi: int) -> Chunk:
         """The one place a chunk's transaction begins and ends."""
         params = window_params(lo, hi)
-        statements = attempt.statements(self.stmts, sweep=self.sweep)
+        statements = attempt.statements(self.stmts)
         lock_ms, indexed = attempt.lock_wait_ms(self.settings.clean), attempt.indexed
         with self.engine.connect() as conn:
             transaction = conn.begin()
@@ -436,16 +428,14 @@ class Attempt(Enum):
         """The same window again, skipping locked rows (after a row lock timed out)."""
         return Attempt.INDEXED_SKIP_LOCKED if self.indexed else Attempt.RANGE_SKIP_LOCKED
 
-    def statements(
-        self, stmts: Statements, *, sweep: bool
-    ) -> tuple[Select[Any] | CompoundSelect[Any], ...]:
-        """The fast UPDATE, then (where `sweep`) the sweep; skipping locked rows, the sweep
+    def statements(self, stmts: Statements) -> tuple[Select[Any] | CompoundSelect[Any], ...]:
+        """The fast UPDATE, then the sweep (the window's recount); skipping locked rows, the sweep
         alone (it locks what it cleans, skipping what others hold)."""
         swept = stmts.swept_indexed if self.indexed else stmts.swept_range
         if self.skips_locked:
             return (swept,)
         fast = stmts.indexed_update if self.indexed else stmts.range_update
-        return (fast, swept) if sweep else (fast,)
+        return (fast, swept)
 
     def lock_wait_ms(self, clean: Clean) -> int:
         """A short wait for a row lock first (`row_lock_wait_ms`); skipping locked rows,

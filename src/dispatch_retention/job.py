@@ -203,7 +203,6 @@ def _locked_run(
                     ),
                     skipped_by=lambda: _skipping(engine, settings),
                     check_write_back=check_write_back,
-                    sweep=bool(risks.updating(outcome.copy_risks)),
                 ).run()
                 if options.reclean and outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
                     reclean.Recleaner(
