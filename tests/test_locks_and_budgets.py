@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -258,4 +260,101 @@ def test_runtime_budget_stops_cleanly_and_the_next_run_carries_on(
     assert timedelta(seconds=1) <= took < timedelta(seconds=2.5), took
     assert finished["chunks"] >= 2
     assert run_records(probe)[run_id_of(job)]["status"] == "incomplete"
+    finish_work(url_string, probe, due, plain_config)
+
+
+# --- the runtime budget bounds waiting too ---------------------------------------------------
+
+#: docs/operations.md: a run ends within max_runtime + one chunk (+ the final record write);
+#: one chunk blocked by a table lock is two lock waits (the range UPDATE, then its
+#: SKIP LOCKED redo). The slack covers the interpreter's start and the record writes.
+PATIENT = "lock_timeout_ms = 500"  # the shipped retries: 5, backoff up to 30 s
+SLACK_S = 3.0
+
+
+def test_max_runtime_bounds_a_run_blocked_by_a_table_lock_from_the_start(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """ACCESS EXCLUSIVE held from the start, `--max-runtime 2`, the shipped retries (their
+    backoff alone is 15.5 s): planning stops retrying when the budget is spent; failed,
+    exit 1, the reason names the lock and the budget; nothing cleaned."""
+    due, _ = seed_series(probe, range(1, 501), young=every_fifth_young)
+    config = make_config(tmp_path, clean=PATIENT)
+    with probe.connect() as holder:
+        holder.execute(sql("LOCK TABLE dispatches IN ACCESS EXCLUSIVE MODE"))
+        job = run_script(url_string, config, "run", "--yes", "--max-runtime", "2", timeout=40)
+        holder.rollback()
+    assert job.returncode == 1, job.stderr
+    assert job.elapsed is not None and job.elapsed < 2 + 2 * 0.5 + SLACK_S, job.elapsed
+    error = job.last("run_failed")["error"]
+    assert "lock timeout" in error and "--max-runtime is spent" in error
+    assert run_records(probe)[run_id_of(job)]["status"] == "failed"
+    assert assert_consistent(probe, due) == set()
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_max_runtime_bounds_chunk_retries_under_a_table_lock_taken_mid_run(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """EXCLUSIVE (reads pass, writes wait) taken after chunk 1, `--max-runtime 3`: the
+    chunk's retries stop when the budget is spent instead of after their backoff; chunk 1
+    stays; the run ends within the documented bound."""
+    due, _ = seed_series(probe, range(1, 1001), young=every_fifth_young)
+    config = make_config(tmp_path, clean=PATIENT + "\npause_between_chunks_ms = 300")
+    with probe.connect() as holder:
+        job = Job(url_string, config, "run", "--yes", "--chunk-size", "100", "--max-runtime", "3")
+        job.wait_for("chunk_committed", seq=1)
+        holder.execute(sql("LOCK TABLE dispatches IN EXCLUSIVE MODE"))
+        job.finish(40)
+        holder.rollback()
+    assert job.returncode == 1, job.stderr
+    assert job.elapsed is not None and job.elapsed < 3 + 2 * 0.5 + SLACK_S, job.elapsed
+    failed = job.last("run_failed")
+    assert "--max-runtime is spent" in failed["error"]
+    record = run_records(probe)[run_id_of(job)]
+    assert record["status"] == "failed"
+    assert record["audited_rows"] == len(assert_consistent(probe, due)) > 0
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_a_lock_on_the_runs_table_cannot_hold_a_run_past_its_budget(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """The run's own audit writes wait no longer than a chunk's: with the runs table locked,
+    `--max-runtime 2` fails the run in about that time, naming the record write; no row is
+    touched before the run is recorded."""
+    due, _ = seed_series(probe, range(1, 201), young=every_fifth_young)
+    config = make_config(tmp_path, clean=PATIENT)
+    with probe.connect() as holder:
+        holder.execute(sql("LOCK TABLE dispatch_retention.runs IN ACCESS EXCLUSIVE MODE"))
+        job = run_script(url_string, config, "run", "--yes", "--max-runtime", "2", timeout=40)
+        holder.rollback()
+    assert job.returncode == 1, job.stderr
+    assert job.elapsed is not None and job.elapsed < 2 + 0.5 + SLACK_S, job.elapsed
+    error = job.last("run_failed")["error"]
+    assert "run record" in error or "dead runs" in error, error
+    assert "--max-runtime is spent" in error
+    assert assert_consistent(probe, due) == set()
+    finish_work(url_string, probe, due, plain_config)
+
+
+def test_sigterm_while_a_record_write_waits_ends_the_run_at_once(
+    probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
+) -> None:
+    """No budget, the runs table locked: the record write retries; SIGTERM during its
+    backoff ends the run with 143 within a lock wait, not after the retries."""
+    due, _ = seed_series(probe, range(1, 201), young=every_fifth_young)
+    config = make_config(tmp_path, clean=PATIENT)
+    with probe.connect() as holder:
+        holder.execute(sql("LOCK TABLE dispatch_retention.runs IN ACCESS EXCLUSIVE MODE"))
+        job = Job(url_string, config, "run", "--yes")
+        job.wait_for("record_retry", timeout=20)
+        signalled = time.monotonic()
+        job.send(signal.SIGTERM)
+        job.finish(20)
+        ended_after = time.monotonic() - signalled
+        holder.rollback()
+    assert job.returncode == 143, job.stderr
+    assert ended_after < 0.5 + SLACK_S, ended_after
+    assert assert_consistent(probe, due) == set()
     finish_work(url_string, probe, due, plain_config)

@@ -13,7 +13,7 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import ProgrammingError
 
-from dispatch_retention import db, doctor, grants
+from dispatch_retention import db, doctor, errors, grants
 from dispatch_retention.cli import cli
 
 from .helpers import (
@@ -139,7 +139,7 @@ def test_db_check_reports_not_null_column_without_replacement(engine: Engine) ->
 
 def test_grants_refuse_bad_role_name() -> None:
     """A role name that is not a plain SQL name is refused, never pasted into SQL."""
-    with pytest.raises(ValueError):
+    with pytest.raises(errors.RoleRefused):
         grants.statements(settings(), "x; DROP ROLE postgres", "run")
     result = CliRunner().invoke(cli, ["db", "grants", "--role", "Bad-Name"], env=dict(os.environ))
     assert result.exit_code == 2

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import date
 from importlib.metadata import version
-from typing import Any
+from typing import Any, TypeVar
 
+import structlog
 from sqlalchemy import (
     BigInteger,
     Connection,
@@ -34,12 +35,17 @@ from sqlalchemy import (
     true,
     update,
 )
+from tenacity import RetryCallState
 
-from .config import Settings
+from . import db, retry
+from .config import Clean, Settings
 from .planning import Plan
 from .risks import Risk
 from .schema import AuditTables
-from .vocabulary import Chunk, Options, Outcome, Status
+from .vocabulary import Chunk, Options, Outcome, Status, Stop
+
+T = TypeVar("T")
+log = structlog.get_logger("dispatch_retention")
 
 TRIGGER_ENV = "DISPATCH_RETENTION_TRIGGER"
 TRIGGERS = ("cron", "manual")
@@ -56,10 +62,25 @@ def tool_version() -> str:
 
 
 class RunRecord:
-    """The audit record of one run; also the cleaner's chunk recorder."""
+    """The audit record of one run; also the cleaner's chunk recorder.
 
-    def __init__(self, engine: Engine, tables: AuditTables, run_id: str) -> None:
+    Its own writes (start, plan, close, marking dead runs abandoned) are bounded as a
+    chunk's are: `clean.lock_timeout_ms` and `statement_timeout_ms` in each transaction,
+    the same retries, a backoff that a stop signal ends, and none past the run's deadline.
+    A lock held on the runs table therefore cannot keep a run alive past its budget."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        tables: AuditTables,
+        run_id: str,
+        *,
+        clean: Clean | None = None,
+        stop: Stop | None = None,
+        deadline: float | None = None,
+    ) -> None:
         self.engine, self.tables, self.run_id = engine, tables, run_id
+        self.clean, self.stop, self.deadline = clean or Clean(), stop or Stop(), deadline
         # Built once: a chunk's record then costs no statement building, only its values.
         self._insert_chunk = insert(tables.chunks).values(run_id=run_id)
 
@@ -71,8 +92,9 @@ class RunRecord:
         copy_risks: Sequence[Risk] = (),
     ) -> None:
         runs = self.tables.runs
-        with self.engine.begin() as conn:
-            conn.execute(
+        self._bounded(
+            "writing the run record",
+            lambda conn: conn.execute(
                 insert(runs).values(
                     run_id=self.run_id,
                     status=Status.RUNNING.value,
@@ -93,7 +115,8 @@ class RunRecord:
                     config_text=settings.text,
                     copy_risks=[r.as_dict() for r in copy_risks],
                 )
-            )
+            ),
+        )
 
     def planned(self, plan: Plan) -> None:
         self._update(
@@ -131,9 +154,8 @@ class RunRecord:
 
     def status(self) -> str | None:
         runs = self.tables.runs
-        with self.engine.connect() as conn:
-            found = conn.execute(select(runs.c.status).where(runs.c.run_id == self.run_id))
-            return found.scalar()
+        query = select(runs.c.status).where(runs.c.run_id == self.run_id)
+        return self._bounded("reading the run record", lambda c: c.execute(query).scalar())
 
     def finish(self, outcome: Outcome) -> bool:
         """Close the record (a fresh pooled connection, so a lost one does not matter): a
@@ -155,8 +177,52 @@ class RunRecord:
         query = update(runs).where(runs.c.run_id == self.run_id)
         if open_only:
             query = query.where(runs.c.status.in_((Status.RUNNING.value, Status.ABANDONED.value)))
-        with self.engine.begin() as conn:
-            return bool(conn.execute(query.values(**values)).rowcount)
+        return self._bounded(
+            "updating the run record",
+            lambda conn: bool(conn.execute(query.values(**values)).rowcount),
+        )
+
+    def mark_abandoned(self, target_table: str, shard: str | None = None) -> list[str]:
+        """`mark_abandoned()` in a write of its own, bounded like the others."""
+        return self._bounded(
+            "marking dead runs abandoned",
+            lambda conn: mark_abandoned(conn, self.tables, target_table, shard),
+        )
+
+    def _bounded(self, what: str, body: Callable[[Connection], T]) -> T:
+        """`body` in one transaction under a chunk's timeouts, retried like a chunk."""
+        clean = self.clean
+
+        def attempt() -> T:
+            with self.engine.begin() as conn:
+                db.set_local(
+                    conn,
+                    **db.timeouts(
+                        lock_timeout_ms=clean.lock_timeout_ms,
+                        statement_timeout_ms=clean.statement_timeout_ms,
+                    ),
+                )
+                return body(conn)
+
+        def before_sleep(state: RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            log.warning(
+                "record_retry",
+                run_id=self.run_id,
+                what=what,
+                attempt=state.attempt_number,
+                reason=retry.reason(exc) if exc else None,
+                error=db.describe_error(exc) if exc else None,
+            )
+
+        return retry.call(
+            attempt,
+            clean,
+            what,
+            sleep=self.stop.sleep,
+            before_sleep=before_sleep,
+            deadline=self.deadline,
+        )
 
 
 def mark_abandoned(

@@ -162,11 +162,11 @@ class Cleaner:
     def _stopped(self) -> bool:
         """A signal, or a row or time budget used up."""
         left = self._rows_left()
-        runtime = self.options.max_runtime_s
+        deadline = self.options.deadline(self.outcome.started)
         return (
             self.stop.requested
             or (left is not None and left <= 0)
-            or (runtime is not None and time.monotonic() - self.outcome.started >= runtime)
+            or (deadline is not None and time.monotonic() >= deadline)
         )
 
     def _stop_here(self) -> bool:
@@ -286,7 +286,7 @@ class Cleaner:
         away (after checking through the audit record whether an interrupted COMMIT
         landed), a lock timeout (someone holds the table), a statement timeout (with a
         window shrunk to a quarter). Anything else fails at once. A stop signal during
-        the backoff ends the run at once.
+        the backoff ends the run at once, and retries stop when `--max-runtime` is spent.
         """
         clean = self.settings.clean
         window = {"hi": hi}
@@ -319,12 +319,14 @@ class Cleaner:
                 sleep_s=round(state.upcoming_sleep, 2),
             )
 
-        try:
-            return retry.retrying(clean, sleep=self.stop.sleep, before_sleep=before_sleep)(attempt)
-        except DBAPIError as exc:
-            if not retry.retryable(exc):
-                raise
-            raise retry.exhausted(exc, clean, f"chunk {seq}") from None
+        return retry.call(
+            attempt,
+            clean,
+            f"chunk {seq}",
+            sleep=self.stop.sleep,
+            before_sleep=before_sleep,
+            deadline=self.options.deadline(self.outcome.started),
+        )
 
     def _attempt(self, seq: int, lo: int, hi: int) -> Chunk:
         t0 = time.monotonic()

@@ -16,6 +16,7 @@ target first, naming the fix).
 from __future__ import annotations
 
 import os
+import re
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,11 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
 CONNECTION_CLASSES = ("08", "28", "3D")
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
+
+
+def url_configured() -> bool:
+    """Whether the environment names a database URL (`DATABASE_URL` or its file)."""
+    return bool(os.environ.get(URL_ENV) or os.environ.get(URL_FILE_ENV))
 
 
 def resolve_url(cli_value: str | None) -> str:
@@ -111,6 +117,8 @@ def make_engine(
         "keepalives_count": 3,
         "options": options,
     }
+    if url.database:
+        know(url.database)  # named in "permission denied for database ..."
     engine = create_engine(
         url, hide_parameters=True, pool_pre_ping=True, pool_size=2, connect_args=connect_args
     )
@@ -229,6 +237,25 @@ def is_transient(exc: BaseException) -> bool:
 _KNOWN_NAMES: set[str] = {*PERSONAL_COLUMNS, *KEPT_COLUMNS, *AUDIT_NAMES}
 
 
+#: Server messages that name an object in a fixed phrase, by SQLSTATE: permission denied
+#: (revoked rights), an object that exists already or not at all, a reserved name. The
+#: phrase is rebuilt from the pattern, and the name shown only if the job knows it.
+_NAMING = {
+    "42501": re.compile(
+        r"(?P<phrase>permission denied for|must be owner of) "
+        r"(?P<kind>table|schema|database|sequence|view|materialized view|function|relation) "
+        r'"?(?P<name>[^"]+?)"?$'
+    ),
+    "42P07": re.compile(r'(?P<kind>relation) "(?P<name>[^"]+)" (?P<phrase>already exists)'),
+    "42P06": re.compile(r'(?P<kind>schema) "(?P<name>[^"]+)" (?P<phrase>already exists)'),
+    "42P01": re.compile(r'(?P<kind>relation) "(?P<name>[^"]+)" (?P<phrase>does not exist)'),
+    "3F000": re.compile(r'(?P<kind>schema) "(?P<name>[^"]+)" (?P<phrase>does not exist)'),
+    "42703": re.compile(r'(?P<kind>column) "?(?P<name>[^"\s]+)"? (?P<phrase>does not exist)'),
+    "42939": re.compile(r'(?P<phrase>unacceptable) (?P<kind>schema name) "(?P<name>[^"]+)"'),
+}
+_UNKNOWN_NAME = "(a name the job does not know)"
+
+
 def know(*names: str) -> None:
     """Names the job may show in an error message from now on (the resolved target's)."""
     _KNOWN_NAMES.update(names)
@@ -253,8 +280,30 @@ def describe_error(exc: BaseException) -> str:
     ):
         if value and value in _KNOWN_NAMES:
             parts.append(f"{label} {value}")
+    named = _named_object(orig.sqlstate, getattr(diag, "message_primary", None))
+    if named:
+        parts.append(named)
     if orig.sqlstate is None or orig.sqlstate[:2] in CONNECTION_CLASSES:
         # libpq's own message (host, port, role, database; never row values or passwords)
         first = str(orig).strip().splitlines()[0] if str(orig).strip() else "connection error"
         parts.append(first)
     return ", ".join(parts)
+
+
+def _named_object(state: str | None, message: str | None) -> str | None:
+    """The object a server message names (`_NAMING`), as `permission denied for table
+    public.dispatches`: the phrase and kind come from the pattern, the name from the
+    message only when every part of it is a name the job knows."""
+    pattern = _NAMING.get(state or "")
+    found = pattern.search(message) if pattern and message else None
+    if found is None:
+        return None
+    name = found["name"]
+    if not all(part in _KNOWN_NAMES for part in name.split(".")):
+        name = _UNKNOWN_NAME
+    phrase, kind = found["phrase"], found["kind"]
+    if phrase in ("permission denied for", "must be owner of"):
+        return f"{phrase} {kind} {name}"
+    if phrase == "unacceptable":
+        return f"unacceptable {kind} {name}"
+    return f"{kind} {name} {phrase}"

@@ -9,6 +9,8 @@ never holds a row value or a password.
     │   ├── SchemaNotReady           the audit schema is missing or at another revision
     │   ├── TargetRefused            the target is not a table the job can see whole
     │   ├── RecleanRefused           `run --reclean` by a role that cannot read the columns
+    │   ├── MissingPrivilege         the role lacks a right the command needs (named)
+    │   ├── RoleRefused              `db grants` for a role that must never get them
     │   ├── HoldError                a legal hold that cannot be placed or released as asked
     │   └── EmbeddedUnavailable      `demo` without the `embedded` extra
     └── RunError                     exit 1: the run started and could not go on
@@ -109,6 +111,38 @@ class RecleanRefused(UsageError):
             f"role may not read {which} on {table}: run it as a role with SELECT on those "
             "columns (the table's owner, say); the nightly run role needs no such right"
         )
+
+
+class MissingPrivilege(UsageError):
+    """The connected role lacks `right` on the object `kind` `name`; checked before the
+    command needs it, so nothing was done."""
+
+    def __init__(
+        self, role: str, right: str, kind: str, name: str, *, creating_schema: str = ""
+    ) -> None:
+        self.role, self.right, self.kind, self.name = role, right, kind, name
+        if creating_schema:
+            message = (
+                f"role {role} may not create schema {creating_schema!r} (it needs {right} on "
+                f"{kind} {name}): create the schema for it as an administrator (CREATE SCHEMA "
+                f"{creating_schema} AUTHORIZATION {role}; docs/deploy.md), or GRANT {right} ON "
+                f"DATABASE {name} TO {role}"
+            )
+        else:
+            message = (
+                f"role {role} lacks {right} on {kind} {name}: GRANT {right} ON "
+                f"{kind.upper()} {name} TO {role} (or run as the role that owns it)"
+            )
+        super().__init__(message)
+
+
+class RoleRefused(UsageError):
+    """`db grants` for a role that must never receive the job's rights (`reason` says
+    why); nothing is printed, so nothing can be piped into psql."""
+
+    def __init__(self, role: str, reason: str) -> None:
+        self.role, self.reason = role, reason
+        super().__init__(reason)
 
 
 class HoldError(UsageError):

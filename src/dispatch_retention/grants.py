@@ -15,9 +15,11 @@ from __future__ import annotations
 
 from typing import Literal
 
+from sqlalchemy import Connection, text
 from sqlalchemy.dialects import postgresql
 
 from .config import IDENTIFIER, KEPT_COLUMNS, MAX_IDENTIFIER, Settings
+from .errors import RoleRefused
 from .schema import ALEMBIC_VERSION_TABLE
 
 Purpose = Literal["run", "read-only", "holds"]
@@ -28,17 +30,32 @@ _quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyp
 
 def valid_role(name: str) -> str:
     """A role to grant to: a plain SQL name, never `public` (every role in the cluster) nor a
-    `pg_*` role (the server's own)."""
+    `pg_*` role (the server's own); `RoleRefused` otherwise."""
     if name.lower() == "public":
-        raise ValueError(
-            "public is every role in the cluster: name the job's own role (CREATE ROLE ... "
-            "LOGIN), never public"
+        raise RoleRefused(
+            name,
+            "--role public is every role in the cluster: name the job's own role (CREATE ROLE "
+            "... LOGIN), never public",
         )
     if name.lower().startswith("pg_"):
-        raise ValueError("pg_* roles are the server's own: name the job's own role")
+        raise RoleRefused(name, "--role: pg_* roles are the server's own: name the job's own role")
     if len(name) > MAX_IDENTIFIER or not IDENTIFIER.match(name):
-        raise ValueError("a role name must be a plain SQL name (lower-case letters, digits, _)")
+        raise RoleRefused(name, "--role must be a plain SQL name (lower-case letters, digits, _)")
     return name
+
+
+def refuse_superuser(conn: Connection, role: str) -> None:
+    """With a database to ask: a superuser bypasses every grant (and row-level security),
+    so grants to it would bound nothing."""
+    found = conn.execute(
+        text("SELECT rolsuper FROM pg_roles WHERE rolname = :r"), {"r": role}
+    ).scalar()
+    if found:
+        raise RoleRefused(
+            role,
+            f"--role {role} is a superuser: it bypasses every grant, so these would bound "
+            "nothing; run the job as a role of its own (CREATE ROLE ... LOGIN NOSUPERUSER)",
+        )
 
 
 def read_columns(settings: Settings) -> list[str]:

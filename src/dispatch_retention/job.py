@@ -70,7 +70,8 @@ def run(
             _copy_risks(conn, settings, outcome, rlog)
             check_write_back = _checks_write_back(conn, settings, outcome, rlog)
         if options.dry_run:
-            _plan(engine, settings, tables, outcome, stop, shard)
+            deadline = options.deadline(outcome.started)
+            _plan(engine, settings, tables, outcome, stop, shard, deadline=deadline)
             outcome.status = Status.PLANNED
         else:
             _locked_run(
@@ -105,9 +106,10 @@ def _plan(
     stop: Stop,
     shard: Shard | None,
     rules: policy.Rules | None = None,
+    deadline: float | None = None,
 ) -> Plan:
     """The plan (`rules` None: cutoffs from the database clock), or with `rules` the end
-    count at the run's own cutoffs; retried like a chunk."""
+    count at the run's own cutoffs; retried like a chunk, within the run's deadline."""
 
     def attempt() -> Plan:
         with stop.interruptible(), engine.connect() as conn, conn.begin():
@@ -123,12 +125,15 @@ def _plan(
             error=db.describe_error(exc) if exc else None,
         )
 
-    try:
-        plan = retry.retrying(settings.clean, sleep=stop.sleep, before_sleep=before_sleep)(attempt)
-    except DBAPIError as exc:
-        if not retry.retryable(exc):
-            raise
-        raise retry.exhausted(exc, settings.clean, "planning") from None
+    what = "planning" if rules is None else "counting what is left"
+    plan = retry.call(
+        attempt,
+        settings.clean,
+        what,
+        sleep=stop.sleep,
+        before_sleep=before_sleep,
+        deadline=deadline,
+    )
     if rules is not None:
         log.info("recount", run_id=outcome.run_id, due_rows=plan.due_rows)
         return plan
@@ -158,20 +163,22 @@ def _locked_run(
 ) -> None:
     options, shard = request.options, request.shard
     shard_name = str(shard) if shard else None
+    deadline = options.deadline(outcome.started)
     with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
         if not lock.acquired:
             outcome.status = Status.LOCKED
             outcome.error = "another run holds the lock of this target"
             rlog.warning("run_locked", holder=lock.holder())
             return
-        with engine.begin() as conn:
-            abandoned = audit.mark_abandoned(conn, tables, settings.target.table, shard_name)
+        record = audit.RunRecord(
+            engine, tables, outcome.run_id, clean=settings.clean, stop=stop, deadline=deadline
+        )
+        abandoned = record.mark_abandoned(settings.target.table, shard_name)
         if abandoned:
             rlog.warning("runs_abandoned", run_ids=abandoned)
-        record = audit.RunRecord(engine, tables, outcome.run_id)
         record.start(settings, options, shard_name, outcome.copy_risks)
         try:
-            plan = _plan(engine, settings, tables, outcome, stop, shard)
+            plan = _plan(engine, settings, tables, outcome, stop, shard, deadline=deadline)
             record.planned(plan)
             if _refused(settings, plan, request.force):
                 outcome.status = Status.REFUSED
@@ -195,11 +202,11 @@ def _locked_run(
                     holds=tables.holds,
                     shard=shard,
                     recorder=record,
-                    before_chunk=lambda: _keep(lock, settings, stop, rlog),
+                    before_chunk=lambda: _keep(lock, settings, stop, rlog, deadline),
                     on_chunk=hooks.on_chunk,
                     fail_in_chunk=hooks.fail_in_chunk,
                     recount=lambda: _plan(
-                        engine, settings, tables, outcome, stop, shard, plan.rules
+                        engine, settings, tables, outcome, stop, shard, plan.rules, deadline
                     ),
                     skipped_by=lambda: _skipping(engine, settings),
                     check_write_back=check_write_back,
@@ -216,7 +223,7 @@ def _locked_run(
                         shard=shard,
                         recorder=record,
                         log=rlog,
-                        before_chunk=lambda: _keep(lock, settings, stop, rlog),
+                        before_chunk=lambda: _keep(lock, settings, stop, rlog, deadline),
                     ).run()
         except (Interrupted, Exception) as exc:
             _ended_by(exc, outcome, rlog)
@@ -224,7 +231,9 @@ def _locked_run(
             _close(record, outcome, rlog)
 
 
-def _keep(lock: RunLock, settings: Settings, stop: Stop, rlog: Logger) -> None:
+def _keep(
+    lock: RunLock, settings: Settings, stop: Stop, rlog: Logger, deadline: float | None
+) -> None:
     """Before each chunk: the run lock is still ours (reconnecting through a server restart
     with the same bounded retries as a chunk)."""
 
@@ -236,12 +245,14 @@ def _keep(lock: RunLock, settings: Settings, stop: Stop, rlog: Logger) -> None:
             error=db.describe_error(exc) if exc else None,
         )
 
-    try:
-        retry.retrying(settings.clean, sleep=stop.sleep, before_sleep=before_sleep)(lock.ensure)
-    except DBAPIError as exc:
-        if not retry.retryable(exc):
-            raise
-        raise retry.exhausted(exc, settings.clean, "keeping the run lock") from None
+    retry.call(
+        lock.ensure,
+        settings.clean,
+        "keeping the run lock",
+        sleep=stop.sleep,
+        before_sleep=before_sleep,
+        deadline=deadline,
+    )
 
 
 def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
@@ -269,11 +280,12 @@ def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
                     "lost the run lock: another run took it and marked this one abandoned"
                 )
         record.finish(outcome)
-    except DBAPIError as exc:
-        rlog.error("run_record_failed", error=db.describe_error(exc))
+    except (DBAPIError, errors.RetriesExhausted) as exc:
+        error = db.describe_error(exc) if isinstance(exc, DBAPIError) else str(exc)
+        rlog.error("run_record_failed", error=error)
         if outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
             outcome.status = Status.FAILED
-            outcome.error = "could not close the run record: " + db.describe_error(exc)
+            outcome.error = "could not close the run record: " + error
 
 
 def _copy_risks(conn: Connection, settings: Settings, outcome: Outcome, rlog: Logger) -> None:

@@ -82,7 +82,8 @@ class RunLock:
             raise LockLost("the run lock's connection was lost and another run holds the lock now")
 
     def holder(self) -> list[dict[str, Any]]:
-        """Who holds the lock we could not take: pid, application, client, since when."""
+        """Who holds the lock we could not take: pid, application, client, since when (an
+        ISO 8601 time, as every other time in the log)."""
         assert self.conn is not None
         if self.blocked_on is None:
             return []
@@ -105,7 +106,10 @@ class RunLock:
             .all()
         )
         self.conn.commit()
-        return [dict(row) for row in rows]
+        return [
+            {**row, "backend_start": row["backend_start"] and row["backend_start"].isoformat()}
+            for row in rows
+        ]
 
     def __exit__(
         self,

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Column, Connection, Engine, MetaData, Table, Text, inspect, select
+from sqlalchemy import Column, Connection, Engine, MetaData, Table, Text, inspect, select, text
 from sqlalchemy.schema import CreateSchema
 
-from .errors import SchemaNotReady
+from .errors import MissingPrivilege, SchemaNotReady
 from .schema import ALEMBIC_VERSION_TABLE
 
 #: Every migration in order; `tests/test_migrations.py` checks them against Alembic's own.
@@ -49,18 +49,49 @@ def _check(conn: Connection, schema: str, found: str | None) -> None:
 
 
 def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
-    """Create the schema if needed and migrate it to head; return (before, after)."""
+    """Create the schema if needed and migrate it to head; return (before, after).
+
+    Asks only for the rights the work needs, and names one that is missing before trying:
+    CREATE on the database only when the schema does not exist (docs/deploy.md creates it
+    for the migrating role), CREATE on the schema only when there is something to migrate."""
     from alembic import command
 
     with engine.begin() as conn:
-        conn.execute(CreateSchema(schema, if_not_exists=True))
+        _rights(conn, schema)
+        if not conn.execute(_SCHEMA_EXISTS, {"s": schema}).scalar():
+            conn.execute(CreateSchema(schema))
         before = current(conn, schema)
         _check(conn, schema, before)
+        if before != HEAD:
+            _require(conn, "CREATE", "schema", schema)
         cfg = alembic_config()
         cfg.attributes["connection"] = conn
         cfg.attributes["schema"] = schema
         command.upgrade(cfg, "head")
         return before, current(conn, schema) or HEAD
+
+
+_SCHEMA_EXISTS = text("SELECT to_regnamespace(:s) IS NOT NULL")
+_PRIVILEGE = {
+    "database": "has_database_privilege(current_database(), :p)",
+    "schema": "has_schema_privilege(:o, :p)",
+}
+
+
+def _rights(conn: Connection, schema: str) -> None:
+    """USAGE on an existing schema, else CREATE on the database to make it."""
+    if conn.execute(_SCHEMA_EXISTS, {"s": schema}).scalar():
+        _require(conn, "USAGE", "schema", schema)
+    else:
+        database = conn.execute(text("SELECT current_database()")).scalar_one()
+        _require(conn, "CREATE", "database", database, schema=schema)
+
+
+def _require(conn: Connection, right: str, kind: str, name: str, *, schema: str = "") -> None:
+    query = text(f"SELECT {_PRIVILEGE[kind]}, current_user")
+    allowed, role = conn.execute(query, {"o": name, "p": right}).one()
+    if not allowed:
+        raise MissingPrivilege(role, right, kind, name, creating_schema=schema)
 
 
 def require_current(conn: Connection, schema: str) -> None:

@@ -160,6 +160,11 @@ class Options:
     max_rows: int | None = None
     max_runtime_s: float | None = None
 
+    def deadline(self, started: float) -> float | None:
+        """When `--max-runtime` is spent (on `time.monotonic()`'s clock), if it is set:
+        chunks stop starting, and retries stop waiting."""
+        return None if self.max_runtime_s is None else started + self.max_runtime_s
+
 
 @dataclass(frozen=True)
 class Request:

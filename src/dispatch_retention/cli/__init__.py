@@ -59,6 +59,10 @@ class State:
     def settings(self) -> config.Settings:
         return config.load(self.config_path)
 
+    def has_database_url(self) -> bool:
+        """Whether a database URL was given (option or environment), so one may be asked."""
+        return self.database_url is not None or db.url_configured()
+
     def engine(self) -> Engine:
         return db.make_engine(db.parse_url(db.resolve_url(self.database_url)))
 

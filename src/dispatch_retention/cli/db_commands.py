@@ -66,9 +66,15 @@ def db_check(state: State, strict: bool) -> None:
 )
 @click.pass_obj
 def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
-    """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed)."""
+    """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed).
+    With a database URL, a superuser ROLE is refused too."""
     settings = state.settings()
-    try:
-        click.echo("\n".join(grants.statements(settings, role, purpose)))
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--role") from None
+    statements = grants.statements(settings, role, purpose)
+    if state.has_database_url():
+        engine = state.engine()
+        try:
+            with engine.connect() as conn:
+                grants.refuse_superuser(conn, role)
+        finally:
+            engine.dispose()
+    click.echo("\n".join(statements))
