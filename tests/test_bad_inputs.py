@@ -130,3 +130,26 @@ def test_malformed_shard_from_the_environment_exits_2(
     result = invoke_run(make_config(tmp_path))
     assert_no_traceback(result)
     assert result.exit_code == 2, result.output
+    assert "JOB_COMPLETION_INDEX" in result.output and "--shard" not in result.output
+
+
+OTHER_DIGITS = ["\u0665", "\u06f5", "\u0967", "\uff15", "1\u0660"]  # Arabic-Indic, Devanagari...
+
+
+@pytest.mark.parametrize("digits", OTHER_DIGITS)
+def test_numbers_are_ascii_digits_only(tmp_path: Path, digits: str) -> None:
+    """Python's int() reads an Arabic-Indic five as 5; a member id or a count written so is
+    refused before connecting (exit 2), not silently read as another number."""
+    config_path = str(make_config(tmp_path))
+    for args in (
+        ["hold", "add", digits, "--reason", "case 1"],
+        ["hold", "release", digits],
+        ["run", "--dry-run", "--chunk-size", digits],
+        ["run", "--dry-run", "--max-rows", digits],
+    ):
+        result = CliRunner().invoke(
+            cli, ["--config", config_path, "--database-url", UNREACHABLE, *args]
+        )
+        assert_no_traceback(result)
+        assert result.exit_code == 2, (args, result.output)
+        assert "ASCII digits" in result.output

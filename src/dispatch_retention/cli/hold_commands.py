@@ -9,6 +9,7 @@ from .. import (
     output,
 )
 from . import State, audit_session, cli, table_or_json
+from .params import Whole
 
 
 @cli.group("hold")
@@ -17,7 +18,7 @@ def hold_group() -> None:
 
 
 @hold_group.command("add")
-@click.argument("member_id", type=click.IntRange(min=0, max=2**63 - 1))
+@click.argument("member_id", type=Whole(min=0, max=2**63 - 1))
 @click.option("--reason", required=True, help="Why (a case number, not personal data).")
 @click.option("--by", default=None, help="Who asks for it [default: OS user@host].")
 @click.pass_obj
@@ -29,7 +30,7 @@ def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
 
 
 @hold_group.command("release")
-@click.argument("member_id", type=click.IntRange(min=0, max=2**63 - 1))
+@click.argument("member_id", type=Whole(min=0, max=2**63 - 1))
 @click.option("--by", default=None, help="Who releases it [default: OS user@host].")
 @click.pass_obj
 def hold_release(state: State, member_id: int, by: str | None) -> None:

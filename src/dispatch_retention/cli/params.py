@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import uuid
 from typing import Any
 
 import click
 
-from .. import (
-    shard,
-)
+from .. import errors, shard
 
 
 class ShardParam(click.ParamType[shard.Shard | None]):
@@ -66,11 +65,28 @@ class Bounded(click.ParamType[float]):
         return number
 
 
+class Whole(click.IntRange):
+    """A whole number in range, written in ASCII digits: Python's `int()` also reads other
+    scripts' digits (an Arabic-Indic five is 5 to it), which no operator means as an id or
+    a count."""
+
+    name = "integer"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, str) and not _ASCII_WHOLE.fullmatch(value.strip()):
+            self.fail(f"{value!r} is not a whole number in ASCII digits (0-9)", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+_ASCII_WHOLE = re.compile(r"[+-]?[0-9]+")
+
+
 def shard_from_env() -> shard.Shard | None:
-    """The default of `--shard`: a Kubernetes Indexed Job's own index and count."""
+    """The default of `--shard`: a Kubernetes Indexed Job's own index and count. A broken
+    pair is named as what it is (the environment), not as the option nobody gave."""
     try:
         return shard.from_env(os.environ)
     except ValueError as exc:
-        raise click.BadParameter(
-            f"{exc} (from JOB_COMPLETION_INDEX/JOB_COMPLETIONS)", param_hint="--shard"
+        raise errors.UsageError(
+            f"JOB_COMPLETION_INDEX / JOB_COMPLETIONS (the Indexed Job's shard): {exc}"
         ) from None

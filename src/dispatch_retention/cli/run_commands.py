@@ -25,6 +25,7 @@ from .params import (
     MAX_RUNTIME_S,
     Bounded,
     ShardParam,
+    Whole,
     shard_from_env,
 )
 
@@ -41,10 +42,10 @@ from .params import (
 )
 @click.option(
     "--chunk-size",
-    type=click.IntRange(1, 1_000_000),
+    type=Whole(1, 1_000_000),
     help="At most N rows per chunk, fixed for this run (default: clean.chunk_size, adaptive).",
 )
-@click.option("--max-rows", type=click.IntRange(1), help="Stop cleanly after this many rows.")
+@click.option("--max-rows", type=Whole(1), help="Stop cleanly after this many rows.")
 @click.option(
     "--max-runtime",
     type=Bounded(0, MAX_RUNTIME_S),
@@ -111,7 +112,7 @@ def run(
 @cli.command()
 @click.option(
     "--rows",
-    type=click.IntRange(1, 100_000_000),
+    type=Whole(1, 100_000_000),
     default=20_000,
     show_default=True,
     help="Synthetic dispatches to seed.",

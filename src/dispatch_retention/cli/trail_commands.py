@@ -17,6 +17,7 @@ from .params import (
     MAX_TOLERANCE_HOURS,
     Bounded,
     RunIdParam,
+    Whole,
 )
 
 
@@ -55,7 +56,7 @@ def audit_group() -> None:
 @click.option("--since", type=click.DateTime(formats=["%Y-%m-%d"]), help="YYYY-MM-DD (UTC).")
 @click.option(
     "--limit",
-    type=click.IntRange(1, 100_000),
+    type=Whole(1, 100_000),
     default=50,
     show_default=True,
     help="At most this many runs.",

@@ -1,0 +1,385 @@
+"""A fuzz test over the whole command-line surface (issue 15).
+
+Hypothesis draws a command (walked from the click tree, so a new command or option is
+fuzzed without editing this file), its options and arguments (valid values, odd values,
+other scripts' digits, control characters, formulas, huge and non-finite numbers), a
+config file (valid, mutated, in odd encodings, huge, missing, a directory) and an
+environment (database URLs with special characters and a password, unreadable URL files,
+Indexed Job variables; hosts only on loopback or under `.invalid`), then runs the CLI
+in-process and, for fewer examples, as the installed console script.
+
+Properties: never a traceback; an exit code the README documents; neither the password
+nor a personal-data marker in any output; a command that exits 2 (a usage error) has
+written nothing: the dispatches and the audit trail are as they were.
+
+`demo` is left out: with valid options it starts an embedded server (seconds per example);
+its options are the same click types fuzzed here.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import click
+import pytest
+from click.testing import CliRunner
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+
+from dispatch_retention.cli import cli
+
+from .helpers import (
+    DAY,
+    MARK,
+    SCRIPT,
+    config_text,
+    db_now,
+    dispatch,
+    insert_rows,
+    script_env,
+)
+from .strategies import mutated_configs
+
+#: README "Exit codes".
+DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5, 130, 143}
+PASSWORD = "Pw0rd-SECRET-4711"
+LEFT_OUT = {("demo",)}
+
+ODD_TEXT = st.sampled_from(
+    [
+        "",
+        " ",
+        "0",
+        "-1",
+        "1",
+        "7",
+        "+3",
+        "1e9",
+        "nan",
+        "inf",
+        "-inf",
+        "9" * 30,
+        "0x10",
+        "\u0665",
+        "\uff17",
+        "1/0",
+        "3/2",
+        "0/1",
+        "1024/1025",
+        "=cmd|' /C calc'!A0",
+        "@SUM(1)",
+        "a\x1b]0;title\x07b",
+        "line\nbreak",
+        "tab\tcell",
+        "NULL",
+        "public",
+        "PUBLIC",
+        "pg_monitor",
+        "x; DROP TABLE dispatches",
+        "'; --",
+        "../../etc/passwd",
+        "/dev/null",
+        "/dev/zero",
+        "json",
+        "table",
+        "csv",
+        "run",
+        "read-only",
+        "holds",
+        "00000000-0000-0000-0000-000000000000",
+        "not-a-uuid",
+        f"{MARK}-value",
+        "http://127.0.0.1:1",
+        "http://[::1",
+        "http://gw.invalid:9091",
+        "\u00e9t\u00e9",
+    ]
+) | st.text(max_size=12)
+
+
+@dataclass
+class Surface:
+    """Every command path and its parameters, read from the click tree."""
+
+    commands: dict[tuple[str, ...], click.Command] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, group: click.Group) -> Surface:
+        surface = cls()
+
+        def walk(command: click.Command, path: tuple[str, ...]) -> None:
+            if isinstance(command, click.Group):
+                for name, sub in command.commands.items():
+                    walk(sub, (*path, name))
+            elif path not in LEFT_OUT:
+                surface.commands[path] = command
+
+        walk(group, ())
+        return surface
+
+
+SURFACE = Surface.of(cli)
+
+
+def good_value(param: click.Parameter) -> st.SearchStrategy[str]:
+    kind = param.type
+    if isinstance(kind, click.Choice):
+        return st.sampled_from([str(c) for c in kind.choices])
+    if isinstance(kind, click.IntRange | click.types.IntParamType):
+        return st.integers(0, 3000).map(str)
+    if isinstance(kind, click.types.FloatParamType) or kind.name == "number":
+        return st.sampled_from(["0.5", "1", "24", "3600"])
+    if kind.name == "I/N":
+        return st.sampled_from(["0/1", "0/2", "1/2"])
+    if isinstance(kind, click.DateTime):
+        return st.sampled_from(["2026-01-01", "2026-11-30T00:00:00", "1970-01-01"])
+    if kind.name == "RUN_ID":
+        return st.uuids().map(str)
+    return st.sampled_from(["case 17", "ops", "dispatch_retention_run", "42"])
+
+
+def value_for(param: click.Parameter) -> st.SearchStrategy[str]:
+    """Mostly a valid value (so that most cases reach the database), else an odd one."""
+    return st.integers(0, 9).flatmap(lambda n: good_value(param) if n < 8 else ODD_TEXT)
+
+
+def mostly(common: Any, rare: st.SearchStrategy[Any], tenths: int = 8) -> st.SearchStrategy[Any]:
+    return st.integers(0, 9).flatmap(lambda n: st.just(common) if n < tenths else rare)
+
+
+@st.composite
+def argvs(draw: st.DrawFn) -> list[str]:
+    path = draw(st.sampled_from(sorted(SURFACE.commands)))
+    command = SURFACE.commands[path]
+    argv = list(path)
+    for param in command.params:
+        if isinstance(param, click.Argument):
+            if draw(st.integers(0, 9)) or param.required:
+                argv.append(draw(value_for(param)))
+            continue
+        assert isinstance(param, click.Option)
+        if param.name == "help" or not (param.required or draw(st.booleans())):
+            continue
+        opt = param.opts[0]
+        if param.is_flag:
+            argv.append(opt)
+        else:
+            argv += [opt, draw(value_for(param))]
+    if draw(st.integers(0, 29)) == 17:  # not 0: Hypothesis favours the bounds
+        argv.append(draw(st.sampled_from(["--no-such-option", "extra", "--help"])))
+    return argv
+
+
+@st.composite
+def config_files(draw: st.DrawFn) -> bytes | str:
+    """The config's bytes, or a marker for a path that is not a readable file."""
+    kind = draw(st.sampled_from(["valid"] * 12 + ["mutated"] * 4 + ["encoded", "huge", "path"]))
+    if kind == "valid":
+        return config_text().encode()
+    if kind == "mutated":
+        return draw(mutated_configs())
+    if kind == "encoded":
+        codec = draw(st.sampled_from(["utf-16", "utf-32", "latin-1", "utf-8-sig", "cp1252"]))
+        return (config_text() + '\n# r\u00e9sum\u00e9 \u2013 "\u00fc"\n').encode(codec, "replace")
+    if kind == "huge":
+        return config_text().encode() + b"#" * (1024 * 1024 + 10)
+    return draw(st.sampled_from(["missing", "directory", "/dev/zero", "/dev/null"]))
+
+
+def url_variants(base: URL) -> st.SearchStrategy[str]:
+    good = base.set(drivername="postgresql", password=PASSWORD).render_as_string(
+        hide_password=False
+    )
+    host = f"{base.host}:{base.port}"
+    return mostly(
+        good,
+        st.sampled_from(
+            [
+                f"postgresql://u:{PASSWORD}@tail@{host}/x",  # an unencoded @ in the password
+                f"postgresql://u:{PASSWORD}@db.invalid:5432/x",
+                f"postgresql://u:{PASSWORD}@127.0.0.1:1/x",
+                f"mysql://u:{PASSWORD}@{host}/x",
+                f"postgresql://u:{PASSWORD}@[::1/x",
+                f"postgresql://u:{PASSWORD}%@{host}/x",
+                f"postgresql://{PASSWORD}@{host}/{base.database}?sslmode=bogus",
+                "",
+                "   ",
+                "not a url",
+            ]
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class Case:
+    argv: list[str]
+    config: bytes | str
+    url: str
+    via: str  # "option", "env", "file", "file-unreadable", "none"
+    shard_env: tuple[str, str] | None
+
+
+SHARD_ENVS = [("0", "2"), ("7", "4"), ("x", "2"), ("\u0661", "4")]
+
+
+def cases(base: URL) -> st.SearchStrategy[Case]:
+    return st.builds(
+        Case,
+        argv=argvs(),
+        config=config_files(),
+        url=url_variants(base),
+        via=st.sampled_from(["option", "option", "env", "file", "file-unreadable", "none"]),
+        shard_env=st.none()
+        | st.sampled_from([("0", "2"), ("7", "4"), ("x", "2"), ("\u0661", "4")]),
+    )
+
+
+class Workspace:
+    """Turns a case into argv and environment for one invocation, in a scratch directory."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+
+    def prepare(self, case: Case) -> tuple[list[str], dict[str, str]]:
+        self.count += 1
+        here = self.root / f"case{self.count}"
+        here.mkdir()
+        if isinstance(case.config, bytes):
+            config = here / "retention.toml"
+            config.write_bytes(case.config)
+        elif case.config == "missing":
+            config = here / "absent.toml"
+        elif case.config == "directory":
+            config = here
+        else:
+            config = Path(case.config)
+        argv = ["--config", str(config)]
+        env: dict[str, str] = {}
+        if case.via == "option":
+            argv += ["--database-url", case.url]
+        elif case.via == "env":
+            env["DATABASE_URL"] = case.url
+        elif case.via == "file":
+            secret = here / "url"
+            secret.write_text(case.url)
+            env["DATABASE_URL_FILE"] = str(secret)
+        elif case.via == "file-unreadable":
+            secret = here / "url-latin1"
+            secret.write_bytes(case.url.encode() + b"\xff\xfe")
+            env["DATABASE_URL_FILE"] = str(secret)
+        if case.shard_env:
+            env["JOB_COMPLETION_INDEX"], env["JOB_COMPLETIONS"] = case.shard_env
+        return [*argv, *case.argv], env
+
+
+def state_of(engine: Engine) -> tuple[Any, ...]:
+    """What a command could write: the dispatches and the audit trail."""
+    with engine.connect() as conn:
+        return tuple(
+            conn.execute(text(query)).all()
+            for query in (
+                "SELECT id, msisdn, email, app_token, content::text, cleaned_at "
+                "FROM dispatches ORDER BY id",
+                "SELECT run_id, status, finished_at FROM dispatch_retention.runs ORDER BY run_id",
+                "SELECT count(*) FROM dispatch_retention.chunks",
+                "SELECT hold_id, released_at FROM dispatch_retention.legal_holds ORDER BY 1",
+            )
+        )
+
+
+def check(exit_code: int, output: str, case: Case, before: Any, after: Any) -> None:
+    event(f"exit {exit_code}")
+    print(
+        "FUZZSTAT",
+        exit_code,
+        case.argv[:2],
+        case.via,
+        repr(case.config)[:20],
+        output[-150:].replace("\n", " | "),
+    )
+    event(f"command {' '.join(a for a in case.argv[:2] if not a.startswith('-'))}")
+    assert "Traceback" not in output, output
+    assert exit_code in DOCUMENTED_EXITS, (exit_code, case, output)
+    assert PASSWORD not in output, (case, output)
+    assert MARK not in output, (case, output)
+    if exit_code == 2:
+        assert after == before, ("a usage error wrote something", case, output)
+
+
+@pytest.fixture
+def seeded(engine: Engine) -> Engine:
+    now = db_now(engine)
+    insert_rows(
+        engine,
+        [dispatch(i, now - (400 if i % 2 else 1) * DAY, type="email") for i in range(1, 41)],
+    )
+    return engine
+
+
+@pytest.fixture
+def workspace(tmp_path: Path) -> Iterator[Workspace]:
+    yield Workspace(tmp_path)
+
+
+def test_the_fuzzed_surface_in_process(
+    seeded: Engine, database_url: URL, workspace: Workspace
+) -> None:
+    @settings(
+        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+    @given(case=cases(database_url))
+    def fuzz(case: Case) -> None:
+        argv, env = workspace.prepare(case)
+        full_env = {
+            **{k: None for k in ("DATABASE_URL", "DATABASE_URL_FILE", "JOB_COMPLETION_INDEX",
+                                 "JOB_COMPLETIONS", "DISPATCH_RETENTION_CONFIG")},
+            **env,
+        }  # fmt: skip
+        before = state_of(seeded)
+        result = CliRunner().invoke(cli, argv, env=full_env, input="")
+        after = state_of(seeded)
+        exception = result.exception
+        assert exception is None or isinstance(exception, SystemExit), (case, repr(exception))
+        check(result.exit_code, result.output, case, before, after)
+
+    fuzz()
+
+
+def test_the_fuzzed_surface_as_a_subprocess(
+    seeded: Engine, database_url: URL, workspace: Workspace
+) -> None:
+    @settings(
+        max_examples=int(os.environ.get("FUZZ_SUBPROCESS_EXAMPLES", "30")),
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+        database=None,
+    )
+    @given(case=cases(database_url))
+    def fuzz(case: Case) -> None:
+        argv, env = workspace.prepare(case)
+        before = state_of(seeded)
+        done = subprocess.run(
+            [str(SCRIPT), *argv],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=script_env(**env),
+        )
+        after = state_of(seeded)
+        check(done.returncode, done.stdout + done.stderr, case, before, after)
+
+    fuzz()
