@@ -11,7 +11,6 @@ table (CREATE DATABASE ... TEMPLATE), so tests never see each other's rows.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import tempfile
 from collections.abc import Iterator
@@ -27,9 +26,8 @@ from dispatch_retention.config import Target
 from dispatch_retention.schema import create_dispatches
 
 from .faults import PROBE_APP, make_config
-from .helpers import Job, granted_role, settings
+from .helpers import AMBIENT, Job, fresh_database, granted_role, settings
 
-_counter = itertools.count()
 AUDIT_SCHEMA = "dispatch_retention"
 
 
@@ -89,14 +87,8 @@ def template_db(server_url: URL) -> Iterator[str]:
 @pytest.fixture
 def database_url(server_url: URL, template_db: str) -> Iterator[URL]:
     """A fresh database for one test, copied from the template."""
-    name = f"dr_t_{os.getpid()}_{next(_counter)}"
-    admin = _admin(server_url)
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}" TEMPLATE "{template_db}"'))
-    yield server_url.set(database=name)
-    with admin.connect() as conn:
-        conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-    admin.dispose()
+    with fresh_database(server_url, template_db) as url:
+        yield url
 
 
 @pytest.fixture
@@ -129,6 +121,14 @@ def pytest_report_header(config: pytest.Config) -> str:
 
 
 _ = make_url  # re-exported for tests that build URLs
+
+
+@pytest.fixture(autouse=True)
+def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No test picks up a URL, config, trigger or shard from the developer's or CI's
+    environment (`helpers.AMBIENT`); a test sets what it needs."""
+    for name in AMBIENT:
+        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture(autouse=True)

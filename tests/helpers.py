@@ -1,32 +1,46 @@
-"""Building blocks for tests: dispatch rows with personal-data markers, snapshots, configs."""
+"""The tests' harness: dispatch rows with personal-data markers and the one bulk seeder,
+snapshots, configs, databases and roles, the CLI in-process, the invariants (no half-cleaned
+row, the audit trail's accounting). The console script as a subprocess and its JSON logs
+live in tests/processes.py and are re-exported here."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
-import subprocess
-import sys
-import threading
-import time
 import uuid
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 from click.testing import CliRunner, Result
-from sqlalchemy import Engine, func, insert, select
+from sqlalchemy import Engine, create_engine, func, insert, select
 from sqlalchemy import text as sql
 from sqlalchemy.engine import URL
 
 from dispatch_retention import config, grants, job
 from dispatch_retention.cli import cli
-from dispatch_retention.config import Settings, Target
+from dispatch_retention.config import KEPT_COLUMNS, Settings, Target
 from dispatch_retention.schema import dispatches_table
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop
 
 from . import oracle
+
+# the harness's subprocess half (tests import it from here)
+from .processes import (  # noqa: F401
+    AMBIENT,
+    SCRIPT,
+    Job,
+    as_json_lines,
+    json_lines,
+    read_until_first_chunk,
+    run_script,
+    script,
+    script_env,
+    spawn,
+)
 
 TABLE = dispatches_table(Target())
 DAY = timedelta(days=1)
@@ -69,7 +83,12 @@ def insert_rows(engine: Engine, rows: Iterable[Mapping[str, Any]]) -> None:
             conn.execute(insert(TABLE), batch)
 
 
-def snapshot(engine: Engine) -> dict[int, dict[str, Any]]:
+Rows = dict[int, dict[str, Any]]  # a table's rows by id, as `snapshot()` reads them
+#: What cleaning writes in the personal columns under the default settings.
+STRIPPED = {"content": {}, "msisdn": None, "email": None, "app_token": None}
+
+
+def snapshot(engine: Engine) -> Rows:
     with engine.connect() as conn:
         return {
             r["id"]: dict(r) for r in conn.execute(select(TABLE).order_by(TABLE.c.id)).mappings()
@@ -118,6 +137,26 @@ def write_config(path: Path, text: str) -> Path:
     return path
 
 
+_databases = itertools.count()
+
+
+@contextmanager
+def fresh_database(server_url: URL, template: str | None = None) -> Iterator[URL]:
+    """A database of its own on the test server (a copy of `template`, else empty), dropped
+    after: the conftest's `database_url` for one test, or a module's for a shared scenario."""
+    name = f"dr_t_{os.getpid()}_{next(_databases)}"
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    copy = f' TEMPLATE "{template}"' if template else ""
+    with admin.connect() as conn:
+        conn.execute(sql(f'CREATE DATABASE "{name}"{copy}'))
+    try:
+        yield server_url.set(database=name)
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        admin.dispose()
+
+
 @contextmanager
 def granted_role(
     engine: Engine, database_url: URL, purpose: str, s: Settings | None = None
@@ -159,208 +198,29 @@ def assert_no_marker(*texts: str) -> None:
         assert MARK not in text, "personal data leaked into output"
 
 
-def as_json_lines(text: str) -> list[dict[str, Any]]:
-    """The JSON log events in `text` (other lines, e.g. a click usage message, skipped)."""
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
-
-
-def json_lines(stderr: str) -> list[dict[str, Any]]:
-    """Every line of a non-terminal stderr, each of which must be one JSON log event."""
-    return [json.loads(line) for line in stderr.splitlines()]
-
-
 def invoke(*args: str, env: dict[str, str] | None = None) -> Result:
     """The CLI in-process (click's CliRunner); `result.stdout` and `result.stderr` apart."""
     return CliRunner().invoke(cli, list(args), prog_name="dispatch-retention", env=env)
 
 
-def script(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    """The installed console script in a real subprocess, without the ambient job settings
-    of the shell (stderr is not a terminal: JSON logs)."""
-    return subprocess.run(
-        [str(SCRIPT), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-        env=script_env(),
-    )
+# --- seeding and the invariants (faults.py and the tests) ---------------------------------
 
-
-# --- real subprocesses and fault-injection checks (faults.py and its tests) ---------------------
-
-SCRIPT = Path(sys.executable).parent / "dispatch-retention"
 AUDIT_SCHEMA = "dispatch_retention"
 DUE_DAYS, YOUNG_DAYS = 500, 1  # past every window of DEFAULT_POLICIES / inside all of them
-#: Settings a developer's or CI's shell may carry that must not leak into a test's subprocess.
-AMBIENT = (
-    "DATABASE_URL",
-    "DATABASE_URL_FILE",
-    "DISPATCH_RETENTION_CONFIG",
-    "DISPATCH_RETENTION_TRIGGER",
-    "JOB_COMPLETION_INDEX",
-    "JOB_COMPLETIONS",
-)
-
-
-def script_env(**extra: str) -> dict[str, str]:
-    """The test's environment without ambient job settings, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if k not in AMBIENT}
-    env.update(extra)
-    return env
-
-
-class Job:
-    """`dispatch-retention --log-format json ...` as a real subprocess (no shell in between).
-
-    Its stderr (JSON log lines) and stdout are read by threads as they come, so a test can
-    wait for an event, then act (signal, kill, lock, restart) at a known point of the run."""
-
-    started_jobs: ClassVar[list[Job]] = []
-
-    @classmethod
-    def reap(cls) -> None:
-        """Kill every job a test started and left running (a failed test, say)."""
-        while cls.started_jobs:
-            job = cls.started_jobs.pop()
-            if job.proc.poll() is None:
-                job.proc.kill()
-                job.proc.wait()
-
-    def __init__(
-        self,
-        url: str,
-        config: Path,
-        *args: str,
-        env: Mapping[str, str] | None = None,
-        prefix: Iterable[str] = (),
-    ) -> None:
-        self.argv = [
-            *prefix,
-            str(SCRIPT),
-            "--database-url",
-            url,
-            "--config",
-            str(config),
-            "--log-format",
-            "json",
-            *args,
-        ]
-        self.started = time.monotonic()
-        self.elapsed: float | None = None
-        self.proc = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            env=dict(env) if env is not None else script_env(),
-        )
-        Job.started_jobs.append(self)
-        self._err: list[str] = []
-        self._out: list[str] = []
-        self._changed = threading.Condition()
-        self._readers = [
-            threading.Thread(target=self._read, args=(stream, into), daemon=True)
-            for stream, into in ((self.proc.stderr, self._err), (self.proc.stdout, self._out))
-        ]
-        for reader in self._readers:
-            reader.start()
-
-    def _read(self, stream: Any, into: list[str]) -> None:
-        for line in stream:
-            with self._changed:
-                into.append(line)
-                self._changed.notify_all()
-        with self._changed:
-            self._changed.notify_all()
-
-    @property
-    def stderr(self) -> str:
-        with self._changed:
-            return "".join(self._err)
-
-    @property
-    def stdout(self) -> str:
-        with self._changed:
-            return "".join(self._out)
-
-    @property
-    def returncode(self) -> int | None:
-        return self.proc.returncode
-
-    def events(self, name: str | None = None) -> list[dict[str, Any]]:
-        found = []
-        for line in self.stderr.splitlines():
-            if line.startswith("{"):
-                event = json.loads(line)
-                if name is None or event.get("event") == name:
-                    found.append(event)
-        return found
-
-    def last(self, name: str) -> dict[str, Any]:
-        found = self.events(name)
-        assert found, f"no {name} event; stderr:\n{self.stderr}"
-        return found[-1]
-
-    def wait_for(self, name: str, timeout: float = 30, **fields: Any) -> dict[str, Any]:
-        """The first `name` event whose fields include `fields`; fails if the job ends first."""
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for event in self.events(name):
-                    if all(event.get(k) == v for k, v in fields.items()):
-                        return event
-                if self.proc.poll() is not None and not any(r.is_alive() for r in self._readers):
-                    raise AssertionError(
-                        f"the job exited ({self.proc.returncode}) before {name} {fields}; "
-                        f"stderr:\n{self.stderr}"
-                    )
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise AssertionError(f"no {name} {fields} within {timeout}s:\n{self.stderr}")
-                self._changed.wait(min(left, 0.05))
-
-    def send(self, signum: int) -> None:
-        self.proc.send_signal(signum)
-
-    def finish(self, timeout: float = 60) -> int:
-        """Wait for the exit (killing the job after `timeout`) and return the exit status."""
-        try:
-            self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-            for reader in self._readers:
-                reader.join(5)
-            raise AssertionError(
-                f"{' '.join(self.argv)} still running after {timeout}s; stderr:\n{self.stderr}"
-            ) from None
-        for reader in self._readers:
-            reader.join(10)
-        self.elapsed = time.monotonic() - self.started
-        return self.proc.returncode
-
-
-def run_script(
-    url: str,
-    config: Path,
-    *args: str,
-    timeout: float = 60,
-    env: Mapping[str, str] | None = None,
-) -> Job:
-    """Run the console script to its end."""
-    job = Job(url, config, *args, env=env)
-    job.finish(timeout)
-    return job
 
 
 def seed_series(
-    engine: Engine, ids: Iterable[int], young: Callable[[int], bool] = lambda _id: False
+    engine: Engine,
+    ids: Iterable[int],
+    young: Callable[[int], bool] = lambda _id: False,
+    *,
+    mixed: bool = False,
 ) -> tuple[set[int], set[int]]:
-    """Insert dispatches like `dispatch()` (sms, delivered) in one statement: `young(id)` ones
-    YOUNG_DAYS old (never due), the rest DUE_DAYS old (due under every DEFAULT_POLICIES
-    window). Returns (due ids, young ids)."""
+    """The one bulk seeder: marked dispatches like `dispatch()` (delivered, personal values
+    from `personal()`) in one statement. `young(id)` ones YOUNG_DAYS old (never due), the
+    rest DUE_DAYS old (due under every DEFAULT_POLICIES window). All sms of member 1000 + id;
+    `mixed`: types cycle sms, email, push by id, every seventh id is a failed send and the
+    members repeat every 97 ids (1000 + id % 97). Returns (due ids, young ids)."""
     all_ids = list(ids)
     flags = [bool(young(i)) for i in all_ids]
     with engine.begin() as conn:
@@ -369,17 +229,22 @@ def seed_series(
                 "INSERT INTO dispatches (id, type, content, member_id, msisdn, email, app_token,"
                 " transmission_status, delivery_status, external_delivery_status, created_at,"
                 " updated_at, scheduled_at, transmitted_at, delivered_at)"
-                " SELECT s.id, 'sms', jsonb_build_object('body', :mark || '-content-' || s.id),"
-                " 1000 + s.id, '+47' || :mark || s.id, :mark || '.' || s.id || '@example.invalid',"
-                " :mark || '-token-' || s.id, 'transmitted', 'delivered', 'delivered',"
-                " t.at, t.at, t.at, t.at, t.at"
-                " FROM unnest(CAST(:ids AS bigint[]), CAST(:young AS boolean[])) AS s(id, young)"
+                " SELECT s.id, s.type, jsonb_build_object('body', :mark || '-content-' || s.id),"
+                " s.member_id, '+47' || :mark || s.id,"
+                " :mark || '.' || s.id || '@example.invalid', :mark || '-token-' || s.id,"
+                " s.status, 'delivered', 'delivered', t.at, t.at, t.at, t.at, t.at"
+                " FROM unnest(CAST(:ids AS bigint[]), CAST(:types AS text[]),"
+                " CAST(:statuses AS text[]), CAST(:members AS bigint[]),"
+                " CAST(:young AS boolean[])) AS s(id, type, status, member_id, young)"
                 " CROSS JOIN LATERAL (SELECT now() - make_interval(days =>"
                 " CASE WHEN s.young THEN :young_days ELSE :due_days END) AS at) AS t"
             ),
             {
                 "mark": MARK,
                 "ids": all_ids,
+                "types": [("sms", "email", "push")[i % 3] if mixed else "sms" for i in all_ids],
+                "statuses": ["failed" if mixed and i % 7 == 0 else "transmitted" for i in all_ids],
+                "members": [1000 + (i % 97 if mixed else i) for i in all_ids],
                 "young": flags,
                 "young_days": YOUNG_DAYS,
                 "due_days": DUE_DAYS,
@@ -389,24 +254,49 @@ def seed_series(
     return set(all_ids) - young_ids, young_ids
 
 
+def assert_no_half_cleaned_row(
+    after: Rows, *, before: Rows | None = None, s: Settings | None = None
+) -> set[int]:
+    """The one check that no dispatch is half cleaned; returns the ids of the cleaned rows.
+
+    A cleaned row holds what cleaning writes in every column of `s.clean.columns` (the
+    default settings' when `s` is None), has `cleaned_at` set and `updated_at` equal to it.
+    With `before` (a `snapshot()` taken earlier), the cleaned rows are those that changed:
+    every other row is unchanged to the byte, and a cleaned row keeps each kept column.
+    Without it, they are those whose `cleaned_at` is set, and every other row still holds
+    its MARK in each of those columns (rows seeded by `dispatch()` or `seed_series()`)."""
+    s = s or settings()
+    stripped = {c: s.clean.replace.get(c) for c in s.clean.columns}
+    kept = [c for c in KEPT_COLUMNS if c not in ("cleaned_at", "updated_at")]
+    if before is not None:
+        assert before.keys() == after.keys()
+    cleaned: set[int] = set()
+    for row_id, new in after.items():
+        if before is not None:
+            old = before[row_id]
+            if new == old:
+                continue
+            assert {c: old[c] for c in kept} == {c: new[c] for c in kept}, f"row {row_id}"
+        elif new["cleaned_at"] is None:
+            personal = [new[c] for c in s.clean.columns]
+            assert all(MARK in json.dumps(v) for v in personal), f"row {row_id} half cleaned"
+            continue
+        assert {c: new[c] for c in s.clean.columns} == stripped, f"row {row_id} half cleaned"
+        assert new["cleaned_at"] is not None, f"row {row_id} stripped, not stamped"
+        assert new["updated_at"] == new["cleaned_at"], f"row {row_id}"
+        cleaned.add(row_id)
+    return cleaned
+
+
 def assert_consistent(engine: Engine, due: Collection[int]) -> set[int]:
     """The invariants every fault must keep; returns the cleaned ids.
 
-    No dispatch is half cleaned (its personal columns are all stripped iff `cleaned_at` is
-    set), only due dispatches are cleaned, and the audit trail accounts for each cleaned row
-    exactly once: the chunk rows sum to the cleaned rows, every cleaned row lies in exactly
-    one chunk's id window with that chunk's `cleaned_at`, and every chunk's count is right."""
-    cleaned: set[int] = set()
+    No dispatch is half cleaned (`assert_no_half_cleaned_row`), only due dispatches are
+    cleaned, and the audit trail accounts for each cleaned row exactly once: the chunk rows
+    sum to the cleaned rows, every cleaned row lies in exactly one chunk's id window with
+    that chunk's `cleaned_at`, and every chunk's count is right."""
+    cleaned = assert_no_half_cleaned_row(snapshot(engine))
     with engine.connect() as conn:
-        rows = conn.execute(
-            sql("SELECT id, cleaned_at, content, msisdn, email, app_token FROM dispatches")
-        ).all()
-        for row_id, cleaned_at, *values in rows:
-            if cleaned_at is None:
-                assert all(MARK in json.dumps(v) for v in values), f"row {row_id} half cleaned"
-            else:
-                assert values == [{}, None, None, None], f"row {row_id} stamped, not stripped"
-                cleaned.add(row_id)
         total = conn.execute(
             sql(f"SELECT coalesce(sum(rows), 0) FROM {AUDIT_SCHEMA}.chunks")
         ).scalar_one()
@@ -432,6 +322,16 @@ def assert_consistent(engine: Engine, due: Collection[int]) -> set[int]:
     assert unaccounted == [], f"cleaned rows not in exactly one chunk record: {unaccounted}"
     assert miscounted == [], f"chunk records whose count is wrong: {miscounted}"
     return cleaned
+
+
+def cleaned_count(engine: Engine) -> int:
+    """How many dispatches have `cleaned_at` set."""
+    with engine.connect() as conn:
+        return int(
+            conn.execute(
+                sql("SELECT count(*) FROM dispatches WHERE cleaned_at IS NOT NULL")
+            ).scalar_one()
+        )
 
 
 def remaining_due(engine: Engine, due: Collection[int]) -> int:

@@ -14,7 +14,6 @@ from sqlalchemy import text as sql
 from structlog.testing import capture_logs
 
 from dispatch_retention import indexes, job
-from dispatch_retention.config import KEPT_COLUMNS, Settings
 from dispatch_retention.statements import BLOCK_IDS
 from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
 
@@ -22,6 +21,7 @@ from .helpers import (
     DAY,
     MARK,
     TABLE,
+    assert_no_half_cleaned_row,
     db_now,
     dispatch,
     insert_rows,
@@ -36,25 +36,6 @@ from .strategies import (
 )
 
 SPREAD = 10_007  # ids this far apart: every due row in a block of its own
-
-
-def assert_cleaned_exactly(
-    before: dict[int, dict[str, Any]], after: dict[int, dict[str, Any]], due: set[int], s: Settings
-) -> None:
-    """Due rows are stripped and stamped; every other row is unchanged to the byte."""
-    assert before.keys() == after.keys()
-    for row_id, old in before.items():
-        new = after[row_id]
-        if row_id not in due:
-            assert new == old, f"row {row_id} changed but was not due"
-            continue
-        for column in s.clean.columns:
-            assert new[column] == s.clean.replace.get(column), f"row {row_id}.{column}"
-        assert new["cleaned_at"] is not None
-        assert new["updated_at"] == new["cleaned_at"]
-        for column in KEPT_COLUMNS:
-            if column not in ("cleaned_at", "updated_at"):
-                assert new[column] == old[column], f"row {row_id}.{column} must be kept"
 
 
 # --- the oracle property ---------------------------------------------------------------------
@@ -140,7 +121,7 @@ def test_run_cleans_exactly_what_the_oracle_says(
     due = {r["id"] for r in rows if is_due(r, s, now)}
     assert outcome.rows_cleaned == len(due)
     assert outcome.plan.due_rows == len(due)
-    assert_cleaned_exactly(before, snapshot(engine), due, s)
+    assert assert_no_half_cleaned_row(snapshot(engine), before=before, s=s) == due
 
 
 # --- chunks, failures, dry runs, locks, logs -------------------------------------------------
@@ -171,7 +152,7 @@ def test_chunk_size_two_cleans_everything_in_many_chunks(engine: Engine) -> None
     assert all(1 <= c["rows"] <= 2 for c in chunks)
     assert len(chunks) == outcome.chunks >= len(due) // 2
     assert [c["seq"] for c in chunks] == list(range(1, len(chunks) + 1))
-    assert_cleaned_exactly(before, snapshot(engine), due, s)
+    assert assert_no_half_cleaned_row(snapshot(engine), before=before, s=s) == due
 
 
 def test_failure_in_chunk_n_rolls_back_that_chunk_only(engine: Engine) -> None:
@@ -199,7 +180,7 @@ def test_failure_in_chunk_n_rolls_back_that_chunk_only(engine: Engine) -> None:
     rerun = run_job(engine, s)
     assert rerun.status == "succeeded"
     final = snapshot(engine)
-    assert_cleaned_exactly(before, final, {i for i in before if i % 3}, s)
+    assert assert_no_half_cleaned_row(final, before=before, s=s) == {i for i in before if i % 3}
     again = run_job(engine, s)
     assert (again.status, again.rows_cleaned) == ("succeeded", 0)
     assert snapshot(engine) == final

@@ -12,13 +12,10 @@ from dispatch_retention.config import Settings
 from dispatch_retention.doctor import Finding
 
 from .helpers import (
-    DAY,
     assert_no_marker,
     config_text,
-    db_now,
-    dispatch,
-    insert_rows,
     run_script,
+    seed_series,
     settings,
     write_config,
 )
@@ -85,18 +82,13 @@ def about(findings: list[Finding], name: str) -> list[Finding]:
     return [f for f in findings if name in f.message]
 
 
-def seed(engine: Engine) -> None:
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 6)])
-
-
 # --- copy risks ------------------------------------------------------------------------------
 
 
 def test_after_update_copy_trigger_warns_until_acknowledged(engine: Engine) -> None:
     """An AFTER UPDATE trigger copying OLD into a history table is a warn, then ok with the
     reason once named in [acknowledged]."""
-    seed(engine)
+    seed_series(engine, range(1, 6))
     execute(engine, HISTORY_TABLE, COPY_OLD)
     [risk] = copy_risks(engine)
     assert (risk.kind, risk.name, risk.when, risk.acknowledged) == (
@@ -313,7 +305,7 @@ def test_strict_fails_on_unacknowledged_risk_and_unclassified_column(
 ) -> None:
     """db check --strict exits 1 naming an unacknowledged trigger or an unclassified column,
     and 0 under the run role once both are settled."""
-    seed(engine)
+    seed_series(engine, range(1, 6))
     execute(engine, HISTORY_TABLE, COPY_OLD)
     url = run_role[1]
     plain = write_config(tmp_path / "plain.toml", config_text())
@@ -363,7 +355,7 @@ def test_risk_output_holds_no_personal_data(
     engine: Engine, url_string: str, tmp_path: Path
 ) -> None:
     """Copy risks, their JSON form and db check's output never show a row's personal data."""
-    seed(engine)
+    seed_series(engine, range(1, 6))
     execute(
         engine,
         HISTORY_TABLE,

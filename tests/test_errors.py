@@ -10,31 +10,19 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from .helpers import (
-    DAY,
     MARK,
+    cleaned_count,
     config_text,
-    db_now,
-    dispatch,
-    insert_rows,
     run_records,
     run_script,
+    seed_series,
     write_config,
 )
 
 
 @pytest.fixture
 def backlog(engine: Engine) -> None:
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 51)])
-
-
-def cleaned(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                text("SELECT count(*) FROM dispatches WHERE cleaned_at IS NOT NULL")
-            ).scalar_one()
-        )
+    seed_series(engine, range(1, 51))
 
 
 def assert_failed_at_once(job: object, engine: Engine, sqlstate: str) -> None:
@@ -46,7 +34,7 @@ def assert_failed_at_once(job: object, engine: Engine, sqlstate: str) -> None:
     assert MARK not in job.stderr + job.stdout  # type: ignore[attr-defined]
     [record] = run_records(engine).values()
     assert record["status"] == "failed" and f"SQLSTATE {sqlstate}" in record["error"]
-    assert cleaned(engine) == 0
+    assert cleaned_count(engine) == 0
 
 
 @pytest.mark.usefixtures("backlog")
@@ -115,4 +103,4 @@ def test_read_only_server_fails_at_once(
     assert job.events("chunk_retry") == []
     [failed] = job.events("run_failed")
     assert "SQLSTATE 25006" in failed["error"]
-    assert cleaned(engine) == 0
+    assert cleaned_count(engine) == 0

@@ -21,7 +21,7 @@ from sqlalchemy import Engine
 
 from dispatch_retention.cli import cli
 
-from .helpers import DAY, config_text, db_now, dispatch, insert_rows, write_config
+from .helpers import DAY, config_text, db_now, dispatch, insert_rows, seed_series, write_config
 
 
 def _free_port() -> int:
@@ -132,7 +132,7 @@ def test_run_pushes_metrics(
 
     # A refused run changes the status but keeps the last success timestamp.
     success = values["dispatch_retention_last_success_timestamp_seconds"][""]
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(11, 20)])
+    seed_series(engine, range(11, 20))
     refusing = write_config(tmp_path / "g.toml", config_text(guard="refuse_above_rows = 1"))
     result = CliRunner().invoke(
         cli,

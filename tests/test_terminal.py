@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from .helpers import DAY, SCRIPT, config_text, db_now, dispatch, insert_rows, snapshot, write_config
+from .helpers import SCRIPT, config_text, seed_series, snapshot, write_config
 
 
 def on_terminal(args: list[str], answer: str | None, timeout: float = 30) -> tuple[int, str]:
@@ -50,8 +50,7 @@ def on_terminal(args: list[str], answer: str | None, timeout: float = 30) -> tup
 
 @pytest.fixture
 def backlog(engine: Engine) -> None:
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 31)])
+    seed_series(engine, range(1, 31))
 
 
 @pytest.mark.usefixtures("backlog")
@@ -98,8 +97,7 @@ def test_sigterm_as_pid_1(engine: Engine, url_string: str, tmp_path: Path) -> No
     """As PID 1 of its own PID namespace (as in a container) SIGTERM still stops it: 143."""
     if os.geteuid() != 0:
         pytest.fail("needs root for `unshare --pid` (CI and this machine run as root)")
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 3001)])
+    seed_series(engine, range(1, 3001))
     config = write_config(tmp_path / "r.toml", config_text(clean="pause_between_chunks_ms = 100"))
     process = subprocess.Popen(
         ["unshare", "--pid", "--fork", "--kill-child",

@@ -26,6 +26,7 @@ from .helpers import (
     due_now,
     insert_rows,
     run_job,
+    seed_series,
     settings,
     snapshot,
 )
@@ -56,8 +57,7 @@ def test_rows_that_become_due_mid_run_are_cleaned_not_passed_over(engine: Engine
     """2,000 unsettled rows turn delivered after the first chunk (some ahead of the walk in
     its own block, some behind it, some in blocks the plan never saw): the run cleans them
     all and says `succeeded` with a fresh count of 0, never a planned total."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 1_001)])
+    seed_series(engine, range(1, 1_001))
     unsettled(engine, range(1_001, 2_001))  # the rest of block 0: ahead of the walk
     unsettled(engine, range(50_001, 51_001))  # a block the plan holds no due row in
     flipped = False
@@ -84,8 +84,7 @@ def test_rows_that_keep_becoming_due_leave_the_run_incomplete_and_counted(
     """Receipts keep arriving behind the walk, during the catch-up too: the run ends
     `incomplete`, reason became_due_during_run, with the exact count left (not planned
     minus cleaned), and exit code 0."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(100_001, 100_101)])
+    seed_series(engine, range(100_001, 100_101))
     unsettled(engine, range(1, 101))  # block 0
     unsettled(engine, range(50_001, 50_101))  # block 5
     # chunks 1-2 walk block 10; receipts for block 5 arrive after chunk 1 (the catch-up
@@ -108,8 +107,7 @@ def test_rows_that_keep_becoming_due_leave_the_run_incomplete_and_counted(
 def test_a_budget_stop_counts_what_is_left_at_the_end(engine: Engine) -> None:
     """--max-rows: `incomplete`, reason max_rows, and `remaining_due_rows` is a count of the
     table at the run's cutoffs."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 101)])
+    seed_series(engine, range(1, 101))
     outcome = run_job(engine, settings(), max_rows=30, chunk_size=10)
     assert (outcome.status, outcome.stopped_by, outcome.remaining_reason) == (
         "incomplete",

@@ -9,12 +9,9 @@ from pathlib import Path
 from sqlalchemy import Engine, text
 
 from .helpers import (
-    DAY,
     config_text,
-    db_now,
-    dispatch,
-    insert_rows,
     run_script,
+    seed_series,
     snapshot,
     write_config,
 )
@@ -29,8 +26,7 @@ def test_row_level_security_that_hides_rows_is_refused_with_exit_2(
     exit 2 naming row-level security and BYPASSRLS, touching nothing; with BYPASSRLS the
     run cleans every due row."""
     role, url = run_role
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 21)])
+    seed_series(engine, range(1, 21))
     with engine.begin() as conn:
         conn.execute(text("ALTER TABLE dispatches ENABLE ROW LEVEL SECURITY"))
         conn.execute(text(f"CREATE POLICY half ON dispatches TO {role} USING (id % 2 = 0)"))
@@ -52,8 +48,7 @@ def test_a_view_as_the_target_is_refused_and_names_resolve_to_one_target(
 ) -> None:
     """A soft-delete view over the table is refused (exit 2, naming the view); the table
     named with or without its schema is one target in the audit trail."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 11)])
+    seed_series(engine, range(1, 11))
     with engine.begin() as conn:
         conn.execute(
             text("CREATE VIEW live_dispatches AS SELECT * FROM dispatches WHERE id % 2 = 0")

@@ -26,6 +26,7 @@ from .helpers import (
     insert_rows,
     run_job,
     run_script,
+    seed_series,
     settings,
     snapshot,
     write_config,
@@ -105,8 +106,7 @@ def test_a_trigger_that_copies_old_rows_is_logged_once_and_recorded(
     """An AFTER UPDATE trigger copying OLD into a history table: the run logs `copy_risk`
     once (a warning, naming the trigger) and keeps it in the run record; acknowledged in
     the config, it is logged with the reason instead."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 11)])
+    seed_series(engine, range(1, 11))
     with engine.begin() as conn:
         conn.execute(text(COPY_OLD))
     config = write_config(tmp_path / "r.toml", config_text())
@@ -149,6 +149,18 @@ CREATE TRIGGER app_keep_token BEFORE UPDATE ON dispatches
 """
 
 
+def seed_written_back_pushes(engine: Engine) -> None:
+    """20 due dispatches, the odd ones pushes, and the BEFORE trigger (WRITE_BACK) that puts
+    a push's app_token back as it is cleaned."""
+    now = db_now(engine)
+    insert_rows(
+        engine,
+        [dispatch(i, now - 500 * DAY, type="push" if i % 2 else "sms") for i in range(1, 21)],
+    )
+    with engine.begin() as conn:
+        conn.execute(text(WRITE_BACK))
+
+
 def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
     engine: Engine, url_string: str, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -158,13 +170,7 @@ def test_written_back_rows_are_verify_anomalies_and_reclean_strips_them(
     (exit 2, it cannot read the columns); with the trigger still there it fails (exit 1);
     once the trigger is gone it strips them again, counted apart (rows_recleaned, chunks of
     kind reclean), and `verify` is OK."""
-    now = db_now(engine)
-    insert_rows(
-        engine,
-        [dispatch(i, now - 500 * DAY, type="push" if i % 2 else "sms") for i in range(1, 21)],
-    )
-    with engine.begin() as conn:
-        conn.execute(text(WRITE_BACK))
+    seed_written_back_pushes(engine)
     config = write_config(tmp_path / "r.toml", config_text())
     _role, role_url = run_role
     # the run role cannot read the personal columns: it cannot see the write-back, and says so
@@ -222,13 +228,7 @@ def test_a_role_that_can_read_the_columns_fails_a_run_whose_rows_are_written_bac
     """Run by a role that may read the personal columns (the owner), a chunk whose cleaned
     rows hold personal data again right after the UPDATE rolls back, and the run fails
     naming the trigger: never `succeeded` while it can see the data."""
-    now = db_now(engine)
-    insert_rows(
-        engine,
-        [dispatch(i, now - 500 * DAY, type="push" if i % 2 else "sms") for i in range(1, 21)],
-    )
-    with engine.begin() as conn:
-        conn.execute(text(WRITE_BACK))
+    seed_written_back_pushes(engine)
     with capture_logs() as logs:
         outcome = run_job(engine, settings(), chunk_size=5)
     assert outcome.status == "failed"
@@ -263,12 +263,11 @@ def sweeps(engine: Engine, s: Settings, **kwargs: Any) -> tuple[Outcome, int, in
 def test_every_window_is_recounted_in_its_own_transaction(engine: Engine) -> None:
     """Each chunk recounts (sweeps) its window after its UPDATE, with or without a trigger
     on the table: one sweep per window transaction."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 31)])
+    seed_series(engine, range(1, 31))
     plain, windows, swept = sweeps(engine, settings(), chunk_size=10)
     assert (plain.status, plain.rows_cleaned) == ("succeeded", 30)
     assert swept == windows >= plain.chunks >= 3
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(31, 61)])
+    seed_series(engine, range(31, 61))
     with engine.begin() as conn:
         conn.execute(text(COPY_OLD))
     watched, windows, swept = sweeps(engine, settings(), chunk_size=10)

@@ -22,6 +22,7 @@ from dispatch_retention.cli import cli
 from .helpers import (
     DAY,
     MARK,
+    STRIPPED,
     assert_no_marker,
     config_text,
     db_now,
@@ -29,13 +30,13 @@ from .helpers import (
     granted_role,
     insert_rows,
     run_script,
+    seed_series,
     settings,
     write_config,
 )
 
 FAR_FUTURE = datetime(2099, 1, 1, tzinfo=UTC)
 UNSETTLED = {"transmission_status": "scheduled", "delivery_status": "pending"}
-STRIPPED = {"content": {}, "msisdn": None, "email": None, "app_token": None}
 
 
 def verify(cfg: Path, url: str, *extra: str) -> tuple[int, dict[str, Any]]:
@@ -257,8 +258,7 @@ def test_row_level_security_is_refused_unless_the_role_bypasses_it(
     """With RLS hiding half the rows from the read-only role, verify exits 2 naming RLS and
     BYPASSRLS; with BYPASSRLS it sees every row and reports all the violations."""
     cfg = default_config(tmp_path)
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 11)])
+    seed_series(engine, range(1, 11))
     with granted_role(engine, database_url, "read-only") as (role, url):
         with engine.begin() as conn:
             conn.execute(text("ALTER TABLE dispatches ENABLE ROW LEVEL SECURITY"))
@@ -285,8 +285,7 @@ def test_row_level_security_is_refused_unless_the_role_bypasses_it(
 
 def test_a_view_as_target_is_refused(engine: Engine, url_string: str, tmp_path: Path) -> None:
     """A soft-delete view over the table is not a target: verify exits 2 naming the view."""
-    now = db_now(engine)
-    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 5)])
+    seed_series(engine, range(1, 5))
     with engine.begin() as conn:
         conn.execute(
             text("CREATE VIEW live_dispatches AS SELECT * FROM dispatches WHERE id % 2 = 0")

@@ -1,5 +1,5 @@
-"""Fixtures of the command-line tests: no ambient settings, a config file, an upgraded
-database and its URL with a password (which no output may show)."""
+"""Fixtures of the command-line tests: a config file, an upgraded database and its URL with
+a password (which no output may show). tests/conftest.py clears the ambient settings."""
 
 from __future__ import annotations
 
@@ -7,7 +7,6 @@ import itertools
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -18,20 +17,9 @@ from ..helpers import (
     invoke,
     write_config,
 )
+from .harness import AUDIT, PASSWORD
 
-PASSWORD = "s3cr3tPW"
-UNREACHABLE = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"  # nothing listens on port 1
-AUDIT = "dispatch_retention"  # the audit schema of config_text() (the default)
 _roles = itertools.count()
-
-Rows = dict[int, dict[str, Any]]
-
-
-@pytest.fixture(autouse=True)
-def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """No test picks up a URL or config from the developer's or CI's environment."""
-    for name in ("DATABASE_URL", "DATABASE_URL_FILE", "DISPATCH_RETENTION_CONFIG"):
-        monkeypatch.delenv(name, raising=False)
 
 
 @pytest.fixture

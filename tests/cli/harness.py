@@ -1,15 +1,10 @@
-"""What the command-line tests share: a seeded table, the plan table as printed, and the
-check that no row is half cleaned. Their fixtures live in tests/cli/conftest.py."""
+"""What the command-line tests share: a seeded table, the plan table as printed, the
+invalid configs and the secret URL's parts. Their fixtures live in tests/cli/conftest.py."""
 
 from __future__ import annotations
 
-import itertools
-from typing import Any
-
 import pytest
 from sqlalchemy import Engine
-
-from dispatch_retention.config import DEFAULT_CLEAN_COLUMNS, KEPT_COLUMNS
 
 from ..helpers import (
     DAY,
@@ -22,9 +17,6 @@ from ..helpers import (
 PASSWORD = "s3cr3tPW"
 UNREACHABLE = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"  # nothing listens on port 1
 AUDIT = "dispatch_retention"  # the audit schema of config_text() (the default)
-_roles = itertools.count()
-
-Rows = dict[int, dict[str, Any]]
 
 
 def seed(engine: Engine) -> set[int]:
@@ -60,23 +52,6 @@ def plan_table(stdout: str) -> dict[str, tuple[int, int]]:
         name, retention, _cutoff, due = line.split()
         table[name] = (int(retention), int(due))
     return table
-
-
-def assert_fully_cleaned_or_untouched(before: Rows, after: Rows) -> set[int]:
-    """No half-cleaned row: each row is stripped and stamped as a whole, or unchanged."""
-    assert before.keys() == after.keys()
-    cleaned = set()
-    for row_id, old in before.items():
-        new = after[row_id]
-        if new == old:
-            continue
-        cleaned.add(row_id)
-        stripped = {c: new[c] for c in DEFAULT_CLEAN_COLUMNS}
-        assert stripped == {"content": {}, "msisdn": None, "email": None, "app_token": None}
-        assert new["cleaned_at"] is not None
-        kept = {c for c in KEPT_COLUMNS if c not in ("cleaned_at", "updated_at")}
-        assert {c: old[c] for c in kept} == {c: new[c] for c in kept}, f"row {row_id}"
-    return cleaned
 
 
 INVALID_CONFIGS = [

@@ -14,17 +14,17 @@ import pytest
 from sqlalchemy import Engine
 
 from ..helpers import (
-    DAY,
     MARK,
     SCRIPT,
+    assert_no_half_cleaned_row,
     config_text,
-    db_now,
-    dispatch,
-    insert_rows,
     invoke,
     json_lines,
+    read_until_first_chunk,
     script,
+    seed_series,
     snapshot,
+    spawn,
     write_config,
 )
 from .harness import (
@@ -32,7 +32,6 @@ from .harness import (
     INVALID_CONFIGS,
     PASSWORD,
     UNREACHABLE,
-    assert_fully_cleaned_or_untouched,
     plan_table,
     seed,
 )
@@ -81,7 +80,7 @@ def test_subprocess_run_cleans_and_logs_every_chunk(
     chunks = [e for e in events if e["event"] == "chunk_committed"]
     assert 4 == sum(c["rows"] for c in chunks) == events[-1]["rows_cleaned"]
     assert (events[-1]["remaining_due_rows"], events[-1]["status"]) == (0, "succeeded")
-    assert due == assert_fully_cleaned_or_untouched(before, snapshot(engine))
+    assert due == assert_no_half_cleaned_row(snapshot(engine), before=before)
     for stream in (proc.stdout, proc.stderr):
         assert MARK not in stream
         assert PASSWORD not in stream
@@ -133,37 +132,22 @@ def test_signal_stops_after_the_chunk_in_progress(
     code: int,
 ) -> None:
     """A signal mid-run: exit 128+n, `run_interrupted`, no half-cleaned row; a rerun finishes."""
-    now = db_now(engine)
-    types = ("sms", "email", "push")
-    insert_rows(
-        engine,
-        (dispatch(i, now - 500 * DAY, type=types[i % 3]) for i in range(1, BACKLOG + 1)),
-    )
+    seed_series(engine, range(1, BACKLOG + 1), mixed=True)
     before = snapshot(engine)
     # a short pause between chunks leaves the signal plenty of chunks to interrupt
     slow = write_config(tmp_path / "slow.toml", config_text(clean="pause_between_chunks_ms = 5"))
     args = ["--config", str(slow), "--database-url", upgraded]
-    proc = subprocess.Popen(
-        [str(SCRIPT), *args, "run", "--chunk-size", "50"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    proc = spawn(*args, "run", "--chunk-size", "50", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
-        assert proc.stderr is not None
-        seen: list[str] = []
-        for line in proc.stderr:  # ends at EOF if the run never commits a chunk
-            seen.append(line)
-            if json.loads(line)["event"] == "chunk_committed":
-                proc.send_signal(signum)
-                break
+        seen = read_until_first_chunk(proc)
+        proc.send_signal(signum)
         stdout, rest = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    events = json_lines("".join(seen) + rest)
-    assert code == proc.returncode, "".join(seen) + rest
+    events = seen + json_lines(rest)
+    assert code == proc.returncode, (seen, rest)
     last = events[-1]
     assert ("run_interrupted", int(signum), "interrupted") == (
         last["event"],
@@ -172,7 +156,7 @@ def test_signal_stops_after_the_chunk_in_progress(
     )
     assert len({e["run_id"] for e in events}) == 1
     assert f"Run {last['run_id']}: interrupted" in stdout
-    cleaned = assert_fully_cleaned_or_untouched(before, snapshot(engine))
+    cleaned = assert_no_half_cleaned_row(snapshot(engine), before=before)
     chunk_rows = sum(e["rows"] for e in events if e["event"] == "chunk_committed")
     assert len(cleaned) == chunk_rows == last["rows_cleaned"]
     assert 0 < len(cleaned) < BACKLOG, "the signal arrived after the run had finished"
@@ -189,7 +173,7 @@ def test_signal_stops_after_the_chunk_in_progress(
     assert finish.returncode == 0, finish.stderr
     done = json_lines(finish.stderr)[-1]
     assert (done["event"], done["remaining_due_rows"]) == ("run_finished", 0)
-    assert len(assert_fully_cleaned_or_untouched(before, snapshot(engine))) == BACKLOG
+    assert len(assert_no_half_cleaned_row(snapshot(engine), before=before)) == BACKLOG
 
 
 def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:

@@ -15,6 +15,7 @@ from dispatch_retention.lock import lock_key
 
 from ..helpers import (
     MARK,
+    assert_no_half_cleaned_row,
     config_text,
     invoke,
     json_lines,
@@ -26,7 +27,6 @@ from .harness import (
     INVALID_CONFIGS,
     PASSWORD,
     UNREACHABLE,
-    assert_fully_cleaned_or_untouched,
     plan_table,
     seed,
 )
@@ -63,7 +63,7 @@ def test_run_yes_cleans_the_due_rows_and_exits_0(
     assert result.exit_code == 0, result.output
     assert ": succeeded" in result.stdout
     assert "cleaned in total: 4" in result.stdout
-    assert due == assert_fully_cleaned_or_untouched(before, snapshot(engine))
+    assert due == assert_no_half_cleaned_row(snapshot(engine), before=before)
     assert MARK not in result.output
     again = invoke("--config", str(config_file), "--database-url", upgraded, "run", "--dry-run")
     assert again.exit_code == 0
@@ -96,7 +96,7 @@ def test_max_rows_stops_cleanly_with_exit_0(
     assert result.exit_code == 0, result.output
     assert ": incomplete" in result.stdout
     assert "still due:        1" in result.stdout
-    assert len(assert_fully_cleaned_or_untouched(before, snapshot(engine))) == 3
+    assert len(assert_no_half_cleaned_row(snapshot(engine), before=before)) == 3
 
 
 def test_refuse_above_rows_exits_4_unless_forced(
@@ -112,7 +112,7 @@ def test_refuse_above_rows_exits_4_unless_forced(
     assert before == snapshot(engine)
     forced = invoke("--config", str(cfg), "--database-url", upgraded, "run", "--yes", "--force")
     assert forced.exit_code == 0, forced.output
-    assert len(assert_fully_cleaned_or_untouched(before, snapshot(engine))) == 4
+    assert len(assert_no_half_cleaned_row(snapshot(engine), before=before)) == 4
 
 
 @pytest.mark.parametrize("mode", ["--dry-run", "--yes"])

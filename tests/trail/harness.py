@@ -1,12 +1,12 @@
-"""What the audit-trail tests share: seeding in bulk, reading the run and chunk records, the
-trail's invariants (every cleaned row in exactly one chunk record, nothing half cleaned),
-and the console script in a subprocess. Their fixtures live in tests/trail/conftest.py.
+"""What the audit-trail tests share: the chunk records, the trail's invariant (every cleaned
+row in exactly one chunk record), holds and the CLI's audit listings. Seeding, the run
+records, the console script and the no-half-cleaned-row check are tests/helpers.py's; the
+fixtures live in tests/trail/conftest.py.
 """
 
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from collections import Counter
 from typing import Any
@@ -14,13 +14,10 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from dispatch_retention import holds
-from dispatch_retention.config import DEFAULT_CLEAN_COLUMNS
 from dispatch_retention.lock import RunLock, run_locks
 from dispatch_retention.schema import AuditTables
 
 from ..helpers import (
-    MARK,
-    SCRIPT,
     invoke,
     snapshot,
 )
@@ -28,49 +25,14 @@ from ..helpers import (
 SCHEMA = "dispatch_retention"
 TABLES = AuditTables(SCHEMA)
 WHOLE_TARGET = run_locks("public.dispatches", None)  # the locks a run without --shard takes
-STRIPPED = {"content": {}, "msisdn": None, "email": None, "app_token": None}
 
 
-# --- running the CLI -------------------------------------------------------------------------
+# --- reading the database ------------------------------------------------------------------
 
 
-def spawn(*args: str, **streams: Any) -> subprocess.Popen[str]:
-    return subprocess.Popen([str(SCRIPT), *args], text=True, **streams)
-
-
-def read_until_first_chunk(proc: subprocess.Popen[str]) -> list[dict[str, Any]]:
-    """Log events of a running subprocess up to and including its first committed chunk."""
-    assert proc.stderr is not None
-    seen: list[dict[str, Any]] = []
-    for line in proc.stderr:  # ends at EOF if the run never commits a chunk
-        seen.append(json.loads(line))
-        if seen[-1]["event"] == "chunk_committed":
-            return seen
-    raise AssertionError(f"the run ended before committing a chunk: {seen}")
-
-
-# --- seeding and reading the database --------------------------------------------------------
-
-BULK_SQL = """
-INSERT INTO dispatches (id, type, content, member_id, msisdn, email, app_token,
-    transmission_status, delivery_status, external_delivery_status,
-    created_at, updated_at, scheduled_at, transmitted_at, delivered_at)
-SELECT g, (ARRAY['sms', 'email', 'push'])[1 + g % 3],
-    jsonb_build_object('body', :mark || '-content-' || g), 1000 + g % 97,
-    '+47' || :mark || g, :mark || '.' || g || '@example.invalid', :mark || '-token-' || g,
-    CASE WHEN g % 7 = 0 THEN 'failed' ELSE 'transmitted' END, 'delivered', 'delivered',
-    ts, ts, ts, ts, ts
-FROM generate_series(1, CAST(:n AS bigint)) AS g,
-    LATERAL (SELECT now() - CASE WHEN g % 10 = 0 THEN interval '5 days'
-                                 ELSE interval '500 days' END AS ts) AS t
-"""
-
-
-def bulk_seed(engine: Engine, n: int) -> int:
-    """n marked dispatches in one statement: every tenth young, the rest due; returns #due."""
-    with engine.begin() as conn:
-        conn.execute(text(BULK_SQL), {"n": n, "mark": MARK})
-    return n - n // 10
+def every_tenth_young(row_id: int) -> bool:
+    """The young rows of the trail's backlogs (`seed_series(..., mixed=True)`)."""
+    return row_id % 10 == 0
 
 
 def expected_policy(row: dict[str, Any]) -> str:
@@ -86,21 +48,6 @@ def chunk_records(engine: Engine, run_id: str | None = None) -> list[dict[str, A
         return [
             dict(r) for r in conn.execute(text(sql + " ORDER BY seq"), {"r": run_id}).mappings()
         ]
-
-
-def run_records(engine: Engine) -> dict[str, dict[str, Any]]:
-    with engine.connect() as conn:
-        rows = conn.execute(text(f"SELECT * FROM {SCHEMA}.runs")).mappings()
-        return {str(r["run_id"]): dict(r) for r in rows}
-
-
-def cleaned_count(engine: Engine) -> int:
-    with engine.connect() as conn:
-        return int(
-            conn.execute(
-                text("SELECT count(*) FROM dispatches WHERE cleaned_at IS NOT NULL")
-            ).scalar_one()
-        )
 
 
 def assert_chunks_account_for_every_cleaned_row(engine: Engine) -> None:
@@ -121,18 +68,6 @@ def assert_chunks_account_for_every_cleaned_row(engine: Engine) -> None:
         assert not members & recovered, "two chunk records claim the same dispatch"
         recovered |= members
     assert recovered == cleaned
-
-
-def assert_nothing_half_cleaned(engine: Engine) -> None:
-    """Personal columns are all stripped if and only if cleaned_at is set."""
-    for row_id, row in snapshot(engine).items():
-        stripped = {c: row[c] for c in DEFAULT_CLEAN_COLUMNS} == STRIPPED
-        untouched = all(MARK in json.dumps(row[c]) for c in DEFAULT_CLEAN_COLUMNS)
-        if row["cleaned_at"] is None:
-            assert untouched, f"row {row_id} lost personal data without cleaned_at"
-        else:
-            assert stripped, f"row {row_id} is half cleaned"
-            assert row["updated_at"] == row["cleaned_at"]
 
 
 def wait_for_lock_release(engine: Engine, timeout: float = 10) -> None:

@@ -18,24 +18,25 @@ from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
 from ..helpers import (
     DAY,
     as_json_lines,
+    assert_no_half_cleaned_row,
+    cleaned_count,
     db_now,
     dispatch,
     insert_rows,
+    read_until_first_chunk,
+    run_records,
     script,
+    seed_series,
     settings,
     snapshot,
+    spawn,
 )
 from .harness import (
     BACKLOG,
     SCHEMA,
     assert_chunks_account_for_every_cleaned_row,
-    assert_nothing_half_cleaned,
-    bulk_seed,
     chunk_records,
-    cleaned_count,
-    read_until_first_chunk,
-    run_records,
-    spawn,
+    every_tenth_young,
     wait_for_lock_release,
 )
 
@@ -104,7 +105,7 @@ def test_failure_before_commit_leaves_neither_rows_nor_chunk_record(
         ), run["status"]
     assert cleaned_count(engine) == sum(1 for i in before if i % 4) == 30
     assert_chunks_account_for_every_cleaned_row(engine)
-    assert_nothing_half_cleaned(engine)
+    assert_no_half_cleaned_row(snapshot(engine))
 
 
 # --- 2. a killed run -------------------------------------------------------------------------
@@ -114,7 +115,7 @@ def test_sigkilled_run_is_marked_abandoned_and_the_next_run_finishes(
     engine: Engine, base: list[str]
 ) -> None:
     """SIGKILL mid-run leaves `running`; the next run marks it abandoned and cleans the rest."""
-    due = bulk_seed(engine, BACKLOG)
+    due, _ = seed_series(engine, range(1, BACKLOG + 1), every_tenth_young, mixed=True)
     proc = spawn(
         *base, "run", "--chunk-size", "10", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -131,9 +132,9 @@ def test_sigkilled_run_is_marked_abandoned_and_the_next_run_finishes(
 
     assert run_records(engine)[killed]["status"] == "running"
     committed = sum(c["rows"] for c in chunk_records(engine, killed))
-    assert 0 < committed < due, "the kill arrived after the run had finished"
+    assert 0 < committed < len(due), "the kill arrived after the run had finished"
     assert cleaned_count(engine) == committed
-    assert_nothing_half_cleaned(engine)
+    assert_no_half_cleaned_row(snapshot(engine))
 
     nxt = script(*base, "run")
     assert nxt.returncode == 0, nxt.stderr
@@ -149,6 +150,6 @@ def test_sigkilled_run_is_marked_abandoned_and_the_next_run_finishes(
     assert (record["status"], record["rows_cleaned"]) == ("abandoned", committed)
     assert record["finished_at"] is not None and "killed" in record["error"]
     assert run_records(engine)[finished["run_id"]]["status"] == "succeeded"
-    assert cleaned_count(engine) == due
-    assert_nothing_half_cleaned(engine)
+    assert cleaned_count(engine) == len(due)
+    assert_no_half_cleaned_row(snapshot(engine))
     assert_chunks_account_for_every_cleaned_row(engine)

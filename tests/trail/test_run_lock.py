@@ -13,21 +13,22 @@ from dispatch_retention.lock import RunLock
 
 from ..helpers import (
     as_json_lines,
+    assert_no_half_cleaned_row,
+    cleaned_count,
     config_text,
+    run_records,
     script,
+    seed_series,
     snapshot,
+    spawn,
     write_config,
 )
 from .harness import (
     BACKLOG,
     WHOLE_TARGET,
     assert_chunks_account_for_every_cleaned_row,
-    assert_nothing_half_cleaned,
-    bulk_seed,
     chunk_records,
-    cleaned_count,
-    run_records,
-    spawn,
+    every_tenth_young,
 )
 
 # --- 3. one run at a time --------------------------------------------------------------------
@@ -37,7 +38,7 @@ def test_run_exits_3_while_the_lock_is_held_touching_nothing(
     engine: Engine, base: list[str]
 ) -> None:
     """A run finding the target's lock held exits 3, writes no record, logs the holder."""
-    bulk_seed(engine, 50)
+    seed_series(engine, range(1, 51), every_tenth_young, mixed=True)
     before = snapshot(engine)
     with RunLock(engine, WHOLE_TARGET) as lock:
         assert lock.acquired
@@ -60,7 +61,7 @@ def test_two_concurrent_runs_one_proceeds_the_other_exits_3(
     engine: Engine, url_string: str, tmp_path: Path
 ) -> None:
     """Two real processes started together: one cleans, the other exits 3 having done nothing."""
-    bulk_seed(engine, BACKLOG)
+    seed_series(engine, range(1, BACKLOG + 1), every_tenth_young, mixed=True)
     # A pause between chunks keeps the winner busy for seconds (a stop signal cuts it short).
     slow = write_config(tmp_path / "slow.toml", config_text(clean="pause_between_chunks_ms = 5"))
     base = ["--config", str(slow), "--database-url", url_string]
@@ -100,4 +101,4 @@ def test_two_concurrent_runs_one_proceeds_the_other_exits_3(
     chunk_rows = sum(e["rows"] for e in won if e["event"] == "chunk_committed")
     assert 0 < chunk_rows == cleaned_count(engine)
     assert_chunks_account_for_every_cleaned_row(engine)
-    assert_nothing_half_cleaned(engine)
+    assert_no_half_cleaned_row(snapshot(engine))
