@@ -37,28 +37,47 @@ def assert_failed_at_once(job: object, engine: Engine, sqlstate: str) -> None:
     assert cleaned_count(engine) == 0
 
 
+@pytest.mark.parametrize(
+    ("ddl", "reason"),
+    [
+        ("ALTER TABLE dispatches DROP COLUMN app_token",
+         "clean.columns names app_token, which the table does not have"),
+        ("ALTER TABLE dispatches ALTER COLUMN msisdn SET NOT NULL",
+         "msisdn is NOT NULL (text) but clean.columns sets it to NULL"),
+    ],
+)  # fmt: skip
 @pytest.mark.usefixtures("backlog")
-def test_missing_column_fails_at_once(engine: Engine, url_string: str, tmp_path: Path) -> None:
-    """A cleaned column the table does not have: undefined_column, no retry loop."""
+def test_a_column_cleaning_cannot_write_is_refused_before_anything_runs(
+    engine: Engine, url_string: str, tmp_path: Path, ddl: str, reason: str
+) -> None:
+    """A cleaned column the table does not have, or a NOT NULL one set to NULL: checked when
+    the job connects (README "Real tables"): exit 2 naming it, no run record, no retry."""
     with engine.begin() as conn:
-        conn.execute(text("ALTER TABLE dispatches DROP COLUMN app_token"))
+        conn.execute(text(ddl))
     config = write_config(tmp_path / "r.toml", config_text("max_retries = 5"))
     job = run_script(url_string, config, "run", "--yes")
-    assert_failed_at_once(job, engine, "42703")
+    assert job.returncode == 2, job.stderr
+    assert reason in job.stderr and "Traceback" not in job.stderr
+    assert run_records(engine) == {}
+    assert cleaned_count(engine) == 0
 
 
 @pytest.mark.usefixtures("backlog")
-def test_not_null_violation_fails_at_once_without_row_values(
+def test_a_check_violation_fails_at_once_without_row_values(
     engine: Engine, url_string: str, tmp_path: Path
 ) -> None:
-    """clean.columns NULLs a NOT NULL column: not_null_violation; its DETAIL (the failing row,
-    personal data included) never reaches the log or the run record."""
+    """A CHECK constraint the cleaning UPDATE breaks (the job cannot know it beforehand):
+    check_violation; its DETAIL (the failing row, personal data included) never reaches the
+    log or the run record."""
     with engine.begin() as conn:
-        conn.execute(text("ALTER TABLE dispatches ALTER COLUMN msisdn SET NOT NULL"))
+        conn.execute(
+            text("ALTER TABLE dispatches ADD CONSTRAINT has_msisdn CHECK (msisdn IS NOT NULL)")
+        )
     config = write_config(tmp_path / "r.toml", config_text())
     job = run_script(url_string, config, "run", "--yes")
-    assert_failed_at_once(job, engine, "23502")
-    assert "column msisdn" in job.events("run_failed")[0]["error"]
+    assert_failed_at_once(job, engine, "23514")
+    [record] = run_records(engine).values()
+    assert MARK not in record["error"]
 
 
 @pytest.mark.usefixtures("backlog")

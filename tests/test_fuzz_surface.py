@@ -95,7 +95,6 @@ ODD_TEXT = st.sampled_from(
         "holds",
         "00000000-0000-0000-0000-000000000000",
         "not-a-uuid",
-        f"{MARK}-value",
         "http://127.0.0.1:1",
         "http://[::1",
         "http://gw.invalid:9091",

@@ -21,7 +21,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -34,6 +34,9 @@ from pydantic import (
 )
 
 from .errors import ConfigError
+
+if TYPE_CHECKING:
+    from .shape import Shape
 
 DEFAULT_CONFIG_PATH = Path("config/retention.toml")
 CONFIG_ENV = "DISPATCH_RETENTION_CONFIG"
@@ -89,16 +92,52 @@ MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 MAX_RETENTION_DAYS = 36_500  # a hundred years: anything longer is a typo
 
 
+#: One part of a name: a plain SQL name, or a quoted one ("Dispatches", with "" for a quote).
+_NAME_PART = re.compile(r'"((?:[^"]|"")+)"|([^".]+)')
+
+
+def name_parts(value: str) -> list[str]:
+    """The parts of `NAME`, `SCHEMA.NAME` or their quoted forms (`"Messaging"."Dispatches"`),
+    unquoted; `ValueError` for anything else. Parsed here, never pasted into SQL: every
+    statement quotes the parts again (SQLAlchemy's preparer, `Target.regclass`)."""
+    parts, at = [], 0
+    while True:
+        found = _NAME_PART.match(value, at)
+        if found is None:
+            raise ValueError("a name is NAME, SCHEMA.NAME, or their quoted forms")
+        quoted, plain = found.groups()
+        if quoted is not None:
+            part = quoted.replace('""', '"')
+            if "\x00" in part or len(part.encode()) > MAX_IDENTIFIER:
+                raise ValueError(f"a quoted name holds at most {MAX_IDENTIFIER} bytes, no NUL")
+        else:
+            part = plain
+            if len(part) > MAX_IDENTIFIER or not IDENTIFIER.match(part):
+                raise ValueError(
+                    "a name is a plain SQL name (lower-case letters, digits and _, not starting "
+                    f'with a digit, at most {MAX_IDENTIFIER} characters) or quoted ("Name")'
+                )
+        parts.append(part)
+        at = found.end()
+        if at == len(value):
+            return parts
+        if value[at] != ".":
+            raise ValueError("a name is NAME, SCHEMA.NAME, or their quoted forms")
+        at += 1
+
+
+def quoted_name(*parts: str) -> str:
+    """`schema.name` as a config or a log writes it: each part quoted only where it must be."""
+    return ".".join(p if IDENTIFIER.match(p) else '"' + p.replace('"', '""') + '"' for p in parts)
+
+
 def _identifier(value: str, what: str) -> str:
-    parts = value.split(".")
+    try:
+        parts = name_parts(value)
+    except ValueError as exc:
+        raise ValueError(f"{what}: {exc}") from None
     if len(parts) > 2:
         raise ValueError(f"{what} must be NAME or SCHEMA.NAME")
-    for part in parts:
-        if len(part) > MAX_IDENTIFIER or not IDENTIFIER.match(part):
-            raise ValueError(
-                f"{what} must be a plain SQL name (lower-case letters, digits and _, "
-                f"not starting with a digit, at most {MAX_IDENTIFIER} characters)"
-            )
     return value
 
 
@@ -115,26 +154,62 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+Code = (
+    Annotated[str, StringConstraints(min_length=1, max_length=200)]
+    | Annotated[int, Field(ge=-(2**63), lt=2**63)]
+)
+
+
 class Target(_Strict):
     table: str = "dispatches"
+    #: where the table stores other values than the API's words: column -> word -> value
+    #: (an integer code or an enum label); policies keep naming the words
+    codes: dict[str, dict[str, Code]] = Field(default_factory=dict)
 
     @field_validator("table")
     @classmethod
     def _plain_name(cls, value: str) -> str:
         return _identifier(value, "the table name")
 
+    @field_validator("codes")
+    @classmethod
+    def _known_words(cls, value: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for column, mapping in value.items():
+            if column not in MATCH_KEYS:
+                raise ValueError(f"unknown column {column!r}; one of {', '.join(MATCH_KEYS)}")
+            words = MATCH_KEYS[column]
+            if not mapping:
+                raise ValueError(f"{column}: map at least one word")
+            for word, code in mapping.items():
+                if words is not None and word not in words:
+                    raise ValueError(f"{column}: unknown word {word!r}; one of {', '.join(words)}")
+                if isinstance(code, str) and "\x00" in code:
+                    raise ValueError(f"{column}.{word}: holds a NUL character (\\u0000)")
+            stored = list(mapping.values())
+            if len({(type(c), c) for c in stored}) != len(stored):
+                raise ValueError(f"{column}: two words map to the same value")
+            if len({type(c) for c in stored}) > 1:
+                raise ValueError(f"{column}: mix of integer codes and labels; use one kind")
+        return value
+
+    @property
+    def parts(self) -> list[str]:
+        """The schema (if given) and table names, unquoted."""
+        return name_parts(self.table)
+
     @property
     def schema_name(self) -> str | None:
-        return self.table.split(".")[0] if "." in self.table else None
+        parts = self.parts
+        return parts[0] if len(parts) == 2 else None
 
     @property
     def table_name(self) -> str:
-        return self.table.split(".")[-1]
+        return self.parts[-1]
 
     @property
     def regclass(self) -> str:
         """The name quoted for `CAST(... AS regclass)` (a resolved schema may hold capitals)."""
-        return ".".join('"' + part.replace('"', '""') + '"' for part in self.table.split("."))
+        return ".".join('"' + part.replace('"', '""') + '"' for part in self.parts)
 
 
 class Clean(_Strict):
@@ -207,16 +282,17 @@ class Clean(_Strict):
     @field_validator("columns")
     @classmethod
     def _known_columns(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        """The seed model's personal columns, or any other column of the table (an
+        application's own, checked against the table when the job connects); never one the
+        seed model keeps for a reason."""
         if not value:
             raise ValueError("list at least one column to strip")
         for column in value:
-            if column not in PERSONAL_COLUMNS:
-                reason = KEPT_COLUMNS.get(column)
-                raise ValueError(
-                    f"{column!r} cannot be stripped ({reason})"
-                    if reason
-                    else f"unknown column {column!r}; one of {', '.join(PERSONAL_COLUMNS)}"
-                )
+            reason = KEPT_COLUMNS.get(column)
+            if reason:
+                raise ValueError(f"{column!r} cannot be stripped ({reason})")
+            if len(column) > MAX_IDENTIFIER or not IDENTIFIER.match(column):
+                raise ValueError(f"{column!r} is not a plain SQL column name")
         if len(set(value)) != len(value):
             raise ValueError("a column is listed twice")
         return value
@@ -232,7 +308,7 @@ class Clean(_Strict):
         for column, replacement in self.replace.items():
             if column not in self.columns:
                 raise ValueError(f"replace.{column}: {column!r} is not in clean.columns")
-            expected = PERSONAL_COLUMNS[column]
+            expected = PERSONAL_COLUMNS.get(column, (dict, list, str, int, float, bool))
             if replacement is None or (isinstance(replacement, bool) and expected is int):
                 raise ValueError(f"replace.{column}: leave the column out of replace for NULL")
             if not isinstance(replacement, expected):
@@ -268,14 +344,20 @@ class Audit(_Strict):
     @field_validator("schema_")
     @classmethod
     def _plain_name(cls, value: str) -> str:
-        if "." in value:
-            raise ValueError("the audit schema must be a single plain SQL name")
+        """One name, plain or quoted; kept unquoted (every use quotes it again)."""
+        try:
+            parts = name_parts(value)
+        except ValueError as exc:
+            raise ValueError(f"the audit schema: {exc}") from None
+        if len(parts) != 1:
+            raise ValueError("the audit schema must be a single SQL name")
+        value = parts[0]
         if value.startswith("pg_") or value == "information_schema":
             raise ValueError(
                 f"{value} is a system schema: pg_dump leaves it out, and the audit trail with "
                 "it; name a schema of the job's own"
             )
-        return _identifier(value, "the audit schema")
+        return value
 
 
 class Policy(_Strict):
@@ -359,6 +441,9 @@ class Settings:
     audit: Audit
     policies: tuple[Policy, ...]
     acknowledged: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    #: the target table's columns as the catalog describes them, once the job has connected
+    #: (`target.resolve_settings`); None before: statements then follow the seed model
+    shape: Shape | None = None
 
     @property
     def sha256(self) -> str:

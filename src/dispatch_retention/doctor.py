@@ -40,8 +40,13 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     row-level security that applies to this role) raises `target.TargetRefused` (exit 2)."""
     db.read_only(conn)
     configured = settings.target
-    settings = target_module.resolve_settings(conn, settings)
+    settings = target_module.resolve_settings(conn, settings, refuse=False)
     findings: list[Finding] = [_target(conn, configured, settings)]
+    assert settings.shape is not None  # read by resolve_settings
+    findings += [
+        Finding("error", "columns", problem)  # what `run` refuses with exit 2
+        for problem in target_module.column_problems(settings, settings.shape)
+    ]
     target = settings.target
     inspector = inspect(conn)
     columns = {c["name"]: c for c in inspector.get_columns(target.table_name, target.schema_name)}

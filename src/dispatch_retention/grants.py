@@ -71,7 +71,7 @@ def write_columns(settings: Settings) -> list[str]:
 def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
     role_q = _quote(valid_role(role))
     target_schema = settings.target.schema_name or "public"
-    table = ".".join(_quote(part) for part in settings.target.table.split("."))
+    table = ".".join(_quote(part) for part in settings.target.parts)
     audit = _quote(settings.audit.schema_)
 
     def audit_table(name: str) -> str:

@@ -71,7 +71,7 @@ def upgrade(engine: Engine, schema: str) -> tuple[str | None, str]:
         return before, current(conn, schema) or HEAD
 
 
-_SCHEMA_EXISTS = text("SELECT to_regnamespace(:s) IS NOT NULL")
+_SCHEMA_EXISTS = text("SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = :s)")
 _PRIVILEGE = {
     "database": "has_database_privilege(current_database(), :p)",
     "schema": "has_schema_privilege(:o, :p)",

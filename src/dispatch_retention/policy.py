@@ -24,6 +24,7 @@ over policies, and the CASE that credits a cleaned row picks the first match in 
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -33,6 +34,7 @@ from sqlalchemy import (
     ColumnElement,
     DateTime,
     Table,
+    Text,
     and_,
     bindparam,
     case,
@@ -46,7 +48,7 @@ from sqlalchemy import (
     or_,
     true,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 
 from .config import Policy, Settings
 
@@ -98,22 +100,44 @@ def rules(settings: Settings, now: datetime) -> Rules:
     return Rules(now=now, cutoffs=cutoffs, age_from=settings.clean.age_from)
 
 
-def _ts(value: datetime) -> ColumnElement[datetime]:
+def _ts(value: datetime, like: ColumnElement[Any]) -> ColumnElement[datetime]:
+    """`value` bound as the type of the column it is compared with: a column without time
+    zone holds UTC (README "Real tables"), so it gets the UTC wall time as a plain
+    timestamp, which its indexes serve and no session time zone shifts."""
+    if isinstance(like.type, DateTime) and not like.type.timezone:
+        plain = value.astimezone(UTC).replace(tzinfo=None)
+        return bindparam(None, plain, type_=DateTime(timezone=False))
     return bindparam(None, value, type_=DateTime(timezone=True))
+
+
+def stored(column: Any, words: Sequence[str]) -> list[Any]:
+    """The values `column` stores for the API's `words`: through `[target.codes]` where
+    the table has its own (`schema.target_table` puts them in the column's `info`), and
+    for an enum only its labels (binding a word it lacks would fail)."""
+    codes = column.info.get("codes")
+    values: list[Any] = [codes[w] for w in words if w in codes] if codes else list(words)
+    labels = column.info.get("labels")
+    return [v for v in values if v in labels] if labels is not None else values
+
+
+def _is_one_of(column: Any, words: Sequence[str]) -> ColumnElement[bool]:
+    values = stored(column, words)
+    return column.in_(values) if values else false()
 
 
 def matches(table: Table, policy: Policy) -> ColumnElement[bool]:
     """The policy's `where`: every key must match one of its values (NULL never matches)."""
     if not policy.where:
         return true()
-    return and_(*(table.c[key].in_(values) for key, values in policy.where.items()))
+    return and_(*(_is_one_of(table.c[key], values) for key, values in policy.where.items()))
 
 
 def settled(table: Table) -> ColumnElement[bool]:
-    """NULL-safe: a NULL or unknown status counts as unsettled."""
+    """NULL-safe: a NULL or unknown status (a code or label no mapping names) counts as
+    unsettled."""
     return or_(
-        func.coalesce(table.c.transmission_status.in_(SETTLED_TRANSMISSION), false()),
-        func.coalesce(table.c.delivery_status.in_(SETTLED_DELIVERY), false()),
+        func.coalesce(_is_one_of(table.c.transmission_status, SETTLED_TRANSMISSION), false()),
+        func.coalesce(_is_one_of(table.c.delivery_status, SETTLED_DELIVERY), false()),
     )
 
 
@@ -125,7 +149,8 @@ def age(table: Table, age_from: str) -> ColumnElement[datetime]:
 
 def not_scheduled_ahead(table: Table, r: Rules) -> ColumnElement[bool]:
     """`scheduled_at` is not in the future (the rule for unsettled dispatches)."""
-    return or_(table.c.scheduled_at.is_(None), table.c.scheduled_at <= _ts(r.now))
+    scheduled = table.c.scheduled_at
+    return or_(scheduled.is_(None), scheduled <= _ts(r.now, scheduled))
 
 
 def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
@@ -137,14 +162,15 @@ def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
         and_(
             matches(table, c.policy),
             or_(
-                and_(is_settled, row_age < _ts(c.settled)),
-                and_(row_age < _ts(c.unsettled), in_time),
+                and_(is_settled, row_age < _ts(c.settled, row_age)),
+                and_(row_age < _ts(c.unsettled, row_age), in_time),
             ),
         )
         for c in r.cutoffs
     ]
     return and_(
-        row_age < _ts(r.latest_cutoff),  # a superset bound that an index on the age can serve
+        # a superset bound that an index on the age can serve
+        row_age < _ts(r.latest_cutoff, row_age),
         or_(*per_policy),
     )
 
@@ -170,7 +196,7 @@ def arms(table: Table, r: Rules) -> list[tuple[Cutoff, ColumnElement[bool]]]:
                     table.c.cleaned_at.is_(None),
                     match,
                     *(not_(func.coalesce(m, false())) for m in earlier),
-                    row_age < _ts(c.settled),
+                    row_age < _ts(c.settled, row_age),
                 ),
             )
         )
@@ -181,9 +207,10 @@ def arms(table: Table, r: Rules) -> list[tuple[Cutoff, ColumnElement[bool]]]:
 def arm_past(table: Table, r: Rules, c: Cutoff) -> ColumnElement[bool]:
     """For a row in `c`'s arm: `past_window()`, in the columns of that arm's index alone
     (the binding policy's cutoffs decide; the age bound is the arm's own)."""
+    row_age = age(table, r.age_from)
     return or_(
         settled(table),
-        and_(age(table, r.age_from) < _ts(c.unsettled), not_scheduled_ahead(table, r)),
+        and_(row_age < _ts(c.unsettled, row_age), not_scheduled_ahead(table, r)),
     )
 
 
@@ -222,28 +249,49 @@ def unmatched(table: Table, r: Rules) -> ColumnElement[bool]:
     return not_(or_(*(func.coalesce(matches(table, c.policy), false()) for c in r.cutoffs)))
 
 
-def cleaned_values(settings: Settings) -> dict[str, ColumnElement[Any]]:
-    """What cleaning writes into each personal column: NULL, or its `clean.replace` JSON."""
+def cleaned_values(settings: Settings, table: Table | None = None) -> dict[str, ColumnElement[Any]]:
+    """What cleaning writes into each personal column: NULL, or its `clean.replace` value
+    as the column's type (`table`'s, else the seed model's: `content` jsonb): JSON for
+    `json` / `jsonb`, the value's JSON text for a text column unless it is a string."""
     values: dict[str, ColumnElement[Any]] = {}
     for column in settings.clean.columns:
         if column not in settings.clean.replace:
             values[column] = null()
-        elif column == "content":
-            values[column] = cast(literal(settings.clean.replace[column], JSONB), JSONB)
+            continue
+        value = settings.clean.replace[column]
+        kind = _kind(table, column)
+        if kind in (JSONB, JSON):
+            values[column] = cast(literal(value, kind()), kind())
+        elif kind is Text and not isinstance(value, str):
+            values[column] = literal(json.dumps(value, ensure_ascii=False), Text())
+        elif table is not None and column in table.c:
+            values[column] = literal(value, table.c[column].type)
         else:
-            values[column] = literal(settings.clean.replace[column])
+            values[column] = literal(value)
     return values
+
+
+def _kind(table: Table | None, column: str) -> type[Any] | None:
+    """JSONB, JSON or Text for a column of those types (the seed model's content: JSONB)."""
+    if table is None or column not in table.c:
+        return JSONB if column == "content" else None
+    for kind in (JSONB, JSON, Text):
+        if isinstance(table.c[column].type, kind):
+            return kind
+    return None
 
 
 def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]:
     """Any column of `clean.columns` differs from what cleaning writes (NULL or its
-    `clean.replace` value): the row still holds personal data."""
-    return or_(
-        *(
-            table.c[column].is_distinct_from(value)
-            for column, value in cleaned_values(settings).items()
-        )
-    )
+    `clean.replace` value): the row still holds personal data. A `json` column is compared
+    as `jsonb` (json has no equality)."""
+    differs = []
+    for column, value in cleaned_values(settings, table).items():
+        stored: ColumnElement[Any] = table.c[column]
+        if _kind(table, column) is JSON and column in settings.clean.replace:
+            stored, value = cast(stored, JSONB), cast(value, JSONB)
+        differs.append(stored.is_distinct_from(value))
+    return or_(*differs)
 
 
 #: An age that starts later than this after `now` is no age: clocks differ a little, a
@@ -258,7 +306,7 @@ def undatable(table: Table, settings: Settings, now: datetime) -> ColumnElement[
     row_age = age(table, settings.clean.age_from)
     return and_(
         table.c.cleaned_at.is_(None),
-        or_(row_age.is_(None), row_age > _ts(now + FUTURE_AGE_SLACK)),
+        or_(row_age.is_(None), row_age > _ts(now + FUTURE_AGE_SLACK, row_age)),
         holds_personal_data(table, settings),
     )
 
@@ -271,7 +319,7 @@ def scheduled_far_ahead(table: Table, settings: Settings, now: datetime) -> Colu
     return and_(
         table.c.cleaned_at.is_(None),
         not_(settled(table)),
-        table.c.scheduled_at > _ts(now + timedelta(days=longest)),
+        table.c.scheduled_at > _ts(now + timedelta(days=longest), table.c.scheduled_at),
     )
 
 

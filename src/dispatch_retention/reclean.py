@@ -32,7 +32,7 @@ from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, true
 from . import db, policy, target
 from .config import Settings
 from .errors import RecleanRefused
-from .schema import dispatches_table
+from .schema import target_table
 from .shard import Shard
 from .vocabulary import Chunk, Outcome, Recorder, Status, Stop
 
@@ -67,14 +67,14 @@ class Recleaner:
     ) -> None:
         self.engine, self.settings, self.outcome, self.stop = engine, settings, outcome, stop
         self.size, self.recorder, self.log, self.before_chunk = size, recorder, log, before_chunk
-        table = self.table = dispatches_table(settings.target)
+        table = self.table = target_table(settings)
         scope = shard.predicate(table) if shard else true()
         found = and_(policy.written_back(table, settings), scope)
         if holds is not None:
             found = and_(found, not_(policy.held(table, holds)))
         self.found = found
         self.credit = policy.credit(table, rules)
-        self.values = {**policy.cleaned_values(settings), "updated_at": func.now()}
+        self.values = {**policy.cleaned_values(settings, table), "updated_at": func.now()}
 
     def run(self) -> bool:
         """Reclean every written-back row; False when the run ended on the way (a stop

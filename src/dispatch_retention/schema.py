@@ -8,6 +8,9 @@ benchmarks only.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from sqlalchemy import (
     BigInteger,
     Boolean,
@@ -19,14 +22,17 @@ from sqlalchemy import (
     Index,
     Integer,
     MetaData,
+    SmallInteger,
     Table,
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ENUM, JSON, JSONB, UUID
 from sqlalchemy.schema import CreateSchema
+from sqlalchemy.types import NullType, TypeEngine
 
-from .config import Target
+from .config import Settings, Target
+from .shape import ColumnShape
 
 
 def dispatches_table(target: Target, metadata: MetaData | None = None) -> Table:
@@ -52,6 +58,66 @@ def dispatches_table(target: Target, metadata: MetaData | None = None) -> Table:
         Column("cleaned_at", DateTime(timezone=True)),
         schema=target.schema_name,
     )
+
+
+def target_table(settings: Settings, metadata: MetaData | None = None) -> Table:
+    """The target table with its real column types once the job has connected
+    (`Settings.shape`, read by `target.resolve_settings`), else the seed model's: every
+    statement the job runs is built on this."""
+    model = dispatches_table(settings.target, metadata)
+    if settings.shape is None:
+        return model
+    columns = []
+    for name, shaped in settings.shape.columns.items():
+        seed = model.c.get(name)
+        columns.append(
+            Column(
+                name,
+                column_type(shaped),
+                primary_key=bool(seed is not None and seed.primary_key),
+                nullable=shaped.nullable,
+                info=_stored(name, shaped, settings.target.codes),
+            )
+        )
+    for seed_column in model.c:  # missing from the table: `db check` says so
+        if seed_column.name not in settings.shape:
+            columns.append(Column(seed_column.name, seed_column.type))
+    return Table(
+        settings.target.table_name,
+        MetaData(),
+        *columns,
+        schema=settings.target.schema_name,
+    )
+
+
+def _stored(name: str, column: ColumnShape, codes: Mapping[str, Any]) -> dict[str, Any]:
+    """How the API's words are stored in a status column (`Column.info`, read by
+    `policy.stored`): through `[target.codes]`, and, for an enum, only as its labels."""
+    info: dict[str, Any] = {}
+    if name in codes:
+        info["codes"] = dict(codes[name])
+    if column.kind == "enum":
+        info["labels"] = frozenset(column.labels)
+    return info
+
+
+def column_type(column: ColumnShape) -> TypeEngine[Any]:
+    """The SQLAlchemy type that binds and compares values as the column's own type."""
+    if column.kind == "enum":
+        return ENUM(
+            *column.labels, name=column.enum_name, schema=column.enum_schema, create_type=False
+        )
+    if column.kind == "integer":
+        return {"int2": SmallInteger(), "int4": Integer()}.get(column.type_name, BigInteger())
+    if column.kind == "jsonb":
+        return JSONB()
+    if column.kind == "json":
+        return JSON()
+    if column.kind in ("timestamptz", "timestamp"):
+        return DateTime(timezone=column.kind == "timestamptz")
+    if column.kind == "text":
+        return Text()
+    return NullType()
 
 
 def due_index(table: Table) -> Index:

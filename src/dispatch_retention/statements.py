@@ -38,7 +38,7 @@ from sqlalchemy import (
 
 from . import policy
 from .config import Settings
-from .schema import dispatches_table
+from .schema import target_table
 from .shard import STRIPE_IDS, Shard, floor_div
 
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
@@ -79,14 +79,14 @@ class Statements:
         holds: Table | None = None,
         shard: Shard | None = None,
     ) -> None:
-        self.table = table = dispatches_table(settings.target)
+        self.table = table = target_table(settings)
         self.rules, self.holds = rules, holds
         self.scope = shard.predicate(table) if shard else true()
         self.due = and_(policy.due(table, rules, holds), self.scope)
         self.credit = policy.credit(table, rules)
         lo, last = bindparam("lo", type_=BigInteger), bindparam("last", type_=BigInteger)
         window = and_(table.c.id >= lo, table.c.id <= last)  # `window_params()`
-        self.values: dict[str, Any] = dict(policy.cleaned_values(settings))
+        self.values: dict[str, Any] = dict(policy.cleaned_values(settings, table))
         self.values["cleaned_at"] = func.now()
         self.values["updated_at"] = func.now()
         self.range_update = self._counted(update(table).where(window, self.due))

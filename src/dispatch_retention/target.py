@@ -19,13 +19,16 @@ trail, every statement), so `dispatches` and `public.dispatches` are one target.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import Connection, text
 
-from . import db
-from .config import Settings, Target
+from . import db, shape
+from .config import Settings, Target, quoted_name
 from .errors import TargetRefused
+from .shape import ColumnShape, Shape
 
 #: pg_class.relkind values the job accepts, and names for the ones it refuses.
 ACCEPTED_KINDS = {"r": "table", "p": "partitioned table"}
@@ -59,7 +62,8 @@ class ResolvedTarget:
 
     @property
     def qualified(self) -> str:
-        return f"{self.schema}.{self.name}"
+        """`schema.name`, each part quoted where it must be (`"Messaging"."Dispatches"`)."""
+        return quoted_name(self.schema, self.name)
 
 
 def resolve(conn: Connection, target: Target) -> ResolvedTarget:
@@ -72,7 +76,7 @@ def resolve(conn: Connection, target: Target) -> ResolvedTarget:
             "check target.table and the role's USAGE on the schema",
         )
     kind = str(row["relkind"])
-    qualified = f"{row['nspname']}.{row['relname']}"
+    qualified = quoted_name(str(row["nspname"]), str(row["relname"]))
     if kind not in ACCEPTED_KINDS:
         what = REFUSED_KINDS.get(kind, f"relation of kind {kind!r}")
         raise TargetRefused(
@@ -93,11 +97,13 @@ def resolve(conn: Connection, target: Target) -> ResolvedTarget:
     return ResolvedTarget(int(row["oid"]), str(row["nspname"]), str(row["relname"]), kind)
 
 
-def pinned(settings: Settings, resolved: ResolvedTarget) -> Settings:
+def pinned(settings: Settings, resolved: ResolvedTarget, table: Shape | None = None) -> Settings:
     """The settings with the target named by its resolved schema and name, so that every
-    statement, the run lock and the audit trail refer to the table itself."""
-    target = Target.model_construct(table=resolved.qualified)
-    return dataclasses.replace(settings, target=target)
+    statement, the run lock and the audit trail refer to the table itself, and with the
+    table's column types (`shape.read`) that the statements bind values as."""
+    target = settings.target.model_copy(update={"table": resolved.qualified})  # unvalidated:
+    # the catalog's spelling may hold capitals a config name may not
+    return dataclasses.replace(settings, target=target, shape=table or settings.shape)
 
 
 def unreadable_columns(conn: Connection, settings: Settings) -> list[str]:
@@ -111,9 +117,107 @@ def unreadable_columns(conn: Connection, settings: Settings) -> list[str]:
     ]
 
 
-def resolve_settings(conn: Connection, settings: Settings) -> Settings:
+def resolve_settings(conn: Connection, settings: Settings, *, refuse: bool = True) -> Settings:
     """`resolve()` then `pinned()`: what every command does when it connects. The target's
-    names, and the audit schema's, may be shown in error messages from then on."""
+    names, and the audit schema's, may be shown in error messages from then on. A config
+    that does not fit the table's columns (`column_problems`) is refused (`TargetRefused`,
+    exit 2), unless `refuse` is False (`db check`, which lists the problems instead)."""
     resolved = resolve(conn, settings.target)
+    table = shape.read(conn, resolved.oid)
     db.know(resolved.schema, resolved.name, settings.audit.schema_, *settings.clean.keep)
-    return pinned(settings, resolved)
+    db.know(*table.columns)
+    problems = column_problems(settings, table)
+    if problems and refuse:
+        raise TargetRefused(resolved.qualified, problems[0])
+    return pinned(settings, resolved, table)
+
+
+#: The status columns the rule itself reads (whether a dispatch is settled).
+RULE_COLUMNS = ("transmission_status", "delivery_status")
+
+
+def column_problems(settings: Settings, table: Shape) -> list[str]:
+    """What depends on the table, checked as soon as the job connects, each naming its
+    column and the fix: every column of `clean.columns` exists and can take what cleaning
+    writes (NULL, or a `clean.replace` value of its type); the API's words can be stored in
+    each status column the rule or a policy reads (text, an enum with those labels, or
+    `[target.codes]` of the column's kind)."""
+    problems = [p for c in settings.clean.columns for p in _strippable(settings, table, c)]
+    used = set(RULE_COLUMNS) | {key for p in settings.policies for key in p.where}
+    codes = settings.target.codes
+    for column in sorted(used | set(codes)):
+        shaped = table.columns.get(column)
+        if shaped is None:
+            continue  # `db check` lists missing columns; statements then fail on them
+        mapping = codes.get(column)
+        problems += _words_fit(settings, shaped) if mapping is None else _codes_fit(shaped, mapping)
+    return problems
+
+
+#: A `clean.replace` value each column kind can take, as JSON types.
+_REPLACEABLE: Mapping[str, tuple[type, ...]] = {
+    "text": (str, dict, list, int, float, bool),  # non-strings are written as their JSON text
+    "json": (dict, list, str, int, float, bool),
+    "jsonb": (dict, list, str, int, float, bool),
+    "integer": (int,),
+    "enum": (str,),
+    "other": (str,),
+}
+
+
+def _strippable(settings: Settings, table: Shape, name: str) -> list[str]:
+    column = table.columns.get(name)
+    if column is None:
+        return [f"clean.columns names {name}, which the table does not have"]
+    if name not in settings.clean.replace:
+        if column.nullable:
+            return []
+        return [
+            f"{name} is NOT NULL ({column.sql_type}) but clean.columns sets it to NULL: give "
+            "clean.replace a value of its type for it"
+        ]
+    value = settings.clean.replace[name]
+    allowed = _REPLACEABLE.get(column.kind, ())
+    if not isinstance(value, allowed) or (isinstance(value, bool) and column.kind == "integer"):
+        return [f"clean.replace.{name}: {value!r} does not fit {name} ({column.sql_type})"]
+    if column.kind == "enum" and value not in column.labels:
+        return [f"clean.replace.{name}: {value!r} is not a label of {column.sql_type}"]
+    return []
+
+
+def _words_fit(settings: Settings, column: ColumnShape) -> list[str]:
+    if column.kind == "integer":
+        return [
+            f"{column.name} is {column.sql_type}: say which code stands for each of the API's "
+            f"words in [target.codes] ({column.name} = {{ ... }})"
+        ]
+    if column.kind != "enum":
+        return []
+    words = {w for p in settings.policies for w in p.where.get(column.name, ())}
+    missing = sorted(w for w in words if w not in column.labels)
+    if not missing:
+        return []
+    return [
+        f"{column.name}: a policy names {', '.join(missing)}, which the enum "
+        f"{column.enum_name} ({', '.join(column.labels)}) has no label for; map the words "
+        "to its labels in [target.codes]"
+    ]
+
+
+def _codes_fit(column: ColumnShape, mapping: Mapping[str, Any]) -> list[str]:
+    values = list(mapping.values())
+    integers = all(isinstance(v, int) for v in values)
+    if column.kind == "integer" and not integers:
+        return [f"{column.name} is {column.sql_type}: its [target.codes] must be integers"]
+    if column.kind in ("text", "enum") and integers:
+        return [
+            f"{column.name} is {column.sql_type}: its [target.codes] must be its text values "
+            "or labels, not integers"
+        ]
+    unknown = sorted(str(v) for v in values if v not in column.labels)
+    if column.kind == "enum" and unknown:
+        return [
+            f"{column.name}: [target.codes] names {', '.join(unknown)}, not labels of the "
+            f"enum {column.enum_name} ({', '.join(column.labels)})"
+        ]
+    return []

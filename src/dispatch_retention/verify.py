@@ -34,7 +34,7 @@ from sqlalchemy import Connection, and_, func, select
 
 from . import db, policy, target
 from .config import Settings
-from .schema import AuditTables, dispatches_table
+from .schema import AuditTables, target_table
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def verify(
     settings = target.resolve_settings(conn, settings)
     now = db.database_now(conn)
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
-    table = dispatches_table(settings.target)
+    table = target_table(settings)
     personal = policy.holds_personal_data(table, settings)
     past = and_(policy.past_window(table, rules), personal)
     held = policy.held(table, tables.holds)
