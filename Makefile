@@ -8,13 +8,14 @@ BENCH_ROWS ?= 1000000
 BENCH_SCENARIO ?= all
 BENCH_SHARDS ?= 2
 BENCH_REPEAT ?= 3
+BENCH_JSON ?= bench/results/bench-$(BENCH_ROWS).json
 # The job as the image runs it: a wheel and the locked dependencies in a virtualenv of its
 # own, on the system's CPython 3.11 where there is one (an optimized distribution build, as
 # the image's is; pyenv's default build is configured without --enable-optimizations).
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test lint typecheck check bench clean
+.PHONY: help demo test lint typecheck check bench doc-figures clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -32,10 +33,10 @@ test: $(BIN)/.installed  ## the whole suite against a real PostgreSQL
 	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: $(BIN)/.installed  ## ruff lint and format check
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
-typecheck: $(BIN)/.installed  ## mypy strict on src/
+typecheck: $(BIN)/.installed  ## mypy strict on src/ and bench/
 	$(BIN)/mypy
 
 check: lint typecheck test  ## everything CI runs before the demo
@@ -49,10 +50,13 @@ $(JOB_VENV)/.installed: $(BIN)/.installed requirements.lock pyproject.toml $(she
 	$(BIN)/pip --python $(JOB_VENV)/bin/python install --quiet --no-deps $(JOB_VENV)/wheel/*.whl
 	touch $@
 
-bench: $(BIN)/.installed $(JOB_VENV)/.installed  ## the job against the single-statement bound (BENCH_ROWS=, BENCH_SCENARIO=, BENCH_REPEAT=)
-	$(BIN)/python bench/run.py --rows $(BENCH_ROWS) --scenario $(BENCH_SCENARIO) \
+bench: $(BIN)/.installed $(JOB_VENV)/.installed  ## the job against the single-statement bound (BENCH_ROWS=, BENCH_SCENARIO=, BENCH_REPEAT=, BENCH_JSON=)
+	$(BIN)/python -m bench --rows $(BENCH_ROWS) --scenario $(BENCH_SCENARIO) \
 	    --shards $(BENCH_SHARDS) --repeat $(BENCH_REPEAT) --job-bin $(JOB_VENV)/bin/dispatch-retention \
-	    --json bench/results/bench-$(BENCH_ROWS).json
+	    --json $(BENCH_JSON)
+
+doc-figures: $(BIN)/.installed  ## rewrite the marked figures of the docs from the bench reports in docs/bench/
+	$(BIN)/python -m bench.figures
 
 clean:  ## remove the virtualenv and caches
 	rm -rf $(VENV) $(JOB_VENV) .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -1,61 +1,90 @@
-"""bench/run.py itself: a small run end to end, and how a repeated contender is reported."""
+"""The bench (`python -m bench`) itself: a small run end to end, how a repeated contender is
+reported, the contender table, and the statements it compiles."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import platform
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 
 import pytest
-from sqlalchemy import create_engine, text
+from bench import contenders, report, scenarios, server
+from sqlalchemy import create_engine, text, update
 from sqlalchemy.engine import URL
+
+from dispatch_retention import config, policy, schema
 
 REPO = Path(__file__).resolve().parent.parent
 
 
-def _bench_module() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("bench_run", REPO / "bench" / "run.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_run"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_a_repeated_contender_is_its_median_run_and_keeps_every_runs_problems() -> None:
-    bench = _bench_module()
+    """The run of median time stands for the contender and carries every run's problems."""
     runs = []
     for seconds, problem in ((3.0, None), (1.0, "cleaned 9 rows"), (2.0, None)):
-        result = bench.Result(key="b", name="job", seconds=seconds, chunk_ms=[seconds * 100])
+        result = report.Result(key="b", name="job", seconds=seconds, chunk_ms=[seconds * 100])
         if problem:
             result.problems.append(problem)
         runs.append(result)
 
-    chosen = bench.median_run(runs)
+    chosen = report.median_run(runs)
 
     assert chosen is runs[2]  # 1.0 < 2.0 < 3.0
     assert chosen.detail["repeats"]["seconds"] == [3.0, 1.0, 2.0]
     assert chosen.detail["repeats"]["chunk_max_ms_all_runs"] == 300.0
     assert chosen.problems == ["run 2: cleaned 9 rows"]
-    single = bench.Result(key="a", name="bound", seconds=1.0)
-    assert bench.median_run([single]) is single
+    single = report.Result(key="a", name="bound", seconds=1.0)
+    assert report.median_run([single]) is single
     assert "repeats" not in single.detail
+
+
+def test_the_contender_table_names_each_letter_once_in_the_order_they_run() -> None:
+    """Letters, names and which contenders repeat, as the command line and report use them."""
+    table = [(c.key, c.name, c.repeats, c.runs_job) for c in contenders.CONTENDERS]
+
+    assert table == [
+        ("a", "bound", True, False),
+        ("b", "job", True, True),
+        ("e", "shards", True, True),
+        ("c", "skiplock", False, False),
+        ("d", "naive", False, False),
+    ]
+    assert set(contenders.BY_KEY) == set("abcde")
+
+
+def test_the_bound_writes_the_jobs_cleaned_values_as_literal_sql() -> None:
+    """policy.cleaned_values() compiles with literal values (its JSONB replacement included)."""
+    settings = config.load(REPO / "config" / "retention.toml")
+    table = schema.dispatches_table(settings.target)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    stmt = server.sql(
+        update(table)
+        .where(scenarios.due_expr(settings, table, now))
+        .values(policy.cleaned_values(settings))
+    )
+
+    assert stmt.startswith(
+        "UPDATE dispatches SET content=CAST('{}' AS JSONB), msisdn=NULL, email=NULL, "
+        "app_token=NULL WHERE dispatches.cleaned_at IS NULL AND "
+    )
+    assert "%(" not in stmt  # no bound parameter left
 
 
 @pytest.mark.slow
 def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
     server_url: URL, tmp_path: Path
 ) -> None:
+    """`python -m bench` on 3,000 rows: every contender verified, every database dropped."""
     url = server_url.set(drivername="postgresql").render_as_string(hide_password=False)
     out = tmp_path / "bench.json"
     proc = subprocess.Popen(
         [
             sys.executable,
-            str(REPO / "bench" / "run.py"),
+            "-m",
+            "bench",
             "--rows",
             "3000",
             "--scenario",
@@ -78,15 +107,15 @@ def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 0, output.decode()[-2000:]
 
-    report = json.loads(out.read_text())
+    written = json.loads(out.read_text())
     # without --job-bin: the job beside this Python, the development install
-    job_install = report["bench"]["job"]
+    job_install = written["bench"]["job"]
     assert Path(job_install["bin"]) == Path(sys.executable).with_name("dispatch-retention")
     assert (job_install["python"], job_install["install"]) == (
         platform.python_version(),
         "editable",
     )
-    (scenario,) = report["scenarios"]
+    (scenario,) = written["scenarios"]
     assert scenario["due_rows"] > 0
     contenders = {c["key"]: c for c in scenario["contenders"]}
     assert set(contenders) == {"a", "b", "e"}

@@ -131,10 +131,11 @@ def test_db_check_reports_not_null_column_without_replacement(engine: Engine) ->
         conn.execute(text("ALTER TABLE dispatches ALTER COLUMN email SET NOT NULL"))
     with engine.connect() as conn, conn.begin():
         findings = doctor.check(conn, settings())
-    assert any(f.level == "error" and f.check == "nullability" for f in findings)
+    not_null = [f for f in findings if f.check == "columns" and "email is NOT NULL" in f.message]
+    assert [f.level for f in not_null] == ["error"]
     with engine.connect() as conn, conn.begin():
         fixed = doctor.check(conn, settings(clean='replace = { content = {}, email = "" }'))
-    assert not any(f.check == "nullability" for f in fixed)
+    assert not any(f.check == "columns" and "NOT NULL" in f.message for f in fixed)
 
 
 def test_grants_refuse_bad_role_name() -> None:

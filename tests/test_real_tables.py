@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -482,3 +483,122 @@ def test_a_quoted_audit_schema_holds_the_trail(
     with engine.connect() as conn:
         runs = conn.execute(text('SELECT status FROM "Retention Audit".runs')).scalars().all()
     assert runs == ["succeeded"]
+
+
+def test_a_code_no_mapping_names_is_an_unknown_status_and_db_check_says_so(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """Rails codes with a code the config does not map (7: a status the application added):
+    such dispatches are unsettled (they wait out the grace, as the oracle says of an unknown
+    status), and `db check` names the column and the value."""
+    rails = next(v for v in VARIANTS if v.config == CODES_TOML)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE dispatches CASCADE"))
+        conn.execute(text(rails.ddl))
+    now = db_now(engine)
+    rows = api_rows(now, 300, seed=11)
+    added = [r for r in rows if r["transmission_status"] == "failed"][:25]
+    for row in added:
+        row["transmission_status"], row["delivery_status"] = "bounced", None
+    codes = {**RAILS_CODES, "transmission_status": {**RAILS_CODES["transmission_status"],
+                                                    "bounced": 7}}  # fmt: skip
+    insert(engine, replace(rails, encode=lambda c, w: codes[c][w]), rows)
+    path = write_config(tmp_path / "r.toml", f"{CODES_TOML}\n[clean]\n{POLICIES}")
+    checked = script("--config", str(path), "--database-url", url_string, "db", "check")
+    assert "[warn ] statuses: transmission_status holds 7, which stand for none" in checked.stdout
+    outcome = run_job(engine, config.load(path))
+    assert outcome.plan is not None
+    s = config.load(path)
+    expected = {r["id"] for r in rows if oracle.is_due(r, s, outcome.plan.rules.now)}
+    with engine.connect() as conn:
+        cleaned = set(
+            conn.execute(text("SELECT id FROM dispatches WHERE cleaned_at IS NOT NULL")).scalars()
+        )
+    assert cleaned == expected
+    waiting = {r["id"] for r in added} - expected
+    assert waiting  # some of them are inside retention + grace: unsettled, not failed sends
+
+
+STATEMENT = re.compile(r"((?:CREATE|ALTER|DROP) INDEX [^;]*;)")
+
+
+def advised(report: str) -> str:
+    """What `db check` asks for: its findings but the `ok` ones (which show the index they
+    found)."""
+    return "\n".join(line for line in report.splitlines() if not line.startswith("[ok"))
+
+
+def test_every_statement_db_check_prints_is_accepted_and_then_serves_the_plan(
+    real_table: Table,
+) -> None:
+    """`db check` on the table as the application made it: every index statement it prints
+    runs on the server as printed (one by one, outside a transaction, as the advice says);
+    then it reports every policy index present and a run plans through them."""
+    t = real_table
+    base = ["--config", str(t.config), "--database-url", t.url, "db", "check"]
+    advice = script(*base)
+    statements = STATEMENT.findall(advised(advice.stdout))
+    assert statements, advice.stdout
+    with t.engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+    again = script(*base)
+    assert not STATEMENT.findall(advised(again.stdout)), again.stdout
+    assert "[warn ] index" not in again.stdout and "[ok   ] index" in again.stdout
+    outcome = run_job(t.engine, t.settings)
+    assert outcome.plan is not None and outcome.plan.through_indexes
+    assert outcome.status.value == "succeeded"
+
+
+def test_partitions_attached_and_detached_between_runs(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """Due rows in several partitions are cleaned by one run; then one partition is detached
+    (archived: no longer the job's) and a new one attached holding due rows; the next run
+    cleans exactly the new one's due rows and leaves the detached one as it was."""
+    partitioned = next(v for v in VARIANTS if v.name.startswith("partitioned"))
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE dispatches CASCADE"))
+        conn.execute(text(partitioned.ddl))
+    now = db_now(engine)
+    rows = api_rows(now, 500, seed=5)
+    insert(engine, partitioned, rows)
+    s = config.parse(f"[clean]\n{POLICIES}")
+    first = run_job(engine, s)
+    assert first.plan is not None
+    due = {r["id"] for r in rows if oracle.is_due(r, s, first.plan.rules.now)}
+    with engine.connect() as conn:
+        spread = conn.execute(
+            text("SELECT count(DISTINCT tableoid) FROM dispatches WHERE id = ANY(:ids)"),
+            {"ids": sorted(due)},
+        ).scalar_one()
+    assert spread >= 2 and first.rows_cleaned == len(due)
+
+    with engine.begin() as conn:
+        conn.execute(text("ALTER TABLE dispatches DETACH PARTITION dispatches_old"))
+        conn.execute(text("UPDATE dispatches_old SET cleaned_at = NULL, msisdn = 'x'"))
+        conn.execute(
+            text(
+                "CREATE TABLE dispatches_old2 (LIKE dispatches INCLUDING DEFAULTS);"
+                "ALTER TABLE dispatches ATTACH PARTITION dispatches_old2 "
+                "FOR VALUES FROM (MINVALUE) TO ('2024-01-01')"
+            )
+        )
+    archived = image(engine, replace(partitioned, table="dispatches_old"))
+    old = [
+        {**r, "id": 100_000 + r["id"], "created_at": datetime(2023, 6, 1, tzinfo=UTC)}
+        for r in rows[:40]
+    ]
+    insert(engine, partitioned, old)
+    second = run_job(engine, s)
+    assert second.plan is not None
+    due_new = {r["id"] for r in old if oracle.is_due(r, s, second.plan.rules.now)}
+    assert due_new and second.rows_cleaned == len(due_new)
+    with engine.connect() as conn:
+        cleaned_new = set(
+            conn.execute(
+                text("SELECT id FROM dispatches_old2 WHERE cleaned_at IS NOT NULL")
+            ).scalars()
+        )
+    assert cleaned_new == due_new
+    assert image(engine, replace(partitioned, table="dispatches_old")) == archived

@@ -170,8 +170,8 @@ def count_in_memory(conn: Connection) -> None:
 
     The planner judges the arms far larger than they are (see `INDEX_SCANS`), and so
     the per-block counts as too many groups for the default 4MB: it sorts them, on disk.
-    The real counts take a few MB (one entry per 10,000 ids). Parallel workers were tried
-    too: 0.05 s less for a 1M-row backlog, but 0.01-0.03 s more for every nightly run."""
+    The real counts take a few MB (one entry per 10,000 ids). Parallel workers stay off
+    (measured in docs/performance.md: they slow every nightly run)."""
     conn.execute(
         text(
             "SELECT set_config('work_mem', :mem, true) "

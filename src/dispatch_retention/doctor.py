@@ -6,10 +6,11 @@ something not yet reviewed) or `error` (the run would fail or could not be trust
 the dispatches table and every column the job uses; NOT NULL columns that cleaning would set
 to NULL; the copy risks of the table (risks.py: triggers, rules, publications, REPLICA
 IDENTITY FULL), a warn until named in `[acknowledged]`, and names there that match none;
-columns neither stripped nor kept (a warn); the supporting partial index (with the exact
-CREATE INDEX CONCURRENTLY statement when it is missing); the audit schema's revision; the
-table's autovacuum settings and last (auto)vacuum; the current role's rights. `db check
---strict` fails on any warn.
+columns neither stripped nor kept (a warn); the policy indexes (indexes.py: an index counts
+only where the plan can read it alone; a missing one comes with the statements that build it
+without blocking writes, partition by partition on a partitioned table); the audit schema's
+revision; the autovacuum settings, last (auto)vacuum and tuples of the table, or of each of
+its partitions; the current role's rights. `db check --strict` fails on any warn.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import Connection, inspect, text
+from sqlalchemy.exc import DBAPIError
 
 from . import db, errors, indexes, migrate, risks
 from . import target as target_module
@@ -57,17 +59,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
         if missing
         else Finding("ok", "columns", "every column of the seed model is present")
     )
-    for column in settings.clean.columns:
-        info = columns.get(column)
-        if info and not info["nullable"] and column not in settings.clean.replace:
-            findings.append(
-                Finding(
-                    "error",
-                    "nullability",
-                    f"{column} is NOT NULL but clean.columns sets it to NULL: "
-                    f"give clean.replace a value for it",
-                )
-            )
+    findings += _statuses(conn, settings)
     findings += _copy_risks(conn, settings)
     findings.append(_classification(settings, list(columns)))
     findings += _indexes(conn, settings)
@@ -75,6 +67,46 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings += _vacuum(conn, settings)
     findings += _privileges(conn, settings, set(columns))
     return findings
+
+
+#: How long `db check` may read the table for status values no mapping names.
+STATUS_SCAN_TIMEOUT = "30s"
+
+
+def _statuses(conn: Connection, settings: Settings) -> list[Finding]:
+    """Status values in the table that stand for none of the API's words (a status the
+    application added; `target.unmapped_values`): a warn, since the rule counts them as
+    unknown, so unsettled. Reads the table, within `STATUS_SCAN_TIMEOUT`."""
+    try:
+        with conn.begin_nested():
+            db.set_local(conn, statement_timeout=STATUS_SCAN_TIMEOUT)
+            found = target_module.unmapped_values(conn, settings)
+    except DBAPIError as exc:  # a timeout on a large table, a foreign partition, ...
+        why = (
+            f"within {STATUS_SCAN_TIMEOUT} (a large table)"
+            if db.is_statement_timeout(exc)
+            else f"({db.describe_error(exc)})"
+        )
+        return [
+            Finding(
+                "warn",
+                "statuses",
+                f"could not read the status values {why}: values no [target.codes] names "
+                "count as unknown, so unsettled",
+            )
+        ]
+    if not found:
+        return [Finding("ok", "statuses", "every status value stands for one of the API's words")]
+    return [
+        Finding(
+            "warn",
+            "statuses",
+            f"{column} holds {', '.join(values)}, which stand for none of the API's words: "
+            "dispatches with them count as unsettled (unknown status) and wait out the grace; "
+            "if one means a word, map it in [target.codes]",
+        )
+        for column, values in found.items()
+    ]
 
 
 def _copy_risks(conn: Connection, settings: Settings) -> list[Finding]:
@@ -180,21 +212,65 @@ def _target(conn: Connection, configured: Target, settings: Settings) -> Finding
 
 def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
     """One finding per set of policy `where` keys: is there an index for their arm?"""
-    create = indexes.statements(settings)
     findings = []
-    for keys, definition in indexes.serving(conn, settings).items():
+    table = settings.target.table
+    for advice in indexes.advice(conn, settings):
+        keys = advice.keys
         names = ", ".join(p.name for p in settings.policies if tuple(sorted(p.where)) == keys)
-        if definition is not None:
-            findings.append(Finding("ok", "index", f"policies {names}: read through {definition}"))
+        if advice.serving is not None:
+            on_each = " (valid: every partition's own is attached)" if advice.partitioned else ""
+            findings.append(
+                Finding("ok", "index", f"policies {names}: read through {advice.serving}{on_each}")
+            )
             continue
         columns = ", ".join((*keys, settings.clean.age_from))
+        missing = (
+            f"policies {names}: no index finds their not-yet-cleaned rows by ({columns}) "
+            f"holding the columns the plan reads, so every run reads the table. "
+        )
+        if advice.near is not None:
+            missing += (
+                f"{advice.near} finds them but lacks {', '.join(advice.lacks)}: the plan "
+                f"would read each row from the table too, so it does not count. "
+            )
+        if not advice.partitioned:
+            steps = " ".join(advice.steps)
+            do = (
+                "Create it (it does not block writes)"
+                if len(advice.steps) == 1
+                else "An index of its name is there but does not serve (an older shape, or "
+                "left invalid by a concurrent build that failed): replace it "
+                "(neither statement blocks writes)"
+            )
+            findings.append(Finding("warn", "index", f"{missing}{do}: {steps}"))
+            continue
+        done = (
+            f" ({advice.attached} of {advice.partitions} partitions have theirs attached already)"
+            if advice.attached
+            else ""
+        )
+        steps = "".join(f"\n    {step}" for step in advice.steps)
+        how = (
+            f"build one on each partition and attach it{done}. Run these one by one, in "
+            f"this order, outside a transaction (the index ON ONLY a partitioned table takes "
+            f"a brief lock, the partitions' indexes are built CONCURRENTLY, attaching blocks "
+            f"no write; PostgreSQL marks the index valid once every partition's is attached)"
+        )
+        if advice.foreign:
+            how = (
+                f"build one on each partition, then the parent's. {', '.join(advice.foreign)} "
+                f"is a foreign table and holds no index, so attaching would never make the "
+                f"parent's index valid; the last statement, run after the others, builds no "
+                f"index: it attaches the partitions' and skips the foreign one (a brief lock "
+                f"on each partition). Run these one by one, in this order, outside a "
+                f"transaction"
+            )
         findings.append(
             Finding(
                 "warn",
                 "index",
-                f"policies {names}: no index finds their not-yet-cleaned rows by ({columns}), "
-                f"so every run reads the table. Create it (it does not block writes): "
-                f"{create[keys]}",
+                f"{missing}{table} is partitioned, and PostgreSQL builds no index on it "
+                f"CONCURRENTLY: {how}:{steps}",
             )
         )
     return findings
@@ -208,32 +284,57 @@ def _schema(conn: Connection, settings: Settings) -> Finding:
     return Finding("ok", "audit schema", f"{settings.audit.schema_} is at {migrate.HEAD}")
 
 
+_VACUUM = text(
+    "SELECT format('%I.%I', n.nspname, c.relname) AS relation, c.reloptions, "
+    "s.last_vacuum, s.last_autovacuum, s.last_autoanalyze, s.n_live_tup, s.n_dead_tup "
+    "FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
+    "WHERE c.oid = ANY(CAST(:relids AS oid[])) ORDER BY n.nspname, c.relname"
+)
+
+
 def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
-    row = (
-        conn.execute(
-            text(
-                "SELECT c.reloptions, s.last_vacuum, s.last_autovacuum, s.last_autoanalyze, "
-                "s.n_live_tup, s.n_dead_tup FROM pg_class c "
-                "LEFT JOIN pg_stat_all_tables s ON s.relid = c.oid "
-                "WHERE c.oid = CAST(:table AS regclass)"
-            ),
-            {"table": settings.target.regclass},
-        )
-        .mappings()
-        .one()
-    )
-    options = ", ".join(row["reloptions"] or []) or "server defaults"
-    return [
-        Finding("ok", "autovacuum settings", options),
-        Finding(
-            "ok",
-            "last vacuum",
+    """The autovacuum settings and the last (auto)vacuum of each table that holds the
+    target's rows: the target itself, or, where it is partitioned (or has inheritance
+    children), each table below it (a partitioned table holds no rows, and autovacuum
+    visits its partitions, not it)."""
+    tree = indexes.tree(conn, settings)
+    holding = [r for r in tree if r.kind == "r"]
+    rows = conn.execute(_VACUUM, {"relids": [r.oid for r in holding]}).mappings().all()
+
+    def options(row: Any) -> str:
+        return ", ".join(row["reloptions"] or []) or "server defaults"
+
+    def last(row: Any) -> str:
+        return (
             f"last vacuum {row['last_vacuum'] or 'never'}, last autovacuum "
             f"{row['last_autovacuum'] or 'never'}, last autoanalyze "
-            f"{row['last_autoanalyze'] or 'never'}; {row['n_live_tup']} live, "
-            f"{row['n_dead_tup']} dead tuples",
-        ),
-    ]
+            f"{row['last_autoanalyze'] or 'never'}; {row['n_live_tup'] or 0} live, "
+            f"{row['n_dead_tup'] or 0} dead tuples"
+        )
+
+    if len(tree) == 1 and len(rows) == 1:  # a table with nothing below it
+        return [
+            Finding("ok", "autovacuum settings", options(rows[0])),
+            Finding("ok", "last vacuum", last(rows[0])),
+        ]
+    table = settings.target.table
+    if tree[0].partitioned:
+        whole = f"{table} is partitioned: autovacuum visits its {len(rows)} leaf partitions, not it"
+    else:
+        whole = f"{table} and the {len(tree) - 1} tables that inherit from it"
+    settings_of: dict[str, list[str]] = {}
+    for row in rows:
+        settings_of.setdefault(options(row), []).append(str(row["relation"]))
+    if not settings_of:
+        said = "no partition yet"
+    elif len(settings_of) == 1:
+        said = f"{next(iter(settings_of))} on each"
+    else:
+        said = "; ".join(f"{o}: {', '.join(names)}" for o, names in settings_of.items())
+    findings = [Finding("ok", "autovacuum settings", f"{whole}; {said}")]
+    findings += [Finding("ok", "last vacuum", f"{row['relation']}: {last(row)}") for row in rows]
+    return findings
 
 
 def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list[Finding]:

@@ -1,7 +1,7 @@
 """The console script's first code: catch SIGTERM / SIGINT before the heavy imports.
 
 As PID 1 in a container a process ignores any signal it has no handler for, and importing
-SQLAlchemy, psycopg and pydantic takes a few hundred milliseconds. So the handlers are
+SQLAlchemy, psycopg and pydantic takes a while (docs/performance.md). So the handlers are
 installed here first; a signal that arrives before the command is ready ends the process at
 once with 128 + N, having touched nothing. The cyclic garbage collector is held off while
 the modules load (they are kept for the life of the process anyway). Once the CLI is
@@ -37,8 +37,8 @@ def main() -> None:
     for signum in SIGNALS:
         signal.signal(signum, _early)
     # The imports create some 110,000 tracked objects that live as long as the process; the
-    # cyclic collector would walk them again and again while they are made (about 40 ms of
-    # a 310 ms start-up). So it waits until they exist, and then leaves them alone for good.
+    # cyclic collector would walk them again and again while they are made (its cost is in
+    # docs/performance.md). So it waits until they exist, then leaves them alone for good.
     gc.disable()
     from .cli import main as cli_main
 
@@ -60,7 +60,7 @@ def _leave(code: object) -> NoReturn:
 
     By the time a command returns, its connections are closed and its output written;
     what is left is the interpreter freeing SQLAlchemy's, pydantic's and psycopg's objects
-    one by one, about 0.1 s, a quarter of a nightly run that finds little to do. The exit
+    one by one (docs/performance.md says what that costs a short run). The exit
     handlers still run and the streams are flushed; then the process ends at once."""
     if code is None:
         status = 0

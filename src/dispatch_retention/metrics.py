@@ -30,7 +30,7 @@ STATUSES = (*(s for s in Status.final() if s is not Status.ABANDONED), Status.LO
 
 
 def registry_for(outcome: Outcome, duration_s: float) -> CollectorRegistry:
-    # imported here: every run imports this module, few push (and the import costs 16 ms)
+    # imported here: every run imports this module, few push (docs/performance.md)
     from prometheus_client import CollectorRegistry, Gauge
 
     registry = CollectorRegistry()

@@ -23,11 +23,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, Text, cast, select, text, true
 
 from . import db, shape
 from .config import Settings, Target, quoted_name
 from .errors import TargetRefused
+from .policy import stored
+from .schema import target_table
 from .shape import ColumnShape, Shape
 
 #: pg_class.relkind values the job accepts, and names for the ones it refuses.
@@ -221,3 +223,35 @@ def _codes_fit(column: ColumnShape, mapping: Mapping[str, Any]) -> list[str]:
             f"enum {column.enum_name} ({', '.join(column.labels)})"
         ]
     return []
+
+
+#: The API's words of each status column (the free-text external status has none).
+API_WORDS: Mapping[str, tuple[str, ...]] = {
+    "type": ("sms", "email", "push"),
+    "transmission_status": ("scheduled", "transmitted", "failed"),
+    "delivery_status": ("pending", "delivered", "failed"),
+}
+
+
+def unmapped_values(conn: Connection, settings: Settings, limit: int = 10) -> dict[str, list[str]]:
+    """Values present in a status column that stand for none of the API's words (through
+    `[target.codes]`, an enum's labels, or the words themselves): a status the application
+    added, which the rule treats as unknown, so unsettled. At most `limit` per column, as
+    text. Reads the table: the caller bounds it with a statement timeout."""
+    table = target_table(settings)
+    found: dict[str, list[str]] = {}
+    for name, words in API_WORDS.items():
+        if name not in table.c:
+            continue
+        column = table.c[name]
+        known = stored(column, words)
+        query = (
+            select(cast(column, Text))
+            .where(column.is_not(None), column.not_in(known) if known else true())
+            .group_by(column)
+            .limit(limit)
+        )
+        values = [str(v) for v in conn.execute(query).scalars()]
+        if values:
+            found[name] = values
+    return found
