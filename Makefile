@@ -9,13 +9,14 @@ BENCH_SCENARIO ?= all
 BENCH_SHARDS ?= 2
 BENCH_REPEAT ?= 3
 BENCH_JSON ?= bench/results/bench-$(BENCH_ROWS).json
+MATRIX_VERSIONS ?= 14,15,16,17,18
 # The job as the image runs it: a wheel and the locked dependencies in a virtualenv of its
 # own, on the system's CPython 3.11 where there is one (an optimized distribution build, as
 # the image's is; pyenv's default build is configured without --enable-optimizations).
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test lint typecheck check bench doc-figures clean
+.PHONY: help demo test test-matrix lint typecheck check bench doc-figures clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,6 +32,9 @@ demo: $(BIN)/.installed  ## the whole cycle on an embedded PostgreSQL (ROWS=2000
 
 test: $(BIN)/.installed  ## the whole suite against a real PostgreSQL
 	$(BIN)/pytest $(PYTEST_ARGS)
+
+test-matrix: $(BIN)/.installed  ## the compatibility tests on PostgreSQL 14-18, a fresh server each (MATRIX_VERSIONS=)
+	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS)
 
 lint: $(BIN)/.installed  ## ruff lint and format check
 	$(BIN)/ruff check src tests bench
