@@ -328,15 +328,21 @@ def workspace(tmp_path: Path) -> Iterator[Workspace]:
     yield Workspace(tmp_path)
 
 
-def test_the_fuzzed_surface_in_process(
-    seeded: Engine, database_url: URL, workspace: Workspace
-) -> None:
-    @settings(
-        max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")),
+def budget(variable: str, examples: int) -> Any:
+    """Hypothesis settings for a fuzz test: `examples` cases (or $`variable`'s number), no
+    deadline (each case talks to a real server), nothing kept between runs."""
+    return settings(
+        max_examples=int(os.environ.get(variable, str(examples))),
         deadline=None,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
     )
+
+
+def test_the_fuzzed_surface_in_process(
+    seeded: Engine, database_url: URL, workspace: Workspace
+) -> None:
+    @budget("FUZZ_EXAMPLES", 300)
     @given(case=cases(database_url))
     def fuzz(case: Case) -> None:
         argv, env = workspace.prepare(case)
@@ -358,12 +364,7 @@ def test_the_fuzzed_surface_in_process(
 def test_the_fuzzed_surface_as_a_subprocess(
     seeded: Engine, database_url: URL, workspace: Workspace
 ) -> None:
-    @settings(
-        max_examples=int(os.environ.get("FUZZ_SUBPROCESS_EXAMPLES", "30")),
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
-        database=None,
-    )
+    @budget("FUZZ_SUBPROCESS_EXAMPLES", 30)
     @given(case=cases(database_url))
     def fuzz(case: Case) -> None:
         argv, env = workspace.prepare(case)

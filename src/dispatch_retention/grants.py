@@ -18,8 +18,9 @@ from typing import Literal
 from sqlalchemy import Connection, text
 from sqlalchemy.dialects import postgresql
 
-from .config import IDENTIFIER, KEPT_COLUMNS, MAX_IDENTIFIER, Settings
+from .config import KEPT_COLUMNS, Settings
 from .errors import RoleRefused
+from .names import IDENTIFIER, MAX_IDENTIFIER
 from .schema import ALEMBIC_VERSION_TABLE
 
 Purpose = Literal["run", "read-only", "holds"]

@@ -27,10 +27,10 @@ from sqlalchemy.dialects import postgresql
 from sqlalchemy.schema import CreateIndex
 
 from .config import Settings
+from .names import MAX_IDENTIFIER
 from .policy import SETTLED_COLUMNS, age
 from .schema import dispatches_table
 
-MAX_IDENTIFIER = 63  # PostgreSQL's NAMEDATALEN - 1
 Keys = tuple[str, ...]
 _DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
 

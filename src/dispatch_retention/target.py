@@ -26,8 +26,9 @@ from typing import Any
 from sqlalchemy import Connection, Text, cast, select, text, true
 
 from . import db, shape
-from .config import Settings, Target, quoted_name
+from .config import Settings, Target
 from .errors import TargetRefused
+from .names import quoted_name
 from .policy import stored
 from .schema import target_table
 from .shape import ColumnShape, Shape

@@ -26,6 +26,7 @@ SUBSET = (
     "tests/test_privileges.py",
     "tests/test_matrix_smoke.py",
     "tests/test_real_tables.py",
+    "tests/test_table_fit.py",
     "tests/test_partitioned_tables.py",
 )
 
