@@ -100,6 +100,18 @@ COMMANDS = sample_session(DOC.read_text(encoding="utf-8"))
 # --- the session -----------------------------------------------------------------------------
 
 
+#: A time zone far from UTC (+14 h), the server's default for the replayed session.
+AWAY = "Pacific/Kiritimati"
+#: What the page exports for psql: its queries then read every stamp in UTC.
+PAGE_ENV = {"PGTZ": "UTC"}
+
+
+def test_the_page_sets_the_time_zone_its_queries_assume() -> None:
+    """The replay gives psql PAGE_ENV because the page exports it."""
+    for name, value in PAGE_ENV.items():
+        assert f"export {name}={value}" in DOC.read_text(encoding="utf-8")
+
+
 class Shell:
     """The commands of the page, as a reviewer types them: the console script in-process
     (with the page's environment), psql as a subprocess, a redirect, `cat` and `echo $?`."""
@@ -144,7 +156,7 @@ class Shell:
             text=True,
             check=False,
             timeout=60,
-            env={**os.environ, "PSQLRC": os.devnull, "PAGER": ""},
+            env={**os.environ, "PSQLRC": os.devnull, "PAGER": "", **PAGE_ENV},
         )
         assert done.returncode == 0, done.stderr
         self.status = done.returncode
@@ -176,6 +188,10 @@ def replay(url: URL, workdir: Path) -> list[str]:
         patch.setattr(socket, "gethostname", lambda: "vm")
         patch.setenv("DISPATCH_RETENTION_CONFIG", CONFIG)
         settings = config.load(CONFIG)
+        # A server whose default time zone is not UTC (README "Real tables": the page's
+        # queries must not depend on it; the page sets PGTZ for psql, the job sets UTC).
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(text(f"ALTER DATABASE \"{url.database}\" SET TimeZone = '{AWAY}'"))
         demo.prepare(engine, settings, ROWS)
         # upgrading, placing holds and running need more rights than the reviewer's role
         patch.setenv("DATABASE_URL", owner)

@@ -5,11 +5,15 @@ and listed by `db check`; quoted names; plain timestamps whatever the session ti
 
 from __future__ import annotations
 
+import os
+import re
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
 
 from dispatch_retention import config
 
@@ -28,6 +32,7 @@ from .real_tables import (
     api_rows,
     insert,
 )
+from .test_docs_auditor import AWAY, PAGE_ENV
 
 REFUSALS = [
     (
@@ -184,3 +189,42 @@ def test_a_code_no_mapping_names_is_an_unknown_status_and_db_check_says_so(
     assert cleaned == expected
     waiting = {r["id"] for r in added} - expected
     assert waiting  # some of them are inside retention + grace: unsettled, not failed sends
+
+
+AUDITOR = Path(__file__).parent.parent / "docs" / "auditor.md"
+CROSS_CHECK = re.compile(r'\$ psql "\$RO_URL" -c "(SELECT c\.seq, c\.rows AS recorded.*?)"\n', re.S)
+RUN_ID = re.compile(r"'[0-9a-f-]{36}'")
+
+
+def test_the_auditors_cross_check_holds_on_plain_timestamps_in_any_server_time_zone(
+    engine: Engine, database_url: URL
+) -> None:
+    """docs/auditor.md's per-chunk cross-check, run with psql as the page says (PGTZ=UTC) on
+    a table whose timestamps have no time zone, on a server whose default is +14 h: every
+    chunk finds the rows it recorded. Without PGTZ it would find none: the test can fail."""
+    naive = next(v for v in VARIANTS if v.naive)
+    with engine.begin() as conn:
+        conn.execute(text("DROP TABLE dispatches CASCADE"))
+        conn.execute(text(naive.ddl))
+        conn.execute(text(f"ALTER DATABASE \"{database_url.database}\" SET TimeZone = '{AWAY}'"))
+    insert(engine, naive, api_rows(db_now(engine), 300, seed=9))
+    outcome = run_job(engine, config.parse(f"[clean]\n{POLICIES}"), chunk_size=40)
+    assert outcome.chunks > 1
+    found = CROSS_CHECK.search(AUDITOR.read_text(encoding="utf-8"))
+    assert found, "docs/auditor.md lost its per-chunk cross-check"
+    query = RUN_ID.sub(f"'{outcome.run_id}'", found.group(1))
+    url = database_url.set(drivername="postgresql").render_as_string(hide_password=False)
+
+    def cross_check(env: dict[str, str]) -> list[tuple[int, int]]:
+        done = subprocess.run(
+            ["psql", url, "-At", "-F", ",", "-c", query],
+            capture_output=True, text=True, check=True, timeout=60,
+            env={**os.environ, "PSQLRC": os.devnull, **env},
+        )  # fmt: skip
+        rows = [line.split(",") for line in done.stdout.splitlines()]
+        return [(int(recorded), int(seen)) for _seq, recorded, seen in rows]
+
+    as_page_says = cross_check(PAGE_ENV)
+    assert len(as_page_says) == outcome.chunks
+    assert all(recorded == seen > 0 for recorded, seen in as_page_says)
+    assert all(seen == 0 for _recorded, seen in cross_check({}))
