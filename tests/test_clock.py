@@ -27,6 +27,7 @@ from .helpers import (
     AUDIT_SCHEMA,
     DAY,
     dispatch,
+    guards_off,
     insert_rows,
     run_records,
     run_script,
@@ -101,6 +102,7 @@ def near_cutoff_rows(anchor: datetime) -> list[dict[str, Any]]:
 def reset(engine: Engine, rows: list[dict[str, Any]]) -> None:
     """The table back to `rows` and an empty audit trail: an identical database again."""
     with engine.begin() as conn:
+        guards_off(conn)
         conn.execute(sql(f"TRUNCATE dispatches, {AUDIT_SCHEMA}.chunks, {AUDIT_SCHEMA}.runs"))
     insert_rows(engine, rows)
 

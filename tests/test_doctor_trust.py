@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
 
 from dispatch_retention import config, doctor, risks
 from dispatch_retention.config import Settings
@@ -301,12 +302,14 @@ def test_missing_column_is_an_error_and_privileges_still_checked(engine: Engine)
 
 
 def test_strict_fails_on_unacknowledged_risk_and_unclassified_column(
-    engine: Engine, run_role: tuple[str, str], tmp_path: Path
+    engine: Engine, database_url: URL, run_role: tuple[str, str], tmp_path: Path
 ) -> None:
     """db check --strict exits 1 naming an unacknowledged trigger or an unclassified column,
-    and 0 under the run role once both are settled."""
+    and 0 under the run role once both are settled (on a database set up as docs/deploy.md
+    says: TEMPORARY revoked from PUBLIC, else that warn fails --strict; test_temp_grant.py)."""
     seed_series(engine, range(1, 6))
     execute(engine, HISTORY_TABLE, COPY_OLD)
+    execute(engine, f'REVOKE TEMPORARY ON DATABASE "{database_url.database}" FROM PUBLIC')
     url = run_role[1]
     plain = write_config(tmp_path / "plain.toml", config_text())
     job = run_script(url, plain, "db", "check", "--strict")

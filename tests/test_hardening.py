@@ -20,6 +20,7 @@ from .helpers import (
     config_text,
     db_now,
     dispatch,
+    guards_off,
     insert_rows,
     invoke,
     script,
@@ -190,7 +191,8 @@ def test_audit_list_csv_neutralises_a_formula_in_a_host_name(
     insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
     ran = invoke("--config", str(config), "--database-url", url_string, "run", "--yes")
     assert ran.exit_code == 0, ran.output
-    with engine.begin() as conn:
+    with engine.begin() as conn:  # a forgery the guards refuse
+        guards_off(conn)
         conn.execute(text("UPDATE dispatch_retention.runs SET host = '=cmd|calc!A1'"))
     listed = invoke(
         "--config", str(config), "--database-url", url_string, "audit", "list", "--format", "csv"

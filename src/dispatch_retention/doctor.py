@@ -10,7 +10,9 @@ columns neither stripped nor kept (a warn); the policy indexes (indexes.py: an i
 only where the plan can read it alone; a missing one comes with the statements that build it
 without blocking writes, partition by partition on a partitioned table); the audit schema's
 revision; the autovacuum settings, last (auto)vacuum and tuples of the table, or of each of
-its partitions; the current role's rights. `db check --strict` fails on any warn.
+its partitions; the current role's rights; TEMPORARY on the database (PostgreSQL grants it
+to PUBLIC by default: a warn, with the REVOKE an administrator would run; the job does not
+run it, since it concerns every role of the database). `db check --strict` fails on any warn.
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings.append(_schema(conn, settings))
     findings += _vacuum(conn, settings)
     findings += _privileges(conn, settings, set(columns))
+    findings.append(_temp_privilege(conn))
     return findings
 
 
@@ -401,3 +404,53 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
             Finding("ok", "privileges", f"role {role['name']} has exactly what run needs")
         )
     return findings
+
+
+#: Who may create temporary tables in the current database, from the catalog: a NULL
+#: `datacl` is the default ACL (`acldefault`), which gives PUBLIC (grantee 0) TEMPORARY.
+_TEMP_PRIVILEGE = text(
+    "SELECT format('%I', d.datname) AS database, current_user AS role, r.rolsuper, "
+    "EXISTS (SELECT FROM aclexplode(coalesce(d.datacl, acldefault('d', d.datdba))) a "
+    "WHERE a.grantee = 0 AND a.privilege_type = 'TEMPORARY') AS public_may, "
+    "has_database_privilege(d.oid, 'TEMPORARY') AS role_may "
+    "FROM pg_database d, pg_roles r "
+    "WHERE d.datname = current_database() AND r.rolname = current_user"
+)
+
+
+def _temp_privilege(conn: Connection) -> Finding:
+    """TEMPORARY on the current database: a warn while PUBLIC holds it (PostgreSQL's
+    default), or while the current role holds it some other way (a grant to it or to a role
+    it belongs to, or owning the database; a superuser is the `privileges` check's warn).
+    No role the job uses needs temporary tables. Revoking it from PUBLIC is for an
+    administrator to decide, for every role of the database: the finding says how."""
+    row = conn.execute(_TEMP_PRIVILEGE).mappings().one()
+    database, role = row["database"], row["role"]
+    if row["public_may"]:
+        return Finding(
+            "warn",
+            "temp privilege",
+            f"PUBLIC has TEMPORARY on database {database} (PostgreSQL's default): every role, "
+            "the job's run, read-only and holds roles among them, may create temporary "
+            "tables (tables of its own for the length of a session, to fill with whatever it "
+            "may read, on the server's disk); the job needs none. Revoking it concerns every "
+            "role of the database, so the job leaves it to an administrator, who would run "
+            f"`REVOKE TEMPORARY ON DATABASE {database} FROM PUBLIC;` and then grant it to each "
+            "role that needs temporary tables: "
+            f"`GRANT TEMPORARY ON DATABASE {database} TO <role>;`",
+        )
+    if row["role_may"] and not row["rolsuper"]:
+        return Finding(
+            "warn",
+            "temp privilege",
+            f"PUBLIC has no TEMPORARY on database {database}, but role {role} has it (granted "
+            "to it or to a role it belongs to, or as the database's owner): `run` needs no "
+            "temporary tables (fine for an admin)",
+        )
+    return Finding(
+        "ok",
+        "temp privilege",
+        f"PUBLIC has no TEMPORARY on database {database}: only roles granted it (and the "
+        "database's owner) may create temporary tables"
+        + ("" if row["role_may"] else f", role {role} may not"),
+    )
