@@ -2,6 +2,8 @@
 
 Holds are never deleted: `release` stamps `released_at` and who released it, so the history
 of every hold stays readable. A reason is mandatory (the table refuses an empty one too).
+The database stamps who placed a hold and when (`created_by`, `created_at`; `--by` is kept
+as `requested_by`) and lets a hold be released once, at the server's time (migration 0004).
 """
 
 from __future__ import annotations
@@ -48,8 +50,7 @@ def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: 
                 .values(
                     member_id=member_id,
                     reason=reason.strip(),
-                    created_at=func.now(),
-                    created_by=f"{by} (db role {_role(conn)})",
+                    requested_by=by,  # created_at and created_by: the server's (0004)
                 )
                 .returning(holds.c.hold_id)
             ).scalar_one()

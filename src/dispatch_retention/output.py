@@ -248,8 +248,8 @@ def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:
     ]
 
 
-HOLD_COLUMNS = ("hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
-                "released_by")  # fmt: skip
+HOLD_COLUMNS = ("hold_id", "member_id", "reason", "created_at", "created_by", "requested_by",
+                "released_at", "released_by")  # fmt: skip
 
 
 def holds(found: Sequence[Mapping[str, Any]], fmt: str) -> str:

@@ -158,7 +158,8 @@ AUDIT_NAMES = frozenset(
         "legal_holds_one_active_per_member",
         "audit_trail_append_only", "runs_start_running", "runs_finished_immutable",
         "runs_start_immutable", "runs_plan_immutable", "chunks_immutable",
-        "chunks_of_a_running_run",
+        "chunks_of_a_running_run", "legal_holds_placed_active", "legal_holds_released_once",
+        "legal_holds_placed_immutable", "requested_by",
         "run_id", "status", "started_at", "finished_at", "trigger", "host", "tool_version",
         "db_user", "target_table", "shard", "options", "config_path", "config_sha256",
         "config_text", "planned_at", "policies", "due_rows", "held_rows", "waiting_grace_rows",
@@ -225,6 +226,7 @@ class AuditTables:
             Column("reason", Text, nullable=False),
             Column("created_at", DateTime(timezone=True), nullable=False),
             Column("created_by", Text, nullable=False),
+            Column("requested_by", Text),
             Column("released_at", DateTime(timezone=True)),
             Column("released_by", Text),
             Index(

@@ -9,6 +9,7 @@ run (`audit show` then counted 6,351 rows cleaned against 1,352 real ones).
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine, create_engine, text
@@ -16,9 +17,10 @@ from sqlalchemy.exc import DBAPIError
 
 from dispatch_retention import db
 
-from ..helpers import run_job, seed_series, settings
+from ..helpers import granted_role, run_job, seed_series, settings
 
 RUNS, CHUNKS = "dispatch_retention.runs", "dispatch_retention.chunks"
+HOLDS = "dispatch_retention.legal_holds"
 CHUNK_VALUES = "(:r, 999, 1, 2, 5, now(), '{}'::jsonb, false)"
 CHUNK_COLUMNS = "(run_id, seq, first_id, last_id, rows, cleaned_at, by_policy, skipped_locked)"
 
@@ -45,14 +47,8 @@ OWNER_ONLY = {
 @pytest.fixture
 def finished_run(engine: Engine) -> str:
     seed_series(engine, range(1, 301))
-    with engine.begin() as conn:  # a released hold: a row the holds table keeps for good
-        conn.execute(
-            text(
-                "INSERT INTO dispatch_retention.legal_holds (member_id, reason, created_at, "
-                "created_by, released_at, released_by) VALUES "
-                "(4242, 'case 1', now(), 'dpo', now(), 'dpo')"
-            )
-        )
+    with engine.begin() as conn:  # a hold: a row the holds table keeps for good
+        conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (4242, 'case 1')"))
     outcome = run_job(engine, settings(), chunk_size=100)
     assert outcome.status.value == "succeeded" and outcome.chunks > 1
     return outcome.run_id
@@ -122,3 +118,58 @@ def test_a_run_is_stamped_by_the_server_and_its_plan_written_once(
     assert (started, by) == (True, role)
     replanned = f"UPDATE {RUNS} SET due_rows = 0 WHERE run_id = :r"
     assert "runs_finished_immutable" in refused(url, replanned, finished_run)
+
+
+# --- legal holds (migration 0004) --------------------------------------------------------------
+
+
+def test_a_hold_is_stamped_by_the_server_and_released_once(
+    engine: Engine, database_url: Any
+) -> None:
+    """As the role `db grants --purpose holds` makes: a hold backdated and credited to
+    another role is stamped with the server's time and the inserting role (what it claimed
+    is kept as requested_by); a release dated before the hold gets the server's time; an
+    un-release, a second release and a rewritten reason are refused."""
+    with granted_role(engine, database_url, "holds") as (role, url):
+        as_holds = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with as_holds.begin() as conn:
+                conn.execute(
+                    text(
+                        f"INSERT INTO {HOLDS} (member_id, reason, created_at, created_by) "
+                        "VALUES (77, 'case 9', '2020-01-01', 'the_dpo')"
+                    )
+                )
+                conn.execute(
+                    text(
+                        f"UPDATE {HOLDS} SET released_at = '2000-01-01', released_by = 'x' "
+                        "WHERE member_id = 77"
+                    )
+                )
+        finally:
+            as_holds.dispose()
+        with engine.connect() as conn:
+            hold = conn.execute(
+                text(
+                    f"SELECT created_by, requested_by, created_at > now() - interval '1 hour' "
+                    f"AS recent, released_at >= created_at AS in_order FROM {HOLDS} "
+                    "WHERE member_id = 77"
+                )
+            ).one()
+        assert (hold.created_by, hold.requested_by, hold.recent, hold.in_order) == (
+            role, "the_dpo", True, True,
+        )  # fmt: skip
+        for statement, rule in (
+            (f"UPDATE {HOLDS} SET released_at = NULL WHERE member_id = 77",
+             "legal_holds_released_once"),
+            (f"UPDATE {HOLDS} SET released_at = now() WHERE member_id = 77",
+             "legal_holds_released_once"),
+            (f"INSERT INTO {HOLDS} (member_id, reason, released_at) VALUES (78, 'r', now())",
+             "legal_holds_placed_active"),
+        ):  # fmt: skip
+            assert rule in refused(url, statement, ""), statement
+    reworded = f"UPDATE {HOLDS} SET reason = 'nothing' WHERE member_id = 4242"
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (4242, 'case 1')"))
+    owner = database_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    assert "legal_holds_placed_immutable" in refused(owner, reworded, "")
