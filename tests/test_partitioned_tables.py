@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from sqlalchemy import Engine
@@ -238,18 +239,31 @@ def test_a_sub_partitioned_table_is_indexed_level_by_level(
     assert [f.level for f in index_findings(engine)] == ["ok", "ok", "ok"]
 
 
-def wait_for_statistics(engine: Engine, partitions: list[str], live: int) -> None:
-    """PostgreSQL before 15 sends table statistics through a collector process, up to half
-    a second late: wait until the VACUUM and the live tuples of every partition show."""
-    query = sql(
-        "SELECT coalesce(sum(n_live_tup), 0), count(*) FILTER (WHERE last_vacuum IS NULL) "
-        "FROM pg_stat_user_tables WHERE relname = ANY(:names)"
-    )
+def settle(engine: Engine, query: Any, expected: Any) -> None:
+    """Wait (up to 10 s) until `query` answers `expected`: statistics before PostgreSQL 15
+    arrive through a collector, up to half a second late."""
     deadline = time.monotonic() + 10
     while time.monotonic() < deadline:
         with engine.connect() as conn:  # a new transaction: a fresh statistics snapshot
-            counted, unvacuumed = conn.execute(query, {"names": partitions}).one()
-        if counted == live and unvacuumed == 0:
+            if conn.execute(query).scalar() == expected:
+                return
+        time.sleep(0.1)
+
+
+def wait_for_statistics(engine: Engine, live: dict[str, int]) -> None:
+    """PostgreSQL before 15 sends table statistics through a collector process, up to half
+    a second late and one table at a time: wait until every partition shows its VACUUM and
+    its own live tuples (`live`: partition -> rows)."""
+    query = sql(
+        "SELECT relname, n_live_tup, last_vacuum IS NOT NULL FROM pg_stat_user_tables "
+        "WHERE relname = ANY(:names)"
+    )
+    expected = {name: (rows, True) for name, rows in live.items()}
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        with engine.connect() as conn:  # a new transaction: a fresh statistics snapshot
+            rows = conn.execute(query, {"names": list(live)}).all()
+        if {name: (tuples, vacuumed) for name, tuples, vacuumed in rows} == expected:
             return
         time.sleep(0.1)
 
@@ -260,6 +274,8 @@ def test_vacuum_and_tuples_are_reported_per_partition(
     """One `last vacuum` finding per partition, with its own live tuples and last vacuum;
     none for the parent, which holds no rows."""
     seed_series(engine, range(1, 2_001), young=lambda i: i % 2 == 0)
+    inserted = sql("SELECT coalesce(sum(n_tup_ins), 0) FROM pg_stat_user_tables")
+    settle(engine, inserted, 2_000)  # else a late insert report adds to VACUUM's count
     with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
         conn.execute(sql("VACUUM ANALYZE dispatches"))
         counts = dict(
@@ -267,7 +283,7 @@ def test_vacuum_and_tuples_are_reported_per_partition(
                 sql("SELECT tableoid::regclass::text, count(*) FROM dispatches GROUP BY 1")
             ).all()
         )
-    wait_for_statistics(engine, partitioned, sum(counts.values()))
+    wait_for_statistics(engine, {p: counts.get(p, 0) for p in partitioned})
     with engine.connect() as conn, conn.begin():
         found = doctor.check(conn, settings())
     [summary] = [f for f in found if f.check == "autovacuum settings"]
