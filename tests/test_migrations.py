@@ -35,6 +35,8 @@ def test_upgrade_creates_the_model_tables_in_their_own_schema(engine: Engine) ->
         "runs",
         "chunks",
         "legal_holds",
+        "events",
+        "events_head",
         ALEMBIC_VERSION_TABLE,
     }
     assert not inspector.has_table("alembic_version", schema="public")

@@ -38,6 +38,7 @@ from sqlalchemy import (
 from tenacity import RetryCallState
 
 from . import db, retry
+from .chain import head
 from .config import Clean, Settings
 from .planning import Plan
 from .risks import Risk
@@ -171,6 +172,11 @@ class RunRecord:
             remaining_due_rows=outcome.remaining_due_rows,
             remaining_reason=outcome.remaining_reason,
         )
+
+    def chain_head(self) -> str:
+        """The trail's hash chain head (`chain.head`), for the run_finished log line: a copy
+        that lives outside the database."""
+        return self._bounded("reading the chain head", lambda c: head(c, self.tables)[1])
 
     def _update(self, *, open_only: bool = False, **values: Any) -> bool:
         runs = self.tables.runs

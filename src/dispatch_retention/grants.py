@@ -85,6 +85,9 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
         f"GRANT USAGE ON SCHEMA {_quote(target_schema)} TO {role_q};",
         f"GRANT USAGE ON SCHEMA {audit} TO {role_q};",
         f"GRANT SELECT ON {audit_table(ALEMBIC_VERSION_TABLE)} TO {role_q};",
+        # the hash chain: read by `audit verify` and by a run logging its head; only the
+        # database's own triggers write it
+        f"GRANT SELECT ON {audit_table('events')}, {audit_table('events_head')} TO {role_q};",
     ]
     if purpose == "run":
         out += [

@@ -281,11 +281,20 @@ def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
                 )
         record.finish(outcome)
     except (DBAPIError, errors.RetriesExhausted) as exc:
-        error = db.describe_error(exc) if isinstance(exc, DBAPIError) else str(exc)
+        error = _described(exc)
         rlog.error("run_record_failed", error=error)
         if outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
             outcome.status = Status.FAILED
             outcome.error = "could not close the run record: " + error
+        return
+    try:
+        outcome.chain_head = record.chain_head()
+    except (DBAPIError, errors.RetriesExhausted) as exc:  # the record is closed: say so, go on
+        rlog.warning("chain_head_unread", error=_described(exc))
+
+
+def _described(exc: DBAPIError | errors.RetriesExhausted) -> str:
+    return db.describe_error(exc) if isinstance(exc, DBAPIError) else str(exc)
 
 
 def _copy_risks(conn: Connection, settings: Settings, outcome: Outcome, rlog: Logger) -> None:
@@ -352,6 +361,8 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
         fields["stopped_by"] = outcome.stopped_by
     if outcome.remaining_reason:
         fields["remaining_reason"] = outcome.remaining_reason
+    if outcome.chain_head:
+        fields["chain_head"] = outcome.chain_head
     if outcome.status == Status.FAILED:
         rlog.error("run_failed", error=outcome.error, **fields)
     elif outcome.status == Status.INTERRUPTED:

@@ -10,6 +10,7 @@ from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the verifier
+    from .chain import ChainReport
     from .doctor import Finding
     from .planning import Plan
     from .verify import Report
@@ -112,6 +113,35 @@ def _policy_names(outcome: Outcome) -> list[str]:
     if outcome.plan is not None:
         return [p.name for p in outcome.plan.policies]
     return sorted(outcome.by_policy)
+
+
+def chain_text(report: ChainReport) -> str:
+    """`audit verify`: the chain's size and head, each check, then the verdict."""
+    lines = [
+        f"events: {report.events} ({report.imported} imported by the upgrade that began the chain)",
+        f"head:   seq {report.head_seq} {report.head}",
+    ]
+    if report.expected_head is not None:
+        where = (
+            f"seq {report.expected_seq}, {report.head_seq - report.expected_seq} events since"
+            if report.expected_seq is not None
+            else "NOT in the chain"
+        )
+        lines.append(f"expected head {report.expected_head}: {where}")
+    lines.append(f"cleaning chunks counted against the dispatches: {report.chunks_counted}")
+    if report.ok:
+        lines += [
+            "",
+            "OK: every event's hash recomputed, the chain unbroken to its head, runs, chunks "
+            "and legal holds as their events record them, every chunk's count in the table",
+        ]
+        return "\n".join(lines)
+    lines += ["", table(["row", "problem"], [[f.row, f.problem] for f in report.findings])]
+    if report.unlisted:
+        lines.append(f"... and {report.unlisted} more")
+    first = report.findings[0]
+    lines += ["", f"TAMPERED: {first.row}: {first.problem}"]
+    return "\n".join(lines)
 
 
 def verify_text(report: Report) -> str:

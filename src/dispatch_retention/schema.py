@@ -172,7 +172,7 @@ AUDIT_NAMES = frozenset(
 
 
 class AuditTables:
-    """The runs, chunks and legal_holds tables in the configured audit schema."""
+    """The runs, chunks, legal_holds and events tables in the configured audit schema."""
 
     def __init__(self, schema: str) -> None:
         self.schema = schema
@@ -235,4 +235,23 @@ class AuditTables:
                 unique=True,
                 postgresql_where=text("released_at IS NULL"),
             ),
+        )
+        # Written only by the database's triggers (migration 0005): the trail's hash chain.
+        self.events = Table(
+            "events",
+            self.metadata,
+            Column("seq", BigInteger, primary_key=True),
+            Column("kind", Text, nullable=False),
+            Column("subject", Text, nullable=False),
+            Column("recorded_at", DateTime(timezone=True), nullable=False),
+            Column("body", Text, nullable=False),
+            Column("prev_hash", Text, nullable=False),
+            Column("hash", Text, nullable=False),
+        )
+        self.events_head = Table(
+            "events_head",
+            self.metadata,
+            Column("only_row", Boolean, primary_key=True),
+            Column("seq", BigInteger, nullable=False),
+            Column("hash", Text, nullable=False),
         )

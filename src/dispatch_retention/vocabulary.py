@@ -138,6 +138,8 @@ class Outcome:
     written_back_rows: int = 0
     #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
     copy_risks: list[Risk] = field(default_factory=list)
+    #: the audit trail's hash chain head after the run closed its record (`chain.head`)
+    chain_head: str | None = None
 
 
 #: Why a run can end with due rows left: a budget, rows the application holds locked, rows

@@ -39,6 +39,20 @@ class RunIdParam(click.ParamType[str]):
             self.fail("not a run id (a UUID, as `audit list` shows)", param, ctx)
 
 
+class HashParam(click.ParamType[str]):
+    """An event hash as `audit verify` prints it: 64 hexadecimal digits, in lower case."""
+
+    name = "HASH"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        digest = str(value).strip().lower()
+        if not re.fullmatch(r"[0-9a-f]{64}", digest):
+            self.fail(
+                "not a head hash (64 hexadecimal digits, as `audit verify` prints)", param, ctx
+            )
+        return digest
+
+
 #: --max-runtime at most a week; --tolerance-hours at most ten years (anything more is a typo)
 MAX_RUNTIME_S, MAX_TOLERANCE_HOURS = 7 * 24 * 3600.0, 10 * 365 * 24.0
 

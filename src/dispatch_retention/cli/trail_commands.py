@@ -1,4 +1,4 @@
-"""`verify` and `audit list` / `audit show`: what the trail and the table say."""
+"""`verify` and `audit list` / `audit show` / `audit verify`: what the trail and the table say."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from . import State, audit_session, cli, table_or_json
 from .params import (
     MAX_TOLERANCE_HOURS,
     Bounded,
+    HashParam,
     RunIdParam,
     Whole,
 )
@@ -89,3 +90,22 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
     if document is None:
         raise click.ClickException(f"no run {run_id} in the audit trail")
     click.echo(output.to_json(document) if fmt == "json" else output.run_text(document))
+
+
+@audit_group.command("verify")
+@click.option(
+    "--expect-head",
+    type=HashParam(),
+    help="A head an earlier `audit verify` (or a run's run_finished log line) printed: the "
+    "chain must still hold it (exit 6 if it was cut back or rewritten).",
+)
+@table_or_json
+@click.pass_obj
+def audit_verify(state: State, expect_head: str | None, fmt: str) -> None:
+    """Recompute the trail's hash chain and check the tables against it (exit 6 if broken)."""
+    from ..chain import check
+
+    with audit_session(state) as (conn, settings, tables), conn.begin():
+        report = check(conn, settings, tables, expect_head)
+    click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.chain_text(report))
+    sys.exit(Exit.OK if report.ok else Exit.TAMPERED)
