@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,7 +49,7 @@ from .helpers import (
 from .strategies import mutated_configs
 
 #: README "Exit codes".
-DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5, 130, 143}
+DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5, 6, 130, 143}
 PASSWORD = "Pw0rd-SECRET-4711"
 LEFT_OUT = {("demo",)}
 
@@ -141,6 +142,10 @@ def good_value(param: click.Parameter) -> st.SearchStrategy[str]:
         return st.sampled_from(["2026-01-01", "2026-11-30T00:00:00", "1970-01-01"])
     if kind.name == "RUN_ID":
         return st.uuids().map(str)
+    if kind.name == "HASH":
+        return st.sampled_from(["0" * 64, "AB" * 32])
+    if isinstance(kind, click.Path):  # a file a command may write (audit verify --head-file)
+        return st.just(str(Path(tempfile.gettempdir()) / "dr-fuzz-chain-head"))
     return st.sampled_from(["case 17", "ops", "dispatch_retention_run", "42"])
 
 

@@ -124,11 +124,13 @@ def test_table_lock_queued_behind_a_chunk_never_hangs_the_run(
 def test_tiny_statement_timeout_rolls_chunks_back_and_fails_the_run(
     probe: Engine, url_string: str, tmp_path: Path, plain_config: Path
 ) -> None:
-    """statement_timeout_ms = 1: every chunk is cancelled and rolled back, the window
-    shrinks, retries run out, and the run fails with the statement timeout as the reason."""
+    """statement_timeout_ms = 50: every chunk is cancelled and rolled back, the window
+    shrinks, retries run out, and the run fails with the statement timeout as the reason.
+    (The run's own record writes, a trigger appending each to the trail's hash chain, take
+    a few milliseconds: they fit in 50, the chunks never do.)"""
     due, _ = seed_series(probe, range(1, 2001), young=every_fifth_young)
-    slow(probe, chunk=0.01)  # so that even a shrunken window outlasts 1 ms
-    tiny = make_config(tmp_path, clean="statement_timeout_ms = 1\n" + IMPATIENT)
+    slow(probe, chunk=0.3)  # so that even a shrunken window outlasts 50 ms
+    tiny = make_config(tmp_path, clean="statement_timeout_ms = 50\n" + IMPATIENT)
     job = run_script(url_string, tiny, "run", "--yes", "--chunk-size", "1000")
     assert job.returncode == 1, job.stderr
     retries = job.events("chunk_retry")

@@ -12,6 +12,7 @@ never holds a row value or a password.
     │   ├── MissingPrivilege         the role lacks a right the command needs (named)
     │   ├── RoleRefused              `db grants` for a role that must never get them
     │   ├── HoldError                a legal hold that cannot be placed or released as asked
+    │   ├── HeadFileError            `audit verify --head-file`: cannot read or keep the head
     │   └── EmbeddedUnavailable      `demo` without the `embedded` extra
     └── RunError                     exit 1: the run started and could not go on
         ├── LockLost                 the run lock's connection died and another run took it
@@ -147,6 +148,15 @@ class RoleRefused(UsageError):
 
 class HoldError(UsageError):
     """A legal hold that cannot be placed or released as asked."""
+
+
+class HeadFileError(UsageError):
+    """The file `audit verify --head-file` keeps the chain's head in cannot be read, holds
+    something else than a head, or cannot be written: its path and why."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"--head-file {path}: {reason}")
 
 
 class EmbeddedUnavailable(UsageError):

@@ -132,8 +132,8 @@ def chain_text(report: ChainReport) -> str:
     if report.ok:
         lines += [
             "",
-            "OK: every event's hash recomputed, the chain unbroken to its head, runs, chunks "
-            "and legal holds as their events record them, every chunk's count in the table",
+            "OK: every hash recomputed, the chain whole to its head; runs, chunks and holds "
+            "match it",
         ]
         return "\n".join(lines)
     lines += ["", table(["row", "problem"], [[f.row, f.problem] for f in report.findings])]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -115,6 +116,50 @@ def test_the_expected_head_must_still_be_in_the_chain(
     assert code == Exit.TAMPERED and report["findings"][0]["row"] == "events"
     bad = invoke(*base, "audit", "verify", "--expect-head", "not-a-hash")
     assert bad.exit_code == 2 and "64 hexadecimal digits" in bad.output
+
+
+def test_a_head_file_keeps_the_last_good_head(
+    engine: Engine, trail: str, base: list[str], tmp_path: Path
+) -> None:
+    """`--head-file`: no file is a first check (the head is kept); the next check expects it
+    and keeps the new head; a chain cut back past it is exit 6 and the file keeps the last
+    good head; a file that holds no head, that is not a regular file (a device it would
+    replace), or that cannot be read or written, is exit 2."""
+    kept = tmp_path / "chain-head"
+    first = invoke(*base, "audit", "verify", "--head-file", str(kept))
+    assert first.exit_code == 0, first.output
+    head_9 = kept.read_text()
+    assert head_9 == events(engine)[-1]["hash"] + "\n"
+    seed_series(engine, range(300, 400))
+    run_job(engine, settings(), chunk_size=100)
+    code, report = verify(base, "--head-file", str(kept))
+    assert (code, report["expected_head_seq"]) == (0, 9)
+    good = kept.read_text()
+    assert good == report["head"] + "\n" != head_9
+    unwritable = invoke(*base, "audit", "verify", "--head-file", "/proc/chain-head")  # no file
+    assert unwritable.exit_code == 2 and "cannot keep the head" in unwritable.output
+    with engine.begin() as conn:
+        guards_off(conn)
+        seq = conn.execute(text(f"SELECT max(seq) FROM {EVENTS}")).scalar_one()
+        conn.execute(text(f"DELETE FROM {EVENTS} WHERE seq > 9"))
+        conn.execute(text(f"UPDATE {HEAD} SET seq = 9, hash = :h"), {"h": head_9.strip()})
+    assert seq > 9
+    code, report = verify(base, "--head-file", str(kept))
+    assert code == Exit.TAMPERED and any(
+        "expected head" in f["problem"] for f in report["findings"]
+    )
+    assert kept.read_text() == good  # the last good head, still
+    kept.write_text("not a head\n")
+    bad = invoke(*base, "audit", "verify", "--head-file", str(kept))
+    assert bad.exit_code == 2 and f"--head-file {kept}: holds something else" in bad.output
+    both = invoke(*base, "audit", "verify", "--head-file", str(kept), "--expect-head", "a" * 64)
+    assert both.exit_code == 2 and "give one of them" in both.output
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    device = invoke(*base, "audit", "verify", "--head-file", "/dev/null")  # never replaced
+    assert device.exit_code == 2 and "is not a regular file" in device.output
+    unreadable = invoke(*base, "audit", "verify", "--head-file", str(blocked / "head"))
+    assert unreadable.exit_code == 2 and "Not a directory" in unreadable.output
 
 
 # --- the owner's forgeries: past the guards, caught by audit verify ---------------------------

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import sys
 from datetime import UTC, datetime
+from pathlib import Path
 
 import click
 
 from .. import (
     audit,
+    heads,
     output,
 )
 from ..vocabulary import Exit
@@ -99,13 +101,26 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
     help="A head an earlier `audit verify` (or a run's run_finished log line) printed: the "
     "chain must still hold it (exit 6 if it was cut back or rewritten).",
 )
+@click.option(
+    "--head-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Keep the head in FILE: expect the head it holds (none yet: nothing expected) and, "
+    "when the trail checks out, write the new one there (a CronJob's volume).",
+)
 @table_or_json
 @click.pass_obj
-def audit_verify(state: State, expect_head: str | None, fmt: str) -> None:
+def audit_verify(state: State, expect_head: str | None, head_file: Path | None, fmt: str) -> None:
     """Recompute the trail's hash chain and check the tables against it (exit 6 if broken)."""
     from ..chain import check
 
+    if head_file is not None:
+        if expect_head is not None:
+            raise click.UsageError("--expect-head and --head-file: give one of them")
+        expect_head = heads.read(head_file)
     with audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.chain_text(report))
-    sys.exit(Exit.OK if report.ok else Exit.TAMPERED)
+    if not report.ok:
+        sys.exit(Exit.TAMPERED)
+    if head_file is not None:
+        heads.keep(head_file, report.head)
