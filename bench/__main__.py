@@ -75,7 +75,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--contenders",
         default="abcd",
-        help="which contenders, e.g. 'ab' [abcd]: a bound, b job, c skiplock, d naive, e shards",
+        help="which contenders, e.g. 'ab' [abcd]: a bound, b job, c skiplock, d naive, e shards, "
+        "f the job with the audit trail's hash chain off",
     )
     p.add_argument(
         "--job-bin",

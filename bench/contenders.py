@@ -5,6 +5,8 @@ measured alone on it; the copy is dropped before the next contender starts:
   (a) bound     one UPDATE over every due row (the physical bound);
   (b) job       `dispatch-retention run --yes` as a real subprocess, shipped config;
   (e) shards    with --shards N: N job processes at once, `run --shard I/N` each;
+  (f) unchained (b) with the audit trail's hash chain triggers turned off on its copy: what
+                the chain costs a run is (b) against (f) (not a way to run the job);
   (c) skiplock  the textbook loop: UPDATE ... WHERE id IN (SELECT id ... ORDER BY id
                 LIMIT n FOR UPDATE SKIP LOCKED), commit per chunk, until 0 rows;
   (d) naive     select the due ids, one UPDATE per row, commit per 1000, on a sample
@@ -39,7 +41,7 @@ from dispatch_retention import config, db, policy, schema
 from .jobs import find_job_bin, job_breakdown, job_has_command, job_outcome, run_job
 from .report import Result, _r, median_run, ratio
 from .scenarios import Template, build_template, due_expr
-from .server import Server, log, sql
+from .server import QUOTE, Server, log, sql
 
 
 class Bench:
@@ -136,6 +138,17 @@ def job(bench: Bench, copy: str, result: Result, _due_rows: int) -> None:
     rows, chunk_ms = job_outcome(out, result.problems)
     result.rows, result.chunk_ms = rows, chunk_ms
     result.detail["job"] = job_breakdown(out, out["events"], chunk_ms)
+
+
+def unchained(bench: Bench, copy: str, result: Result, due_rows: int) -> None:
+    """(f) the real job, its run and chunk records writing no event (the bench's admin
+    turns the triggers of migration 0005 off on this copy)."""
+    audit = QUOTE(bench.settings.audit.schema_)
+    with bench.server.connect(copy) as conn:
+        for table in ("runs", "chunks"):
+            conn.execute(f"ALTER TABLE {audit}.{table} DISABLE TRIGGER {table}_event")
+        conn.commit()
+    job(bench, copy, result, due_rows)
 
 
 def shards(bench: Bench, copy: str, result: Result, _due_rows: int) -> None:
@@ -268,6 +281,7 @@ CONTENDERS = (
     Contender("a", "bound", bound, repeats=True, runs_job=False),
     Contender("b", "job", job, repeats=True, runs_job=True),
     Contender("e", "shards", shards, repeats=True, runs_job=True),
+    Contender("f", "unchained", unchained, repeats=True, runs_job=True),
     Contender("c", "skiplock", skiplock, repeats=False, runs_job=False),
     Contender("d", "naive", naive, repeats=False, runs_job=False),
 )
