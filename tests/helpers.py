@@ -157,17 +157,31 @@ def fresh_database(server_url: URL, template: str | None = None) -> Iterator[URL
         admin.dispose()
 
 
+def apply_sql(conn: Connection, statements: Iterable[str]) -> None:
+    """Run printed SQL as psql would: the text as it is (no bound parameters, so a `:name`
+    or a `%` in a literal stays itself)."""
+    for statement in statements:
+        conn.exec_driver_sql(statement, execution_options={"no_parameters": True})
+
+
+def apply_grants(conn: Connection, name: str, purpose: str, s: Settings | None = None) -> None:
+    """What `db grants --role NAME --purpose PURPOSE` prints with a database URL, run on
+    `conn`, whose role (an administrator) then owns the view of the read-only grants."""
+    fitted = grants.fitted(conn, s or settings(), purpose)  # type: ignore[arg-type]
+    apply_sql(conn, grants.statements(fitted, name, purpose))  # type: ignore[arg-type]
+
+
 @contextmanager
 def granted_role(
     engine: Engine, database_url: URL, purpose: str, s: Settings | None = None
 ) -> Iterator[tuple[str, str]]:
     """A LOGIN role (not a superuser, not the table's owner) with exactly the rights `db
-    grants --purpose PURPOSE` prints: its name and its postgresql:// URL. Dropped after."""
+    grants --purpose PURPOSE` prints, given by `engine`'s role: its name and its
+    postgresql:// URL. Dropped after."""
     name = f"dr_{purpose.replace('-', '_')}_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(sql(f"CREATE ROLE {name} LOGIN"))
-        for statement in grants.statements(s or settings(), name, purpose):  # type: ignore[arg-type]
-            conn.execute(sql(statement))
+        apply_grants(conn, name, purpose, s)
     url = database_url.set(drivername="postgresql", username=name)
     try:
         yield name, url.render_as_string(hide_password=False)

@@ -48,10 +48,11 @@ def test_the_contender_table_names_each_letter_once_in_the_order_they_run() -> N
         ("a", "bound", True, False),
         ("b", "job", True, True),
         ("e", "shards", True, True),
+        ("f", "unchained", True, True),
         ("c", "skiplock", False, False),
         ("d", "naive", False, False),
     ]
-    assert set(contenders.BY_KEY) == set("abcde")
+    assert set(contenders.BY_KEY) == set("abcdef")
 
 
 def test_the_bound_writes_the_jobs_cleaned_values_as_literal_sql() -> None:

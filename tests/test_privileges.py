@@ -18,6 +18,7 @@ from dispatch_retention.cli import cli
 
 from .helpers import (
     DAY,
+    apply_grants,
     config_text,
     db_now,
     dispatch,
@@ -37,8 +38,7 @@ def roles(engine: Engine, database_url: URL) -> Iterator[dict[str, URL]]:
     with engine.begin() as conn:
         for purpose, name in names.items():
             conn.execute(text(f"CREATE ROLE {name} LOGIN"))
-            for statement in grants.statements(s, name, purpose):
-                conn.execute(text(statement))
+            apply_grants(conn, name, purpose, s)
     yield {purpose: database_url.set(username=name) for purpose, name in names.items()}
     with engine.begin() as conn:
         for name in names.values():
@@ -102,6 +102,58 @@ def test_read_only_role_cannot_write(engine: Engine, roles: dict[str, URL]) -> N
     try:
         with pytest.raises(ProgrammingError), as_ro.begin() as conn:
             conn.execute(text("UPDATE dispatches SET msisdn = NULL"))
+    finally:
+        as_ro.dispose()
+
+
+@pytest.mark.parametrize(
+    "statement",
+    [
+        pytest.param("SELECT msisdn FROM dispatches", id="msisdn"),
+        pytest.param("SELECT content FROM dispatches", id="content"),
+        pytest.param("SELECT email, app_token FROM dispatches", id="email-app-token"),
+        pytest.param("SELECT * FROM dispatches", id="star"),
+        pytest.param("SELECT id FROM dispatches WHERE msisdn LIKE '+47%'", id="filter-on-msisdn"),
+        pytest.param("SELECT count(content) FROM dispatches", id="count-content"),
+        pytest.param("SELECT d FROM dispatches AS d", id="whole-row"),
+    ],
+)
+def test_read_only_role_cannot_read_personal_data(
+    engine: Engine, roles: dict[str, URL], statement: str
+) -> None:
+    """The verify / dry-run role is denied every personal column, in a result or a filter."""
+    insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
+    as_ro = db.make_engine(roles["read-only"])
+    try:
+        with pytest.raises(ProgrammingError) as info, as_ro.begin() as conn:
+            conn.execute(text(statement))
+        assert db.sqlstate(info.value) == "42501"  # insufficient_privilege
+    finally:
+        as_ro.dispose()
+
+
+def test_read_only_role_counts_through_the_view(engine: Engine, roles: dict[str, URL]) -> None:
+    """What it may read instead: the kept columns, and per personal column whether it holds
+    data (the audit schema's view), never the data."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(1, now - 500 * DAY), dispatch(2, now - 500 * DAY)])
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dispatches SET msisdn = NULL WHERE id = 2"))
+    as_ro = db.make_engine(roles["read-only"])
+    try:
+        with as_ro.begin() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT id, type, has_msisdn, has_email, holds_personal_data"
+                    " FROM dispatch_retention.dispatch_facts ORDER BY id"
+                )
+            ).all()
+            kept = conn.execute(text("SELECT id, created_at, member_id FROM dispatches")).all()
+        assert [tuple(r) for r in rows] == [
+            (1, "sms", True, True, True),
+            (2, "sms", False, True, True),
+        ]
+        assert len(kept) == 2
     finally:
         as_ro.dispose()
 

@@ -16,11 +16,12 @@ from typing import Any
 
 import pytest
 from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
 
 from dispatch_retention import config
 
 from . import oracle
-from .helpers import DAY, MARK, db_now, run_job, script
+from .helpers import DAY, MARK, db_now, granted_role, invoke, run_job, script
 from .real_tables import (
     PERSONAL,
     POLICIES,
@@ -86,6 +87,41 @@ def test_verify_finds_nothing_after_a_run_and_exit_5_for_an_overdue_row(
     caught = script(*base, "verify")
     assert caught.returncode == 5, caught.stdout + caught.stderr
     assert MARK not in caught.stdout + caught.stderr
+
+
+def test_the_read_only_role_reports_through_the_view_what_the_owner_reads_in_the_table(
+    real_table: Table, database_url: URL
+) -> None:
+    """verify as the read-only role of `db grants` (which counts through the view, made
+    for the table's own column types) is the owner's report on every shape: before a run,
+    and after one with a row written back."""
+    t = real_table
+
+    def reports(*urls: str) -> list[tuple[int, dict[str, Any]]]:
+        out = []
+        for url in urls:
+            done = invoke("--config", str(t.config), "--database-url", url, "verify",
+                          "--format", "json")  # fmt: skip
+            assert done.exit_code in (0, 5), done.output
+            document = json.loads(done.stdout)
+            document.pop("checked_at")
+            out.append((done.exit_code, document))
+        return out
+
+    with granted_role(t.engine, database_url, "read-only", t.settings) as (_, ro_url):
+        owner, read_only = reports(t.url, ro_url)
+        assert owner == read_only and owner[0] == 5
+        assert run_job(t.engine, t.settings).status.value == "succeeded"
+        with t.engine.begin() as conn:
+            conn.execute(
+                text(
+                    f"UPDATE {t.variant.table} SET msisdn = '+4700000000' WHERE id = "
+                    f"(SELECT min(id) FROM {t.variant.table} WHERE cleaned_at IS NOT NULL)"
+                )
+            )
+        owner, read_only = reports(t.url, ro_url)
+        assert owner == read_only
+        assert owner[1]["anomalies"]["written_back_rows"] == 1
 
 
 def test_the_audit_trail_counts_what_the_run_cleaned(real_table: Table) -> None:

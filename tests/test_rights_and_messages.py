@@ -54,14 +54,15 @@ def administrator_sql() -> str:
 @pytest.fixture
 def doc_roles(engine: Engine) -> Iterator[dict[str, str]]:
     """The three roles of docs/deploy.md under names of this test's own (roles are
-    cluster-wide); dropped with what they own afterwards."""
+    cluster-wide); dropped with what they own afterwards (and the read-only grants' view,
+    an administrator's, in the migrate role's schema)."""
     suffix = uuid.uuid4().hex[:6]
     names = {kind: f"dispatch_retention_{kind}_{suffix}" for kind in ("migrate", "run", "ro")}
     yield names
     with engine.begin() as conn:
         for name in names.values():
             if conn.execute(text("SELECT 1 FROM pg_roles WHERE rolname = :r"), {"r": name}).first():
-                conn.execute(text(f"DROP OWNED BY {name}"))
+                conn.execute(text(f"DROP OWNED BY {name} CASCADE"))
                 conn.execute(text(f"DROP ROLE {name}"))
 
 

@@ -26,7 +26,7 @@ from sqlalchemy.exc import DBAPIError
 from . import db, errors, indexes, migrate, risks
 from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings, Target
-from .grants import read_columns, write_columns
+from .grants import write_columns
 from .schema import dispatches_table
 
 Level = Literal["ok", "warn", "error"]
@@ -376,7 +376,8 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
 
     needed_write = set(write_columns(settings))
     lacking = [c for c in write_columns(settings) if c in present and not has("UPDATE", c)]
-    lacking += [c for c in read_columns(settings) if c in present and not has("SELECT", c)]
+    read = target_module.read_columns(settings)
+    lacking += [c for c in read if c in present and not has("SELECT", c)]
     if lacking:
         findings.append(
             Finding(
@@ -396,7 +397,7 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
                 "warn",
                 "privileges",
                 f"role {role['name']} has more rights than `run` needs on {table}: "
-                f"{', '.join(extra)} (fine for an admin or the read-only verify role)",
+                f"{', '.join(extra)} (fine for an administrator)",
             )
         )
     if not findings:

@@ -10,6 +10,9 @@ never holds a row value or a password.
     │   ├── TargetRefused            the target is not a table the job can see whole
     │   ├── RecleanRefused           `run --reclean` by a role that cannot read the columns
     │   ├── MissingPrivilege         the role lacks a right the command needs (named)
+    │   │   └── NoFactsView          `verify` may read neither the personal columns nor the
+    │   │                            audit schema's view of the dispatches
+    │   ├── StaleFactsView           that view is not what this config's read-only grants make
     │   ├── RoleRefused              `db grants` for a role that must never get them
     │   ├── HoldError                a legal hold that cannot be placed or released as asked
     │   ├── HeadFileError            `audit verify --head-file`: cannot read or keep the head
@@ -135,6 +138,38 @@ class MissingPrivilege(UsageError):
                 f"{kind.upper()} {name} TO {role} (or run as the role that owns it)"
             )
         super().__init__(message)
+
+
+class NoFactsView(MissingPrivilege):
+    """`verify` by `role`, which may not read `columns` of `table`, and cannot count through
+    the audit schema's `view` either (`reason`: it is missing, or the role may not read it):
+    the SQL of `db grants --purpose read-only` creates the view and grants it."""
+
+    def __init__(self, role: str, table: str, columns: list[str], view: str, reason: str) -> None:
+        self.role, self.right, self.kind, self.name = role, "SELECT", "view", view
+        self.table, self.columns, self.reason = table, columns, reason
+        UsageError.__init__(
+            self,
+            f"role {role} may not read {', '.join(columns)} of {table}, and {reason}: have the "
+            f"table's owner run the SQL that `dispatch-retention db grants --role {role} "
+            "--purpose read-only` prints (it creates the view and grants it), or run verify as "
+            "a role that may read those columns",
+        )
+
+
+class StaleFactsView(UsageError):
+    """The audit schema's view of the dispatches, `view`, is not what the read-only grants
+    print for this configuration (`reason` says what differs): counted through it, `verify`
+    would judge by other rules, so it refuses. Made again, it is current."""
+
+    def __init__(self, view: str, reason: str, role: str) -> None:
+        self.view, self.reason, self.role = view, reason, role
+        super().__init__(
+            f"view {view}: {reason}, so verify cannot count through it: have the table's "
+            f"owner run again the SQL that `dispatch-retention db grants --role {role} "
+            f"--purpose read-only` prints (when clean.columns changed, DROP VIEW {view} "
+            "first, then the read-only grants of every role that reads it)"
+        )
 
 
 class RoleRefused(UsageError):

@@ -4,11 +4,18 @@ Three purposes:
 - `run`: read the columns the rule looks at (never the personal ones), update only the
   cleaned columns plus `cleaned_at` and `updated_at`, write its own run and chunk records,
   read legal holds. No DELETE, no TRUNCATE, no DDL.
-- `read-only`: `verify` and `run --dry-run`: read the dispatches (verify must see whether a
-  personal column still holds data) and the audit tables.
+- `read-only`: `verify`, `run --dry-run` and the audit commands: read the same columns of
+  the dispatches as `run` (never the personal ones: a SELECT on the whole table granted
+  before is revoked first), the audit tables, and the audit schema's view of the dispatches
+  (`facts.py`: whether each personal column holds data, never the data), which these
+  statements create. They must be run by the table's owner or an administrator who may read
+  every column of the table and create in the audit schema: the view is theirs and reads the
+  table with their rights (`notes()` says so in the output).
 - `holds`: for the people who place and release legal holds.
 
-The statements are built from validated identifiers, quoted by SQLAlchemy's preparer.
+The statements are built from validated identifiers, quoted by SQLAlchemy's preparer; the
+view's values (the cleaned values of the config) are written out by SQLAlchemy's PostgreSQL
+compiler (`facts.statements`).
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ from typing import Literal
 from sqlalchemy import Connection, text
 from sqlalchemy.dialects import postgresql
 
-from .config import KEPT_COLUMNS, Settings
+from . import facts, target
+from .config import Settings
 from .errors import RoleRefused
 from .names import IDENTIFIER, MAX_IDENTIFIER
-from .schema import ALEMBIC_VERSION_TABLE
+from .output import escaped
+from .schema import ALEMBIC_VERSION_TABLE, FACTS_VIEW
 
 Purpose = Literal["run", "read-only", "holds"]
 PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds")
@@ -59,10 +68,31 @@ def refuse_superuser(conn: Connection, role: str) -> None:
         )
 
 
-def read_columns(settings: Settings) -> list[str]:
-    """What `run` reads: every kept column plus member_id (for holds), never the personal data
-    it strips (member_id is read even when it is stripped: the hold check needs it)."""
-    return sorted(set(KEPT_COLUMNS) | {"member_id"})
+def fitted(conn: Connection, settings: Settings, purpose: Purpose) -> Settings:
+    """With a database to ask: the read-only view fits the table's own column types (a
+    `json` or `text` content is compared as such), so the target is resolved first."""
+    if purpose != "read-only":
+        return settings
+    return target.resolve_settings(conn, settings)
+
+
+def notes(settings: Settings, purpose: Purpose) -> list[str]:
+    """Comment lines printed before the statements: who must run them. A name with a
+    newline (a quoted one may hold any character) is shown escaped: it would end the
+    comment, and psql would run the rest of the line."""
+    if purpose != "read-only":
+        return []
+    view = facts.view_name(settings)
+    lines = [
+        f"-- Run as the owner of {settings.target.table}, or as an administrator who may read "
+        f"all its columns and create in schema {settings.audit.schema_}: the view {view} "
+        "will be that role's, and reads the table with its rights and under its row-level "
+        "security.",
+        f"-- After a change of clean.columns, DROP VIEW {view} first, then run the read-only "
+        "grants of every role that reads it again (CREATE OR REPLACE VIEW cannot drop or rename "
+        "a column).",
+    ]
+    return [escaped(line) for line in lines]
 
 
 def write_columns(settings: Settings) -> list[str]:
@@ -91,7 +121,7 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
     ]
     if purpose == "run":
         out += [
-            f"GRANT SELECT ({cols(read_columns(settings))}) ON {table} TO {role_q};",
+            f"GRANT SELECT ({cols(target.read_columns(settings))}) ON {table} TO {role_q};",
             f"GRANT UPDATE ({cols(write_columns(settings))}) ON {table} TO {role_q};",
             f"GRANT SELECT, INSERT, UPDATE ON {audit_table('runs')} TO {role_q};",
             f"GRANT SELECT, INSERT ON {audit_table('chunks')} TO {role_q};",
@@ -99,7 +129,10 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
         ]
     elif purpose == "read-only":
         out += [
-            f"GRANT SELECT ON {table} TO {role_q};",
+            f"REVOKE SELECT ON {table} FROM {role_q};",
+            f"GRANT SELECT ({cols(target.read_columns(settings))}) ON {table} TO {role_q};",
+            *facts.statements(settings),
+            f"GRANT SELECT ON {audit_table(FACTS_VIEW)} TO {role_q};",
             f"GRANT SELECT ON {audit_table('runs')}, {audit_table('chunks')}, "
             f"{audit_table('legal_holds')} TO {role_q};",
         ]

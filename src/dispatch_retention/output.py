@@ -24,10 +24,11 @@ def _cell(value: Any) -> str:
         return "-"
     if isinstance(value, datetime):
         return value.isoformat(timespec="seconds")
-    return _escaped(str(value))
+    return escaped(str(value))
 
 
-def _escaped(text: str) -> str:
+def escaped(text: str) -> str:
+    """`text` on one line: control characters shown escaped (`\\n`), never sent raw."""
     if text.isprintable():
         return text
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)

@@ -271,6 +271,12 @@ def cleaned_values(settings: Settings, table: Table | None = None) -> dict[str, 
     return values
 
 
+def checked_columns(settings: Settings) -> list[tuple[str, Any]]:
+    """The columns whose data `holds_personal_data` looks for, in the order of
+    `clean.columns`, each with the value cleaning writes there (None for NULL)."""
+    return [(c, settings.clean.replace.get(c)) for c in settings.clean.columns]
+
+
 def _kind(table: Table | None, column: str) -> type[Any] | None:
     """JSONB, JSON or Text for a column of those types (the seed model's content: JSONB)."""
     if table is None or column not in table.c:
@@ -281,17 +287,30 @@ def _kind(table: Table | None, column: str) -> type[Any] | None:
     return None
 
 
-def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]:
-    """Any column of `clean.columns` differs from what cleaning writes (NULL or its
-    `clean.replace` value): the row still holds personal data. A `json` column is compared
-    as `jsonb` (json has no equality)."""
-    differs = []
+def personal_data(table: Table, settings: Settings) -> dict[str, ColumnElement[bool]]:
+    """For each column of `clean.columns`: it holds data, that is, it differs from what
+    cleaning writes (NULL or its `clean.replace` value). A `json` column is compared as
+    `jsonb` (json has no equality).
+
+    `table` may be the audit schema's view of the dispatches (`facts.table`), which cannot
+    show the personal columns: its `info["flags"]` names, per column, the view's
+    `has_<column>`, which is this same predicate, computed by the view on the table."""
+    flags: dict[str, str] | None = table.info.get("flags")
+    if flags is not None:
+        return {column: table.c[flags[column]] for column in settings.clean.columns}
+    differs: dict[str, ColumnElement[bool]] = {}
     for column, value in cleaned_values(settings, table).items():
         stored: ColumnElement[Any] = table.c[column]
         if _kind(table, column) is JSON and column in settings.clean.replace:
             stored, value = cast(stored, JSONB), cast(value, JSONB)
-        differs.append(stored.is_distinct_from(value))
-    return or_(*differs)
+        differs[column] = stored.is_distinct_from(value)
+    return differs
+
+
+def holds_personal_data(table: Table, settings: Settings) -> ColumnElement[bool]:
+    """Any column of `clean.columns` holds data (`personal_data`): the row still holds
+    personal data."""
+    return or_(*personal_data(table, settings).values())
 
 
 #: An age that starts later than this after `now` is no age: clocks differ a little, a

@@ -149,10 +149,17 @@ def create_dispatches(conn: Connection, target: Target) -> Table:
 # msisdn, email or app_token. Created and migrated by `db upgrade` (Alembic, migrations/).
 
 ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
+#: The audit schema's view of the dispatches without their personal data (`facts.py`): what
+#: the read-only role counts through. `db grants --purpose read-only` prints the SQL that
+#: makes it; `db upgrade` never touches it.
+FACTS_VIEW = "dispatch_facts"
+#: Its column that is true where any personal column holds data (each has `has_<column>`).
+HOLDS_COLUMN = "holds_personal_data"
 #: The job's own tables, their columns and constraints: names an error message may show.
 AUDIT_NAMES = frozenset(
     {
         "runs", "chunks", "legal_holds", ALEMBIC_VERSION_TABLE, "dispatch_retention",
+        FACTS_VIEW, HOLDS_COLUMN,
         "runs_pkey", "chunks_pkey", "legal_holds_pkey", "chunks_run_id_fkey",
         "runs_status_known", "legal_holds_reason_given", "chunks_kind_known",
         "legal_holds_one_active_per_member",

@@ -26,7 +26,7 @@ from typing import Any
 from sqlalchemy import Connection, Text, cast, select, text, true
 
 from . import db, shape
-from .config import Settings, Target
+from .config import KEPT_COLUMNS, Settings, Target
 from .errors import TargetRefused
 from .names import quoted_name
 from .policy import stored
@@ -137,6 +137,13 @@ def resolve_settings(conn: Connection, settings: Settings, *, refuse: bool = Tru
 
 #: The status columns the rule itself reads (whether a dispatch is settled).
 RULE_COLUMNS = ("transmission_status", "delivery_status")
+
+
+def read_columns(settings: Settings) -> list[str]:
+    """What `run` reads of the table, and all the read-only role may read of it: every kept
+    column plus member_id (for holds), never the personal data it strips (member_id is read
+    even when it is stripped: the hold check needs it)."""
+    return sorted(set(KEPT_COLUMNS) | {"member_id"})
 
 
 def column_problems(settings: Settings, table: Shape) -> list[str]:

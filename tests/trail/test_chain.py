@@ -162,6 +162,16 @@ def test_a_head_file_keeps_the_last_good_head(
     assert unreadable.exit_code == 2 and "Not a directory" in unreadable.output
 
 
+def test_the_read_only_role_verifies_the_trail(
+    engine: Engine, database_url: Any, trail: str, base: list[str], config_file: Path
+) -> None:
+    """The auditor's role (no personal column, no write) gets the owner's answer."""
+    owner = verify(base)[1]
+    with granted_role(engine, database_url, "read-only") as (_role, url):
+        as_auditor = verify(["--config", str(config_file), "--database-url", url])
+    assert as_auditor == (0, owner)
+
+
 # --- the owner's forgeries: past the guards, caught by audit verify ---------------------------
 
 

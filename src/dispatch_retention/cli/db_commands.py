@@ -62,19 +62,24 @@ def db_check(state: State, strict: bool) -> None:
     type=click.Choice(grants.PURPOSES),
     default="run",
     show_default=True,
-    help="run: the CronJob; read-only: verify and dry runs; holds: placing legal holds.",
+    help="run: the CronJob; read-only: verify, dry runs and the audit commands, which count "
+    "personal data through a view and never read it; holds: placing legal holds.",
 )
 @click.pass_obj
 def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
     """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed).
-    With a database URL, a superuser ROLE is refused too."""
+    read-only: the SQL also creates the audit schema's view the role counts through, and is
+    run by the table's owner or an administrator. With a database URL, a superuser ROLE is
+    refused too, and the view fits the table's column types."""
     settings = state.settings()
-    statements = grants.statements(settings, role, purpose)
+    grants.valid_role(role)  # refused before anything is asked
     if state.has_database_url():
         engine = state.engine()
         try:
             with engine.connect() as conn:
                 grants.refuse_superuser(conn, role)
+                settings = grants.fitted(conn, settings, purpose)
         finally:
             engine.dispose()
-    click.echo("\n".join(statements))
+    statements = grants.statements(settings, role, purpose)
+    click.echo("\n".join([*grants.notes(settings, purpose), *statements]))
