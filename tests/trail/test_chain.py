@@ -153,7 +153,7 @@ def test_a_head_file_keeps_the_last_good_head(
     bad = invoke(*base, "audit", "verify", "--head-file", str(kept))
     assert bad.exit_code == 2 and f"--head-file {kept}: holds something else" in bad.output
     both = invoke(*base, "audit", "verify", "--head-file", str(kept), "--expect-head", "a" * 64)
-    assert both.exit_code == 2 and "give one of them" in both.output
+    assert both.exit_code == 2 and "or --expect-head, not both" in both.output
     blocked = tmp_path / "a-file"
     blocked.write_text("")
     device = invoke(*base, "audit", "verify", "--head-file", "/dev/null")  # never replaced
@@ -193,11 +193,21 @@ def owner_forges(engine: Engine, statement: str, run_id: str) -> None:
         (OWNER_ONLY["delete its chunks"], "chunks {r}/1"),
         (f"UPDATE {HOLDS} SET released_at = NULL, released_by = NULL", "legal_holds "),
         (f"DELETE FROM {HOLDS} WHERE member_id = 4242", "legal_holds "),
+        (
+            f"INSERT INTO {HOLDS} (member_id, reason, created_at, created_by) "
+            "VALUES (77, 'case 9', '2020-01-01', 'the_dpo')",
+            "legal_holds ",
+        ),
+        (
+            f"UPDATE {HOLDS} SET released_at = created_at - interval '1 day' "
+            "WHERE member_id = 4343",
+            "legal_holds ",
+        ),
     ],
     ids=[
         "rewrite a finished run", "backdate a finished run", "add a chunk",
         "rewrite a chunk", "insert a forged run", "delete chunks", "un-release a hold",
-        "delete a hold",
+        "delete a hold", "insert a backdated hold for another", "release before the hold",
     ],
 )  # fmt: skip
 def test_the_owners_forgeries_of_the_tables_are_caught(

@@ -10,6 +10,7 @@ import click
 
 from .. import (
     audit,
+    errors,
     heads,
     output,
 )
@@ -115,7 +116,7 @@ def audit_verify(state: State, expect_head: str | None, head_file: Path | None, 
 
     if head_file is not None:
         if expect_head is not None:
-            raise click.UsageError("--expect-head and --head-file: give one of them")
+            raise errors.HeadFileError(str(head_file), "give it or --expect-head, not both")
         expect_head = heads.read(head_file)
     with audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
