@@ -15,7 +15,7 @@ from pathlib import Path
 
 from sqlalchemy import Engine, func, select
 
-from . import audit, db, holds, indexes, job, migrate, output
+from . import audit, chain, db, holds, indexes, job, migrate, output
 from .config import Settings
 from .errors import EmbeddedUnavailable
 from .schema import AuditTables, create_dispatches
@@ -62,7 +62,8 @@ def prepare(engine: Engine, settings: Settings, rows: int) -> int:
 
 
 def cycle(settings: Settings, rows: int, *, stop: Stop, echo: Callable[[str], None]) -> Outcome:
-    """Seed, upgrade, hold one member, dry-run, run, verify, show the audit trail."""
+    """Seed, upgrade, hold one member, dry-run, run, verify, show the audit trail and check
+    its hash chain."""
     tables = AuditTables(settings.audit.schema_)
     with embedded_server() as url:
         engine = db.make_engine(db.parse_url(url))
@@ -89,6 +90,9 @@ def cycle(settings: Settings, rows: int, *, stop: Stop, echo: Callable[[str], No
             with engine.connect() as conn:
                 runs = audit.list_runs(conn, tables)
             echo("\n== dispatch-retention audit list ==\n" + output.runs(runs, "table"))
+            with engine.connect() as conn, conn.begin():
+                trail = chain.check(conn, settings, tables)
+            echo("\n== dispatch-retention audit verify ==\n" + output.chain_text(trail))
             return outcome
         finally:
             engine.dispose()

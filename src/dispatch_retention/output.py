@@ -118,8 +118,13 @@ def _policy_names(outcome: Outcome) -> list[str]:
 
 def chain_text(report: ChainReport) -> str:
     """`audit verify`: the chain's size and head, each check, then the verdict."""
+    imported = (
+        f" ({report.imported} imported by the upgrade that began the chain)"
+        if report.imported
+        else ""
+    )
     lines = [
-        f"events: {report.events} ({report.imported} imported by the upgrade that began the chain)",
+        f"events: {report.events}{imported}",
         f"head:   seq {report.head_seq} {report.head}",
     ]
     if report.expected_head is not None:
