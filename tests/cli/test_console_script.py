@@ -177,7 +177,8 @@ def test_signal_stops_after_the_chunk_in_progress(
 
 
 def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:
-    """`demo` (what `make demo` runs) seeds, runs, verifies and exits 0, and prints no warning
+    """`demo` (what `make demo` runs) seeds, runs, verifies (the table and the trail's chain)
+    and exits 0, and prints no warning
     or traceback for a newcomer to wonder about (pgserver's RuntimeDirWarning included)."""
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     proc = subprocess.run(
@@ -189,5 +190,7 @@ def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:
     )
     assert proc.returncode == 0, proc.stderr
     assert "== dispatch-retention verify ==" in proc.stdout
+    assert "== dispatch-retention audit verify ==" in proc.stdout
+    assert "OK: every hash recomputed" in proc.stdout
     for stream in (proc.stdout, proc.stderr):
         assert "Warning" not in stream and "Traceback" not in stream, stream
