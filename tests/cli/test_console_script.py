@@ -178,8 +178,8 @@ def test_signal_stops_after_the_chunk_in_progress(
 
 def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:
     """`demo` (what `make demo` runs) seeds, runs, verifies (the table and the trail's chain)
-    and exits 0, and prints no warning
-    or traceback for a newcomer to wonder about (pgserver's RuntimeDirWarning included)."""
+    and exits 0, and prints no warning or traceback for a newcomer to wonder about
+    (pgserver's RuntimeDirWarning included)."""
     env = {k: v for k, v in os.environ.items() if k != "XDG_RUNTIME_DIR"}
     proc = subprocess.run(
         [str(SCRIPT), "demo", "--rows", "1000"],
