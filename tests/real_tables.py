@@ -147,6 +147,11 @@ VARIANTS = [
         _plain(ts="timestamp(6) without time zone"),
         naive=True,
     ),
+    Variant(
+        "timestamp(0) without time zone (Laravel's timestamps())",
+        _plain(ts="timestamp(0) without time zone"),
+        naive=True,
+    ),
     Variant("partitioned by created_at", PARTITIONED),
     Variant(
         "names that need quoting",

@@ -125,6 +125,8 @@ def test_the_read_only_role_reports_through_the_view_what_the_owner_reads_in_the
 
 
 def test_the_audit_trail_counts_what_the_run_cleaned(real_table: Table) -> None:
+    """The chunks add up to the stamped rows, `audit show` says so, and `audit verify` finds
+    every chunk's count in the table (its stamp compared as the column keeps it)."""
     t = real_table
     outcome = run_job(t.engine, t.settings)
     with t.engine.connect() as conn:
@@ -139,6 +141,10 @@ def test_the_audit_trail_counts_what_the_run_cleaned(real_table: Table) -> None:
                    outcome.run_id, "--format", "json")  # fmt: skip
     assert shown.returncode == 0, shown.stderr
     assert json.loads(shown.stdout)["rows_cleaned"] == outcome.rows_cleaned
+    checked = script("--config", str(t.config), "--database-url", t.url, "audit", "verify",
+                     "--format", "json")  # fmt: skip
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert json.loads(checked.stdout)["chunks_counted"] == outcome.chunks
 
 
 # --- what depends on the table is checked on connecting ----------------------------------------

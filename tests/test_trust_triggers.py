@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import Engine, event, text
 from structlog.testing import capture_logs
 
@@ -222,13 +223,18 @@ def test_a_plain_run_never_touches_a_cleaned_row(engine: Engine) -> None:
     assert snapshot(engine) == before
 
 
+@pytest.mark.parametrize("stamp_type", [None, "timestamptz(0)"], ids=["timestamptz", "(0)"])
 def test_a_role_that_can_read_the_columns_fails_a_run_whose_rows_are_written_back(
-    engine: Engine,
+    engine: Engine, stamp_type: str | None
 ) -> None:
     """Run by a role that may read the personal columns (the owner), a chunk whose cleaned
     rows hold personal data again right after the UPDATE rolls back, and the run fails
-    naming the trigger: never `succeeded` while it can see the data."""
+    naming the trigger: never `succeeded` while it can see the data. Also where cleaned_at
+    keeps whole seconds (it rounds the chunk's stamp: the check compares it as stored)."""
     seed_written_back_pushes(engine)
+    if stamp_type:
+        with engine.begin() as conn:
+            conn.execute(text(f"ALTER TABLE dispatches ALTER cleaned_at TYPE {stamp_type}"))
     with capture_logs() as logs:
         outcome = run_job(engine, settings(), chunk_size=5)
     assert outcome.status == "failed"

@@ -31,7 +31,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Connection, and_, func, select, text
+from sqlalchemy import Connection, and_, cast, func, select, text
 
 from . import db, target
 from .config import Settings
@@ -244,7 +244,8 @@ def _chunk_counts(
             table.join(
                 stamps,
                 and_(
-                    table.c.cleaned_at == stamps.c.cleaned_at,
+                    # the stamp as the column keeps it (a timestamp(0) rounds it)
+                    table.c.cleaned_at == cast(stamps.c.cleaned_at, table.c.cleaned_at.type),
                     table.c.id.between(stamps.c.lo, stamps.c.hi),
                 ),
             )

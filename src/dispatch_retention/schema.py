@@ -27,7 +27,7 @@ from sqlalchemy import (
     Text,
     text,
 )
-from sqlalchemy.dialects.postgresql import ENUM, JSON, JSONB, UUID
+from sqlalchemy.dialects.postgresql import ENUM, JSON, JSONB, TIMESTAMP, UUID
 from sqlalchemy.schema import CreateSchema
 from sqlalchemy.types import NullType, TypeEngine
 
@@ -114,7 +114,8 @@ def column_type(column: ColumnShape) -> TypeEngine[Any]:
     if column.kind == "json":
         return JSON()
     if column.kind in ("timestamptz", "timestamp"):
-        return DateTime(timezone=column.kind == "timestamptz")
+        # with its precision, so that a value cast to it is rounded as the column rounds it
+        return TIMESTAMP(timezone=column.kind == "timestamptz", precision=column.precision)
     if column.kind == "text":
         return Text()
     return NullType()
@@ -166,7 +167,9 @@ AUDIT_NAMES = frozenset(
         "audit_trail_append_only", "runs_start_running", "runs_finished_immutable",
         "runs_start_immutable", "runs_plan_immutable", "chunks_immutable",
         "chunks_of_a_running_run", "legal_holds_placed_active", "legal_holds_released_once",
-        "legal_holds_placed_immutable", "requested_by",
+        "legal_holds_placed_immutable", "requested_by", "events", "events_head",
+        "runs_documents_bounded", "runs_not_revived", "runs_changed_by_their_role",
+        "chunks_as_cleaned", "runs_counts_not_negative",
         "run_id", "status", "started_at", "finished_at", "trigger", "host", "tool_version",
         "db_user", "target_table", "shard", "options", "config_path", "config_sha256",
         "config_text", "planned_at", "policies", "due_rows", "held_rows", "waiting_grace_rows",

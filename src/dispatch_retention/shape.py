@@ -12,6 +12,7 @@ in it (`json` as `jsonb`, which has equality).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
@@ -48,6 +49,13 @@ class ColumnShape:
     labels: tuple[str, ...] = ()
     #: int2 / int4 / int8, for the integer kind
     type_name: str = ""
+
+    @property
+    def precision(self) -> int | None:
+        """A timestamp's fractional digits when fewer than PostgreSQL's six (`timestamp(0)`,
+        what Laravel's `timestamps()` makes): it rounds what it stores."""
+        found = re.match(r"timestamp\((\d)\)", self.sql_type)
+        return int(found.group(1)) if found else None
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from sqlalchemy import (
     Update,
     and_,
     bindparam,
+    cast,
     false,
     func,
     literal,
@@ -106,7 +107,7 @@ class Statements:
         # again: a trigger wrote it back. Reads the personal columns: only for a role that may.
         self.written_back_now = select(func.count()).where(
             window,
-            table.c.cleaned_at == func.now(),
+            table.c.cleaned_at == cast(func.now(), table.c.cleaned_at.type),  # as stored
             policy.holds_personal_data(table, settings),
         )
         # After an empty window: where the next due row of the block is, if any.

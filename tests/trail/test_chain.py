@@ -288,7 +288,7 @@ def test_a_chunk_the_dispatches_do_not_bear_out_is_caught(
         conn.execute(
             text(
                 f"INSERT INTO dispatch_retention.chunks {CHUNK_COLUMNS} VALUES "
-                "(:r, 1, 1, 300, 5000, now(), '{}'::jsonb, false)"
+                """(:r, 1, 1, 300, 5000, now(), '{"sms": 5000}'::jsonb, false)"""
             ),
             {"r": run_id},
         )

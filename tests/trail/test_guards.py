@@ -173,3 +173,156 @@ def test_a_hold_is_stamped_by_the_server_and_released_once(
         conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (4242, 'case 1')"))
     owner = database_url.set(drivername="postgresql").render_as_string(hide_password=False)
     assert "legal_holds_placed_immutable" in refused(owner, reworded, "")
+
+
+# --- what a red-team pass got past the first guards (migration 0006) -------------------------
+
+RUN_COLUMNS = (
+    "(run_id, status, started_at, trigger, host, tool_version, db_user, target_table, options, "
+    "config_path, config_sha256, config_text)"
+)
+
+
+def start_run(url: str, options: str = "'{}'", config_text: str = "'x'") -> str:
+    """A running run inserted as the role of `url`; its id."""
+    run_id = str(uuid.uuid4())
+    as_role = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with as_role.begin() as conn:
+            conn.execute(
+                text(
+                    f"INSERT INTO {RUNS} {RUN_COLUMNS} VALUES (:r, 'running', now(), 'cron', "
+                    f"'h', '0', 'x', 'public.dispatches', {options}, 'x', 'x', {config_text})"
+                ),
+                {"r": run_id},
+            )
+    finally:
+        as_role.dispose()
+    return run_id
+
+
+def test_a_temporary_type_named_text_does_not_blind_the_guards(
+    run_role: tuple[str, str],
+) -> None:
+    """The run role's own `pg_temp.text` (a domain that keeps one character) first in its
+    search_path made the guard compare only first characters: what a running run started
+    with could be rewritten. The guards now run with a fixed search_path."""
+    _role, url = run_role
+    run_id = start_run(url)
+    as_role = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    try:
+        with pytest.raises(DBAPIError) as raised, as_role.begin() as conn:
+            conn.execute(text("CREATE DOMAIN pg_temp.text AS pg_catalog.varchar(1)"))
+            conn.execute(text("SET LOCAL search_path = pg_temp, pg_catalog"))
+            conn.execute(
+                text(
+                    f"UPDATE {RUNS} SET started_at = '2001-01-01', config_text = 'x forged' "
+                    "WHERE run_id = :r"
+                ),
+                {"r": run_id},
+            )
+    finally:
+        as_role.dispose()
+    assert "runs_start_immutable" in db.describe_error(raised.value)
+
+
+@pytest.mark.parametrize(
+    ("options", "config_text"),
+    [
+        ("""'{"chunk_size": 1e5000}'""", "'x'"),
+        ("jsonb_build_object('x', (repeat('[', 3000) || repeat(']', 3000))::jsonb)", "'x'"),
+        ("'{}'", "repeat('#', 1048577)"),
+    ],
+    ids=["a 5001-digit number", "nested 3000 deep", "a config text over 1 MiB"],
+)
+def test_no_run_record_can_make_the_trail_unreadable(
+    run_role: tuple[str, str], options: str, config_text: str
+) -> None:
+    """A number no reader takes as a float, JSON nested past any parser's depth, a huge
+    config: the trail is append-only, so such a row would break `audit verify` for good."""
+    _role, url = run_role
+    with pytest.raises(DBAPIError) as raised:
+        start_run(url, options, config_text)
+    assert "runs_documents_bounded" in db.describe_error(raised.value)
+
+
+def test_a_run_is_changed_by_its_own_role_and_never_revived(
+    engine: Engine, database_url: Any, run_role: tuple[str, str]
+) -> None:
+    """Another role may mark a running run abandoned (a dead run, found by the next one),
+    nothing else; an abandoned run never runs again; finished_at is the server's."""
+    _role, url = run_role
+    run_id = start_run(url)
+    with granted_role(engine, database_url, "run") as (_other, other_url):
+        assert "runs_changed_by_their_role" in refused(
+            other_url,
+            f"UPDATE {RUNS} SET status = 'failed', error = 'forged' WHERE run_id = :r",
+            run_id,
+        )
+        as_other = create_engine(other_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with as_other.begin() as conn:
+                conn.execute(
+                    text(
+                        f"UPDATE {RUNS} SET status = 'abandoned', finished_at = '1990-01-01', "
+                        "error = 'dead' WHERE run_id = :r"
+                    ),
+                    {"r": run_id},
+                )
+        finally:
+            as_other.dispose()
+    revive = f"UPDATE {RUNS} SET status = 'running' WHERE run_id = :r"
+    assert "runs_not_revived" in refused(url, revive, run_id)
+    with engine.connect() as conn:
+        stamped = conn.execute(
+            text(f"SELECT finished_at > now() - interval '1 hour' FROM {RUNS} WHERE run_id = :r"),
+            {"r": run_id},
+        ).scalar_one()
+    assert stamped is True
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        """(:r, 1, 9, 1, 5, now(), '{"sms": 5}', false, 'clean')""",
+        """(:r, 1, 1, 9, 0, now(), '{}', false, 'clean')""",
+        """(:r, 1, 1, 9, 5, now() - interval '1 day', '{"sms": 5}', false, 'clean')""",
+        """(:r, 1, 1, 9, 5, now(), '{"sms": 4}', false, 'clean')""",
+        """(:r, 1, 1, 9, 5, now(), '{"sms": "five"}', false, 'clean')""",
+        """(:r, 1, 1, 20000, 1000000, now(), '{"sms": 1000000}', false, 'reclean')""",
+    ],
+    ids=["first after last", "no rows", "backdated", "by_policy short", "not a count",
+         "more reclean rows than ids"],
+)  # fmt: skip
+def test_a_chunk_records_what_its_transaction_cleaned(
+    run_role: tuple[str, str], values: str
+) -> None:
+    _role, url = run_role
+    run_id = start_run(url)
+    insert_chunk = f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS[:-1]}, kind) VALUES {values}"
+    assert "chunks_as_cleaned" in refused(url, insert_chunk, run_id)
+
+
+def test_a_hold_id_and_its_releasing_role_are_the_servers(
+    engine: Engine, database_url: Any
+) -> None:
+    with granted_role(engine, database_url, "holds") as (role, url):
+        chosen = f"INSERT INTO {HOLDS} (hold_id, member_id, reason) VALUES (3, 1, 'r')"
+        assert "GeneratedAlways" in refused(url, chosen, "") or "428C9" in refused(url, chosen, "")
+        as_holds = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        try:
+            with as_holds.begin() as conn:
+                conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (5, 'r')"))
+                conn.execute(
+                    text(
+                        f"UPDATE {HOLDS} SET released_at = now(), "
+                        "released_by = 'the-dpo (db role the_dpo)' WHERE member_id = 5"
+                    )
+                )
+        finally:
+            as_holds.dispose()
+    with engine.connect() as conn:
+        released_by = conn.execute(
+            text(f"SELECT released_by FROM {HOLDS} WHERE member_id = 5")
+        ).scalar_one()
+    assert released_by == f"the-dpo (db role {role})"
