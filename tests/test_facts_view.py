@@ -188,6 +188,32 @@ def test_a_view_built_for_other_cleaned_values_is_refused_until_made_again(
         assert (code, ro_report["cleaned_rows"], ro_report["violation_rows"]) == (0, 2, 0)
 
 
+def test_a_view_replaced_with_its_comment_kept_is_refused(
+    engine: Engine, url_string: str, tmp_path: Path, database_url: URL
+) -> None:
+    """The red team's view: the same columns, a WHERE that hides the cleaned rows (so a
+    written-back row no longer counts), the COMMENT left as it was. The definition the
+    COMMENT records no longer matches: exit 2, never an OK that the owner would not give."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 4)])
+    cfg = write_config(tmp_path / "r.toml", config_text())
+    assert cli(url_string, cfg, "run", "--yes").exit_code == 0
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dispatches SET msisdn = '+4700000' WHERE id = 1"))
+    assert report(url_string, cfg)[0] == 5
+    with granted_role(engine, database_url, "read-only", settings()) as (_role, ro_url):
+        assert report(ro_url, cfg) == report(url_string, cfg)
+        with engine.begin() as conn:
+            definition = conn.execute(
+                text("SELECT pg_get_viewdef(CAST(:v AS regclass))"), {"v": VIEW}
+            ).scalar_one()
+            hiding = definition.rstrip().rstrip(";") + " WHERE dispatches.cleaned_at IS NULL"
+            conn.execute(text(f"CREATE OR REPLACE VIEW {VIEW} AS {hiding}"))
+        refused = cli(ro_url, cfg, "verify")
+        assert refused.exit_code == 2, refused.output
+        assert "was replaced since it was made" in refused.stderr
+
+
 def test_a_view_built_for_other_clean_columns_is_refused_and_made_again_after_a_drop(
     engine: Engine, url_string: str, tmp_path: Path, database_url: URL
 ) -> None:

@@ -52,6 +52,9 @@ from .names import MAX_IDENTIFIER, quoted_name
 from .schema import FACTS_VIEW, HOLDS_COLUMN, dispatches_table, target_table
 from .target import read_columns, unreadable_columns
 
+#: The hash of a view's definition as the server keeps it (`pg_get_viewdef`).
+DEFINITION_SHA256 = "encode(sha256(convert_to(pg_get_viewdef({view}), 'UTF8')), 'hex')"
+DO_TAG = "$dr_facts$"
 #: The version of what `built_from()` records: a view recorded otherwise is made again.
 FORMAT = 1
 MADE_BY = "dispatch-retention db grants --purpose read-only"
@@ -172,10 +175,19 @@ def statements(settings: Settings) -> list[str]:
         f"  {script_sql(column, within_columns_clause=True)}" for column in view_columns(settings)
     )
     table = SCRIPT.identifier_preparer.format_table(target_table(settings))
+    recorded = script_sql(literal(record, Text()))
+    if DO_TAG in recorded:
+        raise ConfigError(settings.path, "clean.replace", f"a value holds {DO_TAG}")
+    named = script_sql(literal(view, Text()))
+    # The COMMENT records the definition as the server keeps it, hashed: a view replaced
+    # since (a WHERE that hides rows, a flag that is always false) no longer matches it.
     return [
         "SET standard_conforming_strings = on;",
         f"CREATE OR REPLACE VIEW {view} AS SELECT\n{shown}\nFROM {table};",
-        f"COMMENT ON VIEW {view} IS {script_sql(literal(record, Text()))};",
+        f"DO {DO_TAG} BEGIN EXECUTE format('COMMENT ON VIEW %s IS %L', {named}, "
+        f"jsonb_set(CAST({recorded} AS jsonb), '{{definition_sha256}}', "
+        f"to_jsonb({DEFINITION_SHA256.format(view=f'CAST({named} AS regclass)')}))::text); "
+        f"END {DO_TAG};",
     ]
 
 
@@ -192,6 +204,7 @@ def source(conn: Connection, settings: Settings) -> Table:
 _VIEW = text(
     "SELECT v.relkind, obj_description(v.oid, 'pg_class') AS built_from, o.rolname AS owner, "
     "has_table_privilege(v.oid, 'SELECT') AS readable, current_user AS role, "
+    f"{DEFINITION_SHA256.format(view='v.oid')} AS definition_sha256, "
     "EXISTS (SELECT FROM pg_rewrite r JOIN pg_depend d ON d.objid = r.oid "
     "AND d.classid = CAST('pg_rewrite' AS regclass) WHERE r.ev_class = v.oid "
     "AND d.refclassid = CAST('pg_class' AS regclass) AND d.refobjid = t.oid) AS over_target, "
@@ -235,6 +248,10 @@ def check(conn: Connection, settings: Settings, unreadable: list[str]) -> None:
     stale = _differs(row["built_from"], built_from(settings))
     if stale:
         raise StaleFactsView(view, stale, role)
+    if _recorded(row["built_from"]).get("definition_sha256") != row["definition_sha256"]:
+        raise StaleFactsView(
+            view, "was replaced since it was made: its definition is not the one it records", role
+        )
     owner = str(row["owner"])
     if row["owner_lacks"]:
         lacks = ", ".join(row["owner_lacks"])
@@ -255,13 +272,18 @@ def check(conn: Connection, settings: Settings, unreadable: list[str]) -> None:
         )
 
 
-def _differs(recorded: str | None, expected: dict[str, Any]) -> str:
-    """Why the view's record (its COMMENT) is not `expected`, or '' when it is."""
+def _recorded(recorded: str | None) -> dict[str, Any]:
     try:
         found = json.loads(recorded) if recorded else None
     except ValueError:
         found = None
-    if not isinstance(found, dict) or found.get("made_by") != MADE_BY:
+    return found if isinstance(found, dict) else {}
+
+
+def _differs(recorded: str | None, expected: dict[str, Any]) -> str:
+    """Why the view's record (its COMMENT) is not `expected`, or '' when it is."""
+    found = _recorded(recorded)
+    if found.get("made_by") != MADE_BY:
         return f"records nothing of what it was built from (it is not made by `{MADE_BY}`)"
     if found.get("format") != expected["format"] or found.get("columns") != expected["columns"]:
         return "was made by another version of dispatch-retention"

@@ -31,7 +31,7 @@ from ..helpers import (
     seed_series,
     settings,
 )
-from .test_guards import CHUNK_COLUMNS, FORGERIES, HOLDS, OWNER_ONLY, RUNS, refused
+from .test_guards import CHUNK_COLUMNS, CHUNKS, FORGERIES, HOLDS, OWNER_ONLY, RUNS, refused
 
 EVENTS, HEAD = "dispatch_retention.events", "dispatch_retention.events_head"
 
@@ -269,6 +269,58 @@ def test_the_owners_forgeries_of_the_chain_are_caught(
     assert code == Exit.TAMPERED and rows[0].startswith("legal_holds ")  # rows without events
     expected = verify(base, "--expect-head", kept)[1]["findings"]
     assert any(f["row"] == "events" and "expected head" in f["problem"] for f in expected)
+
+
+def test_a_rewrite_covered_by_fitting_events_is_caught_by_the_rows_history(
+    engine: Engine, trail: str, base: list[str]
+) -> None:
+    """The owner rewrites a finished run and a chunk with the triggers off, then appends
+    events in good form that record the forged rows (the kept head stays in the chain, the
+    rows equal their newest events): each row's events no longer tell a story the guards
+    allow. An event's recorded_at moved away from its body is caught too."""
+    kept = verify(base)[1]["head"]
+    with engine.begin() as conn:
+        guards_off(conn)
+        conn.execute(
+            text(
+                f"UPDATE {RUNS} SET status = 'failed', started_at = '2020-01-01' WHERE run_id = :r"
+            ),
+            {"r": trail},
+        )
+        conn.execute(
+            text(
+                f"UPDATE {CHUNKS} SET by_policy = '{{\"forged\": 1}}' WHERE run_id = :r AND seq = 1"
+            ),
+            {"r": trail},
+        )
+        conn.execute(
+            text(
+                "SELECT dispatch_retention.append_event('run_finished', 'run:' || r.run_id, "
+                f"to_jsonb(r), false) FROM {RUNS} r WHERE run_id = :r"
+            ),
+            {"r": trail},
+        )
+        conn.execute(
+            text(
+                "SELECT dispatch_retention.append_event('chunk_committed', "
+                "'chunk:' || c.run_id || '/' || c.seq, to_jsonb(c), false) "
+                f"FROM {CHUNKS} c WHERE run_id = :r AND seq = 1"
+            ),
+            {"r": trail},
+        )
+    code, report = verify(base, "--expect-head", kept)
+    problems = [f["problem"] for f in report["findings"]]
+    assert code == Exit.TAMPERED and report["expected_head_seq"] == 9, report
+    assert any(f"run:{trail}: an event after the run ended succeeded" in p for p in problems)
+    assert any(f"chunk:{trail}/1: a second event for the chunk" in p for p in problems)
+    with engine.begin() as conn:
+        guards_off(conn)
+        conn.execute(text(f"UPDATE {EVENTS} SET recorded_at = '1970-01-01' WHERE seq = 1"))
+    first = verify(base)[1]["findings"][0]
+    assert first == {
+        "row": "events seq 1",
+        "problem": "its columns differ from its body: the event was changed",
+    }
 
 
 def test_a_chunk_the_dispatches_do_not_bear_out_is_caught(
