@@ -231,9 +231,9 @@ def test_a_temporary_type_named_text_does_not_blind_the_guards(
     [
         ("""'{"chunk_size": 1e5000}'""", "'x'"),
         ("jsonb_build_object('x', (repeat('[', 3000) || repeat(']', 3000))::jsonb)", "'x'"),
-        ("'{}'", "repeat('#', 1048577)"),
+        ("'{}'", "repeat('#', 4 * 1048576 + 1)"),
     ],
-    ids=["a 5001-digit number", "nested 3000 deep", "a config text over 1 MiB"],
+    ids=["a 5001-digit number", "nested 3000 deep", "a config text over 4 MiB"],
 )
 def test_no_run_record_can_make_the_trail_unreadable(
     run_role: tuple[str, str], options: str, config_text: str

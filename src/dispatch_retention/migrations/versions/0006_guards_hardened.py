@@ -7,7 +7,8 @@
   abandoned (status, finished_at, error); an abandoned run never runs again; `finished_at`
   is the server's time of the status change; counts are never negative; the JSON documents
   (`options`, `policies`, `copy_risks`) are flat, bounded records (depth, numbers, size),
-  and `config_text` at most 1 MiB, so that no row can make the trail unreadable;
+  and `config_text` at most 4 MiB (a config file is at most 1 MiB), so that no row can make the
+  trail unreadable;
 - chunks: `first_id <= last_id`, `rows > 0`, `cleaned_at` is the transaction's time, a
   cleaning chunk's `by_policy` adds up to its `rows`, a reclean chunk holds at most the ids
   of its window, `by_policy` is a bounded record;
@@ -36,7 +37,8 @@ PLANNED = ("planned_at", "policies", "due_rows", "held_rows", "waiting_grace_row
 #: What a hold is placed with: never changed (as in 0004).
 PLACED_WITH = ("hold_id", "member_id", "reason", "created_at", "created_by", "requested_by")
 FIXED = "SET search_path = pg_catalog, pg_temp"
-MAX_CONFIG_BYTES = 1024 * 1024
+#: The job reads a config file of at most 1 MiB (`config.MAX_CONFIG_BYTES`): room to spare.
+MAX_CONFIG_BYTES = 4 * 1024 * 1024
 
 
 def _quoted(name: str) -> str:
