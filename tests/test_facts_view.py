@@ -31,6 +31,7 @@ from .cli.harness import plan_table
 from .helpers import (
     DAY,
     apply_grants,
+    apply_sql,
     assert_no_marker,
     config_text,
     db_now,
@@ -212,6 +213,24 @@ def test_a_view_replaced_with_its_comment_kept_is_refused(
         refused = cli(ro_url, cfg, "verify")
         assert refused.exit_code == 2, refused.output
         assert "was replaced since it was made" in refused.stderr
+
+
+def test_the_views_record_holds_whatever_search_path_made_it_or_reads_it(
+    engine: Engine, url_string: str, tmp_path: Path, database_url: URL
+) -> None:
+    """The definition's hash is taken with every name written whole: grants run under
+    another search_path, and a read-only role whose own search_path finds the view, still
+    count as the owner (pg_get_viewdef leaves out a schema the search_path finds)."""
+    now = db_now(engine)
+    insert_rows(engine, [dispatch(i, now - 500 * DAY) for i in range(1, 4)])
+    cfg = write_config(tmp_path / "r.toml", config_text())
+    with granted_role(engine, database_url, "read-only", settings()) as (role, ro_url):
+        with engine.begin() as conn:
+            fitted = grants.fitted(conn, settings(), "read-only")
+            conn.execute(text("SET LOCAL search_path = dispatch_retention, public"))
+            apply_sql(conn, grants.statements(fitted, role, "read-only"))
+            conn.execute(text(f"ALTER ROLE {role} SET search_path = pg_catalog, public"))
+        assert report(ro_url, cfg) == report(url_string, cfg)
 
 
 def test_a_view_built_for_other_clean_columns_is_refused_and_made_again_after_a_drop(

@@ -110,6 +110,7 @@ class RunRecord:
                         "chunk_size": options.chunk_size or settings.clean.chunk_size,
                         "max_rows": options.max_rows,
                         "max_runtime_s": options.max_runtime_s,
+                        "reclean": options.reclean,  # a reclean chunk needs it (0006)
                     },
                     config_path=settings.path,
                     config_sha256=settings.sha256,

@@ -293,3 +293,33 @@ def _chunk_counts(
                 f"says {rows} dispatches were cleaned{also}; {settings.target.table} has "
                 f"{dispatches} in its window with its cleaned_at",
             )
+    _reclean_counts(conn, settings, tables, report)
+
+
+def _reclean_counts(
+    conn: Connection, settings: Settings, tables: AuditTables, report: ChainReport
+) -> None:
+    """A reclean chunk strips rows cleaned before it (they keep that first stamp): its
+    window holds at least its `rows` of them."""
+    chunks, table = tables.chunks, target_table(settings)
+    before = (
+        select(func.count())
+        .where(
+            table.c.id.between(chunks.c.first_id, chunks.c.last_id),
+            table.c.cleaned_at <= cast(chunks.c.cleaned_at, table.c.cleaned_at.type),
+        )
+        .scalar_subquery()
+    )
+    query = (
+        select(chunks.c.run_id, chunks.c.seq, chunks.c.rows, before)
+        .where(chunks.c.kind == "reclean")
+        .order_by(chunks.c.cleaned_at)
+    )
+    for run_id, seq, rows, found in conn.execute(query):
+        report.chunks_counted += 1
+        if int(found) < int(rows):
+            report.found(
+                f"chunks {run_id}/{seq}",
+                f"says {rows} dispatches were cleaned again; {settings.target.table} has "
+                f"{found} in its window cleaned before it",
+            )

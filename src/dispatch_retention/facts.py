@@ -26,6 +26,8 @@ refused before (`target.resolve`), whichever way it then reads. Nothing here wri
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import (
@@ -55,6 +57,8 @@ from .target import read_columns, unreadable_columns
 #: The hash of a view's definition as the server keeps it (`pg_get_viewdef`).
 DEFINITION_SHA256 = "encode(sha256(convert_to(pg_get_viewdef({view}), 'UTF8')), 'hex')"
 DO_TAG = "$dr_facts$"
+#: The search_path under which that definition is read (`_names_whole`).
+WHOLE_NAMES = "pg_catalog"
 #: The version of what `built_from()` records: a view recorded otherwise is made again.
 FORMAT = 1
 MADE_BY = "dispatch-retention db grants --purpose read-only"
@@ -184,10 +188,12 @@ def statements(settings: Settings) -> list[str]:
     return [
         "SET standard_conforming_strings = on;",
         f"CREATE OR REPLACE VIEW {view} AS SELECT\n{shown}\nFROM {table};",
-        f"DO {DO_TAG} BEGIN EXECUTE format('COMMENT ON VIEW %s IS %L', {named}, "
+        f"DO {DO_TAG} DECLARE previous text := current_setting('search_path'); "
+        f"BEGIN PERFORM set_config('search_path', '{WHOLE_NAMES}', true); "
+        f"EXECUTE format('COMMENT ON VIEW %s IS %L', {named}, "
         f"jsonb_set(CAST({recorded} AS jsonb), '{{definition_sha256}}', "
         f"to_jsonb({DEFINITION_SHA256.format(view=f'CAST({named} AS regclass)')}))::text); "
-        f"END {DO_TAG};",
+        f"PERFORM set_config('search_path', previous, true); END {DO_TAG};",
     ]
 
 
@@ -223,18 +229,9 @@ def check(conn: Connection, settings: Settings, unreadable: list[str]) -> None:
     view, table_name = view_name(settings), settings.target.table
     parts = (settings.audit.schema_, FACTS_VIEW)
     regclass = ".".join('"' + p.replace('"', '""') + '"' for p in parts)
-    row = (
-        conn.execute(
-            _VIEW,
-            {
-                "columns": list(settings.clean.columns),
-                "table": settings.target.regclass,
-                "view": regclass,
-            },
-        )
-        .mappings()
-        .first()
-    )
+    params = {"columns": list(settings.clean.columns), "table": settings.target.regclass}
+    with _names_whole(conn):
+        row = conn.execute(_VIEW, {**params, "view": regclass}).mappings().first()
     if row is None:
         role = str(conn.execute(text("SELECT current_user")).scalar())
         raise NoFactsView(role, table_name, unreadable, view, f"there is no view {view}")
@@ -270,6 +267,19 @@ def check(conn: Connection, settings: Settings, unreadable: list[str]) -> None:
             f"or make the view as the table's owner (DROP VIEW {view}, then the read-only "
             "grants of `db grants`; without FORCE ROW LEVEL SECURITY)",
         )
+
+
+@contextmanager
+def _names_whole(conn: Connection) -> Iterator[None]:
+    """`pg_get_viewdef` leaves out the schema of a name the search_path finds: with only
+    pg_catalog on it, every name is written whole, whoever asks (the grants script and
+    `check()` alike)."""
+    previous = conn.execute(text("SELECT current_setting('search_path')")).scalar_one()
+    conn.execute(text(f"SELECT set_config('search_path', '{WHOLE_NAMES}', true)"))
+    try:
+        yield
+    finally:
+        conn.execute(text("SELECT set_config('search_path', :p, true)"), {"p": previous})
 
 
 def _recorded(recorded: str | None) -> dict[str, Any]:

@@ -21,7 +21,7 @@ HEAD = re.compile(r"[0-9a-f]{64}")
 def read(path: Path) -> str | None:
     """The head `path` holds; None for no file or an empty one. Anything but a regular file
     (a device, a FIFO, a directory) is refused: `keep` would replace it."""
-    if path.exists() and not path.is_file():
+    if path.exists() and not path.resolve().is_file():
         raise HeadFileError(str(path), "is not a regular file")
     try:
         kept = path.read_text(encoding="ascii").strip()
@@ -37,14 +37,18 @@ def read(path: Path) -> str | None:
 
 
 def keep(path: Path, head: str) -> None:
+    """Write `head` into `path` (through a symlink: the file it names), keeping its mode."""
+    target = path.resolve()
     try:
-        fd, temporary = tempfile.mkstemp(prefix=".head-", dir=path.parent)
+        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
+        fd, temporary = tempfile.mkstemp(prefix=".head-", dir=target.parent)
         try:
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "w", encoding="ascii") as out:
                 out.write(head + "\n")
                 out.flush()
                 os.fsync(out.fileno())
-            os.replace(temporary, path)
+            os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise

@@ -134,7 +134,7 @@ def chain_text(report: ChainReport) -> str:
             else "NOT in the chain"
         )
         lines.append(f"expected head {report.expected_head}: {where}")
-    lines.append(f"cleaning chunks counted against the dispatches: {report.chunks_counted}")
+    lines.append(f"chunks counted against the dispatches: {report.chunks_counted}")
     if report.ok:
         lines += [
             "",

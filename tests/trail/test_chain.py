@@ -136,6 +136,14 @@ def test_a_head_file_keeps_the_last_good_head(
     assert (code, report["expected_head_seq"]) == (0, 9)
     good = kept.read_text()
     assert good == report["head"] + "\n" != head_9
+    linked, real = tmp_path / "linked-head", tmp_path / "real-head"
+    real.write_text("")
+    real.chmod(0o640)
+    linked.symlink_to(real)
+    through = invoke(*base, "audit", "verify", "--head-file", str(linked))
+    assert through.exit_code == 0 and "no head kept in" in through.stderr
+    assert linked.is_symlink() and real.read_text().strip() == good.strip()
+    assert real.stat().st_mode & 0o777 == 0o640  # written through the link, its mode kept
     unwritable = invoke(*base, "audit", "verify", "--head-file", "/proc/chain-head")  # no file
     assert unwritable.exit_code == 2 and "cannot keep the head" in unwritable.output
     with engine.begin() as conn:

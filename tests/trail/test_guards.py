@@ -8,6 +8,7 @@ run (`audit show` then counted 6,351 rows cleaned against 1,352 real ones).
 
 from __future__ import annotations
 
+import threading
 import uuid
 from typing import Any
 
@@ -290,15 +291,22 @@ def test_a_run_is_changed_by_its_own_role_and_never_revived(
         """(:r, 1, 1, 9, 5, now(), '{"sms": 4}', false, 'clean')""",
         """(:r, 1, 1, 9, 5, now(), '{"sms": "five"}', false, 'clean')""",
         """(:r, 1, 1, 20000, 1000000, now(), '{"sms": 1000000}', false, 'reclean')""",
+        """(:r, 1, 1, 9, 5, now(), '{"a": 2.5, "b": 2.5}', false, 'clean')""",
+        """(:r, 1, 1, 9, 5, now(), '{"sms": 1000, "default": -995}', false, 'clean')""",
+        """(:r, 1, 1, 20000, 5, now(), '{"sms": 5}', false, 'reclean')""",
+        """(:r, 1, 1, 20000, 500, now(), '{"sms": 500}', false, 'reclean')""",
     ],
     ids=["first after last", "no rows", "backdated", "by_policy short", "not a count",
-         "more reclean rows than ids"],
+         "more reclean rows than ids", "half rows", "a negative count",
+         "reclean in a run without --reclean", "more reclean rows than its chunk size"],
 )  # fmt: skip
 def test_a_chunk_records_what_its_transaction_cleaned(
     run_role: tuple[str, str], values: str
 ) -> None:
     _role, url = run_role
-    run_id = start_run(url)
+    without = "20000, 5, now()" in values  # the one reclean chunk of a run without --reclean
+    recleaning = """'{"reclean": true, "chunk_size": 100}'"""
+    run_id = start_run(url, recleaning if "'reclean'" in values and not without else "'{}'")
     insert_chunk = f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS[:-1]}, kind) VALUES {values}"
     assert "chunks_as_cleaned" in refused(url, insert_chunk, run_id)
 
@@ -326,3 +334,79 @@ def test_a_hold_id_and_its_releasing_role_are_the_servers(
             text(f"SELECT released_by FROM {HOLDS} WHERE member_id = 5")
         ).scalar_one()
     assert released_by == f"the-dpo (db role {role})"
+
+
+def _as(url: str) -> Engine:
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
+def test_a_chunk_waits_for_an_abandoning_not_yet_committed_and_is_refused(
+    engine: Engine, database_url: Any, run_role: tuple[str, str]
+) -> None:
+    """The run role's chunk, while another role's UPDATE marking its run abandoned has not
+    committed: the guard reads the run FOR SHARE, so the chunk waits, then sees the run
+    abandoned and is refused (before: it slipped in, and audit verify cried tampering)."""
+    _role, url = run_role
+    run_id = start_run(url)
+    with granted_role(engine, database_url, "run") as (_other, other_url):
+        other, mine = _as(other_url), _as(url)
+        try:
+            with other.connect() as abandoning:
+                tx = abandoning.begin()
+                abandoning.execute(
+                    text(f"UPDATE {RUNS} SET status = 'abandoned' WHERE run_id = :r"),
+                    {"r": run_id},
+                )
+                errors: list[str] = []
+
+                def add_chunk() -> None:
+                    try:
+                        with mine.begin() as conn:
+                            conn.execute(
+                                text(
+                                    f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS} VALUES "
+                                    """(:r, 1, 1, 9, 5, now(), '{"sms": 5}', false)"""
+                                ),
+                                {"r": run_id},
+                            )
+                    except DBAPIError as exc:
+                        errors.append(db.describe_error(exc))
+
+                adding = threading.Thread(target=add_chunk)
+                adding.start()
+                adding.join(0.5)
+                assert adding.is_alive()  # waits for the abandoning
+                tx.commit()
+                adding.join(10)
+        finally:
+            other.dispose()
+            mine.dispose()
+    assert len(errors) == 1 and "chunks_of_a_running_run" in errors[0], errors
+
+
+def test_the_start_and_the_plan_hold_whatever_the_sessions_clock_style(
+    run_role: tuple[str, str],
+) -> None:
+    """A time zone of the run role's own making printed two instants a day apart alike,
+    and the text comparison let started_at move; a plan written in pieces, or dated outside
+    its run, is refused."""
+    _role, url = run_role
+    run_id = start_run(url)
+    shifted = (
+        "UPDATE dispatch_retention.runs SET started_at = started_at + interval '24 hours' "
+        "WHERE run_id = :r"
+    )
+    as_role = _as(url)
+    try:
+        with pytest.raises(DBAPIError) as raised, as_role.begin() as conn:
+            conn.execute(text("SET LOCAL DateStyle = 'SQL, MDY'"))
+            conn.execute(text("SET LOCAL TimeZone = 'AAA0AAA-24,J1/0,J334/34:04:21'"))
+            conn.execute(text(shifted), {"r": run_id})
+    finally:
+        as_role.dispose()
+    assert "runs_start_immutable" in db.describe_error(raised.value)
+    for piece in (
+        f"UPDATE {RUNS} SET due_rows = 5 WHERE run_id = :r",
+        f"UPDATE {RUNS} SET planned_at = '2001-01-01', due_rows = 7 WHERE run_id = :r",
+    ):
+        assert "runs_plan_immutable" in refused(url, piece, run_id), piece

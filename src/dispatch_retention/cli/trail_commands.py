@@ -118,6 +118,8 @@ def audit_verify(state: State, expect_head: str | None, head_file: Path | None, 
         if expect_head is not None:
             raise errors.HeadFileError(str(head_file), "give it or --expect-head, not both")
         expect_head = heads.read(head_file)
+        if expect_head is None:  # a first check, or a file someone emptied: say so
+            click.echo(f"no head kept in {head_file} yet: this check expects none", err=True)
     with audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
     click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.chain_text(report))

@@ -10,8 +10,13 @@
   and `config_text` at most 4 MiB (a config file is at most 1 MiB), so that no row can make the
   trail unreadable;
 - chunks: `first_id <= last_id`, `rows > 0`, `cleaned_at` is the transaction's time, a
-  cleaning chunk's `by_policy` adds up to its `rows`, a reclean chunk holds at most the ids
-  of its window, `by_policy` is a bounded record;
+  cleaning chunk's `by_policy` (whole, non-negative counts) adds up to its `rows`, a reclean
+  chunk belongs to a run started with `--reclean` and holds at most the ids of its window
+  and the run's chunk size; the run's row is read FOR SHARE, so a chunk waits for an
+  abandoning that has not committed yet, and is then refused;
+- runs: what a run started with and its plan are compared as their own types (not as text,
+  which the session's time zone shapes); a plan is written whole, with a `planned_at` within
+  the run;
 - legal holds: `hold_id` is always the server's; a release names the releasing role as the
   server knows it (`released_by` ends `(db role ROLE)`).
 
@@ -46,7 +51,9 @@ def _quoted(name: str) -> str:
 
 
 def _changed(columns: tuple[str, ...]) -> str:
-    return " OR ".join(f"NEW.{c}::text IS DISTINCT FROM OLD.{c}::text" for c in columns)
+    """Compared as their own types (0003 compared their text, which the session's TimeZone
+    and DateStyle shape: a custom zone printed two instants a day apart alike)."""
+    return " OR ".join(f"NEW.{c} IS DISTINCT FROM OLD.{c}" for c in columns)
 
 
 def _refuse(message: str, constraint: str) -> str:
@@ -111,6 +118,15 @@ BEGIN
   IF OLD.planned_at IS NOT NULL AND ({_changed(PLANNED)}) THEN
     {_refuse("the plan of a run is written once", "runs_plan_immutable")};
   END IF;
+  IF OLD.planned_at IS NULL AND ({_changed(PLANNED)})
+     AND (NEW.planned_at IS NULL OR NEW.planned_at NOT BETWEEN OLD.started_at AND now()) THEN
+    {
+            _refuse(
+                "a plan is written whole, once, with the time it was made during the run",
+                "runs_plan_immutable",
+            )
+        };
+  END IF;
   NEW.finished_at := CASE WHEN NEW.status IS DISTINCT FROM OLD.status THEN now()
                           ELSE OLD.finished_at END;
   RETURN NEW;
@@ -123,7 +139,9 @@ BEGIN
   IF TG_OP <> 'INSERT' THEN
     {_refuse("a chunk record never changes", "chunks_immutable")};
   END IF;
-  SELECT status, db_user INTO run FROM {s}.runs WHERE run_id = NEW.run_id;
+  -- FOR SHARE: an UPDATE marking the run abandoned that has not committed yet is waited
+  -- for, so a chunk is never added to a run whose abandoning commits first
+  SELECT status, db_user, options INTO run FROM {s}.runs WHERE run_id = NEW.run_id FOR SHARE;
   IF NOT FOUND OR run.status <> 'running' OR run.db_user <> current_user THEN
     {
             _refuse(
@@ -135,10 +153,14 @@ BEGIN
   IF NEW.first_id > NEW.last_id OR NEW.rows <= 0 OR NEW.cleaned_at <> now()
      OR NOT {_record_ok("NEW.by_policy")}
      OR jsonb_typeof(NEW.by_policy) <> 'object'
-     OR jsonb_path_exists(NEW.by_policy, '$.* ? (@.type() != "number")')
+     OR jsonb_path_exists(
+          NEW.by_policy, '$.* ? (@.type() != "number" || @ < 0 || @ != @.floor())')
      OR (NEW.kind = 'clean' AND NEW.rows IS DISTINCT FROM (
            SELECT sum(value::numeric) FROM jsonb_each_text(NEW.by_policy)))
-     OR (NEW.kind = 'reclean' AND NEW.rows::numeric > NEW.last_id::numeric - NEW.first_id + 1)
+     OR (NEW.kind = 'reclean' AND (
+           NEW.rows::numeric > NEW.last_id::numeric - NEW.first_id + 1
+           OR (run.options ->> 'reclean') IS DISTINCT FROM 'true'
+           OR NEW.rows > (run.options ->> 'chunk_size')::numeric))
   THEN
     {
             _refuse(
