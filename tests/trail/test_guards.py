@@ -55,10 +55,15 @@ def finished_run(engine: Engine) -> str:
     return outcome.run_id
 
 
+def _as(url: str) -> Engine:
+    """An engine connected as the role of `url`."""
+    return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+
+
 def refused(url: str, statement: str, run_id: str) -> str:
     """The SQLSTATE and rule with which the database refuses `statement` (in one
     transaction, rolled back either way)."""
-    engine = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    engine = _as(url)
     try:
         with pytest.raises(DBAPIError) as raised, engine.begin() as conn:
             conn.execute(text(statement), {"r": run_id})
@@ -96,7 +101,7 @@ def test_a_run_is_stamped_by_the_server_and_its_plan_written_once(
     sent; the job's own runs (running, planned, chunks, closed) pass every guard."""
     role, url = run_role
     forged = str(uuid.uuid4())
-    as_role = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    as_role = _as(url)
     try:
         with as_role.begin() as conn:
             conn.execute(
@@ -132,7 +137,7 @@ def test_a_hold_is_stamped_by_the_server_and_released_once(
     is kept as requested_by); a release dated before the hold gets the server's time; an
     un-release, a second release and a rewritten reason are refused."""
     with granted_role(engine, database_url, "holds") as (role, url):
-        as_holds = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        as_holds = _as(url)
         try:
             with as_holds.begin() as conn:
                 conn.execute(
@@ -187,7 +192,7 @@ RUN_COLUMNS = (
 def start_run(url: str, options: str = "'{}'", config_text: str = "'x'") -> str:
     """A running run inserted as the role of `url`; its id."""
     run_id = str(uuid.uuid4())
-    as_role = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    as_role = _as(url)
     try:
         with as_role.begin() as conn:
             conn.execute(
@@ -210,7 +215,7 @@ def test_a_temporary_type_named_text_does_not_blind_the_guards(
     with could be rewritten. The guards now run with a fixed search_path."""
     _role, url = run_role
     run_id = start_run(url)
-    as_role = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+    as_role = _as(url)
     try:
         with pytest.raises(DBAPIError) as raised, as_role.begin() as conn:
             conn.execute(text("CREATE DOMAIN pg_temp.text AS pg_catalog.varchar(1)"))
@@ -260,7 +265,7 @@ def test_a_run_is_changed_by_its_own_role_and_never_revived(
             f"UPDATE {RUNS} SET status = 'failed', error = 'forged' WHERE run_id = :r",
             run_id,
         )
-        as_other = create_engine(other_url.replace("postgresql://", "postgresql+psycopg://", 1))
+        as_other = _as(other_url)
         try:
             with as_other.begin() as conn:
                 conn.execute(
@@ -317,7 +322,7 @@ def test_a_hold_id_and_its_releasing_role_are_the_servers(
     with granted_role(engine, database_url, "holds") as (role, url):
         chosen = f"INSERT INTO {HOLDS} (hold_id, member_id, reason) VALUES (3, 1, 'r')"
         assert "GeneratedAlways" in refused(url, chosen, "") or "428C9" in refused(url, chosen, "")
-        as_holds = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        as_holds = _as(url)
         try:
             with as_holds.begin() as conn:
                 conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (5, 'r')"))
@@ -334,10 +339,6 @@ def test_a_hold_id_and_its_releasing_role_are_the_servers(
             text(f"SELECT released_by FROM {HOLDS} WHERE member_id = 5")
         ).scalar_one()
     assert released_by == f"the-dpo (db role {role})"
-
-
-def _as(url: str) -> Engine:
-    return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
 
 
 def test_a_chunk_waits_for_an_abandoning_not_yet_committed_and_is_refused(
