@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 from click.testing import CliRunner
 
-from dispatch_retention import config
+from dispatch_retention import config, db
 from dispatch_retention.cli import cli
 
 from .helpers import DEFAULT_POLICIES, config_text
@@ -123,6 +124,11 @@ BAD = [
     ),
     pytest.param("[[policy]]\nretention_days = 30\n", "policy[0].name", id="no-name"),
     pytest.param(ONE_POLICY + ONE_POLICY, "policy[1].name", id="duplicate-name"),
+    pytest.param(
+        "".join(f'[[policy]]\nname = "p{i}"\nretention_days = {30 + i}\n' for i in range(101)),
+        "policy",
+        id="too-many-policies",
+    ),
     pytest.param("[clean]\nchunk_size = 10\n", "policy", id="no-policy"),
     pytest.param("", "policy", id="empty-file"),
     pytest.param("[clean\n", "", id="not-toml"),
@@ -207,3 +213,19 @@ def test_content_kept_gets_no_default_replacement() -> None:
     )
     assert s.clean.replace == {}
     assert config.parse(ONE_POLICY, "default.toml").clean.replace == {"content": {}}
+
+
+def test_a_hundred_policies_are_fine() -> None:
+    text = "".join(f'[[policy]]\nname = "p{i}"\nretention_days = {30 + i}\n' for i in range(100))
+    assert len(config.parse(text, "many.toml").policies) == config.MAX_POLICIES
+
+
+def test_a_statement_libpq_would_not_send_is_not_retried() -> None:
+    """Too many parameters: libpq refuses before anything reaches the server (no SQLSTATE,
+    an OperationalError like a dropped connection's), and the same statement would be
+    refused again: not a retry (it was retried as a lost connection, 2 minutes long)."""
+    not_sent = psycopg.OperationalError(
+        "sending query and params failed: number of parameters must be between 0 and 65535"
+    )
+    assert not db.is_transient(not_sent)
+    assert db.is_transient(psycopg.OperationalError("server closed the connection unexpectedly"))

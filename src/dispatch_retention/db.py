@@ -39,6 +39,8 @@ TRANSIENT_SQLSTATE_CLASSES = ("08", "57P01", "57P02", "57P03", "40001", "40P01")
 #: Errors raised while connecting: their text names host, port, role or database, no rows.
 CONNECTION_CLASSES = ("08", "28", "3D")
 LOCK_NOT_AVAILABLE = "55P03"
+#: What libpq says of a statement it would not send (no SQLSTATE: nothing reached the server).
+NOT_SENT = "number of parameters must be between"
 QUERY_CANCELED = "57014"
 
 
@@ -226,7 +228,9 @@ def is_transient(exc: BaseException) -> bool:
     state = sqlstate(exc)
     if state is None:
         orig = exc.orig if isinstance(exc, DBAPIError) else exc
-        return isinstance(orig, psycopg.OperationalError)
+        # libpq refusing to send a statement (too many parameters) leaves the connection
+        # as it was: the same statement would be refused again
+        return isinstance(orig, psycopg.OperationalError) and NOT_SENT not in str(orig)
     return state.startswith("08") or state in TRANSIENT_SQLSTATE_CLASSES
 
 
