@@ -10,7 +10,6 @@ The statements the contenders run are compiled here to PostgreSQL text with lite
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from datetime import datetime
@@ -19,33 +18,19 @@ from typing import Any
 
 import psycopg
 from sqlalchemy import Engine, create_engine, text
-from sqlalchemy.dialects.postgresql.base import PGCompiler
-from sqlalchemy.dialects.postgresql.psycopg2 import PGDialect_psycopg2
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
-from sqlalchemy.sql import sqltypes
 
-from dispatch_retention import db, errors
+from dispatch_retention import db, errors, facts
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
-class _LiteralCompiler(PGCompiler):
-    """PostgreSQL's compiler, rendering a JSON value as its text literal (`'{}'`), which the
-    dialect cannot do by itself: `policy.cleaned_values()` writes `CAST(<json> AS JSONB)`."""
-
-    def render_literal_value(self, value: Any, type_: Any) -> str:
-        if isinstance(type_, sqltypes.JSON):
-            value, type_ = json.dumps(value), sqltypes.String()
-        return str(super().render_literal_value(value, type_))  # type: ignore[no-untyped-call]
-
-
-class _LiteralDialect(PGDialect_psycopg2):  # what `postgresql.dialect()` is
-    statement_compiler = _LiteralCompiler
-
-
-PG_DIALECT = _LiteralDialect()  # type: ignore[no-untyped-call]
+#: SQL text with its values written out, as psql reads it (`facts.SCRIPT`, the job's own:
+#: a JSON value as its text, quotes doubled, nothing else escaped); the contenders send it
+#: without parameters.
+PG_DIALECT = facts.SCRIPT
 QUOTE = PG_DIALECT.identifier_preparer.quote_identifier  # always quoted, as CREATE DATABASE needs
 
 
@@ -55,7 +40,7 @@ def log(msg: str) -> None:
 
 def sql(stmt: Any) -> str:
     """Compile a Core statement or expression to PostgreSQL text with literal values."""
-    return str(stmt.compile(dialect=PG_DIALECT, compile_kwargs={"literal_binds": True}))
+    return facts.script_sql(stmt)
 
 
 class Server:

@@ -378,7 +378,7 @@ def test_the_roles_cannot_write_the_chain(
     engine: Engine, database_url: Any, trail: str, purpose: str, statement: str
 ) -> None:
     with granted_role(engine, database_url, purpose) as (_role, url):
-        error = refused(url, statement.replace("{{}}", "{}"), trail)
+        error = refused(url, statement.replace("{{}}", "{}"), run_id=trail)
     assert "InsufficientPrivilege" in error, error
 
 

@@ -60,16 +60,23 @@ def _as(url: str) -> Engine:
     return create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
 
 
-def refused(url: str, statement: str, run_id: str) -> str:
-    """The SQLSTATE and rule with which the database refuses `statement` (in one
-    transaction, rolled back either way)."""
+def execute_as(url: str, *statements: str, run_id: str = "") -> None:
+    """`statements` in one transaction as the role of `url`, `:r` bound to `run_id`."""
     engine = _as(url)
     try:
-        with pytest.raises(DBAPIError) as raised, engine.begin() as conn:
-            conn.execute(text(statement), {"r": run_id})
-        return db.describe_error(raised.value)
+        with engine.begin() as conn:
+            for statement in statements:
+                conn.execute(text(statement), {"r": run_id})
     finally:
         engine.dispose()
+
+
+def refused(url: str, *statements: str, run_id: str) -> str:
+    """The SQLSTATE and rule with which the database refuses `statements` (in one
+    transaction, rolled back either way)."""
+    with pytest.raises(DBAPIError) as raised:
+        execute_as(url, *statements, run_id=run_id)
+    return db.describe_error(raised.value)
 
 
 @pytest.mark.parametrize("statement", list(FORGERIES.values()), ids=list(FORGERIES))
@@ -77,7 +84,7 @@ def test_the_run_role_cannot_forge_the_trail(
     engine: Engine, run_role: tuple[str, str], finished_run: str, statement: str
 ) -> None:
     _role, url = run_role
-    error = refused(url, statement, finished_run)
+    error = refused(url, statement, run_id=finished_run)
     assert "IntegrityConstraintViolation" in error or "InsufficientPrivilege" in error, error
 
 
@@ -89,7 +96,7 @@ def test_not_even_the_owner_can_forge_or_delete_with_the_guards_on(
 ) -> None:
     """The owner (here a superuser) is refused too, by the guards themselves: only turning
     them off (which `audit verify` will catch, issue 17) gets past."""
-    error = refused(url_string, statement, finished_run)
+    error = refused(url_string, statement, run_id=finished_run)
     assert "IntegrityConstraintViolation, SQLSTATE 23000" in error, error
     assert "constraint " in error  # the rule is named
 
@@ -101,20 +108,14 @@ def test_a_run_is_stamped_by_the_server_and_its_plan_written_once(
     sent; the job's own runs (running, planned, chunks, closed) pass every guard."""
     role, url = run_role
     forged = str(uuid.uuid4())
-    as_role = _as(url)
-    try:
-        with as_role.begin() as conn:
-            conn.execute(
-                text(
-                    f"INSERT INTO {RUNS} (run_id, status, started_at, trigger, host, "
-                    "tool_version, db_user, target_table, options, config_path, "
-                    "config_sha256, config_text) VALUES (:r, 'running', '2020-01-01', 'cron', "
-                    "'h', '0', 'someone_else', 'public.dispatches', '{}', 'x', 'x', 'x')"
-                ),
-                {"r": forged},
-            )
-    finally:
-        as_role.dispose()
+    execute_as(
+        url,
+        f"INSERT INTO {RUNS} (run_id, status, started_at, trigger, host, tool_version, "
+        "db_user, target_table, options, config_path, config_sha256, config_text) VALUES "
+        "(:r, 'running', '2020-01-01', 'cron', 'h', '0', 'someone_else', 'public.dispatches', "
+        "'{}', 'x', 'x', 'x')",
+        run_id=forged,
+    )
     with engine.connect() as conn:
         started, by = conn.execute(
             text(f"SELECT started_at > now() - interval '1 hour', db_user FROM {RUNS} "
@@ -123,7 +124,7 @@ def test_a_run_is_stamped_by_the_server_and_its_plan_written_once(
         ).one()  # fmt: skip
     assert (started, by) == (True, role)
     replanned = f"UPDATE {RUNS} SET due_rows = 0 WHERE run_id = :r"
-    assert "runs_finished_immutable" in refused(url, replanned, finished_run)
+    assert "runs_finished_immutable" in refused(url, replanned, run_id=finished_run)
 
 
 # --- legal holds (migration 0004) --------------------------------------------------------------
@@ -137,23 +138,13 @@ def test_a_hold_is_stamped_by_the_server_and_released_once(
     is kept as requested_by); a release dated before the hold gets the server's time; an
     un-release, a second release and a rewritten reason are refused."""
     with granted_role(engine, database_url, "holds") as (role, url):
-        as_holds = _as(url)
-        try:
-            with as_holds.begin() as conn:
-                conn.execute(
-                    text(
-                        f"INSERT INTO {HOLDS} (member_id, reason, created_at, created_by) "
-                        "VALUES (77, 'case 9', '2020-01-01', 'the_dpo')"
-                    )
-                )
-                conn.execute(
-                    text(
-                        f"UPDATE {HOLDS} SET released_at = '2000-01-01', released_by = 'x' "
-                        "WHERE member_id = 77"
-                    )
-                )
-        finally:
-            as_holds.dispose()
+        execute_as(
+            url,
+            f"INSERT INTO {HOLDS} (member_id, reason, created_at, created_by) "
+            "VALUES (77, 'case 9', '2020-01-01', 'the_dpo')",
+            f"UPDATE {HOLDS} SET released_at = '2000-01-01', released_by = 'x' "
+            "WHERE member_id = 77",
+        )
         with engine.connect() as conn:
             hold = conn.execute(
                 text(
@@ -173,12 +164,12 @@ def test_a_hold_is_stamped_by_the_server_and_released_once(
             (f"INSERT INTO {HOLDS} (member_id, reason, released_at) VALUES (78, 'r', now())",
              "legal_holds_placed_active"),
         ):  # fmt: skip
-            assert rule in refused(url, statement, ""), statement
+            assert rule in refused(url, statement, run_id=""), statement
     reworded = f"UPDATE {HOLDS} SET reason = 'nothing' WHERE member_id = 4242"
     with engine.begin() as conn:
         conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (4242, 'case 1')"))
     owner = database_url.set(drivername="postgresql").render_as_string(hide_password=False)
-    assert "legal_holds_placed_immutable" in refused(owner, reworded, "")
+    assert "legal_holds_placed_immutable" in refused(owner, reworded, run_id="")
 
 
 # --- what a red-team pass got past the first guards (migration 0006) -------------------------
@@ -192,18 +183,12 @@ RUN_COLUMNS = (
 def start_run(url: str, options: str = "'{}'", config_text: str = "'x'") -> str:
     """A running run inserted as the role of `url`; its id."""
     run_id = str(uuid.uuid4())
-    as_role = _as(url)
-    try:
-        with as_role.begin() as conn:
-            conn.execute(
-                text(
-                    f"INSERT INTO {RUNS} {RUN_COLUMNS} VALUES (:r, 'running', now(), 'cron', "
-                    f"'h', '0', 'x', 'public.dispatches', {options}, 'x', 'x', {config_text})"
-                ),
-                {"r": run_id},
-            )
-    finally:
-        as_role.dispose()
+    execute_as(
+        url,
+        f"INSERT INTO {RUNS} {RUN_COLUMNS} VALUES (:r, 'running', now(), 'cron', 'h', '0', "
+        f"'x', 'public.dispatches', {options}, 'x', 'x', {config_text})",
+        run_id=run_id,
+    )
     return run_id
 
 
@@ -215,21 +200,14 @@ def test_a_temporary_type_named_text_does_not_blind_the_guards(
     with could be rewritten. The guards now run with a fixed search_path."""
     _role, url = run_role
     run_id = start_run(url)
-    as_role = _as(url)
-    try:
-        with pytest.raises(DBAPIError) as raised, as_role.begin() as conn:
-            conn.execute(text("CREATE DOMAIN pg_temp.text AS pg_catalog.varchar(1)"))
-            conn.execute(text("SET LOCAL search_path = pg_temp, pg_catalog"))
-            conn.execute(
-                text(
-                    f"UPDATE {RUNS} SET started_at = '2001-01-01', config_text = 'x forged' "
-                    "WHERE run_id = :r"
-                ),
-                {"r": run_id},
-            )
-    finally:
-        as_role.dispose()
-    assert "runs_start_immutable" in db.describe_error(raised.value)
+    error = refused(
+        url,
+        "CREATE DOMAIN pg_temp.text AS pg_catalog.varchar(1)",
+        "SET LOCAL search_path = pg_temp, pg_catalog",
+        f"UPDATE {RUNS} SET started_at = '2001-01-01', config_text = 'x forged' WHERE run_id = :r",
+        run_id=run_id,
+    )
+    assert "runs_start_immutable" in error
 
 
 @pytest.mark.parametrize(
@@ -263,22 +241,16 @@ def test_a_run_is_changed_by_its_own_role_and_never_revived(
         assert "runs_changed_by_their_role" in refused(
             other_url,
             f"UPDATE {RUNS} SET status = 'failed', error = 'forged' WHERE run_id = :r",
-            run_id,
+            run_id=run_id,
         )
-        as_other = _as(other_url)
-        try:
-            with as_other.begin() as conn:
-                conn.execute(
-                    text(
-                        f"UPDATE {RUNS} SET status = 'abandoned', finished_at = '1990-01-01', "
-                        "error = 'dead' WHERE run_id = :r"
-                    ),
-                    {"r": run_id},
-                )
-        finally:
-            as_other.dispose()
+        execute_as(
+            other_url,
+            f"UPDATE {RUNS} SET status = 'abandoned', finished_at = '1990-01-01', "
+            "error = 'dead' WHERE run_id = :r",
+            run_id=run_id,
+        )
     revive = f"UPDATE {RUNS} SET status = 'running' WHERE run_id = :r"
-    assert "runs_not_revived" in refused(url, revive, run_id)
+    assert "runs_not_revived" in refused(url, revive, run_id=run_id)
     with engine.connect() as conn:
         stamped = conn.execute(
             text(f"SELECT finished_at > now() - interval '1 hour' FROM {RUNS} WHERE run_id = :r"),
@@ -313,7 +285,7 @@ def test_a_chunk_records_what_its_transaction_cleaned(
     recleaning = """'{"reclean": true, "chunk_size": 100}'"""
     run_id = start_run(url, recleaning if "'reclean'" in values and not without else "'{}'")
     insert_chunk = f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS[:-1]}, kind) VALUES {values}"
-    assert "chunks_as_cleaned" in refused(url, insert_chunk, run_id)
+    assert "chunks_as_cleaned" in refused(url, insert_chunk, run_id=run_id)
 
 
 def test_a_hold_id_and_its_releasing_role_are_the_servers(
@@ -321,19 +293,14 @@ def test_a_hold_id_and_its_releasing_role_are_the_servers(
 ) -> None:
     with granted_role(engine, database_url, "holds") as (role, url):
         chosen = f"INSERT INTO {HOLDS} (hold_id, member_id, reason) VALUES (3, 1, 'r')"
-        assert "GeneratedAlways" in refused(url, chosen, "") or "428C9" in refused(url, chosen, "")
-        as_holds = _as(url)
-        try:
-            with as_holds.begin() as conn:
-                conn.execute(text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (5, 'r')"))
-                conn.execute(
-                    text(
-                        f"UPDATE {HOLDS} SET released_at = now(), "
-                        "released_by = 'the-dpo (db role the_dpo)' WHERE member_id = 5"
-                    )
-                )
-        finally:
-            as_holds.dispose()
+        error = refused(url, chosen, run_id="")
+        assert "GeneratedAlways" in error or "428C9" in error
+        execute_as(
+            url,
+            f"INSERT INTO {HOLDS} (member_id, reason) VALUES (5, 'r')",
+            f"UPDATE {HOLDS} SET released_at = now(), "
+            "released_by = 'the-dpo (db role the_dpo)' WHERE member_id = 5",
+        )
     with engine.connect() as conn:
         released_by = conn.execute(
             text(f"SELECT released_by FROM {HOLDS} WHERE member_id = 5")
@@ -350,7 +317,7 @@ def test_a_chunk_waits_for_an_abandoning_not_yet_committed_and_is_refused(
     _role, url = run_role
     run_id = start_run(url)
     with granted_role(engine, database_url, "run") as (_other, other_url):
-        other, mine = _as(other_url), _as(url)
+        other = _as(other_url)
         try:
             with other.connect() as abandoning:
                 tx = abandoning.begin()
@@ -359,21 +326,13 @@ def test_a_chunk_waits_for_an_abandoning_not_yet_committed_and_is_refused(
                     {"r": run_id},
                 )
                 errors: list[str] = []
-
-                def add_chunk() -> None:
-                    try:
-                        with mine.begin() as conn:
-                            conn.execute(
-                                text(
-                                    f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS} VALUES "
-                                    """(:r, 1, 1, 9, 5, now(), '{"sms": 5}', false)"""
-                                ),
-                                {"r": run_id},
-                            )
-                    except DBAPIError as exc:
-                        errors.append(db.describe_error(exc))
-
-                adding = threading.Thread(target=add_chunk)
+                chunk = (
+                    f"INSERT INTO {CHUNKS} {CHUNK_COLUMNS} VALUES "
+                    """(:r, 1, 1, 9, 5, now(), '{"sms": 5}', false)"""
+                )
+                adding = threading.Thread(
+                    target=lambda: errors.append(refused(url, chunk, run_id=run_id))
+                )
                 adding.start()
                 adding.join(0.5)
                 assert adding.is_alive()  # waits for the abandoning
@@ -381,7 +340,6 @@ def test_a_chunk_waits_for_an_abandoning_not_yet_committed_and_is_refused(
                 adding.join(10)
         finally:
             other.dispose()
-            mine.dispose()
     assert len(errors) == 1 and "chunks_of_a_running_run" in errors[0], errors
 
 
@@ -397,17 +355,16 @@ def test_the_start_and_the_plan_hold_whatever_the_sessions_clock_style(
         "UPDATE dispatch_retention.runs SET started_at = started_at + interval '24 hours' "
         "WHERE run_id = :r"
     )
-    as_role = _as(url)
-    try:
-        with pytest.raises(DBAPIError) as raised, as_role.begin() as conn:
-            conn.execute(text("SET LOCAL DateStyle = 'SQL, MDY'"))
-            conn.execute(text("SET LOCAL TimeZone = 'AAA0AAA-24,J1/0,J334/34:04:21'"))
-            conn.execute(text(shifted), {"r": run_id})
-    finally:
-        as_role.dispose()
-    assert "runs_start_immutable" in db.describe_error(raised.value)
+    error = refused(
+        url,
+        "SET LOCAL DateStyle = 'SQL, MDY'",
+        "SET LOCAL TimeZone = 'AAA0AAA-24,J1/0,J334/34:04:21'",
+        shifted,
+        run_id=run_id,
+    )
+    assert "runs_start_immutable" in error
     for piece in (
         f"UPDATE {RUNS} SET due_rows = 5 WHERE run_id = :r",
         f"UPDATE {RUNS} SET planned_at = '2001-01-01', due_rows = 7 WHERE run_id = :r",
     ):
-        assert "runs_plan_immutable" in refused(url, piece, run_id), piece
+        assert "runs_plan_immutable" in refused(url, piece, run_id=run_id), piece
