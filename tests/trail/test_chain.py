@@ -180,6 +180,25 @@ def test_the_read_only_role_verifies_the_trail(
     assert as_auditor == (0, owner)
 
 
+def test_row_level_security_on_the_dispatches_is_refused_not_miscounted(
+    engine: Engine, database_url: Any, trail: str, config_file: Path
+) -> None:
+    """A policy hiding half the dispatches from the auditor's role would make every chunk's
+    count look short (a false TAMPERED), or, the other way round, hide rows: audit verify
+    refuses to count a table row-level security filters for its role (exit 2), as verify."""
+    with granted_role(engine, database_url, "read-only") as (role, url):
+        with engine.begin() as conn:
+            conn.execute(text("ALTER TABLE dispatches ENABLE ROW LEVEL SECURITY"))
+            conn.execute(
+                text(
+                    f"CREATE POLICY even_only ON dispatches FOR SELECT TO {role} USING (id % 2 = 0)"
+                )
+            )
+        result = invoke("--config", str(config_file), "--database-url", url, "audit", "verify")
+    assert result.exit_code == 2, result.output
+    assert "row-level security" in result.stderr and result.stdout == ""
+
+
 # --- the owner's forgeries: past the guards, caught by audit verify ---------------------------
 
 
