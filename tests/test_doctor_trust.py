@@ -142,12 +142,13 @@ def test_statement_level_trigger_is_noted_as_such(engine: Engine) -> None:
 
 
 def test_update_rule_is_listed(engine: Engine) -> None:
-    """A DO ALSO rule on UPDATE that inserts the old row elsewhere is listed."""
+    """A DO ALSO rule on UPDATE that inserts the old row elsewhere is a copy risk, and an
+    error of `db check` (the job refuses such a table: test_trust_table_shapes.py)."""
     execute(engine, HISTORY_TABLE, COPY_RULE)
     [risk] = copy_risks(engine)
     assert (risk.kind, risk.name, risk.when) == ("rule", "dispatches_copy_rule", None)
-    [warned] = about(check(engine), "dispatches_copy_rule")
-    assert warned.level == "warn" and warned.check == "copy risk"
+    [refused] = about(check(engine), "dispatches_copy_rule")
+    assert refused.level == "error" and refused.check == "rule"
 
 
 @pytest.mark.parametrize(

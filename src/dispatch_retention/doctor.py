@@ -3,9 +3,12 @@ needs to be? Read-only.
 
 Each finding is `ok`, `warn` (works, but slowly, with more rights than needed, or with
 something not yet reviewed) or `error` (the run would fail or could not be trusted). Checks:
-the dispatches table and every column the job uses; NOT NULL columns that cleaning would set
-to NULL; the copy risks of the table (risks.py: triggers, rules, publications, REPLICA
-IDENTITY FULL), a warn until named in `[acknowledged]`, and names there that match none;
+the dispatches table and every column the job uses; what `run` refuses the table for
+(`target.table_problems`: columns that cannot take what cleaning writes, an `id` the windows
+cannot walk, a rule on UPDATE, an inheritance child's own unclassified columns), each an
+error; the copy risks of the table (risks.py: triggers, publications, a replica identity
+that carries personal data), a warn until named in `[acknowledged]`, and names there that
+match none;
 columns neither stripped nor kept (a warn); the policy indexes (indexes.py: an index counts
 only where the plan can read it alone; a missing one comes with the statements that build it
 without blocking writes, partition by partition on a partitioned table); the audit schema's
@@ -28,6 +31,7 @@ from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings, Target
 from .grants import write_columns
 from .schema import dispatches_table
+from .shape import Shape
 
 Level = Literal["ok", "warn", "error"]
 
@@ -48,8 +52,10 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings: list[Finding] = [_target(conn, configured, settings)]
     assert settings.shape is not None  # read by resolve_settings
     findings += [
-        Finding("error", "columns", problem)  # what `run` refuses with exit 2
-        for problem in target_module.column_problems(settings, settings.shape)
+        Finding("error", problem.check, problem.message)  # what `run` refuses with exit 2
+        for problem in target_module.table_problems(
+            conn, settings, settings.shape, settings.target.table
+        )
     ]
     target = settings.target
     inspector = inspect(conn)
@@ -63,7 +69,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     )
     findings += _statuses(conn, settings)
     findings += _copy_risks(conn, settings)
-    findings.append(_classification(settings, list(columns)))
+    findings.append(_classification(settings, list(columns), settings.shape))
     findings += _indexes(conn, settings)
     findings.append(_schema(conn, settings))
     findings += _vacuum(conn, settings)
@@ -118,10 +124,12 @@ def _copy_risks(conn: Connection, settings: Settings) -> list[Finding]:
     found = risks.copy_risks(conn, settings)
     findings = []
     for risk in found:
+        if risk.kind == "rule":
+            continue  # the job refuses the table: an error of the `rule` check, not a risk
         if risk.kind == "trigger":
             label = f"trigger {risk.name} ({risk.when} UPDATE)"
         elif risk.kind == risks.REPLICA_IDENTITY:
-            label = f"REPLICA IDENTITY FULL on {table}"
+            label = "replica identity"
         else:
             label = f"{risk.kind} {risk.name}"
         if risk.acknowledged is None:
@@ -145,7 +153,8 @@ def _copy_risks(conn: Connection, settings: Settings) -> list[Finding]:
                 "ok",
                 "copy risk",
                 f"no trigger or rule fires on UPDATE of {table}, no publication sends its "
-                "updates, its replica identity is not FULL",
+                "updates, its replica identity carries no personal data (not FULL, no key "
+                "holding a column of clean.columns)",
             )
         )
     for name in risks.stale_acknowledgements(settings, found):
@@ -154,22 +163,32 @@ def _copy_risks(conn: Connection, settings: Settings) -> list[Finding]:
                 "warn",
                 "acknowledged",
                 f"{name} matches no copy risk of {table} (no such trigger or rule on UPDATE, "
-                f"no such publication of its updates; {risks.REPLICA_IDENTITY} only while "
-                "REPLICA IDENTITY is FULL): remove it from [acknowledged] or correct the name",
+                f"no such publication of its updates; {risks.REPLICA_IDENTITY} only while a "
+                "replica identity carries personal data): remove it from [acknowledged] or "
+                "correct the name",
             )
         )
     return findings
 
 
-def _classification(settings: Settings, columns: list[str]) -> Finding:
-    """Every column of the table is stripped (clean.columns) or kept with a reason."""
+def _classification(settings: Settings, columns: list[str], shape: Shape) -> Finding:
+    """Every column of the table is stripped (clean.columns) or kept with a reason (those
+    of the tables that inherit from it, which cleaning cannot strip, are the errors of
+    `target.table_problems` until kept)."""
     table = settings.target.table
     unclassified = settings.unclassified(columns)
     if not unclassified:
+        children = [b.relation for b in shape.below if b.own]
+        classified = not any(settings.unclassified(b.own) for b in shape.below)
+        also = (
+            f", and so is every column {', '.join(children)} adds (kept with a reason)"
+            if children and classified
+            else ""
+        )
         return Finding(
             "ok",
             "column classification",
-            f"every column of {table} is stripped (clean.columns) or kept with a reason",
+            f"every column of {table} is stripped (clean.columns) or kept with a reason{also}",
         )
     return Finding(
         "warn",

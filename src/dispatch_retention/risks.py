@@ -11,10 +11,15 @@ resolved target table:
 - rules ON UPDATE (DO ALSO copies, DO INSTEAD replaces the UPDATE);
 - publications that include the table (or a partition or ancestor of it) and publish
   updates: each cleaned row goes to the subscribers, whose copies live by their retention;
-- `REPLICA IDENTITY FULL`: the WAL carries the old values of each cleaned row in full.
+- a replica identity that carries personal data: `REPLICA IDENTITY FULL` (the WAL carries
+  the old values of each cleaned row in full), or an index (`USING INDEX`, or the primary
+  key under `DEFAULT`) holding a column of `clean.columns` (cleaning changes the key, so the
+  WAL carries the old key, personal value and all). Like the others, listed whether or not
+  a publication or a slot reads the table today: one can be added without the job knowing.
 
 A reviewed risk is named in the config's `[acknowledged]` table (object name = reason; the
-key for replica identity is `replica_identity`) and carries that reason. `db check` reports
+key for the replica identity, of the target and of every table below it, is
+`replica_identity`) and carries that reason. `db check` reports
 every risk, `run` logs them (`copy_risk`) and records them. Nothing here writes, and no
 detail holds a row value: only object names and what they may do.
 """
@@ -27,6 +32,7 @@ from typing import Any
 
 from sqlalchemy import Connection, text
 
+from . import shape
 from .config import Settings
 
 #: The key of `[acknowledged]` for REPLICA IDENTITY FULL.
@@ -59,13 +65,6 @@ _TRIGGERS = text(
     "ORDER BY tree.level, relation, tg.tgname"
 )
 
-# Rules of partitions do not fire on an UPDATE of the target: the target's own only.
-_RULES = text(
-    "SELECT rulename AS name, is_instead FROM pg_rewrite "
-    "WHERE ev_class = CAST(:t AS regclass) AND ev_type = '2' AND rulename <> '_RETURN' "
-    "AND ev_enabled <> 'D' ORDER BY rulename"
-)
-
 # pg_publication_tables expands FOR ALL TABLES and FOR TABLES IN SCHEMA, and lists either
 # the partitions or the root of a partitioned table (publish_via_partition_root).
 _PUBLICATIONS = text(
@@ -79,13 +78,29 @@ _PUBLICATIONS = text(
     "WHERE p.pubupdate ORDER BY pt.pubname"
 )
 
+# The replica identity of the target and of every table below it, where it carries personal
+# data to logical decoding: FULL (every old value), or an index (USING INDEX, or the primary
+# key under DEFAULT) holding a column cleaning changes (`:personal`): the WAL then carries
+# the old key, that column's old value among it. NOTHING and keys over kept columns carry
+# none.
 _REPLICA_IDENTITY = text(
-    _TREE + "SELECT tree.level = 0 AS on_target, "
-    "format('%I.%I', n.nspname, c.relname) AS relation "
-    "FROM pg_class c JOIN tree ON tree.relid = c.oid "
+    _TREE + "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
+    "c.relreplident = 'f' AS full, quote_ident(ic.relname) AS index, "
+    "ARRAY(SELECT CAST(a.attname AS text) FROM pg_attribute a WHERE a.attrelid = c.oid "
+    "AND a.attnum = ANY(i.indkey) AND a.attname = ANY(CAST(:personal AS text[])) "
+    "ORDER BY a.attnum) AS personal "
+    "FROM (SELECT relid, min(level) AS level FROM tree GROUP BY relid) t "
+    "JOIN pg_class c ON c.oid = t.relid "
     "JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE c.relreplident = 'f' ORDER BY tree.level, relation"
+    "LEFT JOIN pg_index i ON i.indrelid = c.oid AND c.relreplident <> 'f' "
+    "AND ((c.relreplident = 'i' AND i.indisreplident) "
+    "OR (c.relreplident = 'd' AND i.indisprimary)) "
+    "LEFT JOIN pg_class ic ON ic.oid = i.indexrelid "
+    "WHERE c.relreplident = 'f' OR i.indexrelid IS NOT NULL ORDER BY t.level, relation"
 )
+
+#: How many relations a replica identity risk names (a partitioned table may have many).
+_NAMED = 5
 
 # A foreign table below the target (a partition on another server): its rows are updated
 # there, by rules and triggers this job cannot see.
@@ -124,7 +139,7 @@ def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
         where = "" if row["on_target"] else f"on partition {row['relation']}, "
         detail = f"{where}{level}, calls {row['function']}(): {effect}"
         found.append(("trigger", str(row["name"]), when, detail))
-    for row in conn.execute(_RULES, params).mappings():
+    for row in conn.execute(shape.RULES, params).mappings():
         effect = (
             "DO INSTEAD: replaces the cleaning UPDATE, so rows may stay uncleaned and "
             "personal data may be copied elsewhere"
@@ -143,19 +158,9 @@ def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
                 "their own retention",
             )
         )
-    full = conn.execute(_REPLICA_IDENTITY, params).mappings().all()
-    if full:
-        partitions = [str(r["relation"]) for r in full if not r["on_target"]]
-        where = f"on partition {', '.join(partitions)}, " if partitions else ""
-        found.append(
-            (
-                REPLICA_IDENTITY,
-                REPLICA_IDENTITY,
-                None,
-                f"{where}the WAL carries each cleaned row's old values in full "
-                "(logical decoding, CDC)",
-            )
-        )
+    identity = _replica_identity(conn, settings)
+    if identity:
+        found.append((REPLICA_IDENTITY, REPLICA_IDENTITY, None, identity))
     for relation in conn.execute(_FOREIGN, params).scalars():
         found.append(
             (
@@ -170,6 +175,37 @@ def copy_risks(conn: Connection, settings: Settings) -> list[Risk]:
         Risk(kind, name, when, detail, settings.acknowledged.get(name))
         for kind, name, when, detail in found
     ]
+
+
+def _replica_identity(conn: Connection, settings: Settings) -> str | None:
+    """What the replica identities of the target and the tables below it ship of a cleaned
+    row to logical decoding (one risk, acknowledged as `replica_identity`), or None."""
+    params = {"t": settings.target.regclass, "personal": list(settings.clean.columns)}
+    full, keyed = [], []
+    for row in conn.execute(_REPLICA_IDENTITY, params).mappings():
+        if row["full"]:
+            full.append(str(row["relation"]))
+        elif row["personal"]:
+            columns = ", ".join(row["personal"])
+            keyed.append(f"{row['relation']} (index {row['index']} holds {columns})")
+    said = []
+    if full:
+        said.append(
+            f"REPLICA IDENTITY FULL on {_some(full)}: the WAL carries each cleaned row's old "
+            "values in full (logical decoding, CDC)"
+        )
+    if keyed:
+        said.append(
+            f"the replica identity of {_some(keyed)} holds a personal column: the WAL carries "
+            "its old value for each cleaned row (logical decoding, CDC)"
+        )
+    return "; ".join(said) or None
+
+
+def _some(names: list[str]) -> str:
+    """At most `_NAMED` names, and how many more."""
+    more = f" and {len(names) - _NAMED} more" if len(names) > _NAMED else ""
+    return ", ".join(names[:_NAMED]) + more
 
 
 def _trigger_effect(tgtype: int) -> tuple[str, str]:

@@ -7,7 +7,15 @@ types (`schema.target_table`), so that values are bound as the column's type (an
 as the enum, a cutoff as a plain timestamp where the column has no time zone) and compared
 in it (`json` as `jsonb`, which has equality).
 
-`read()` is one catalog query; `Shape` is plain data, so the policy core stays pure.
+Besides the columns, `read()` takes what decides whether the job can clean the table at
+all (`target.column_problems` refuses what it cannot): how each column may be written
+(generated, identity, a domain whose constraints PostgreSQL checks on every write), the
+tables below it (inheritance children and partitions: an UPDATE of the target updates their
+rows, but sets only the target's columns, so a child's own column is never stripped) and
+its rules on UPDATE (PostgreSQL refuses the job's data-modifying WITH on such a table).
+
+`read()` reads the catalog only (no row); `Shape` is plain data, so the policy core stays
+pure.
 """
 
 from __future__ import annotations
@@ -49,6 +57,13 @@ class ColumnShape:
     labels: tuple[str, ...] = ()
     #: int2 / int4 / int8, for the integer kind
     type_name: str = ""
+    #: GENERATED ALWAYS AS (...) STORED: PostgreSQL computes it, an UPDATE may not set it
+    generated: bool = False
+    #: an identity column: "always" (an UPDATE may only set DEFAULT), "by default" or ""
+    identity: str = ""
+    #: the oid of its type when that is a domain (whose NOT NULL and CHECKs apply to
+    #: whatever cleaning writes: `target.domain_problems` asks the server)
+    domain: int | None = None
 
     @property
     def precision(self) -> int | None:
@@ -59,8 +74,42 @@ class ColumnShape:
 
 
 @dataclass(frozen=True)
+class Below:
+    """A table below the target (an inheritance child, at any depth, or a partition)."""
+
+    #: `schema.table`, each part quoted where it must be
+    relation: str
+    #: the columns it adds to its parents in the tree, in their order (a partition adds none)
+    own: tuple[str, ...] = ()
+    #: its NOT NULL columns (a child may add NOT NULL to a column it inherits)
+    not_null: tuple[str, ...] = ()
+    #: its columns an UPDATE may not set (generated, identity GENERATED ALWAYS)
+    unsettable: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A rule that fires on UPDATE of the target (not a disabled one)."""
+
+    name: str
+    instead: bool
+    #: `WHERE ...`: it fires for some rows only
+    conditional: bool
+
+    @property
+    def kind(self) -> str:
+        """`DO ALSO` or `DO INSTEAD` (NOTHING among them), `conditional` when it is."""
+        said = "DO INSTEAD" if self.instead else "DO ALSO"
+        return f"conditional {said}" if self.conditional else said
+
+
+@dataclass(frozen=True)
 class Shape:
     columns: Mapping[str, ColumnShape] = field(default_factory=dict)
+    #: the tables below the target, shallowest first
+    below: tuple[Below, ...] = ()
+    #: the rules on UPDATE of the target, by name
+    rules: tuple[Rule, ...] = ()
 
     def __contains__(self, name: object) -> bool:
         return name in self.columns
@@ -72,7 +121,9 @@ class Shape:
 
 _READ = text(
     "SELECT a.attname, format_type(a.atttypid, a.atttypmod) AS sql_type, "
-    "t.typname, t.typtype, n.nspname AS type_schema, NOT a.attnotnull AS nullable, "
+    "t.oid AS type_oid, t.typname, t.typtype, n.nspname AS type_schema, "
+    "NOT a.attnotnull AS nullable, "
+    "a.attgenerated <> '' AS generated, a.attidentity AS identity, "
     "ARRAY(SELECT e.enumlabel::text FROM pg_enum e WHERE e.enumtypid = t.oid "
     "ORDER BY e.enumsortorder) AS labels "
     "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
@@ -81,9 +132,46 @@ _READ = text(
 )
 
 
+#: Every table below the target (pg_inherits holds inheritance children and partitions
+#: alike), with its own columns (those its parents in the tree lack: the table that adds a
+#: column names it, not each table below that inherits it), its NOT NULL columns and those
+#: an UPDATE may not set. Catalog only: a role that may not use a child's schema sees it.
+_BELOW = text(
+    "WITH RECURSIVE tree(relid, level) AS ("
+    "SELECT CAST(:oid AS oid), 0 "
+    "UNION SELECT i.inhrelid, tree.level + 1 FROM pg_inherits i "
+    "JOIN tree ON i.inhparent = tree.relid), "
+    "below AS (SELECT relid, min(level) AS level FROM tree WHERE level > 0 GROUP BY relid), "
+    "cols AS (SELECT a.attrelid, a.attnum, CAST(a.attname AS text) AS name, a.attnotnull, "
+    "a.attgenerated <> '' OR a.attidentity = 'a' AS unsettable, "
+    "NOT EXISTS (SELECT FROM pg_inherits i JOIN pg_attribute p ON p.attrelid = i.inhparent "
+    "WHERE i.inhrelid = a.attrelid AND i.inhparent IN (SELECT relid FROM tree) "
+    "AND p.attname = a.attname AND p.attnum > 0 AND NOT p.attisdropped) AS own "
+    "FROM pg_attribute a JOIN below ON below.relid = a.attrelid "
+    "WHERE a.attnum > 0 AND NOT a.attisdropped) "
+    "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
+    "ARRAY(SELECT name FROM cols WHERE attrelid = c.oid AND own ORDER BY attnum) AS own, "
+    "ARRAY(SELECT name FROM cols WHERE attrelid = c.oid AND attnotnull ORDER BY attnum) "
+    "AS not_null, "
+    "ARRAY(SELECT name FROM cols WHERE attrelid = c.oid AND unsettable ORDER BY attnum) "
+    "AS unsettable "
+    "FROM below JOIN pg_class c ON c.oid = below.relid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace ORDER BY below.level, relation"
+)
+
+#: The target's own rules on UPDATE (ev_type 2), not disabled ones: rules of the tables
+#: below it do not fire on an UPDATE of the target (`risks.copy_risks` lists these too).
+RULES = text(
+    "SELECT rulename AS name, is_instead, CAST(ev_qual AS text) <> '<>' AS conditional "
+    "FROM pg_rewrite WHERE ev_class = CAST(:t AS regclass) AND ev_type = '2' "
+    "AND rulename <> '_RETURN' AND ev_enabled <> 'D' ORDER BY rulename"
+)
+
+
 def read(conn: Connection, oid: int) -> Shape:
     """The columns of the relation `oid` (a domain is read as what it is; an array or any
-    other type is `other`: the job then only ever writes NULL or a replacement into it)."""
+    other type is `other`: the job then only ever writes NULL or a replacement into it),
+    the tables below it and its rules on UPDATE."""
     columns = {}
     for row in conn.execute(_READ, {"oid": oid}).mappings():
         is_enum = row["typtype"] == "e"
@@ -97,5 +185,21 @@ def read(conn: Connection, oid: int) -> Shape:
             enum_schema=str(row["type_schema"]) if is_enum else None,
             labels=tuple(row["labels"]) if is_enum else (),
             type_name=str(row["typname"]),
+            generated=bool(row["generated"]),
+            identity={"a": "always", "d": "by default"}.get(str(row["identity"]), ""),
+            domain=int(row["type_oid"]) if row["typtype"] == "d" else None,
         )
-    return Shape(columns)
+    below = tuple(
+        Below(
+            str(row["relation"]),
+            tuple(row["own"]),
+            tuple(row["not_null"]),
+            tuple(row["unsettable"]),
+        )
+        for row in conn.execute(_BELOW, {"oid": oid}).mappings()
+    )
+    rules = tuple(
+        Rule(str(r["name"]), bool(r["is_instead"]), bool(r["conditional"]))
+        for r in conn.execute(RULES, {"t": str(oid)}).mappings()
+    )
+    return Shape(columns, below, rules)

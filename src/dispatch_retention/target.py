@@ -10,7 +10,15 @@ job refuses and what it reports"):
 - row-level security that applies to the job's role: PostgreSQL would silently filter rows
   out of every statement. The job's sessions also run with `row_security = off`
   (`db.make_engine`), so that if RLS applies after all, the server raises instead of
-  filtering.
+  filtering;
+- a table the config does not fit, or that the job cannot clean whole (`table_problems`,
+  each naming the column, key, child table or rule and the fix, and listed by `db check`):
+  a personal column that cannot take what cleaning writes (NOT NULL, here or in a table
+  below; a domain that refuses it; generated; identity GENERATED ALWAYS), an `id` the chunk
+  windows cannot walk (not an integer, or NULL-able), an inheritance child with columns of
+  its own that are neither stripped nor kept (the UPDATE of the target sets only the
+  target's columns, so nothing would ever strip or check them), and a rule on UPDATE
+  (PostgreSQL refuses the cleaning statement, a data-modifying WITH, on such a table).
 
 The resolved schema and name identify the target from then on (the run lock, the audit
 trail, every statement), so `dispatches` and `public.dispatches` are one target.
@@ -24,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import Connection, Text, cast, select, text, true
+from sqlalchemy.exc import DBAPIError
 
 from . import db, shape
 from .config import KEPT_COLUMNS, Settings, Target
@@ -122,17 +131,39 @@ def unreadable_columns(conn: Connection, settings: Settings) -> list[str]:
 
 def resolve_settings(conn: Connection, settings: Settings, *, refuse: bool = True) -> Settings:
     """`resolve()` then `pinned()`: what every command does when it connects. The target's
-    names, and the audit schema's, may be shown in error messages from then on. A config
-    that does not fit the table's columns (`column_problems`) is refused (`TargetRefused`,
-    exit 2), unless `refuse` is False (`db check`, which lists the problems instead)."""
+    names, and the audit schema's, may be shown in error messages from then on. A table
+    the job cannot clean as configured (`table_problems`) is refused (`TargetRefused`, exit
+    2), unless `refuse` is False (`db check`, which lists the problems instead)."""
     resolved = resolve(conn, settings.target)
     table = shape.read(conn, resolved.oid)
     db.know(resolved.schema, resolved.name, settings.audit.schema_, *settings.clean.keep)
     db.know(*table.columns)
-    problems = column_problems(settings, table)
-    if problems and refuse:
-        raise TargetRefused(resolved.qualified, problems[0])
+    if refuse:
+        problems = table_problems(conn, settings, table, resolved.qualified)
+        if problems:
+            raise TargetRefused(resolved.qualified, problems[0].message)
     return pinned(settings, resolved, table)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Why the job cannot clean the table as configured: `run` refuses it (exit 2) with
+    `message`, `db check` lists it as an error of its `check`."""
+
+    check: str  # "key" | "rule" | "columns" | "column classification"
+    message: str
+
+
+def table_problems(
+    conn: Connection, settings: Settings, table: Shape, qualified: str
+) -> list[Problem]:
+    """`column_problems`, then what only the server can tell: whether each personal column
+    whose type is a domain takes what cleaning writes (`domain_problems`). `qualified` is
+    the target as the messages name it."""
+    fitting = [c for c in settings.clean.columns if not _strippable(settings, table, c)]
+    return column_problems(settings, table, qualified) + domain_problems(
+        conn, settings, table, fitting
+    )
 
 
 #: The status columns the rule itself reads (whether a dispatch is settled).
@@ -146,13 +177,21 @@ def read_columns(settings: Settings) -> list[str]:
     return sorted(set(KEPT_COLUMNS) | {"member_id"})
 
 
-def column_problems(settings: Settings, table: Shape) -> list[str]:
+def column_problems(settings: Settings, table: Shape, qualified: str) -> list[Problem]:
     """What depends on the table, checked as soon as the job connects, each naming its
-    column and the fix: every column of `clean.columns` exists and can take what cleaning
-    writes (NULL, or a `clean.replace` value of its type); the API's words can be stored in
-    each status column the rule or a policy reads (text, an enum with those labels, or
-    `[target.codes]` of the column's kind)."""
-    problems = [p for c in settings.clean.columns for p in _strippable(settings, table, c)]
+    column (key, child table, rule) and the fix: an `id` the chunk windows can walk
+    (`_key`); no rule on UPDATE (`_rules`); every column of `clean.columns` exists and can
+    take what cleaning writes (NULL, or a `clean.replace` value of its type), in the target
+    and in every table below it; the API's words can be stored in each status column the
+    rule or a policy reads (text, an enum with those labels, or `[target.codes]` of the
+    column's kind); every column of a table below the target is the target's or classified
+    (`_children`). Pure: `table_problems` adds what only the server can tell."""
+    problems = _key(table, qualified) + _rules(table, qualified)
+    problems += [
+        Problem("columns", p)
+        for c in settings.clean.columns
+        for p in _strippable(settings, table, c) + _settable_below(settings, table, c, qualified)
+    ]
     used = set(RULE_COLUMNS) | {key for p in settings.policies for key in p.where}
     codes = settings.target.codes
     for column in sorted(used | set(codes)):
@@ -160,8 +199,158 @@ def column_problems(settings: Settings, table: Shape) -> list[str]:
         if shaped is None:
             continue  # `db check` lists missing columns; statements then fail on them
         mapping = codes.get(column)
-        problems += _words_fit(settings, shaped) if mapping is None else _codes_fit(shaped, mapping)
+        found = _words_fit(settings, shaped) if mapping is None else _codes_fit(shaped, mapping)
+        problems += [Problem("columns", p) for p in found]
+    return problems + _children(settings, table, qualified)
+
+
+#: The integer types the chunk windows walk (`shape` kind "integer").
+_KEY_TYPES = "smallint, integer or bigint"
+
+
+def _key(table: Shape, qualified: str) -> list[Problem]:
+    """`id` is what the chunk windows walk (`id BETWEEN lo AND hi`), what the audit trail's
+    chunks and `audit verify` refer to: an integer no row lacks. A missing `id` is the
+    `columns` check's (statements fail on it)."""
+    key = table.columns.get("id")
+    if key is None:
+        return []
+    if key.kind != "integer":
+        return [
+            Problem(
+                "key",
+                f"id is {key.sql_type}: the job walks {qualified} in windows of integer ids "
+                f"(its chunks and their audit records refer to them), so id must be "
+                f"{_KEY_TYPES}; a table keyed by another type is not supported",
+            )
+        ]
+    if key.nullable:
+        return [
+            Problem(
+                "key",
+                f"id may be NULL (it is not the primary key nor NOT NULL): a row without an "
+                f"id is in no window of ids, so the job would never clean it; make it NOT "
+                f"NULL (ALTER TABLE {qualified} ALTER COLUMN id SET NOT NULL)",
+            )
+        ]
+    return []
+
+
+def _rules(table: Shape, qualified: str) -> list[Problem]:
+    """A rule on UPDATE (of any kind, acknowledged or not): PostgreSQL rewrites the UPDATE
+    through it, and refuses that for the job's cleaning statement (a data-modifying WITH,
+    SQLSTATE 0A000); the one kind it accepts (an unconditional DO INSTEAD of one statement
+    with RETURNING) replaces the cleaning, so its rows stay as they were. Rule names are
+    printed as the catalog holds them."""
+    return [
+        Problem(
+            "rule",
+            f"rule {rule.name} ({rule.kind}) fires on UPDATE of {qualified}: PostgreSQL "
+            "refuses the job's cleaning statement (an UPDATE in a WITH query) on a table with "
+            "such a rule, or the rule replaces it, so no run could clean the table, "
+            "acknowledged or not. Do what the rule does in a trigger (AFTER UPDATE ... FOR "
+            "EACH ROW: a copy risk the job lists), then drop the rule (DROP RULE "
+            f"{quoted_name(rule.name)} ON {qualified}), or disable it (ALTER TABLE "
+            f"{qualified} DISABLE RULE {quoted_name(rule.name)})",
+        )
+        for rule in table.rules
+    ]
+
+
+def _children(settings: Settings, table: Shape, qualified: str) -> list[Problem]:
+    """The columns of a table below the target that the target lacks (an inheritance child's
+    own, at any depth: a partition has none), unless `clean.keep` keeps them: the UPDATE of
+    the target sets only the target's columns, so nothing would strip or check them."""
+    problems = []
+    for below in table.below:
+        unclassified = settings.unclassified(below.own)
+        if unclassified:
+            problems.append(
+                Problem(
+                    "column classification",
+                    f"{below.relation} inherits from {qualified} and has columns of its own, "
+                    f"neither stripped nor kept: {', '.join(unclassified)}. Cleaning "
+                    f"{qualified} sets only its own columns, so nothing would strip or check "
+                    f"these. If one holds personal data, add it to {qualified} (ALTER TABLE "
+                    f"{qualified} ADD COLUMN <name> <its type>: the child's column merges into "
+                    "it) and list it in clean.columns; otherwise list it in clean.keep with "
+                    "the reason it stays",
+                )
+            )
     return problems
+
+
+def _settable_below(settings: Settings, table: Shape, name: str, qualified: str) -> list[str]:
+    """A personal column of the target that a table below it holds NOT NULL (where cleaning
+    writes NULL), or may not have set (generated, identity GENERATED ALWAYS): the UPDATE
+    fails on that table's rows."""
+    column = table.columns.get(name)
+    if column is None:
+        return []
+    problems = []
+    for below in table.below:
+        if name in below.unsettable:
+            problems.append(
+                f"{name} cannot be set in {below.relation}, a table below {qualified} "
+                "(generated, or an identity GENERATED ALWAYS there), but clean.columns strips "
+                "it: take it out of clean.columns, or make it a plain column there"
+            )
+        elif name in below.not_null and column.nullable and name not in settings.clean.replace:
+            problems.append(
+                f"{name} is NOT NULL in {below.relation}, a table below {qualified}, but "
+                f"clean.columns sets it to NULL: give clean.replace a value of its type for "
+                f"it, or drop that NOT NULL (ALTER TABLE {below.relation} ALTER COLUMN {name} "
+                "DROP NOT NULL)"
+            )
+    return problems
+
+
+#: What cleaning writes, passed through a domain's input function by the domain's oid (no
+#: name to look up: the role may not use the domain's schema); it raises where the domain
+#: refuses the value (NULL, or the replacement's text), as the cleaning UPDATE would.
+_DOMAIN_TAKES = text("SELECT domain_in(CAST(:value AS cstring), CAST(:domain AS oid), -1) IS NULL")
+
+#: SQLSTATE classes of errors that say nothing about the value (the connection, a timeout,
+#: resources, the server itself): raised as they are, not taken for a domain's refusal.
+_NOT_ABOUT_THE_VALUE = ("08", "40", "53", "54", "55", "57", "58", "XX")
+
+
+def domain_problems(
+    conn: Connection, settings: Settings, table: Shape, columns: list[str]
+) -> list[Problem]:
+    """Of `columns` (personal columns that exist and whose kind takes what cleaning writes),
+    those whose type is a domain that refuses it: a NOT NULL or a CHECK (also one inherited
+    from a domain it is based on) that refuses NULL, or the `clean.replace` value. Asks the
+    server, each in a savepoint (read-only: it writes nothing); what the server says is
+    never shown."""
+    problems = []
+    for name in columns:
+        column = table.columns[name]
+        if column.domain is None:
+            continue
+        value = settings.clean.replace.get(name)
+        try:
+            with conn.begin_nested():
+                conn.execute(_DOMAIN_TAKES, {"value": value, "domain": column.domain})
+        except DBAPIError as exc:
+            state = db.sqlstate(exc)
+            if state is None or state.startswith(_NOT_ABOUT_THE_VALUE):
+                raise
+            problems.append(Problem("columns", _refused_by_domain(name, column, value)))
+    return problems
+
+
+def _refused_by_domain(name: str, column: ColumnShape, value: Any) -> str:
+    if value is None:
+        return (
+            f"{name} is of the domain {column.sql_type}, which refuses NULL (its NOT NULL or "
+            "a CHECK), but clean.columns sets it to NULL: give clean.replace a value the "
+            "domain accepts for it"
+        )
+    return (
+        f"clean.replace.{name}: {value!r} is refused by the domain {column.sql_type} of "
+        f"{name} (its NOT NULL or a CHECK): give a value the domain accepts"
+    )
 
 
 #: A `clean.replace` value each column kind can take, as JSON types.
@@ -179,6 +368,19 @@ def _strippable(settings: Settings, table: Shape, name: str) -> list[str]:
     column = table.columns.get(name)
     if column is None:
         return [f"clean.columns names {name}, which the table does not have"]
+    if column.generated:
+        return [
+            f"{name} is a generated column (GENERATED ALWAYS AS ... STORED): PostgreSQL "
+            "computes it and refuses to set it, so cleaning cannot strip it; take it out of "
+            "clean.columns and strip the columns it is computed from (it follows them), and "
+            "list it in clean.keep with that reason"
+        ]
+    if column.identity == "always":
+        return [
+            f"{name} is an identity column GENERATED ALWAYS: an UPDATE may only set it to "
+            "DEFAULT, so cleaning cannot strip it; take it out of clean.columns (and list it "
+            "in clean.keep with the reason it stays)"
+        ]
     if name not in settings.clean.replace:
         if column.nullable:
             return []

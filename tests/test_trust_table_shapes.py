@@ -1,0 +1,570 @@
+"""Table shapes the job cannot clean truthfully (issue 22, items 6, 10, 11, 12): refused on
+connecting (exit 2 naming the child table, column, key or rule and the fix) by `run`,
+`run --dry-run` and `verify`, listed by `db check` as an error (exit 1), never a run that
+fails every night with an opaque error or succeeds while a column escapes it; and their
+neighbours that keep working. The roles are made as `db grants` prints them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Engine, text
+from sqlalchemy.engine import URL
+
+from dispatch_retention import config, risks
+from dispatch_retention.config import Settings
+
+from .helpers import (
+    assert_no_marker,
+    config_text,
+    granted_role,
+    invoke,
+    run_script,
+    seed_series,
+    snapshot,
+    write_config,
+)
+
+DUE = range(1, 9)
+PERSONAL = '"content", "msisdn", "email", "app_token"'
+
+
+@dataclass(frozen=True)
+class Shaped:
+    """A table shape made from the seeded dispatches table: the statements that make it
+    (run by the table's owner), the config's `[clean]` lines and `[acknowledged]` table,
+    the `db check` check that fails, and what the refusal says."""
+
+    ddl: tuple[str, ...]
+    check: str
+    says: tuple[str, ...]
+    clean: str = ""
+    acknowledged: dict[str, str] = field(default_factory=dict)
+
+    def config(self) -> str:
+        lines = "".join(f'{name} = "{why}"\n' for name, why in self.acknowledged.items())
+        return config_text(self.clean) + (f"\n[acknowledged]\n{lines}" if lines else "")
+
+    def settings(self) -> Settings:
+        return config.parse(self.config(), "shape.toml")
+
+
+def execute(engine: Engine, *statements: str) -> None:
+    with engine.begin() as conn:
+        for statement in statements:
+            conn.execute(text(statement))
+
+
+HISTORY = "CREATE TABLE dispatches_history (dispatch_id bigint, msisdn text)"
+CHILD = "CREATE TABLE archive (recipient_name text) INHERITS (dispatches)"
+
+# --- item 6: an inheritance child's own columns ----------------------------------------------
+
+CHILDREN = [
+    pytest.param(
+        Shaped((CHILD,), "column classification", ("archive", "recipient_name", "clean.keep")),
+        id="child-own-column",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "CREATE TABLE archive_2020 (recipient_name text, note text) INHERITS (archive)",
+            ),
+            "column classification",
+            ("archive_2020", "recipient_name, note"),
+        ),
+        id="grandchild-own-columns",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "ALTER TABLE archive ADD COLUMN recipient_phone text",
+            ),
+            "column classification",
+            ("archive", "recipient_phone"),
+        ),
+        id="child-column-added-later",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE SCHEMA cold",
+                "CREATE TABLE cold.archive (recipient_name text) INHERITS (dispatches)",
+            ),
+            "column classification",
+            ("cold.archive", "recipient_name"),
+        ),
+        id="child-in-a-schema-the-role-cannot-use",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                CHILD,
+                "CREATE TABLE archive_2020 () INHERITS (archive)",
+            ),
+            "column classification",
+            ("archive", "recipient_name"),
+            clean='keep = { member_id = "pseudonymous" }',
+        ),
+        id="child-column-unclassified-by-a-keep",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "ALTER TABLE archive ALTER COLUMN msisdn SET NOT NULL",
+            ),
+            "columns",
+            ("archive", "msisdn", "NOT NULL"),
+        ),
+        id="child-not-null-on-a-personal-column",
+    ),
+]
+
+# --- item 10: columns cleaning cannot set, keys the windows cannot walk -----------------------
+
+COLUMNS = [
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD COLUMN email_domain text "
+                "GENERATED ALWAYS AS (split_part(email, '@', 2)) STORED",
+            ),
+            "columns",
+            ("email_domain", "generated"),
+            clean=f'columns = [{PERSONAL}, "email_domain"]',
+        ),
+        id="generated-column",
+    ),
+    pytest.param(
+        Shaped(
+            ("ALTER TABLE dispatches ADD COLUMN seq bigint GENERATED ALWAYS AS IDENTITY",),
+            "columns",
+            ("seq", "GENERATED ALWAYS"),
+            clean=f'columns = [{PERSONAL}, "seq"]\nreplace = {{ content = {{}}, seq = 0 }}',
+        ),
+        id="identity-always-column",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE DOMAIN phone AS character varying NOT NULL",
+                "ALTER TABLE dispatches ALTER COLUMN msisdn TYPE phone",
+            ),
+            "columns",
+            ("msisdn", "phone", "NULL"),
+        ),
+        id="not-null-domain",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE DOMAIN mail AS character varying CHECK (VALUE IS NOT NULL)",
+                "ALTER TABLE dispatches ALTER COLUMN email TYPE mail",
+            ),
+            "columns",
+            ("email", "mail", "NULL"),
+        ),
+        id="check-domain-refusing-null",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE SCHEMA app_types",
+                "CREATE DOMAIN app_types.token AS text NOT NULL",
+                "CREATE DOMAIN app_types.push_token AS app_types.token CHECK (VALUE <> '')",
+                "ALTER TABLE dispatches ALTER COLUMN app_token TYPE app_types.push_token",
+            ),
+            "columns",
+            ("app_token", "push_token", "NULL"),
+        ),
+        id="domain-over-a-not-null-domain-in-a-schema-the-role-cannot-use",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE DOMAIN token AS text CHECK (VALUE LIKE 'PIIMARK%')",
+                "ALTER TABLE dispatches ALTER COLUMN app_token TYPE token",
+            ),
+            "columns",
+            ("clean.replace.app_token", "token"),
+            clean='replace = { content = {}, app_token = "redacted" }',
+        ),
+        id="replacement-the-domain-refuses",
+    ),
+]
+
+KEYS = [
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ALTER COLUMN id DROP DEFAULT",
+                "ALTER TABLE dispatches ALTER COLUMN id TYPE uuid "
+                "USING CAST(lpad(to_hex(id), 32, '0') AS uuid)",
+            ),
+            "key",
+            ("id", "uuid"),
+        ),
+        id="uuid-primary-key",
+    ),
+    pytest.param(
+        Shaped(
+            ("ALTER TABLE dispatches ALTER COLUMN id TYPE text",),
+            "key",
+            ("id", "text"),
+        ),
+        id="bigint-in-text-primary-key",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches DROP CONSTRAINT dispatches_pkey",
+                "ALTER TABLE dispatches ALTER COLUMN id TYPE numeric",
+            ),
+            "key",
+            ("id", "numeric"),
+        ),
+        id="numeric-id-without-primary-key",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches DROP CONSTRAINT dispatches_pkey",
+                "ALTER TABLE dispatches ALTER COLUMN id DROP NOT NULL",
+            ),
+            "key",
+            ("id", "NULL"),
+        ),
+        id="nullable-id-without-primary-key",
+    ),
+]
+
+# --- item 11: rules on UPDATE ----------------------------------------------------------------
+
+RULES = [
+    pytest.param(
+        Shaped(
+            (
+                HISTORY,
+                "CREATE RULE keep_history AS ON UPDATE TO dispatches DO ALSO "
+                "INSERT INTO dispatches_history VALUES (OLD.id, OLD.msisdn)",
+            ),
+            "rule",
+            ("keep_history", "DO ALSO"),
+        ),
+        id="do-also",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                HISTORY,
+                "CREATE RULE keep_history AS ON UPDATE TO dispatches DO ALSO "
+                "INSERT INTO dispatches_history VALUES (OLD.id, OLD.msisdn)",
+            ),
+            "rule",
+            ("keep_history", "DO ALSO"),
+            acknowledged={"keep_history": "history purged nightly"},
+        ),
+        id="do-also-acknowledged",
+    ),
+    pytest.param(
+        Shaped(
+            ("CREATE RULE frozen AS ON UPDATE TO dispatches DO INSTEAD NOTHING",),
+            "rule",
+            ("frozen", "DO INSTEAD"),
+        ),
+        id="do-instead-nothing",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                HISTORY,
+                "CREATE RULE sms_only AS ON UPDATE TO dispatches WHERE OLD.type = 'sms' "
+                "DO INSTEAD INSERT INTO dispatches_history VALUES (OLD.id, OLD.msisdn)",
+            ),
+            "rule",
+            ("sms_only", "DO INSTEAD"),
+        ),
+        id="conditional-do-instead",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE dispatches_shadow (LIKE dispatches)",
+                "CREATE RULE redirect AS ON UPDATE TO dispatches DO INSTEAD "
+                "UPDATE dispatches_shadow SET msisdn = NEW.msisdn WHERE id = OLD.id "
+                "RETURNING dispatches_shadow.*",
+            ),
+            "rule",
+            ("redirect", "DO INSTEAD"),
+        ),
+        id="do-instead-with-returning",
+    ),
+]
+
+
+def refused_everywhere(engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped) -> None:
+    """The shape made on a table holding due rows: `run` (the console script), `run
+    --dry-run` and `verify` exit 2 naming what `shape.says`, with no traceback and no row
+    touched; `db check` lists it as an error of `shape.check` and exits 1. All as the role
+    `db grants --purpose run` makes."""
+    seed_series(engine, DUE)
+    execute(engine, *shape.ddl)
+    path = write_config(tmp_path / "shape.toml", shape.config())
+    with granted_role(engine, database_url, "run", shape.settings()) as (_, url):
+        run = run_script(url, path, "run", "--yes")
+        assert run.returncode == 2, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr
+        assert all(part in run.stderr for part in shape.says), run.stderr
+        assert_no_marker(run.stdout, run.stderr)
+        base = ["--config", str(path), "--database-url", url]
+        for command in (["run", "--dry-run"], ["verify"]):
+            result = invoke(*base, *command)
+            assert result.exit_code == 2, (command, result.stdout, result.stderr)
+            assert all(part in result.stderr for part in shape.says), result.stderr
+        checked = invoke(*base, "db", "check")
+        assert checked.exit_code == 1, checked.stdout + checked.stderr
+        listed = [
+            line
+            for line in checked.stdout.splitlines()
+            if line.startswith(f"[error] {shape.check}: ") and all(p in line for p in shape.says)
+        ]
+        assert len(listed) == 1, checked.stdout
+    assert all(row["cleaned_at"] is None for row in snapshot(engine).values())
+
+
+@pytest.mark.parametrize("shape", CHILDREN)
+def test_an_inheritance_childs_own_columns_are_classified_or_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """A table inheriting from dispatches with columns of its own (a grandchild, one added
+    later, one in another schema) is refused naming it and them: the cleaning UPDATE of the
+    parent cannot strip them and nothing checks them; so is a child whose NOT NULL refuses
+    what cleaning writes."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+@pytest.mark.parametrize("shape", COLUMNS)
+def test_a_column_cleaning_cannot_set_is_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """A generated or GENERATED ALWAYS identity column in clean.columns, a domain that
+    refuses NULL (NOT NULL, a CHECK, through another domain, in a schema the role cannot
+    use) or the clean.replace value: refused on connecting, not a run failing every night."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+@pytest.mark.parametrize("shape", KEYS)
+def test_an_id_the_windows_cannot_walk_is_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """The chunk windows walk integer ids: a uuid, text or numeric id, or one that may be
+    NULL, is refused naming the key."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+@pytest.mark.parametrize("shape", RULES)
+def test_a_rule_on_update_is_refused_acknowledged_or_not(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """Any rule on UPDATE (DO ALSO, DO INSTEAD, NOTHING, conditional, with RETURNING) makes
+    PostgreSQL refuse the job's cleaning statement: refused on connecting naming the rule,
+    and a failing check of `db check` even when acknowledged."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+# --- neighbours that keep working ------------------------------------------------------------
+
+WORKING = [
+    pytest.param(
+        ("CREATE TABLE archive () INHERITS (dispatches)",),
+        "",
+        id="child-without-columns-of-its-own",
+    ),
+    pytest.param(
+        (CHILD, "CREATE TABLE archive_2020 () INHERITS (archive)"),
+        'keep = { member_id = "pseudonymous", recipient_name = "a team name, not a person" }',
+        id="child-columns-kept-with-a-reason",
+    ),
+    pytest.param(
+        ("ALTER TABLE dispatches ADD COLUMN seq bigint GENERATED BY DEFAULT AS IDENTITY",),
+        'keep = { member_id = "pseudonymous", seq = "a counter" }',
+        id="identity-column-kept",
+    ),
+    pytest.param(
+        (
+            "ALTER TABLE dispatches DROP CONSTRAINT dispatches_pkey",
+            "ALTER TABLE dispatches ADD PRIMARY KEY (id, created_at)",
+        ),
+        "",
+        id="composite-primary-key",
+    ),
+    pytest.param(
+        ("ALTER TABLE dispatches DROP CONSTRAINT dispatches_pkey",),
+        "",
+        id="no-primary-key-id-not-null",
+    ),
+    pytest.param(
+        (
+            "CREATE DOMAIN phone AS character varying CHECK (VALUE LIKE '+%')",
+            "ALTER TABLE dispatches ALTER COLUMN msisdn TYPE phone",
+            "CREATE DOMAIN token AS text NOT NULL CHECK (VALUE <> '')",
+            "ALTER TABLE dispatches ALTER COLUMN app_token TYPE token",
+        ),
+        'replace = { content = {}, app_token = "tok_redacted" }',
+        id="domains-that-take-what-cleaning-writes",
+    ),
+    pytest.param(
+        (
+            HISTORY,
+            "CREATE RULE keep_history AS ON UPDATE TO dispatches DO ALSO "
+            "INSERT INTO dispatches_history VALUES (OLD.id, OLD.msisdn)",
+            "ALTER TABLE dispatches DISABLE RULE keep_history",
+            "CREATE RULE no_insert AS ON INSERT TO dispatches DO INSTEAD NOTHING",
+            "CREATE RULE no_delete AS ON DELETE TO dispatches DO INSTEAD NOTHING",
+        ),
+        "",
+        id="disabled-update-rule-and-insert-delete-rules",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ddl", "clean"), WORKING)
+def test_neighbouring_shapes_are_cleaned(
+    engine: Engine, database_url: URL, tmp_path: Path, ddl: tuple[str, ...], clean: str
+) -> None:
+    """What the refusals must not catch: a child without columns of its own or with its
+    columns kept, an identity column kept, a composite or no primary key over an integer id,
+    domains that accept NULL or the replacement, a disabled UPDATE rule and rules on INSERT
+    and DELETE: `db check` has no error and the run role cleans every due row."""
+    seed_series(engine, DUE)
+    execute(engine, *ddl)
+    s = config.parse(config_text(clean), "shape.toml")
+    path = write_config(tmp_path / "shape.toml", config_text(clean))
+    with granted_role(engine, database_url, "run", s) as (_, url):
+        checked = invoke("--config", str(path), "--database-url", url, "db", "check")
+        assert "[error]" not in checked.stdout, checked.stdout
+        done = run_script(url, path, "run", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.last("run_finished")["rows_cleaned"] == len(DUE)
+    rows = snapshot(engine)
+    assert all(row["cleaned_at"] is not None and row["msisdn"] is None for row in rows.values())
+
+
+def test_a_rows_in_a_child_with_kept_columns_are_cleaned_through_the_parent(
+    engine: Engine, database_url: URL, tmp_path: Path
+) -> None:
+    """A child whose own column is kept with a reason: its due rows are cleaned by the
+    parent's UPDATE like the parent's own."""
+    execute(engine, CHILD)
+    execute(
+        engine,
+        "INSERT INTO archive (id, type, msisdn, email, transmission_status, delivery_status, "
+        "created_at, recipient_name) VALUES (900, 'sms', 'PIIMARK-900', 'x@example.invalid', "
+        "'transmitted', 'delivered', now() - interval '500 days', 'Team A')",
+    )
+    clean = 'keep = { member_id = "pseudonymous", recipient_name = "a team name" }'
+    s = config.parse(config_text(clean), "shape.toml")
+    path = write_config(tmp_path / "shape.toml", config_text(clean))
+    with granted_role(engine, database_url, "run", s) as (_, url):
+        done = run_script(url, path, "run", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+    with engine.connect() as conn:
+        row = conn.execute(text("SELECT msisdn, cleaned_at FROM archive")).one()
+    assert row.msisdn is None and row.cleaned_at is not None
+
+
+# --- item 12: a replica identity that carries a personal column --------------------------------
+
+REPLICA = [
+    pytest.param(
+        (
+            "UPDATE dispatches SET email = 'x' || id WHERE email IS NULL",
+            "ALTER TABLE dispatches ALTER COLUMN email SET NOT NULL",
+            "CREATE UNIQUE INDEX dispatches_email_key ON dispatches (email, id)",
+            "ALTER TABLE dispatches REPLICA IDENTITY USING INDEX dispatches_email_key",
+        ),
+        'replace = { content = {}, email = "" }',
+        ("dispatches_email_key", "email"),
+        id="using-an-index-on-email",
+    ),
+    pytest.param(
+        (
+            "ALTER TABLE dispatches ALTER COLUMN msisdn SET NOT NULL",
+            "ALTER TABLE dispatches DROP CONSTRAINT dispatches_pkey",
+            "ALTER TABLE dispatches ADD CONSTRAINT dispatches_pkey PRIMARY KEY (id, msisdn)",
+        ),
+        'replace = { content = {}, msisdn = "" }',
+        ("dispatches_pkey", "msisdn"),
+        id="default-over-a-primary-key-holding-msisdn",
+    ),
+    pytest.param(
+        (
+            "CREATE TABLE archive () INHERITS (dispatches)",
+            "ALTER TABLE archive ALTER COLUMN email SET NOT NULL",
+            "CREATE UNIQUE INDEX archive_email_key ON archive (email, id)",
+            "ALTER TABLE archive REPLICA IDENTITY USING INDEX archive_email_key",
+        ),
+        'replace = { content = {}, email = "" }',
+        ("archive", "archive_email_key", "email"),
+        id="a-childs-index-on-email",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ddl", "clean", "says"), REPLICA)
+def test_a_replica_identity_holding_a_personal_column_is_a_copy_risk(
+    engine: Engine,
+    database_url: URL,
+    tmp_path: Path,
+    ddl: tuple[str, ...],
+    clean: str,
+    says: tuple[str, ...],
+) -> None:
+    """A replica identity index (USING INDEX, or the primary key under DEFAULT) holding a
+    column cleaning changes ships its old value to logical decoding: a copy risk named
+    replica_identity, listed by `db check` (warn until acknowledged), logged and recorded
+    by the run, which still cleans."""
+    seed_series(engine, DUE)
+    execute(engine, *ddl)
+    s = config.parse(config_text(clean), "shape.toml")
+    with engine.connect() as conn, conn.begin():
+        found = [r for r in risks.copy_risks(conn, s) if r.kind == risks.REPLICA_IDENTITY]
+    [risk] = found
+    assert risk.name == risks.REPLICA_IDENTITY
+    assert all(part in risk.detail for part in says), risk.detail
+    path = write_config(tmp_path / "shape.toml", config_text(clean))
+    with granted_role(engine, database_url, "run", s) as (_, url):
+        checked = invoke("--config", str(path), "--database-url", url, "db", "check")
+        [line] = [
+            line for line in checked.stdout.splitlines() if line.startswith("[warn ] copy risk")
+        ]
+        assert all(part in line for part in says) and "replica_identity" in line, line
+        done = run_script(url, path, "run", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        [logged] = [e for e in done.events("copy_risk") if e["kind"] == risks.REPLICA_IDENTITY]
+        assert all(part in logged["detail"] for part in says)
+    with engine.connect() as conn:
+        recorded = conn.execute(
+            text("SELECT copy_risks FROM dispatch_retention.runs WHERE status = 'succeeded'")
+        ).scalar_one()
+    assert [r["kind"] for r in recorded] == [risks.REPLICA_IDENTITY]
+
+
+def test_a_replica_identity_without_a_personal_column_is_no_copy_risk(engine: Engine) -> None:
+    """The default identity over `id`, or an index over kept columns only: cleaning changes
+    no key, so the WAL carries no old value; nothing is listed."""
+    execute(
+        engine,
+        "CREATE UNIQUE INDEX dispatches_id_created ON dispatches (id, created_at)",
+        "ALTER TABLE dispatches REPLICA IDENTITY USING INDEX dispatches_id_created",
+        "CREATE TABLE archive () INHERITS (dispatches)",
+    )
+    s = config.parse(config_text(), "shape.toml")
+    with engine.connect() as conn, conn.begin():
+        assert risks.copy_risks(conn, s) == []
