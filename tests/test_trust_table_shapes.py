@@ -18,6 +18,7 @@ from dispatch_retention import config, risks
 from dispatch_retention.config import Settings
 
 from .helpers import (
+    MARK,
     assert_no_marker,
     config_text,
     granted_role,
@@ -199,6 +200,42 @@ COLUMNS = [
     ),
 ]
 
+UNIQUE = [
+    pytest.param(
+        Shaped(
+            ("CREATE UNIQUE INDEX dispatches_email_key ON dispatches (email)",),
+            "columns",
+            ("dispatches_email_key", "email", "clean.replace"),
+            clean='replace = { content = {}, email = "" }',
+        ),
+        id="unique-index-on-a-replaced-column",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT one_token_per_msisdn "
+                "UNIQUE (msisdn, app_token)",
+            ),
+            "columns",
+            ("one_token_per_msisdn", "msisdn, app_token"),
+            clean='replace = { content = {}, msisdn = "-", app_token = "-" }',
+        ),
+        id="unique-constraint-over-two-replaced-columns",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "CREATE UNIQUE INDEX archive_email_key ON archive (email)",
+            ),
+            "columns",
+            ("archive_email_key", "archive"),
+            clean='replace = { content = {}, email = "" }',
+        ),
+        id="a-childs-unique-index-on-a-replaced-column",
+    ),
+]
+
 KEYS = [
     pytest.param(
         Shaped(
@@ -359,6 +396,16 @@ def test_a_column_cleaning_cannot_set_is_refused(
     refused_everywhere(engine, database_url, tmp_path, shape)
 
 
+@pytest.mark.parametrize("shape", UNIQUE)
+def test_a_unique_index_over_replaced_columns_is_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """A UNIQUE index (or constraint) every column of which cleaning sets to one
+    `clean.replace` value: the second row cleaned would violate it, so every run would fail;
+    refused naming the index."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
 @pytest.mark.parametrize("shape", KEYS)
 def test_an_id_the_windows_cannot_walk_is_refused(
     engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
@@ -421,6 +468,16 @@ WORKING = [
     ),
     pytest.param(
         (
+            "CREATE UNIQUE INDEX dispatches_email_key ON dispatches (email)",
+            "CREATE UNIQUE INDEX dispatches_token_key ON dispatches (app_token, id)",
+            "CREATE UNIQUE INDEX dispatches_live_msisdn ON dispatches (msisdn) "
+            "WHERE cleaned_at IS NULL",
+        ),
+        'replace = { content = {}, app_token = "-", msisdn = "-" }',
+        id="unique-indexes-cleaning-keeps-unique",
+    ),
+    pytest.param(
+        (
             HISTORY,
             "CREATE RULE keep_history AS ON UPDATE TO dispatches DO ALSO "
             "INSERT INTO dispatches_history VALUES (OLD.id, OLD.msisdn)",
@@ -452,8 +509,9 @@ def test_neighbouring_shapes_are_cleaned(
         done = run_script(url, path, "run", "--yes")
         assert done.returncode == 0, done.stdout + done.stderr
         assert done.last("run_finished")["rows_cleaned"] == len(DUE)
-    rows = snapshot(engine)
-    assert all(row["cleaned_at"] is not None and row["msisdn"] is None for row in rows.values())
+    for row in snapshot(engine).values():
+        assert row["cleaned_at"] is not None
+        assert all(MARK not in str(row[c]) for c in ("content", "msisdn", "email", "app_token"))
 
 
 def test_a_rows_in_a_child_with_kept_columns_are_cleaned_through_the_parent(

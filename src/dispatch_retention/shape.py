@@ -12,7 +12,9 @@ all (`target.column_problems` refuses what it cannot): how each column may be wr
 (generated, identity, a domain whose constraints PostgreSQL checks on every write), the
 tables below it (inheritance children and partitions: an UPDATE of the target updates their
 rows, but sets only the target's columns, so a child's own column is never stripped) and
-its rules on UPDATE (PostgreSQL refuses the job's data-modifying WITH on such a table).
+its rules on UPDATE (PostgreSQL refuses the job's data-modifying WITH on such a table),
+and its unique indexes (a `clean.replace` value written into every row of one would
+violate it at the second row).
 
 `read()` reads the catalog only (no row); `Shape` is plain data, so the policy core stays
 pure.
@@ -88,6 +90,17 @@ class Below:
 
 
 @dataclass(frozen=True)
+class Unique:
+    """A UNIQUE index (a primary key or unique constraint among them) of the target or of a
+    table below it, over plain columns and without a WHERE (a partial index may leave the
+    cleaned rows out, an expression may tell them apart: neither is read)."""
+
+    relation: str
+    index: str
+    columns: tuple[str, ...]
+
+
+@dataclass(frozen=True)
 class Rule:
     """A rule that fires on UPDATE of the target (not a disabled one)."""
 
@@ -110,6 +123,8 @@ class Shape:
     below: tuple[Below, ...] = ()
     #: the rules on UPDATE of the target, by name
     rules: tuple[Rule, ...] = ()
+    #: the unique indexes of the target and the tables below it
+    unique: tuple[Unique, ...] = ()
 
     def __contains__(self, name: object) -> bool:
         return name in self.columns
@@ -168,6 +183,25 @@ RULES = text(
 )
 
 
+#: The plain, whole unique indexes of the target and of every table below it.
+_UNIQUE = text(
+    "WITH RECURSIVE tree(relid, level) AS ("
+    "SELECT CAST(:oid AS oid), 0 "
+    "UNION SELECT i.inhrelid, tree.level + 1 FROM pg_inherits i "
+    "JOIN tree ON i.inhparent = tree.relid) "
+    "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
+    "quote_ident(ic.relname) AS index, "
+    "ARRAY(SELECT CAST(a.attname AS text) FROM unnest(x.indkey) WITH ORDINALITY k(attnum, o) "
+    "JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.o) "
+    "AS columns "
+    "FROM (SELECT relid, min(level) AS level FROM tree GROUP BY relid) t "
+    "JOIN pg_index x ON x.indrelid = t.relid JOIN pg_class c ON c.oid = x.indrelid "
+    "JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE x.indisunique AND x.indpred IS NULL AND x.indexprs IS NULL "
+    "ORDER BY t.level, relation, index"
+)
+
+
 def read(conn: Connection, oid: int) -> Shape:
     """The columns of the relation `oid` (a domain is read as what it is; an array or any
     other type is `other`: the job then only ever writes NULL or a replacement into it),
@@ -202,4 +236,8 @@ def read(conn: Connection, oid: int) -> Shape:
         Rule(str(r["name"]), bool(r["is_instead"]), bool(r["conditional"]))
         for r in conn.execute(RULES, {"t": str(oid)}).mappings()
     )
-    return Shape(columns, below, rules)
+    unique = tuple(
+        Unique(str(r["relation"]), str(r["index"]), tuple(r["columns"]))
+        for r in conn.execute(_UNIQUE, {"oid": oid}).mappings()
+    )
+    return Shape(columns, below, rules, unique)

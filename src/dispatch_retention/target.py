@@ -17,8 +17,9 @@ job refuses and what it reports"):
   below; a domain that refuses it; generated; identity GENERATED ALWAYS), an `id` the chunk
   windows cannot walk (not an integer, or NULL-able), an inheritance child with columns of
   its own that are neither stripped nor kept (the UPDATE of the target sets only the
-  target's columns, so nothing would ever strip or check them), and a rule on UPDATE
-  (PostgreSQL refuses the cleaning statement, a data-modifying WITH, on such a table).
+  target's columns, so nothing would ever strip or check them), a rule on UPDATE
+  (PostgreSQL refuses the cleaning statement, a data-modifying WITH, on such a table), and
+  a unique index over columns cleaning sets to one `clean.replace` value.
 
 The resolved schema and name identify the target from then on (the run lock, the audit
 trail, every statement), so `dispatches` and `public.dispatches` are one target.
@@ -201,7 +202,27 @@ def column_problems(settings: Settings, table: Shape, qualified: str) -> list[Pr
         mapping = codes.get(column)
         found = _words_fit(settings, shaped) if mapping is None else _codes_fit(shaped, mapping)
         problems += [Problem("columns", p) for p in found]
-    return problems + _children(settings, table, qualified)
+    return problems + _unique(settings, table, qualified) + _children(settings, table, qualified)
+
+
+def _unique(settings: Settings, table: Shape, qualified: str) -> list[Problem]:
+    """A unique index every column of which cleaning sets to its `clean.replace` value: the
+    second row cleaned would hold the same key, so every run would fail. NULL is not
+    counted (NULLs are distinct in a unique index unless it says NULLS NOT DISTINCT)."""
+    replaced = {c for c in settings.clean.columns if c in settings.clean.replace}
+    return [
+        Problem(
+            "columns",
+            f"the unique index {u.index} of {u.relation} is over {', '.join(u.columns)}, "
+            "which cleaning sets to the same clean.replace value in every row: the second "
+            f"row cleaned would violate it. Strip {'it' if len(u.columns) == 1 else 'them'} "
+            "to NULL (take the value out of clean.replace), or make the index partial "
+            f"(... WHERE cleaned_at IS NULL) or hold a column cleaning keeps"
+            + ("" if u.relation == qualified else f" ({u.relation} is below {qualified})"),
+        )
+        for u in table.unique
+        if u.columns and set(u.columns) <= replaced
+    ]
 
 
 #: The integer types the chunk windows walk (`shape` kind "integer").
