@@ -388,3 +388,151 @@ def test_the_fuzzed_surface_as_a_subprocess(
         check(done.returncode, done.stdout + done.stderr, case, before, after)
 
     fuzz()
+
+
+# --- issue 22: inputs the job refuses whole (non-UTF-8 URLs, deep TOML, special files) ----
+#
+# Self-contained: its own strategies and one test. Properties as above (`check`): never a
+# traceback, a documented exit, no password, a usage error writes nothing; and every case
+# ends (a FIFO or /dev/zero never blocks or exhausts the job).
+
+#: Characters a password may hold as they are, or that must be percent-encoded.
+I22_PASSWORD_CHARS = ["&", "=", "/", "?", "#", "%", "%zz", "@", ";", " ", "+", "[", "\n", "\udcff",
+                      "\udc80", ":", "'", '"', "\\", "\u00e9"]  # fmt: skip
+I22_SPECIAL_FILES = ["fifo", "/dev/zero", "directory", "huge", "sparse-huge"]
+
+
+@st.composite
+def i22_urls(draw: st.DrawFn, base: URL) -> str:
+    """The test server's URL with a password (PASSWORD split around odd characters) in the
+    user info or the query, a password moved into the user name by a `/`, or bytes that are
+    not UTF-8 after the database name."""
+    host, database = f"{base.host}:{base.port}", base.database
+    odd = draw(st.lists(st.sampled_from(I22_PASSWORD_CHARS), min_size=1, max_size=3))
+    cut = draw(st.integers(1, len(PASSWORD) - 1))
+    password = PASSWORD[:cut] + "".join(odd) + PASSWORD[cut:]
+    where = draw(st.sampled_from(["userinfo", "query", "user", "database"]))
+    if where == "userinfo":
+        return f"postgresql://postgres:{password}@{host}/{database}"
+    if where == "query":
+        return f"postgresql://postgres@{host}/{database}?password={password}"
+    if where == "user":
+        return f"postgresql://{PASSWORD[:cut]}/{PASSWORD[cut:]}:pw@{host}/{database}"
+    return f"postgresql://postgres@{host}/{database}\udcff?password={password}"
+
+
+I22_COMMANDS = [["db", "check"], ["verify"], ["run", "--dry-run"], ["audit", "list"],
+                ["hold", "list"]]  # fmt: skip
+
+
+@st.composite
+def i22_configs(draw: st.DrawFn) -> str:
+    """A config whose value is nested `depth` levels deep, at one of several keys."""
+    depth = draw(st.sampled_from([1, 31, 33, 100, 400, 500, 1000]))
+    kind = draw(st.sampled_from(["array", "table"]))
+    value = "[" * depth + "]" * depth if kind == "array" else "{a=" * depth + "1" + "}" * depth
+    key = draw(st.sampled_from(["replace", "acknowledged", "top", "where"]))
+    if key == "replace":
+        return config_text(clean=f"replace = {{ content = {value} }}")
+    if key == "acknowledged":
+        return config_text() + f"\n[acknowledged]\nx = {value}\n"
+    if key == "where":
+        return config_text().replace('where = { type = "sms" }', f"where = {{ type = {value} }}")
+    return f"x = {value}\n" + config_text()
+
+
+@dataclass(frozen=True)
+class I22Case:
+    argv: list[str]
+    config: str  # TOML text, or one of I22_SPECIAL_FILES
+    url: str
+    via: str  # "option", "env", "file", "file-special"
+    url_file: str  # one of I22_SPECIAL_FILES, for "file-special"
+
+
+@st.composite
+def i22_cases(draw: st.DrawFn, base: URL) -> I22Case:
+    special = st.sampled_from(I22_SPECIAL_FILES)
+    kind = draw(st.sampled_from(["valid"] * 3 + ["deep"] * 4 + ["special"] * 3))
+    config = {"valid": st.just(config_text()), "deep": i22_configs(), "special": special}[kind]
+    good = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    return I22Case(
+        argv=draw(st.sampled_from(I22_COMMANDS)),
+        config=draw(config),
+        url=draw(mostly(good, i22_urls(base), tenths=3)),
+        via=draw(st.sampled_from(["option", "env", "file", "file-special"])),
+        url_file=draw(special),
+    )
+
+
+def i22_special(kind: str, here: Path, name: str) -> str:
+    """A path that is no small regular file."""
+    if kind == "fifo":
+        os.mkfifo(here / name)
+        return str(here / name)
+    if kind == "directory":
+        (here / name).mkdir()
+        return str(here / name)
+    if kind in ("huge", "sparse-huge"):
+        with (here / name).open("wb") as handle:
+            if kind == "huge":
+                handle.write(b"#" * (1024 * 1024 + 1))
+            else:
+                handle.truncate(64 * 1024 * 1024)
+        return str(here / name)
+    return kind  # /dev/zero
+
+
+def i22_prepare(root: Path, count: int, case: I22Case) -> tuple[list[str], dict[str, str]]:
+    here = root / f"i22-{count}"
+    here.mkdir()
+    if case.config in I22_SPECIAL_FILES:
+        config = i22_special(case.config, here, "config")
+    else:
+        (here / "r.toml").write_text(case.config)
+        config = str(here / "r.toml")
+    argv, env = ["--config", config], {}
+    if case.via == "option":
+        argv += ["--database-url", case.url]
+    elif case.via == "env":
+        env["DATABASE_URL"] = case.url
+    elif case.via == "file":
+        (here / "url").write_bytes(case.url.encode("utf-8", "surrogateescape"))
+        env["DATABASE_URL_FILE"] = str(here / "url")
+    else:
+        env["DATABASE_URL_FILE"] = i22_special(case.url_file, here, "url")
+    return [*argv, *case.argv], env
+
+
+def test_i22_odd_urls_deep_toml_and_special_files(
+    seeded: Engine, database_url: URL, tmp_path: Path
+) -> None:
+    """Non-UTF-8 URLs, passwords with special characters, TOML nested deep, and a FIFO,
+    /dev/zero, a directory or a huge file as the config or the URL file: every case ends
+    at once with a documented exit, no traceback, no part of the password, and a usage
+    error writes nothing."""
+    counter = iter(range(1_000_000))
+
+    @budget("FUZZ_I22_EXAMPLES", 120)
+    @given(case=i22_cases(database_url))
+    def fuzz(case: I22Case) -> None:
+        argv, env = i22_prepare(tmp_path, next(counter), case)
+        before = state_of(seeded)
+        done = subprocess.run(
+            [str(SCRIPT), *argv],
+            capture_output=True,
+            text=True,
+            errors="replace",
+            timeout=60,
+            check=False,
+            stdin=subprocess.DEVNULL,
+            env=script_env(**env),
+        )
+        after = state_of(seeded)
+        output = done.stdout + done.stderr
+        for fragment in (PASSWORD[:6], PASSWORD[-6:]):
+            assert fragment not in output, (case, output)
+        checked = Case(argv=case.argv, config=b"", url=case.url, via=case.via, shard_env=None)
+        check(done.returncode, output, checked, before, after)
+
+    fuzz()

@@ -17,6 +17,7 @@ import dataclasses
 import hashlib
 import os
 import re
+import stat
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -103,7 +105,28 @@ def _identifier(value: str, what: str) -> str:
 
 # --- the file's shape ------------------------------------------------------------------------
 
-NonNegativeInt = Annotated[int, Field(ge=0, le=2**62)]
+#: The largest count a config or an option may give: the run record's documents hold no
+#: number past 10^15 (migration 0006), and no table holds that many rows.
+MAX_COUNT = 10**15
+NonNegativeInt = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+#: A reason (`[acknowledged]`, `clean.keep`): a sentence or two. The run record keeps every
+#: acknowledged reason in its copy risks, a document of at most 64 KiB (migration 0006).
+MAX_REASON_CHARS = 1000
+MAX_ACKNOWLEDGED_BYTES = 16 * 1024
+
+
+def _no_nul(value: str) -> str:
+    """PostgreSQL's text and jsonb cannot hold a NUL: refused here, not at run time."""
+    if "\x00" in value:
+        raise ValueError("holds a NUL character (\\u0000)")
+    return value
+
+
+Reason = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS),
+    AfterValidator(_no_nul),
+]
 #: Policies a config may hold (`_File._policies`): 100 plan in under 2 s on 2 cores.
 MAX_POLICIES = 100
 PolicyName = Annotated[
@@ -177,9 +200,7 @@ class Target(_Strict):
 class Clean(_Strict):
     columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS
     #: columns that hold (or may hold) personal data and are kept on purpose: column = reason
-    keep: dict[str, Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)]] = Field(
-        default_factory=dict
-    )  # filled by _defaults_for_the_columns
+    keep: dict[str, Reason] = Field(default_factory=dict)  # filled by _defaults_for_the_columns
     replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
     age_from: Literal["created_at", "updated_at", "scheduled_at", "transmitted_at",
                       "delivered_at"] = "created_at"  # fmt: skip
@@ -300,6 +321,10 @@ class Guard(_Strict):
     refuse_above_rows: NonNegativeInt = 0
 
 
+#: Characters a quoted audit schema name may not hold (`Audit.schema_`).
+_UNSAFE_IN_AUDIT_SCHEMA = "$\\:"
+
+
 class Audit(_Strict):
     schema_: str = Field(default="dispatch_retention", alias="schema")
 
@@ -314,6 +339,14 @@ class Audit(_Strict):
         if len(parts) != 1:
             raise ValueError("the audit schema must be a single SQL name")
         value = parts[0]
+        unsafe = sorted(set(value) & set(_UNSAFE_IN_AUDIT_SCHEMA))
+        if unsafe or not value.isprintable():
+            shown = ", ".join(f"'{c}'" for c in unsafe) if unsafe else "a control character"
+            raise ValueError(
+                f"the audit schema's name holds {shown}: the job's functions (dollar-quoted "
+                "bodies), the read-only grants and the migrations' SQL name it, where $ can "
+                "end a quote and \\ or : change the text; choose a name without them"
+            )
         if value.startswith("pg_") or value == "information_schema":
             raise ValueError(
                 f"{value} is a system schema: pg_dump leaves it out, and the audit trail with "
@@ -361,8 +394,12 @@ class _File(_Strict):
     audit: Audit = Field(default_factory=Audit)
     #: copy risks (triggers, rules, publications, replica identity) reviewed: name = reason
     acknowledged: dict[
-        Annotated[str, StringConstraints(min_length=1, max_length=MAX_IDENTIFIER)],
-        Annotated[str, StringConstraints(strip_whitespace=True, min_length=1)],
+        Annotated[
+            str,
+            StringConstraints(min_length=1, max_length=MAX_IDENTIFIER),
+            AfterValidator(_no_nul),
+        ],
+        Reason,
     ] = Field(default_factory=dict)
     policy: tuple[Policy, ...]
 
@@ -370,6 +407,17 @@ class _File(_Strict):
     @classmethod
     def _list(cls, value: Any) -> Any:
         return tuple(value) if isinstance(value, list) else value
+
+    @field_validator("acknowledged")
+    @classmethod
+    def _acknowledged_fit(cls, value: dict[str, str]) -> dict[str, str]:
+        size = sum(len(k.encode()) + len(v.encode()) for k, v in value.items())
+        if size > MAX_ACKNOWLEDGED_BYTES:
+            raise ValueError(
+                f"names and reasons take {size} bytes; at most {MAX_ACKNOWLEDGED_BYTES // 1024} "
+                "KiB: every run records them with its copy risks"
+            )
+        return value
 
     @model_validator(mode="after")
     def _policies(self) -> _File:
@@ -440,16 +488,61 @@ def resolve_path(path: str | os.PathLike[str] | None) -> Path:
 MAX_CONFIG_BYTES = 1024 * 1024
 
 
+class NotSmallFile(Exception):
+    """A path that is not a regular file of at most the size asked for (`reason` says
+    which): a FIFO would block the reader for ever, a device or a huge file exhaust it."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def read_small_file(path: str | os.PathLike[str], limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes. Opened without blocking (a
+    FIFO opens at once), then refused unless it is a regular file; read at most `limit` + 1
+    bytes, so a file that grows or a size the kernel does not report (/proc) stays bounded.
+    `OSError` when it cannot be opened; `NotSmallFile` for anything else."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    with os.fdopen(fd, "rb", buffering=0) as handle:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise NotSmallFile("is a directory, not a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise NotSmallFile("is not a regular file (a FIFO, a device, a socket)")
+        if info.st_size > limit:
+            raise NotSmallFile(f"is larger than {_size(limit)}")
+        os.set_blocking(fd, True)
+        chunks, left = [], limit + 1
+        while left > 0:
+            chunk = handle.read(left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+    raw = b"".join(chunks)
+    if len(raw) > limit:
+        raise NotSmallFile(f"is larger than {_size(limit)}")
+    return raw
+
+
+def _size(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MiB" if limit % (1024 * 1024) == 0 else f"{limit // 1024} KiB"
+
+
 def load(path: str | os.PathLike[str] | None = None) -> Settings:
     file = resolve_path(path)
     name = str(file)
     try:
-        with open(file, "rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # the run record keeps the path: text only
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        raise ConfigError(shown, "", "the path is not UTF-8 text: rename the file") from None
+    try:
+        raw = read_small_file(file, MAX_CONFIG_BYTES)
     except OSError as exc:
         raise ConfigError(name, "", f"cannot read the file ({exc.strerror or exc})") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(name, "", "the file is larger than 1 MiB: not a config file")
+    except NotSmallFile as exc:
+        raise ConfigError(name, "", f"the path {exc.reason}: not a config file") from None
     try:
         text = raw.decode("utf-8-sig")  # a byte-order mark, as some editors write, is dropped
     except UnicodeDecodeError:
@@ -462,6 +555,11 @@ def parse(text: str, name: str = "<config>") -> Settings:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(name, "", f"not valid TOML: {exc}") from None
+    except RecursionError:  # tomllib parses nested arrays and tables recursively
+        raise ConfigError(name, "", _TOO_DEEP) from None
+    deep = _too_deep(data)
+    if deep is not None:
+        raise ConfigError(name, deep, _TOO_DEEP)
     try:
         parsed = _File.model_validate(data)
     except ValidationError as exc:
@@ -478,11 +576,39 @@ def parse(text: str, name: str = "<config>") -> Settings:
     )
 
 
+#: How deep arrays and tables may nest in a config (its own keys take 3 levels; a JSON
+#: value of `clean.replace` the rest): deeper, validation and the JSON of the run record
+#: would recurse as deep.
+MAX_DEPTH = 32
+_TOO_DEEP = f"arrays and tables nest more than {MAX_DEPTH} levels deep: not a config file"
+
+
+def _too_deep(data: dict[str, Any]) -> str | None:
+    """The config key (`clean.replace`) of a value nested deeper than `MAX_DEPTH`, or None
+    (walked without recursion)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        value, key, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return key or "(top level)"
+        named = depth < 2  # the key names a config key, not a path inside its value
+        if isinstance(value, dict):
+            stack += [
+                (v, (f"{key}.{k}" if key else str(k)) if named else key, depth + 1)
+                for k, v in value.items()
+            ]
+        elif isinstance(value, list):
+            stack += [(v, f"{key}[{i}]" if named else key, depth + 1) for i, v in enumerate(value)]
+    return None
+
+
 def _first_error(name: str, exc: ValidationError) -> ConfigError:
     error = exc.errors(include_url=False, include_input=False)[0]
     key = ".".join(
         f"[{part}]" if isinstance(part, int) else str(part) for part in error["loc"]
     ).replace(".[", "[")
+    if not key.isprintable():  # a key of the file's own (a quoted TOML key holds anything)
+        key = "".join(c if c.isprintable() else c.encode("unicode_escape").decode() for c in key)
     reason = error["msg"].removeprefix("Value error, ")
     # A model-level check names its key itself ("policy[1].retention_days: ..."): append it.
     named = re.match(r"^([a-z_]+(?:\[\d+\])?(?:\.[a-z_]+)*): (.*)$", reason, re.DOTALL)

@@ -18,15 +18,15 @@ from __future__ import annotations
 import os
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from sqlalchemy import Connection, Engine, create_engine, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DBAPIError
 
-from .config import KEPT_COLUMNS, PERSONAL_COLUMNS
+from .config import KEPT_COLUMNS, PERSONAL_COLUMNS, NotSmallFile, read_small_file
 from .errors import DatabaseUrlError
 from .schema import AUDIT_NAMES
 
@@ -49,8 +49,14 @@ def url_configured() -> bool:
     return bool(os.environ.get(URL_ENV) or os.environ.get(URL_FILE_ENV))
 
 
+#: A database URL is a line of text: a file named by `DATABASE_URL_FILE` holds at most this.
+MAX_URL_FILE_BYTES = 64 * 1024
+
+
 def resolve_url(cli_value: str | None) -> str:
-    """`--database-url`, else `DATABASE_URL`, else the contents of `DATABASE_URL_FILE`."""
+    """`--database-url`, else `DATABASE_URL`, else the contents of `DATABASE_URL_FILE` (a
+    regular file of at most `MAX_URL_FILE_BYTES`: never a FIFO that blocks, nor a device
+    read without end)."""
     if cli_value is not None:
         if not cli_value.strip():
             raise DatabaseUrlError("--database-url is empty")
@@ -59,45 +65,150 @@ def resolve_url(cli_value: str | None) -> str:
         return os.environ[URL_ENV]
     file = os.environ.get(URL_FILE_ENV)
     if file:
+        shown = _shown_path(file)
         try:
-            value = Path(file).read_text(encoding="utf-8").strip()
+            raw = read_small_file(file, MAX_URL_FILE_BYTES)
         except OSError as exc:
             raise DatabaseUrlError(
-                f"{URL_FILE_ENV}: cannot read {file} ({exc.strerror or exc})"
+                f"{URL_FILE_ENV}: cannot read {shown} ({exc.strerror or type(exc).__name__})"
             ) from None
+        except NotSmallFile as exc:
+            raise DatabaseUrlError(f"{URL_FILE_ENV}: {shown} {exc.reason}") from None
+        try:
+            value = raw.decode("utf-8").strip()
         except UnicodeDecodeError:  # never repeat the content: it is a secret
-            raise DatabaseUrlError(f"{URL_FILE_ENV}: {file} is not UTF-8 text") from None
+            raise DatabaseUrlError(f"{URL_FILE_ENV}: {shown} is not UTF-8 text") from None
         if value:
             return value
-        raise DatabaseUrlError(f"{URL_FILE_ENV}: {file} is empty")
+        raise DatabaseUrlError(f"{URL_FILE_ENV}: {shown} is empty")
     raise DatabaseUrlError(
         f"no database URL: pass --database-url, or set {URL_ENV} or {URL_FILE_ENV}"
     )
 
 
+def _shown_path(path: str) -> str:
+    """A path as a message shows it: bytes that are not UTF-8 as `\\xff`, control
+    characters escaped."""
+    text = path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    return "".join(ch if ch.isprintable() else ch.encode("unicode_escape").decode() for ch in text)
+
+
+def _has_surrogate(value: str) -> bool:
+    return any("\ud800" <= ch <= "\udfff" for ch in value)
+
+
+#: The connection options libpq knows (`PQconndefaults`, as psycopg reads them): the only
+#: keys a URL's query may hold. Any other is refused before connecting, because libpq's
+#: refusal names it, and an unencoded `&` in a password makes its tail such a key.
+LIBPQ_OPTIONS = frozenset(o.keyword.decode() for o in psycopg.pq.Conninfo.get_defaults())
+#: Keys a query may repeat (SQLAlchemy joins them into libpq's lists of hosts).
+_REPEATABLE = frozenset({"host", "hostaddr", "port"})
+#: Characters a URL never holds as they are (RFC 3986): a space, a quote, ... They must be
+#: percent-encoded, like a `#`, which would start a fragment.
+_NEVER_IN_A_URL = frozenset(' "<>\\^`{|}#')
+_PERCENT = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_ENCODE = (
+    "percent-encode special characters in the user name and password (@ as %40, / as %2F, "
+    "? as %3F, # as %23, % as %25, & as %26, = as %3D, + as %2B, a space as %20)"
+)
+
+
 def parse_url(value: str) -> URL:
     """Accept postgresql:// (and postgres://) as psycopg 3; refuse anything else.
 
-    An authority with more than one `@` (a password with an unencoded `@`) is refused before
-    anything connects: otherwise the tail of the password becomes part of the host name, and
-    a failed lookup would print it."""
-    authority = value.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
-    if authority.count("@") > 1:
-        raise DatabaseUrlError(
-            "the database URL has more than one '@' before the host: percent-encode an '@' "
-            "in the user name or password as %40"
-        )
+    A URL is refused before anything connects when a special character (`@ / ? # & =`, a
+    space, a `%` that starts no escape) written as it is into the password could move a
+    part of it elsewhere: into the host, the port, the database name or a query key, which a
+    failed connection names (`could not translate host name`, `invalid connection option`).
+    It must read the same to SQLAlchemy and to RFC 3986 (`urllib.parse.urlsplit`), hold no
+    `@` after its host, and its query only libpq's own connection options. No message
+    repeats any part of the URL."""
+    problem = _ambiguity(value)
+    if problem:
+        raise DatabaseUrlError(f"the database URL {problem}: {_ENCODE}")
     try:
         url = make_url(value)
     except (ArgumentError, ValueError):  # never repeat the value: it may hold the password
         raise DatabaseUrlError(
             "the database URL is not a valid URL (expected postgresql://USER:PASSWORD@HOST:PORT/DB)"
         ) from None
-    if url.drivername in ("postgresql", "postgres", "postgresql+psycopg"):
-        return url.set(drivername="postgresql+psycopg")
-    raise DatabaseUrlError(
-        f"the database URL must start with postgresql:// (got {url.drivername}://)"
+    if url.drivername not in ("postgresql", "postgres", "postgresql+psycopg"):
+        raise DatabaseUrlError(
+            "the database URL must start with postgresql:// (got another scheme)"
+        )
+    problem = _read_otherwise(value, url) or _query_problem(value)
+    if problem:
+        raise DatabaseUrlError(f"the database URL {problem}: {_ENCODE}")
+    return url.set(drivername="postgresql+psycopg")
+
+
+def _ambiguity(value: str) -> str:
+    """What makes `value` no URL at all, as the character class it is (never the text)."""
+    if _has_surrogate(value):
+        return "holds bytes that are not UTF-8 text"
+    if not value.isprintable():
+        return "holds a control character (a line break, a tab, ...)"
+    if any(ch in _NEVER_IN_A_URL for ch in value):
+        return "holds a character a URL never holds as it is (a space, #, a quote, ...)"
+    if _PERCENT.search(value):
+        return "holds a % that starts no percent-encoding"
+    try:
+        unquote(value, errors="strict")
+    except UnicodeDecodeError:
+        return "holds a percent-encoding that is not UTF-8 text"
+    authority = value.split("://", 1)[-1].split("/", 1)[0].split("?", 1)[0]
+    if authority.count("@") > 1:
+        return "has more than one '@' before the host"
+    return ""
+
+
+def _read_otherwise(value: str, url: URL) -> str:
+    """Whether RFC 3986 reads the user, password, host, port and database of `value` as
+    SQLAlchemy did (`url`); they differ where a `/` or `?` in the password ends the
+    authority for one and not the other."""
+    try:
+        split = urlsplit(value)
+        port = split.port
+    except ValueError:
+        return "does not read as a URL (its host or port)"
+    rfc = (
+        unquote(split.username or "") or None,
+        unquote(split.password or "") or None,
+        split.hostname or None,
+        port,
+        split.path[1:] or None,
     )
+    ours = (url.username or None, url.password or None, (url.host or "").lower() or None, url.port,
+            url.database or None)  # fmt: skip
+    if rfc != ours:
+        return "reads as two different URLs (a '/' or '?' in the user name or password?)"
+    if "@" in split.path:
+        return "has an '@' after the host"
+    return ""
+
+
+def _query_problem(value: str) -> str:
+    """A query key libpq does not know (never named: it may be the tail of a password after
+    an unencoded `&`), a part without `=`, a key given twice, or a `+` (which the query
+    reads as a space, so a password would silently change)."""
+    query = urlsplit(value).query
+    if not query:
+        return ""
+    if "+" in query:  # a query reads it as a space
+        return "has a '+' in its query (percent-encode it as %2B)"
+    try:
+        pairs = parse_qsl(query, keep_blank_values=True, strict_parsing=True)
+    except ValueError:
+        return "has a query part that is not KEY=VALUE"
+    keys = [key for key, _value in pairs]
+    if any(key not in LIBPQ_OPTIONS for key in keys):
+        return (
+            "has a query parameter that is not a libpq connection option (see the "
+            'PostgreSQL documentation, "Parameter Key Words")'
+        )
+    if any(keys.count(key) > 1 for key in keys if key not in _REPEATABLE):
+        return "gives a query parameter twice"
+    return ""
 
 
 def make_engine(

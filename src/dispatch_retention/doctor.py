@@ -110,11 +110,12 @@ def _statuses(conn: Connection, settings: Settings) -> list[Finding]:
         Finding(
             "warn",
             "statuses",
-            f"{column} holds {', '.join(values)}, which stand for none of the API's words: "
+            f"{column} holds {count} unknown value{'' if count == 1 else 's'} (not shown: "
+            "an application may put anything there), standing for none of the API's words: "
             "dispatches with them count as unsettled (unknown status) and wait out the grace; "
             "if one means a word, map it in [target.codes]",
         )
-        for column, values in found.items()
+        for column, count in found.items()
     ]
 
 

@@ -3,9 +3,11 @@ not read the personal columns (issue 17: the auditor counts, and cannot read).
 
 `<audit schema>.dispatch_facts` (`schema.FACTS_VIEW`) shows the columns the job reads
 (`target.read_columns`: ids, type, statuses, timestamps, `cleaned_at`, `member_id` for legal
-holds) and, for each column of `clean.columns`, `has_<column>`: the column holds data, that
-is, differs from what cleaning writes (`policy.personal_data`, the very predicate `verify`
-uses on the table); `holds_personal_data` is any of them. Never a personal value.
+holds) but those of `clean.columns` (`shown_columns`: where `member_id` is stripped, a
+column `held` says whether the row's member is under an active legal hold instead) and, for
+each column of `clean.columns`, `has_<column>`: the column holds data, that is, differs from
+what cleaning writes (`policy.personal_data`, the very predicate `verify` uses on the
+table); `holds_personal_data` is any of them. Never a personal value.
 
 The job never creates it. `db grants --purpose read-only` prints `statements()` (CREATE OR
 REPLACE VIEW, and COMMENT ON VIEW with `built_from()`: the columns and the cleaned values it
@@ -40,6 +42,7 @@ from sqlalchemy import (
     Select,
     Table,
     Text,
+    and_,
     literal,
     select,
     text,
@@ -51,7 +54,7 @@ from . import policy
 from .config import Settings, Target
 from .errors import ConfigError, NoFactsView, StaleFactsView, TargetRefused
 from .names import MAX_IDENTIFIER, quoted_name
-from .schema import FACTS_VIEW, HOLDS_COLUMN, dispatches_table, target_table
+from .schema import FACTS_VIEW, HOLDS_COLUMN, AuditTables, dispatches_table, target_table
 from .target import read_columns, unreadable_columns
 
 #: The hash of a view's definition as the server keeps it (`pg_get_viewdef`).
@@ -116,10 +119,23 @@ def flags(settings: Settings) -> dict[str, str]:
 
 
 def shown_columns(settings: Settings) -> list[str]:
-    """The table's columns the view shows, in the seed model's order: the columns `run`
-    reads (`target.read_columns`), never a personal one but `member_id`."""
-    read = set(read_columns(settings))
+    """The table's columns the read-only role may read (its grants) and the view shows, in
+    the seed model's order: the columns `run` reads (`target.read_columns`) but any of
+    `clean.columns`. The one place that decides them: `member_id`, which `run` reads for
+    the legal holds, is shown only while the config keeps it (`clean.keep`); stripped, it is
+    personal data, and the view says instead whether the row's member is held
+    (`HELD_COLUMN`)."""
+    read = set(read_columns(settings)) - set(settings.clean.columns)
     return [c.name for c in dispatches_table(Target()).columns if c.name in read]
+
+
+#: The view's column that is true where the row's member is under an active legal hold:
+#: only where `member_id` is stripped, so that the view cannot show it.
+HELD_COLUMN = "held"
+
+
+def _shows_held(settings: Settings) -> bool:
+    return "member_id" not in shown_columns(settings)
 
 
 def view_columns(settings: Settings) -> list[ColumnElement[Any]]:
@@ -128,11 +144,22 @@ def view_columns(settings: Settings) -> list[ColumnElement[Any]]:
     `clean.columns` adds a column at the end, which CREATE OR REPLACE VIEW accepts)."""
     table = target_table(settings)
     holds = policy.personal_data(table, settings)
+    held = [_held(table, settings).label(HELD_COLUMN)] if _shows_held(settings) else []
     return [
         *(table.c[c] for c in shown_columns(settings)),
+        *held,
         policy.holds_personal_data(table, settings).label(HOLDS_COLUMN),
         *(holds[column].label(flag) for column, flag in flags(settings).items()),
     ]
+
+
+def _held(table: Table, settings: Settings) -> ColumnElement[bool]:
+    """`policy.held` as a column of the view: the script renders each column apart from
+    its SELECT, so it names no column of the table inside (an EXISTS would not correlate).
+    A hold's member_id is never NULL, so the IN is true or false."""
+    holds = AuditTables(settings.audit.schema_).holds
+    active = select(holds.c.member_id).where(policy.active(holds))
+    return and_(table.c.member_id.is_not(None), table.c.member_id.in_(active))
 
 
 def definition(settings: Settings) -> Select[Any]:
@@ -145,14 +172,16 @@ def table(settings: Settings) -> Table:
     `[target.codes]`), and the flags, which `info["flags"]` names for `policy`."""
     model = target_table(settings)
     named = flags(settings)
+    held = _shows_held(settings)
     return Table(
         FACTS_VIEW,
         MetaData(),
         *(Column(c, model.c[c].type, info=dict(model.c[c].info)) for c in shown_columns(settings)),
+        *([Column(HELD_COLUMN, Boolean())] if held else []),
         Column(HOLDS_COLUMN, Boolean()),
         *(Column(flag, Boolean()) for flag in named.values()),
         schema=settings.audit.schema_,
-        info={"flags": named},
+        info={"flags": named, **({"held": HELD_COLUMN} if held else {})},
     )
 
 
@@ -180,21 +209,34 @@ def statements(settings: Settings) -> list[str]:
     )
     table = SCRIPT.identifier_preparer.format_table(target_table(settings))
     recorded = script_sql(literal(record, Text()))
-    if DO_TAG in recorded:
-        raise ConfigError(settings.path, "clean.replace", f"a value holds {DO_TAG}")
     named = script_sql(literal(view, Text()))
     # The COMMENT records the definition as the server keeps it, hashed: a view replaced
     # since (a WHERE that hides rows, a flag that is always false) no longer matches it.
-    return [
-        "SET standard_conforming_strings = on;",
-        f"CREATE OR REPLACE VIEW {view} AS SELECT\n{shown}\nFROM {table};",
-        f"DO {DO_TAG} DECLARE previous text := current_setting('search_path'); "
+    body = (
+        f" DECLARE previous text := current_setting('search_path'); "
         f"BEGIN PERFORM set_config('search_path', '{WHOLE_NAMES}', true); "
         f"EXECUTE format('COMMENT ON VIEW %s IS %L', {named}, "
         f"jsonb_set(CAST({recorded} AS jsonb), '{{definition_sha256}}', "
         f"to_jsonb({DEFINITION_SHA256.format(view=f'CAST({named} AS regclass)')}))::text); "
-        f"PERFORM set_config('search_path', previous, true); END {DO_TAG};",
+        f"PERFORM set_config('search_path', previous, true); END "
+    )
+    tag = dollar_tag(body)
+    return [
+        "SET standard_conforming_strings = on;",
+        f"CREATE OR REPLACE VIEW {view} AS SELECT\n{shown}\nFROM {table};",
+        f"DO {tag}{body}{tag};",
     ]
+
+
+def dollar_tag(body: str) -> str:
+    """A dollar-quote tag that does not occur in `body` (`$dr_facts$`, else `$dr_facts_1$`,
+    ...): a name or a value in the body (a quoted audit schema may hold any character)
+    can then never end the quote and add statements of its own."""
+    tag, n = DO_TAG, 0
+    while tag in body:
+        n += 1
+        tag = f"{DO_TAG[:-1]}_{n}$"
+    return tag
 
 
 def source(conn: Connection, settings: Settings) -> Table:

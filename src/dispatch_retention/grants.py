@@ -23,7 +23,6 @@ from __future__ import annotations
 from typing import Literal
 
 from sqlalchemy import Connection, text
-from sqlalchemy.dialects import postgresql
 
 from . import facts, target
 from .config import Settings
@@ -35,7 +34,9 @@ from .schema import ALEMBIC_VERSION_TABLE, FACTS_VIEW
 Purpose = Literal["run", "read-only", "holds"]
 PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds")
 
-_quote = postgresql.dialect().identifier_preparer.quote  # type: ignore[no-untyped-call]
+#: Names as psql reads them (`facts.SCRIPT`): quotes doubled and nothing else (the default
+#: dialect's preparer doubles a `%` for a driver's placeholders, which a script has none of).
+_quote = facts.SCRIPT.identifier_preparer.quote
 
 
 def valid_role(name: str) -> str:
@@ -130,7 +131,7 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
     elif purpose == "read-only":
         out += [
             f"REVOKE SELECT ON {table} FROM {role_q};",
-            f"GRANT SELECT ({cols(target.read_columns(settings))}) ON {table} TO {role_q};",
+            f"GRANT SELECT ({cols(facts.shown_columns(settings))}) ON {table} TO {role_q};",
             *facts.statements(settings),
             f"GRANT SELECT ON {audit_table(FACTS_VIEW)} TO {role_q};",
             f"GRANT SELECT ON {audit_table('runs')}, {audit_table('chunks')}, "

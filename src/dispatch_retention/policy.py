@@ -220,7 +220,12 @@ def active(holds: Table) -> ColumnElement[bool]:
 
 
 def held(table: Table, holds: Table) -> ColumnElement[bool]:
-    """The dispatch's member is under an active legal hold."""
+    """The dispatch's member is under an active legal hold. On the audit schema's view
+    (`facts.table`) that cannot show a stripped `member_id`, its `info["held"]` column,
+    this same predicate computed by the view."""
+    column: str | None = table.info.get("held")
+    if column is not None:
+        return table.c[column]
     return exists().where(holds.c.member_id == table.c.member_id, active(holds))
 
 

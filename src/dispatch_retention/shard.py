@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from sqlalchemy import ColumnElement, Table, case
 
 STRIPE_IDS = 100_000
-SHARD = re.compile(r"^\s*(\d{1,4})\s*/\s*(\d{1,4})\s*$")
+#: `I/N` in ASCII digits: `\d` would take any script's digits, and `int()` reads them
+SHARD = re.compile(r"[ \t]*([0-9]{1,4})[ \t]*/[ \t]*([0-9]{1,4})[ \t]*")
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def floor_div(column: ColumnElement[int], n: int) -> ColumnElement[int]:
 
 
 def parse(text: str) -> Shard:
-    match = SHARD.match(text)
+    match = SHARD.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not I/N (for example 0/4)")
     return Shard(int(match[1]), int(match[2]))

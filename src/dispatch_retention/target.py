@@ -32,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import Connection, Text, cast, select, text, true
+from sqlalchemy import Connection, distinct, func, select, text, true
 from sqlalchemy.exc import DBAPIError
 
 from . import db, shape
@@ -464,25 +464,23 @@ API_WORDS: Mapping[str, tuple[str, ...]] = {
 }
 
 
-def unmapped_values(conn: Connection, settings: Settings, limit: int = 10) -> dict[str, list[str]]:
-    """Values present in a status column that stand for none of the API's words (through
-    `[target.codes]`, an enum's labels, or the words themselves): a status the application
-    added, which the rule treats as unknown, so unsettled. At most `limit` per column, as
-    text. Reads the table: the caller bounds it with a statement timeout."""
+def unmapped_values(conn: Connection, settings: Settings) -> dict[str, int]:
+    """How many distinct values in each status column stand for none of the API's words
+    (through `[target.codes]`, an enum's labels, or the words themselves): a status the
+    application added, which the rule treats as unknown, so unsettled. Counted, never read:
+    an application may have put anything there (an address). Reads the table: the caller
+    bounds it with a statement timeout."""
     table = target_table(settings)
-    found: dict[str, list[str]] = {}
+    found: dict[str, int] = {}
     for name, words in API_WORDS.items():
         if name not in table.c:
             continue
         column = table.c[name]
         known = stored(column, words)
-        query = (
-            select(cast(column, Text))
-            .where(column.is_not(None), column.not_in(known) if known else true())
-            .group_by(column)
-            .limit(limit)
+        query = select(func.count(distinct(column))).where(
+            column.is_not(None), column.not_in(known) if known else true()
         )
-        values = [str(v) for v in conn.execute(query).scalars()]
-        if values:
-            found[name] = values
+        count = int(conn.execute(query).scalar_one())
+        if count:
+            found[name] = count
     return found

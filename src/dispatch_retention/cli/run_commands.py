@@ -45,7 +45,9 @@ from .params import (
     type=Whole(1, 1_000_000),
     help="At most N rows per chunk, fixed for this run (default: clean.chunk_size, adaptive).",
 )
-@click.option("--max-rows", type=Whole(1), help="Stop cleanly after this many rows.")
+@click.option(
+    "--max-rows", type=Whole(1, config.MAX_COUNT), help="Stop cleanly after this many rows."
+)
 @click.option(
     "--max-runtime",
     type=Bounded(0, MAX_RUNTIME_S),
