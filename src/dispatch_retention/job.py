@@ -224,6 +224,8 @@ def _locked_run(
                         recorder=record,
                         log=rlog,
                         before_chunk=lambda: _keep(lock, settings, stop, rlog, deadline),
+                        skipped_by=lambda: _skipping(engine, settings),
+                        deadline=deadline,
                     ).run()
         except (Interrupted, Exception) as exc:
             _ended_by(exc, outcome, rlog)
