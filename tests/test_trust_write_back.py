@@ -20,6 +20,7 @@ an outcome, a log line, the run record or the console script's output.
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,7 +32,7 @@ from sqlalchemy.engine import URL
 from structlog.testing import capture_logs
 
 from dispatch_retention import db
-from dispatch_retention.vocabulary import Outcome
+from dispatch_retention.vocabulary import Chunk, Outcome
 
 from .helpers import (
     DAY,
@@ -277,6 +278,126 @@ def test_a_trigger_that_moves_the_stamp_as_it_writes_back_fails_the_run(
         outcome = run_job(reader.engine, settings(), chunk_size=10)
     assert_loud(outcome, logs, "app_keep_token")
     assert holding_data(engine) == []
+
+
+# --- item 4: a write-back trigger created during the run ------------------------------------
+
+WRITE_BACK_BEFORE = """
+CREATE FUNCTION app_keep_token() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  NEW.app_token := OLD.app_token;
+  RETURN NEW;
+END $$;
+CREATE TRIGGER app_keep_token BEFORE UPDATE ON dispatches
+  FOR EACH ROW EXECUTE FUNCTION app_keep_token();
+"""
+
+APPEARING = [
+    pytest.param(WRITE_BACK_BEFORE, "app_keep_token", id="before-trigger"),
+    pytest.param(deferred_restore("email"), "app_restore", id="deferred-trigger"),
+]
+
+
+def deploy_after_first_chunk(engine: Engine, statements: str) -> Any:
+    """An on_chunk hook: another session creates `statements` once the first chunk is in."""
+    done: list[int] = []
+
+    def deploy(chunk: Chunk) -> None:
+        if not done:
+            done.append(chunk.seq)
+            ddl(engine, statements)
+
+    return deploy
+
+
+@pytest.mark.parametrize(("trigger", "name"), APPEARING)
+def test_a_write_back_trigger_created_during_the_run_fails_it(
+    engine: Engine, reader: Runner, trigger: str, name: str
+) -> None:
+    """No trigger when the run began (nothing to check), one created by another session
+    after the first chunk: the run reads the copy risks again at its end, checks the rows it
+    cleaned, and fails naming the trigger; the record says the risk appeared."""
+    seed_due(engine)
+    with capture_logs() as logs:
+        outcome = run_job(
+            reader.engine,
+            settings(),
+            chunk_size=10,
+            on_chunk=deploy_after_first_chunk(engine, trigger),
+        )
+    assert_loud(outcome, logs, name, "appeared during the run")
+    assert outcome.written_back_rows == len(holding_data(engine)) > 0
+    record = record_of(engine, outcome)
+    assert record["copy_risks"] == []  # what the run started with
+    assert record["status"] == "failed" and name in record["error"]
+    appeared = [e for e in logs if e["event"] == "copy_risk" and e.get("appeared_during_run")]
+    assert [e["name"] for e in appeared] == [name]
+
+
+def test_a_write_back_trigger_created_during_a_run_the_role_cannot_check(
+    engine: Engine, run_role: tuple[str, str], database_url: URL
+) -> None:
+    """As the run role (it may not read the personal columns): the run cannot check the
+    rows, so it ends `incomplete` with the reason, and the record names the trigger."""
+    seed_due(engine)
+    role_engine = db.make_engine(database_url.set(username=run_role[0]))
+    try:
+        with capture_logs() as logs:
+            outcome = run_job(
+                role_engine,
+                settings(),
+                chunk_size=10,
+                on_chunk=deploy_after_first_chunk(engine, WRITE_BACK_BEFORE),
+            )
+    finally:
+        role_engine.dispose()
+    assert outcome.status == "incomplete", (outcome.status, outcome.error)
+    assert "copy_risks_appeared" in (outcome.remaining_reason or "")
+    assert "app_keep_token" in (outcome.error or "")
+    record = record_of(engine, outcome)
+    assert (record["status"], record["remaining_reason"]) == ("incomplete", "copy_risks_appeared")
+    assert "app_keep_token" in record["error"]
+    assert any(e["event"] == "write_back_unchecked" for e in logs)
+    assert_no_marker(outcome.error or "", logged(logs))
+
+
+def test_a_publication_created_during_the_run_is_recorded(engine: Engine, reader: Runner) -> None:
+    """A copy risk that cannot write back (a publication) created during the run: it is
+    logged and recorded, and the run is not `succeeded` (its record's copy risks miss it)."""
+    seed_due(engine)
+    publication = f"app_pub_{uuid.uuid4().hex[:8]}"
+    try:
+        with capture_logs() as logs:
+            outcome = run_job(
+                reader.engine,
+                settings(),
+                chunk_size=10,
+                on_chunk=deploy_after_first_chunk(
+                    engine, f"CREATE PUBLICATION {publication} FOR TABLE dispatches"
+                ),
+            )
+    finally:
+        ddl(engine, f"DROP PUBLICATION IF EXISTS {publication}")
+    assert (outcome.status, outcome.rows_cleaned) == ("incomplete", 30)
+    assert outcome.remaining_reason == "copy_risks_appeared"
+    assert f"publication {publication}" in (outcome.error or "")
+    assert publication in record_of(engine, outcome)["error"]
+    assert any(e["event"] == "copy_risk" and e.get("appeared_during_run") for e in logs)
+
+
+def test_a_trigger_present_from_the_start_is_no_appearance(engine: Engine, reader: Runner) -> None:
+    """A copy risk that was there when the run began is in its record: the run succeeds."""
+    seed_due(engine)
+    ddl(
+        engine,
+        "CREATE TABLE app_log (id bigint);"
+        "CREATE FUNCTION app_log() RETURNS trigger LANGUAGE plpgsql AS $$"
+        " BEGIN RETURN NULL; END $$;"
+        "CREATE TRIGGER app_log AFTER UPDATE ON dispatches"
+        " FOR EACH ROW EXECUTE FUNCTION app_log();",
+    )
+    outcome = run_job(reader.engine, settings(), chunk_size=10)
+    assert (outcome.status, outcome.rows_cleaned, outcome.error) == ("succeeded", 30, None)
 
 
 # --- `run --reclean` -------------------------------------------------------------------------

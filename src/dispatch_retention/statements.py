@@ -6,7 +6,8 @@ planner execute them), pure like `policy.py`, whose expressions they put togethe
   window's candidates from the policies' arms), each answered per binding policy;
 - the sweeps (`swept_range`, `swept_indexed`): lock what is due and clean exactly that,
   answering how many were locked;
-- `written_back` (the rows of a chunk's ids that hold personal data) and `next_due`.
+- `written_back` (the rows of a chunk's ids that hold personal data), `written_back_in_run`
+  (the same over a run's windows, after the fact) and `next_due`.
 
 Where the run checks for write-back (`ids=True`), each cleaning statement also answers
 with the ids it cleaned (RETURNING): the check reads those rows by id, never by matching
@@ -33,6 +34,7 @@ from sqlalchemy import (
     any_,
     bindparam,
     cast,
+    exists,
     false,
     func,
     literal,
@@ -215,6 +217,19 @@ def written_back(table: Table, settings: Settings) -> Select[Any]:
     return select(func.count()).where(
         table.c.id == any_(ids_param()), policy.holds_personal_data(table, settings)
     )
+
+
+def written_back_in_run(settings: Settings, chunks: Table, run_id: str) -> Select[Any]:
+    """How many cleaned rows in the windows of a run's chunks (`chunks`, the audit table)
+    hold personal data again: the check after the fact of a run that did not check its
+    chunks (a write-back trigger appeared while it ran). Read by the windows' ids, never a
+    stamp; a row an earlier run cleaned in those windows counts too (it holds data all the
+    same). Reads the personal columns: only for a role that may."""
+    table = target_table(settings)
+    in_a_window = exists().where(
+        chunks.c.run_id == run_id, table.c.id >= chunks.c.first_id, table.c.id <= chunks.c.last_id
+    )
+    return select(func.count()).where(policy.written_back(table, settings), in_a_window)
 
 
 def ids_param() -> BindParameter[Any]:
