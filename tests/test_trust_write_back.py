@@ -36,6 +36,7 @@ from dispatch_retention.vocabulary import Chunk, Outcome
 
 from .helpers import (
     DAY,
+    MARK,
     STRIPPED,
     assert_no_marker,
     config_text,
@@ -424,3 +425,71 @@ def test_reclean_fails_on_a_write_back_at_commit(
     assert "personal data again" in (outcome.error or "")
     assert "writes it back" in (outcome.error or "")
     assert_no_marker(outcome.error or "", logged(logs))
+
+
+# --- item 14: verify with age_from = "updated_at" --------------------------------------------
+
+
+def verify_json(cfg: Path, url: str) -> tuple[int, dict[str, Any]]:
+    job = run_script(url, cfg, "verify", "--format", "json")
+    assert_no_marker(job.stdout, job.stderr)
+    assert job.returncode in (0, 5), job.stderr
+    return job.returncode, json.loads(job.stdout)
+
+
+@pytest.fixture(params=["owner", "read-only"])
+def verifier(request: pytest.FixtureRequest, engine: Engine, database_url: URL) -> Iterator[str]:
+    """verify's URL: the table's owner, or the read-only role of `db grants` (it counts
+    through the audit schema's view)."""
+    if request.param == "owner":
+        yield database_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        return
+    s = settings(clean='age_from = "updated_at"')
+    with granted_role(engine, database_url, "read-only", s) as (_name, url):
+        yield url
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        pytest.param({"msisdn": f"+47{MARK}1"}, id="msisdn"),
+        pytest.param({"content": {"body": MARK}}, id="content"),
+        pytest.param({"email": f"{MARK}@example.invalid", "updated_at": "now"}, id="and-touched"),
+    ],
+)
+def test_verify_with_age_from_updated_at_counts_a_written_back_row(
+    engine: Engine, verifier: str, tmp_path: Path, written: dict[str, Any]
+) -> None:
+    """age_from = updated_at: cleaning set updated_at to its own time, so the row looks
+    young; data written back into it (by the application, which may touch updated_at too)
+    is still a violation, its age measured from created_at."""
+    now = db_now(engine)
+    stamp = now - 2 * DAY
+    cleaned = {**STRIPPED, "cleaned_at": stamp, "updated_at": stamp}
+    back = {k: (now if v == "now" else v) for k, v in written.items()}
+    insert_rows(
+        engine,
+        [
+            dispatch(1, now - 500 * DAY, **{**cleaned, **back}),
+            dispatch(2, now - 500 * DAY, **cleaned),
+            dispatch(3, now - 5 * DAY, **{**cleaned, **back}),  # young: not past its window
+        ],
+    )
+    cfg = write_config(tmp_path / "r.toml", config_text(clean='age_from = "updated_at"'))
+    code, report = verify_json(cfg, verifier)
+    assert (code, report["ok"], report["violations"]) == (5, False, [{"policy": "sms", "rows": 1}])
+    assert report["anomalies"]["written_back_rows"] == 2
+
+
+def test_verify_after_a_run_with_age_from_updated_at_sees_the_write_back(
+    engine: Engine, verifier: str, tmp_path: Path
+) -> None:
+    """A run with age_from = updated_at cleans old rows; the application then writes an
+    msisdn back: verify fails (exit 5) instead of calling the row young."""
+    seed_due(engine, 5)
+    s = settings(clean='age_from = "updated_at"')
+    assert run_job(engine, s).status == "succeeded"
+    ddl(engine, f"UPDATE dispatches SET msisdn = '+47{MARK}' WHERE id = 3")
+    cfg = write_config(tmp_path / "r.toml", config_text(clean='age_from = "updated_at"'))
+    code, report = verify_json(cfg, verifier)
+    assert (code, report["violation_rows"]) == (5, 1)
