@@ -236,13 +236,10 @@ class Cleaner:
         else:
             count, event = chunk.written_back, "rows_written_back"
             outcome.written_back_rows += count
-            fields["after_commit"] = left is Left.WRITTEN_BACK_AT_COMMIT
-            what = (
-                written_back_text(count, where, names, after_commit=False)
-                + "; the chunk was rolled back"
-                if left is Left.WRITTEN_BACK
-                else written_back_text(count, where, names, after_commit=True)
-            )
+            after_commit = fields["after_commit"] = left is Left.WRITTEN_BACK_AT_COMMIT
+            what = written_back_text(count, where, names, after_commit=after_commit)
+            if not after_commit:
+                what += "; the chunk was rolled back"
         outcome.status, outcome.error = Status.FAILED, f"{what}; `db check` lists them"
         self.log.error(
             event,

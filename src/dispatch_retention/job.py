@@ -401,14 +401,12 @@ def _risks_at_end(
         )
         if again:
             outcome.written_back_rows += again
-            outcome.status, outcome.error = (
-                Status.FAILED,
-                (
-                    f"{again} cleaned rows in the windows of this run's chunks held personal data "
-                    f"again at its end: a trigger or rule that appeared during the run writes it "
-                    f"back ({named}); `run --reclean` strips them again once that is fixed; "
-                    "`db check` lists them"
-                ),
+            outcome.status = Status.FAILED
+            outcome.error = (
+                f"{again} cleaned rows in the windows of this run's chunks held personal data "
+                f"again at its end: a trigger or rule that appeared during the run writes it "
+                f"back ({named}); `run --reclean` strips them again once that is fixed; "
+                "`db check` lists them"
             )
             rlog.error("rows_written_back", rows=again, on_update=named, after_commit=True)
             return
