@@ -172,17 +172,27 @@ SLOW_TRIGGERS = [
        BEGIN PERFORM pg_sleep((SELECT chunk_sleep FROM dr_test_knobs)); RETURN NULL; END $$""",
     """CREATE TRIGGER dr_test_slow_chunk BEFORE UPDATE ON dispatches
        FOR EACH STATEMENT EXECUTE FUNCTION dr_test_slow_chunk()""",
-    # A deferred constraint trigger runs inside COMMIT: sleep there once per transaction.
+    # A deferred constraint trigger runs inside COMMIT: sleep there once per transaction. A
+    # chunk that checks for write-back makes deferred triggers fire before its COMMIT (SET
+    # CONSTRAINTS ALL IMMEDIATE), so the first defers again, through a queue whose own
+    # deferred trigger sleeps inside COMMIT all the same.
+    "CREATE TABLE dr_test_commit_queue (at timestamptz)",
+    "GRANT SELECT, INSERT ON dr_test_knobs, dr_test_commit_queue TO PUBLIC",
     """CREATE FUNCTION dr_test_slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$
        BEGIN
          IF current_setting('dr_test.slept', true) IS DISTINCT FROM 'yes' THEN
            PERFORM set_config('dr_test.slept', 'yes', true);
-           PERFORM pg_sleep((SELECT commit_sleep FROM dr_test_knobs));
+           SET CONSTRAINTS ALL DEFERRED;
+           INSERT INTO dr_test_commit_queue VALUES (now());
          END IF;
          RETURN NULL;
        END $$""",
     """CREATE CONSTRAINT TRIGGER dr_test_slow_commit AFTER UPDATE ON dispatches
        DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION dr_test_slow_commit()""",
+    """CREATE FUNCTION dr_test_sleep_at_commit() RETURNS trigger LANGUAGE plpgsql AS $$
+       BEGIN PERFORM pg_sleep((SELECT commit_sleep FROM dr_test_knobs)); RETURN NULL; END $$""",
+    """CREATE CONSTRAINT TRIGGER dr_test_sleep_at_commit AFTER INSERT ON dr_test_commit_queue
+       DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION dr_test_sleep_at_commit()""",
 ]
 
 

@@ -12,6 +12,15 @@ counted in `Chunk.missed`), the chunk's audit record (when a recorder is given) 
 COMMIT. Nothing spans two chunks. A chunk with missed rows commits what it did clean, then
 fails the run.
 
+The write-back check (`check_write_back`: something fires on UPDATE and the role may read
+the personal columns) follows the ids the chunk's statements cleaned (RETURNING), never a
+stamp: a trigger may move `cleaned_at` as it writes back. Before COMMIT it makes deferred
+constraint triggers fire (`SET CONSTRAINTS ALL IMMEDIATE`) and reads those rows: any
+holding personal data rolls the chunk back and fails the run. A trigger can still defer
+again and write back at COMMIT, so once committed the same rows are read again, in one
+statement by their ids: any holding personal data fails the run (the chunk is in the
+trail, its rows for `run --reclean`).
+
 When the walk is done, the run counts what is still due at its own cutoffs (`recount`, a
 read-only plan); rows that became due while it ran get one more walk; only a count of zero
 is `succeeded`. Otherwise the run is `incomplete` with the count and the reason
@@ -54,7 +63,7 @@ from . import db, retry, sizing
 from .config import Clean, Settings
 from .planning import Plan
 from .shard import Shard
-from .statements import Statements, window_params
+from .statements import FIRE_DEFERRED, Statements, ids_params, window_params
 from .vocabulary import Chunk, Interrupted, Options, Outcome, Recorder, Recount, Status, Stop
 from .windows import Windows
 
@@ -89,7 +98,7 @@ class Cleaner:
     ) -> None:
         self.engine, self.settings, self.plan = engine, settings, plan
         self.options, self.stop, self.outcome, self.log = options, stop, outcome, log
-        self.stmts = Statements(settings, plan.rules, holds, shard)
+        self.stmts = Statements(settings, plan.rules, holds, shard, ids=check_write_back)
         self.shard = shard
         self.recorder, self.on_chunk = recorder, on_chunk
         self.before_chunk = before_chunk  # proves the run lock is still held
@@ -97,7 +106,8 @@ class Cleaner:
         self.recount = recount  # the end count; None: trust the walk (unit tests only)
         self.skipped_by = skipped_by  # names the triggers and rules that may skip rows
         #: a trigger or rule fires on UPDATE and the role may read the personal columns:
-        #: each chunk checks that what it cleaned holds no personal data before COMMIT
+        #: each chunk checks that what it cleaned holds no personal data, before its COMMIT
+        #: and after it
         self.check_write_back = check_write_back
         self.skipped_locked_rows = False
         self.size = options.chunk_size or settings.clean.chunk_size
@@ -143,11 +153,16 @@ class Cleaner:
             windows.advance(resume)
             if chunk.rows:
                 self._committed(chunk)
+                if self.check_write_back:
+                    chunk = replace(chunk, written_back=self._held_after_commit(chunk))
+                    if chunk.written_back:
+                        self._left_alone(chunk, Left.WRITTEN_BACK_AT_COMMIT)
+                        return False
             if chunk.missed:
-                self._left_alone(chunk, written_back=False)
+                self._left_alone(chunk, Left.MISSED)
                 return False
             if chunk.written_back:
-                self._left_alone(chunk, written_back=True)
+                self._left_alone(chunk, Left.WRITTEN_BACK)
                 return False
             if chunk.rows and clean.pause_between_chunks_ms:
                 self._pause(clean.pause_between_chunks_ms / 1000)
@@ -200,30 +215,31 @@ class Cleaner:
             reasons.append("became_due_during_run")
         outcome.status, outcome.remaining_reason = Status.INCOMPLETE, ",".join(reasons)
 
-    def _left_alone(self, chunk: Chunk, *, written_back: bool) -> None:
+    def _left_alone(self, chunk: Chunk, left: Left) -> None:
         """The cleaning UPDATE did not do its work on some rows of the chunk, and the run
         fails, loudly, naming what fires on UPDATE: a sweep locked due rows that it left as
-        they were (`missed`: the chunk committed what it did clean), or rows it cleaned held
-        personal data again before COMMIT (`written_back`: the chunk rolled back, so nothing
-        claims them cleaned)."""
+        they were (`MISSED`: the chunk committed what it did clean), rows it cleaned held
+        personal data again before COMMIT (`WRITTEN_BACK`: the chunk rolled back, so nothing
+        claims them cleaned), or after it (`WRITTEN_BACK_AT_COMMIT`: the chunk is in the
+        trail, and `run --reclean` strips the rows again)."""
         outcome = self.outcome
         names = self.skipped_by() if self.skipped_by is not None else "unknown"
         where = f"with ids in [{chunk.first_id}, {chunk.last_id}]"
-        if written_back:
-            count, event = chunk.written_back, "rows_written_back"
-            outcome.written_back_rows += count
-            what = (
-                f"{count} rows {where} held personal data again right after the cleaning "
-                f"UPDATE: a trigger or rule writes it back (on UPDATE: {names}); the chunk "
-                "was rolled back"
-            )
-        else:
+        fields: dict[str, object] = {}
+        if left is Left.MISSED:
             count, event = chunk.missed, "rows_not_cleaned"
             outcome.missed_rows += count
             what = (
                 f"{count} due rows {where} were left as they were by the cleaning UPDATE: a "
                 f"trigger or rule on the table skipped them (on UPDATE: {names})"
             )
+        else:
+            count, event = chunk.written_back, "rows_written_back"
+            outcome.written_back_rows += count
+            after_commit = fields["after_commit"] = left is Left.WRITTEN_BACK_AT_COMMIT
+            what = written_back_text(count, where, names, after_commit=after_commit)
+            if not after_commit:
+                what += "; the chunk was rolled back"
         outcome.status, outcome.error = Status.FAILED, f"{what}; `db check` lists them"
         self.log.error(
             event,
@@ -232,6 +248,20 @@ class Cleaner:
             last_id=chunk.last_id,
             rows=count,
             on_update=names,
+            **fields,
+        )
+
+    def _held_after_commit(self, chunk: Chunk) -> int:
+        """How many rows of the committed chunk hold personal data (one read by its ids):
+        a trigger deferred to COMMIT, or one that deferred again, wrote it back."""
+        return held_after_commit(
+            self.engine,
+            self.stmts.written_back,
+            chunk.ids,
+            self.settings.clean,
+            f"checking chunk {chunk.seq} after its COMMIT",
+            stop=self.stop,
+            deadline=self.options.deadline(self.outcome.started),
         )
 
     def _committed(self, chunk: Chunk) -> None:
@@ -360,16 +390,18 @@ class Cleaner:
                 **(db.INDEX_SCANS if indexed else {}),
             )
             by_policy: Counter[str] = Counter()
-            cleaned_at, missed = None, 0
+            cleaned_at, missed, ids = None, 0, list[int]()
             for statement in statements:
                 locked, cleaned = None, 0
-                for name, rows, stamp in conn.execute(statement, params):
+                for name, rows, stamp, *returned in conn.execute(statement, params):
                     if name is None:  # a sweep: how many due rows it locked
                         locked = int(rows)
                         continue
                     by_policy[name] += int(rows)
                     cleaned += int(rows)
                     cleaned_at = stamp
+                    if returned:  # the ids it cleaned (`Statements.ids`)
+                        ids.extend(returned[0])
                 if locked is not None:
                     missed += max(locked - cleaned, 0)
             chunk = Chunk(
@@ -383,9 +415,13 @@ class Cleaner:
                 skipped_locked=attempt.skips_locked,
                 indexed=indexed,
                 missed=missed,
+                ids=tuple(ids),
             )
             if chunk.rows and self.check_write_back:
-                again = int(conn.execute(self.stmts.written_back_now, params).scalar_one())
+                conn.execute(FIRE_DEFERRED)  # deferred triggers write back now, not at COMMIT
+                again = int(
+                    conn.execute(self.stmts.written_back, ids_params(chunk.ids)).scalar_one()
+                )
                 if again:
                     transaction.rollback()
                     return replace(chunk, rows=0, by_policy={}, written_back=again)
@@ -407,6 +443,57 @@ class Cleaner:
                     raise _CommitUnknown(chunk, exc) from exc
                 raise
             return chunk
+
+
+def written_back_text(count: int, where: str, names: str, *, after_commit: bool) -> str:
+    """The failure's words for rows that held personal data again right after they were
+    cleaned (before COMMIT) or once their chunk committed."""
+    if not after_commit:
+        return (
+            f"{count} rows {where} held personal data again right after the cleaning UPDATE: "
+            f"a trigger or rule writes it back (on UPDATE: {names})"
+        )
+    return (
+        f"{count} rows {where} held personal data again after their chunk committed: a "
+        f"trigger deferred to COMMIT (or another session) writes it back (on UPDATE: {names}); "
+        "`run --reclean` strips them again once that is fixed"
+    )
+
+
+def held_after_commit(
+    engine: Engine,
+    check: Select[Any],
+    ids: tuple[int, ...],
+    clean: Clean,
+    what: str,
+    *,
+    stop: Stop,
+    deadline: float | None,
+) -> int:
+    """How many rows of a committed chunk (its `ids`) hold personal data now (`check`,
+    `statements.written_back`): one read by their ids, in a transaction of its own, retried
+    like a chunk."""
+
+    def attempt() -> int:
+        with engine.connect() as conn, conn.begin():
+            db.set_local(
+                conn,
+                **db.timeouts(
+                    lock_timeout_ms=clean.lock_timeout_ms,
+                    statement_timeout_ms=clean.statement_timeout_ms,
+                ),
+            )
+            return int(conn.execute(check, ids_params(ids)).scalar_one())
+
+    return retry.call(attempt, clean, what, sleep=stop.sleep, deadline=deadline)
+
+
+class Left(Enum):
+    """What a chunk's cleaning UPDATE failed to do (`Cleaner._left_alone`)."""
+
+    MISSED = "missed"
+    WRITTEN_BACK = "written back"
+    WRITTEN_BACK_AT_COMMIT = "written back at commit"
 
 
 class Attempt(Enum):

@@ -24,7 +24,19 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from . import audit, db, errors, metrics, migrate, policy, reclean, retry, risks, target
+from . import (
+    audit,
+    db,
+    errors,
+    metrics,
+    migrate,
+    policy,
+    reclean,
+    retry,
+    risks,
+    statements,
+    target,
+)
 from .cleaner import Cleaner
 from .config import Settings
 from .lock import RunLock, run_locks
@@ -224,7 +236,19 @@ def _locked_run(
                         recorder=record,
                         log=rlog,
                         before_chunk=lambda: _keep(lock, settings, stop, rlog, deadline),
+                        skipped_by=lambda: _skipping(engine, settings),
+                        deadline=deadline,
                     ).run()
+                _risks_at_end(
+                    engine,
+                    settings,
+                    tables,
+                    outcome,
+                    rlog,
+                    checked=check_write_back,
+                    stop=stop,
+                    deadline=deadline,
+                )
         except (Interrupted, Exception) as exc:
             _ended_by(exc, outcome, rlog)
         finally:
@@ -328,6 +352,82 @@ def _checks_write_back(
     return not unreadable
 
 
+def _risks_at_end(
+    engine: Engine,
+    settings: Settings,
+    tables: AuditTables,
+    outcome: Outcome,
+    rlog: Logger,
+    *,
+    checked: bool,
+    stop: Stop,
+    deadline: float | None,
+) -> None:
+    """After the walk: read the copy risks again. One that appeared while the run ran is
+    logged (`copy_risk`, `appeared_during_run`), and the record, whose `copy_risks` are what
+    the run started with, says so: a run that would have ended `succeeded` or `incomplete`
+    ends `incomplete` (`copy_risks_appeared`) naming it. Where one can write back and the
+    chunks were not checked, the rows of the run's windows are checked now (a role that may
+    read the personal columns): any holding personal data fails the run."""
+
+    def read() -> tuple[list[risks.Risk], list[str]]:
+        with engine.connect() as conn:
+            return risks.copy_risks(conn, settings), target.unreadable_columns(conn, settings)
+
+    found, unreadable = retry.call(
+        read, settings.clean, "reading the copy risks again", sleep=stop.sleep, deadline=deadline
+    )
+    appeared = [r for r in found if r not in outcome.copy_risks]
+    for risk in appeared:
+        rlog.warning(
+            "copy_risk",
+            **risk.as_dict(),
+            appeared_during_run=True,
+            hint="created while the run ran: not in its record's copy_risks; `db check` explains",
+        )
+    if not appeared or outcome.status not in (Status.SUCCEEDED, Status.INCOMPLETE):
+        return
+    named = ", ".join(f"{r.kind} {r.name}" for r in appeared)
+    unchecked = bool(risks.updating(appeared)) and not checked
+    if unchecked and not unreadable and (outcome.rows_cleaned or outcome.rows_recleaned):
+        check = statements.written_back_in_run(settings, tables.chunks, outcome.run_id)
+
+        def count() -> int:
+            with engine.connect() as conn:
+                return int(conn.execute(check).scalar_one())
+
+        again = retry.call(
+            count, settings.clean, "checking the run's rows", sleep=stop.sleep, deadline=deadline
+        )
+        if again:
+            outcome.written_back_rows += again
+            outcome.status = Status.FAILED
+            outcome.error = (
+                f"{again} cleaned rows in the windows of this run's chunks held personal data "
+                f"again at its end: a trigger or rule that appeared during the run writes it "
+                f"back ({named}); `run --reclean` strips them again once that is fixed; "
+                "`db check` lists them"
+            )
+            rlog.error("rows_written_back", rows=again, on_update=named, after_commit=True)
+            return
+    if unchecked and unreadable:
+        rlog.warning(
+            "write_back_unchecked",
+            columns=unreadable,
+            hint="a trigger or rule on UPDATE appeared during the run and this role may not "
+            "read these columns: `verify` reports personal data written back "
+            "(written_back_rows)",
+        )
+    reasons = [outcome.remaining_reason] if outcome.remaining_reason else []
+    outcome.status = Status.INCOMPLETE
+    outcome.remaining_reason = ",".join([*reasons, "copy_risks_appeared"])
+    appeared_text = (
+        f"copy risks appeared during the run, which its record's copy_risks do not list: "
+        f"{named}; the next run records them (`db check` lists them)"
+    )
+    outcome.error = f"{outcome.error}; {appeared_text}" if outcome.error else appeared_text
+
+
 def _skipping(engine: Engine, settings: Settings) -> str:
     """What can leave a row of the cleaning UPDATE as it was, or write personal data back
     into it (`risks.updating`), read from the catalog now: one may have come since the
@@ -369,5 +469,7 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
         rlog.warning("run_interrupted", signal=outcome.signum, **fields)
     elif outcome.status in (Status.REFUSED, Status.LOCKED):
         rlog.error("run_finished", reason=outcome.error, **fields)
+    elif outcome.error:  # incomplete, and why besides the count (copy_risks_appeared)
+        rlog.warning("run_finished", reason=outcome.error, **fields)
     else:
         rlog.info("run_finished", **fields)

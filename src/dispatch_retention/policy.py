@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -172,6 +172,26 @@ def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
         # a superset bound that an index on the age can serve
         row_age < _ts(r.latest_cutoff, row_age),
         or_(*per_policy),
+    )
+
+
+#: Columns the cleaning UPDATE writes besides the personal ones: once a row is cleaned, its
+#: age is not measured from them (they say when it was cleaned, not how old it is).
+STAMPS = ("cleaned_at", "updated_at")
+
+
+def past_window_unstamped(table: Table, r: Rules) -> ColumnElement[bool]:
+    """`past_window()` as `verify` measures it: for a cleaned row, never from a column the
+    cleaning wrote (`age_from = "updated_at"`: the cleaning set it to its own time, so
+    data written back into an old dispatch would look young), from `created_at` instead.
+    A row not yet cleaned is measured as the due rule measures it."""
+    if r.age_from not in STAMPS:
+        return past_window(table, r)
+    cleaned = table.c.cleaned_at.is_not(None)
+    by_created = replace(r, age_from="created_at")
+    return or_(
+        and_(not_(cleaned), past_window(table, r)),
+        and_(cleaned, past_window(table, by_created)),
     )
 
 

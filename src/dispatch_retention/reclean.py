@@ -14,10 +14,12 @@ SELECT on them, which the run role of `db grants` does not have; `require_rights
 Transactions: each chunk locks up to `size` written-back rows past the last id it saw (SKIP
 LOCKED: a row the application holds is left for the next reclean), strips them (the columns
 of `clean.columns`, and `updated_at`; `cleaned_at` keeps the time of the first cleaning),
-checks that none of them holds personal data afterwards (a trigger that writes back again:
-the chunk rolls back and the run fails with the count), writes its audit record and
-commits. A stop
-signal is honoured between chunks.
+makes deferred constraint triggers fire (`SET CONSTRAINTS ALL IMMEDIATE`), checks by their
+ids that none of them holds personal data afterwards (a trigger that writes back again: the
+chunk rolls back and the run fails with the count), writes its audit record and commits;
+then it reads the same ids again (a trigger that deferred again writes back at COMMIT: the
+run fails with the count, as a chunk of the walk does). A stop signal is honoured between
+chunks.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import structlog
-from sqlalchemy import Connection, Engine, Table, and_, func, not_, select, true, update
+from sqlalchemy import Connection, Engine, Table, and_, any_, func, not_, select, true, update
 
-from . import db, policy, target
+from . import db, policy, statements, target
+from .cleaner import held_after_commit, written_back_text
 from .config import Settings
 from .errors import RecleanRefused
 from .schema import target_table
@@ -64,9 +67,12 @@ class Recleaner:
         recorder: Recorder | None = None,
         log: structlog.typing.FilteringBoundLogger = log,
         before_chunk: Callable[[], None] | None = None,
+        skipped_by: Callable[[], str] | None = None,
+        deadline: float | None = None,
     ) -> None:
         self.engine, self.settings, self.outcome, self.stop = engine, settings, outcome, stop
         self.size, self.recorder, self.log, self.before_chunk = size, recorder, log, before_chunk
+        self.skipped_by, self.deadline = skipped_by, deadline  # names what fires on UPDATE
         table = self.table = target_table(settings)
         scope = shard.predicate(table) if shard else true()
         found = and_(policy.written_back(table, settings), scope)
@@ -75,6 +81,14 @@ class Recleaner:
         self.found = found
         self.credit = policy.credit(table, rules)
         self.values = {**policy.cleaned_values(settings, table), "updated_at": func.now()}
+        # by the ids a chunk locked, bound as one array (`statements.ids_params`)
+        self.strip = (
+            update(table)
+            .where(table.c.id == any_(statements.ids_param()))
+            .values(self.values)
+            .returning(self.credit)
+        )
+        self.check = statements.written_back(table, settings)
 
     def run(self) -> bool:
         """Reclean every written-back row; False when the run ended on the way (a stop
@@ -101,14 +115,43 @@ class Recleaner:
                     by_policy=chunk.by_policy,
                     kind=chunk.kind,
                 )
-            if chunk.missed:
-                self.outcome.status = Status.FAILED
-                self.outcome.error = (
-                    f"{chunk.missed} rows still hold personal data right after being cleaned "
-                    f"again (ids in [{chunk.first_id}, {chunk.last_id}]): a trigger or rule "
-                    "writes it back; `db check` lists them"
+                again = held_after_commit(
+                    self.engine,
+                    self.check,
+                    chunk.ids,
+                    self.settings.clean,
+                    f"checking reclean chunk {chunk.seq} after its COMMIT",
+                    stop=self.stop,
+                    deadline=self.deadline,
                 )
+                if again:
+                    self._written_back(chunk, again, after_commit=True)
+                    return False
+            if chunk.missed:
+                self._written_back(chunk, chunk.missed, after_commit=False)
                 return False
+
+    def _written_back(self, chunk: Chunk, count: int, *, after_commit: bool) -> None:
+        """Rows stripped again held personal data again, before COMMIT (the chunk rolled
+        back) or after it: the run fails, in the words of the walk's own check."""
+        names = self.skipped_by() if self.skipped_by is not None else "unknown"
+        where = f"with ids in [{chunk.first_id}, {chunk.last_id}]"
+        what = written_back_text(count, where, names, after_commit=after_commit)
+        if not after_commit:
+            what += "; the chunk was rolled back"
+        self.outcome.written_back_rows += count
+        self.outcome.status = Status.FAILED
+        self.outcome.error = f"{what}; `db check` lists them"
+        self.log.error(
+            "rows_written_back",
+            seq=chunk.seq,
+            first_id=chunk.first_id,
+            last_id=chunk.last_id,
+            rows=count,
+            on_update=names,
+            after_commit=after_commit,
+            kind=chunk.kind,
+        )
 
     def _chunk(self, seq: int, after: int | None) -> tuple[Chunk | None, int | None]:
         table = self.table
@@ -133,19 +176,9 @@ class Recleaner:
             )
             if not ids:
                 return None, after
-            by_policy = Counter(
-                conn.execute(
-                    update(table)
-                    .where(table.c.id.in_(ids))
-                    .values(self.values)
-                    .returning(self.credit)
-                ).scalars()
-            )
-            still = conn.execute(
-                select(func.count()).where(
-                    table.c.id.in_(ids), policy.holds_personal_data(table, self.settings)
-                )
-            ).scalar_one()
+            by_policy = Counter(conn.execute(self.strip, statements.ids_params(ids)).scalars())
+            conn.execute(statements.FIRE_DEFERRED)  # deferred triggers write back now
+            still = conn.execute(self.check, statements.ids_params(ids)).scalar_one()
             stamp = conn.execute(select(func.now())).scalar_one()
             chunk = Chunk(
                 seq=seq,
@@ -158,6 +191,7 @@ class Recleaner:
                 skipped_locked=True,
                 missed=int(still),
                 kind="reclean",
+                ids=tuple(ids),
             )
             if still:  # written back at once: nothing achieved, nothing to record
                 transaction.rollback()

@@ -6,7 +6,12 @@ planner execute them), pure like `policy.py`, whose expressions they put togethe
   window's candidates from the policies' arms), each answered per binding policy;
 - the sweeps (`swept_range`, `swept_indexed`): lock what is due and clean exactly that,
   answering how many were locked;
-- `written_back_now` and `next_due`.
+- `written_back` (the rows of a chunk's ids that hold personal data), `written_back_in_run`
+  (the same over a run's windows, after the fact) and `next_due`.
+
+Where the run checks for write-back (`ids=True`), each cleaning statement also answers
+with the ids it cleaned (RETURNING): the check reads those rows by id, never by matching
+a stamp (a trigger may move `cleaned_at`).
 
 Ids are bound as a window's first and last id (`window_params`), clamped to what a bigint
 holds.
@@ -17,21 +22,26 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import (
+    ARRAY,
     BigInteger,
+    BindParameter,
     ColumnElement,
     CompoundSelect,
     Select,
     Table,
     Update,
     and_,
+    any_,
     bindparam,
     cast,
+    exists,
     false,
     func,
     literal,
     not_,
     null,
     select,
+    text,
     true,
     union_all,
     update,
@@ -42,6 +52,8 @@ from .config import Settings
 from .schema import target_table
 from .shard import STRIPE_IDS, Shard, floor_div
 
+#: Makes deferred constraint triggers fire now (before a chunk's check), not at its COMMIT.
+FIRE_DEFERRED = text("SET CONSTRAINTS ALL IMMEDIATE")
 #: Ids per block of the plan's map of due rows (a divisor of the shard stripe).
 BLOCK_IDS = 10_000
 #: The ids a bigint primary key can hold: windows are clamped to them when bound.
@@ -79,9 +91,11 @@ class Statements:
         rules: policy.Rules,
         holds: Table | None = None,
         shard: Shard | None = None,
+        *,
+        ids: bool = False,
     ) -> None:
         self.table = table = target_table(settings)
-        self.rules, self.holds = rules, holds
+        self.rules, self.holds, self.ids = rules, holds, ids
         self.scope = shard.predicate(table) if shard else true()
         self.due = and_(policy.due(table, rules, holds), self.scope)
         self.credit = policy.credit(table, rules)
@@ -103,13 +117,9 @@ class Statements:
         self.indexed_update = self._counted(update(table).where(through_arms, window, self.due))
         self.swept_range = self._swept(select(table.c.id).where(window, self.due))
         self.swept_indexed = self._swept(select(table.c.id).where(through_arms, window, self.due))
-        # Rows this transaction cleaned (stamped with its now()) that hold personal data
-        # again: a trigger wrote it back. Reads the personal columns: only for a role that may.
-        self.written_back_now = select(func.count()).where(
-            window,
-            table.c.cleaned_at == cast(func.now(), table.c.cleaned_at.type),  # as stored
-            policy.holds_personal_data(table, settings),
-        )
+        # Rows of a chunk's ids (`written_back_params`) that hold personal data again: a
+        # trigger wrote it back. Reads the personal columns: only for a role that may.
+        self.written_back = written_back(table, settings)
         # After an empty window: where the next due row of the block is, if any.
         self.next_due = select(func.min(table.c.id)).where(window, self.due)
 
@@ -118,10 +128,22 @@ class Statements:
 
         Each row returns only its policy's name; the stamp is the transaction's `now()`,
         which is what the UPDATE wrote into every row's `cleaned_at`."""
-        cleaned = statement.values(self.values).returning(self.credit).cte("cleaned")
+        cleaned = statement.values(self.values).returning(*self._returning()).cte("cleaned")
         return select(
-            cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
+            cleaned.c.policy,
+            func.count().label("rows"),
+            func.now().label("cleaned_at"),
+            *self._ids(cleaned),
         ).group_by(cleaned.c.policy)
+
+    def _returning(self) -> tuple[ColumnElement[Any], ...]:
+        return (self.credit, self.table.c.id) if self.ids else (self.credit,)
+
+    def _ids(self, cleaned: Any) -> tuple[ColumnElement[Any], ...]:
+        """With `ids`: the policy's cleaned ids, one array per answer row."""
+        if not self.ids:
+            return ()
+        return (func.array_agg(cast(cleaned.c.id, BigInteger)).label("ids"),)
 
     def _swept(self, due_ids: Select[Any]) -> CompoundSelect[Any]:
         """Lock `due_ids` that nobody else holds, clean exactly those, and answer per policy
@@ -133,17 +155,22 @@ class Statements:
             update(table)
             .where(table.c.id.in_(select(locked.c.id)), self.due)
             .values(self.values)
-            .returning(self.credit)
+            .returning(*self._returning())
             .cte("cleaned")
         )
+        no_ids = (cast(null(), ARRAY(BigInteger)),) if self.ids else ()
         return union_all(
             select(
-                cleaned.c.policy, func.count().label("rows"), func.now().label("cleaned_at")
+                cleaned.c.policy,
+                func.count().label("rows"),
+                func.now().label("cleaned_at"),
+                *self._ids(cleaned),
             ).group_by(cleaned.c.policy),
             select(
                 null().label("policy"),
                 select(func.count()).select_from(locked).scalar_subquery(),
                 func.now(),
+                *no_ids,
             ),
         )
 
@@ -181,3 +208,36 @@ class Statements:
                 .group_by(block)
             )
         return union_all(*per_arm)
+
+
+def written_back(table: Table, settings: Settings) -> Select[Any]:
+    """How many rows of the bound `ids` (`ids_params`) hold personal data: a chunk's check
+    for write-back, before its COMMIT and after it, read by the primary key. Reads the
+    personal columns: only for a role that may."""
+    return select(func.count()).where(
+        table.c.id == any_(ids_param()), policy.holds_personal_data(table, settings)
+    )
+
+
+def written_back_in_run(settings: Settings, chunks: Table, run_id: str) -> Select[Any]:
+    """How many cleaned rows in the windows of a run's chunks (`chunks`, the audit table)
+    hold personal data again: the check after the fact of a run that did not check its
+    chunks (a write-back trigger appeared while it ran). Read by the windows' ids, never a
+    stamp; a row an earlier run cleaned in those windows counts too (it holds data all the
+    same). Reads the personal columns: only for a role that may."""
+    table = target_table(settings)
+    in_a_window = exists().where(
+        chunks.c.run_id == run_id, table.c.id >= chunks.c.first_id, table.c.id <= chunks.c.last_id
+    )
+    return select(func.count()).where(policy.written_back(table, settings), in_a_window)
+
+
+def ids_param() -> BindParameter[Any]:
+    """A chunk's ids, bound as one bigint array (`ids_params`)."""
+    return bindparam("ids", type_=ARRAY(BigInteger))
+
+
+def ids_params(ids: tuple[int, ...] | list[int]) -> dict[str, list[int]]:
+    """The bound parameters of `written_back`: the ids as one array (not one parameter
+    each: a chunk may hold more ids than a statement may have parameters)."""
+    return {"ids": list(ids)}

@@ -3,9 +3,11 @@
 A violation is a dispatch past its binding policy's window (the same rule as `run`, legal
 holds excluded) that still holds personal data: any column of `clean.columns` (the
 `checked_columns`) that differs from what cleaning writes. That includes rows whose
-`cleaned_at` is set but whose personal columns were written back. Reported apart, not as
-violations: dispatches no policy matches, and dispatches past their window kept by a legal
-hold.
+`cleaned_at` is set but whose personal columns were written back; their age is never
+measured from a column the cleaning wrote (`policy.past_window_unstamped`: with
+`age_from = "updated_at"`, from `created_at`), or every written-back row would look young.
+Reported apart, not as violations: dispatches no policy matches, and dispatches past their
+window kept by a legal hold.
 
 Anomalies (README "What the job refuses and what it reports") are rows the due rule can
 never reach or should never see, so `verify` is the only place they show; `--strict`
@@ -121,7 +123,7 @@ def verify(
     rules = policy.rules(settings, now - timedelta(hours=tolerance_hours))
     table = facts.source(conn, settings)  # the table, or the view a read-only role counts through
     personal = policy.holds_personal_data(table, settings)
-    past = and_(policy.past_window(table, rules), personal)
+    past = and_(policy.past_window_unstamped(table, rules), personal)
     held = policy.held(table, tables.holds)
     credit = policy.credit(table, rules)
     report = Report(

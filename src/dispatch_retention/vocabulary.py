@@ -110,6 +110,9 @@ class Chunk:
     #: rows the chunk cleaned that held personal data again before it committed (a trigger
     #: wrote it back): the chunk rolled back and the run fails
     written_back: int = 0
+    #: the ids its statements cleaned (RETURNING), kept only where the run checks for
+    #: write-back: the check after COMMIT reads them again
+    ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -134,7 +137,8 @@ class Outcome:
     remaining_reason: str | None = None
     #: what the sweeps found left alone by a trigger or rule (the run then fails)
     missed_rows: int = 0
-    #: rows a chunk cleaned that held personal data again at once (the run then fails)
+    #: rows a chunk cleaned that held personal data again, before or after its COMMIT, or
+    #: rows of the run found so at its end (the run then fails)
     written_back_rows: int = 0
     #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
     copy_risks: list[Risk] = field(default_factory=list)
@@ -142,14 +146,16 @@ class Outcome:
     chain_head: str | None = None
 
 
-#: Why a run can end with due rows left: a budget, rows the application holds locked, rows
-#: that became due during the run after the walk had passed them.
+#: Why a run can end `incomplete`: due rows left (a budget, rows the application holds
+#: locked, rows that became due during the run after the walk had passed them), or a copy
+#: risk that appeared during the run, which its record's `copy_risks` do not list.
 REMAINING_REASONS = (
     "max_rows",
     "max_rows_per_run",
     "max_runtime",
     "locked_by_application",
     "became_due_during_run",
+    "copy_risks_appeared",
 )
 
 
