@@ -493,3 +493,25 @@ def test_verify_after_a_run_with_age_from_updated_at_sees_the_write_back(
     cfg = write_config(tmp_path / "r.toml", config_text(clean='age_from = "updated_at"'))
     code, report = verify_json(cfg, verifier)
     assert (code, report["violation_rows"]) == (5, 1)
+
+
+@pytest.mark.parametrize("age_from", ["scheduled_at", "transmitted_at", "delivered_at"])
+def test_verify_measures_a_cleaned_row_from_created_at_whatever_age_from_names(
+    engine: Engine, url_string: str, tmp_path: Path, age_from: str
+) -> None:
+    """The neighbours of age_from = updated_at: whatever writes data back into an old cleaned
+    dispatch may move the column age is measured from too; the row is still a violation,
+    its age measured from created_at (the oldest a dispatch has)."""
+    now = db_now(engine)
+    stamp = now - 2 * DAY
+    cleaned = {**STRIPPED, "cleaned_at": stamp, "updated_at": stamp}
+    insert_rows(
+        engine,
+        [
+            dispatch(1, now - 500 * DAY, **{**cleaned, "msisdn": f"+47{MARK}1", age_from: now}),
+            dispatch(2, now - 500 * DAY, **{**cleaned, age_from: now}),
+        ],
+    )
+    cfg = write_config(tmp_path / "r.toml", config_text(clean=f'age_from = "{age_from}"'))
+    code, report = verify_json(cfg, url_string)
+    assert (code, report["violations"]) == (5, [{"policy": "sms", "rows": 1}])

@@ -177,15 +177,14 @@ def past_window(table: Table, r: Rules) -> ColumnElement[bool]:
 
 #: Columns the cleaning UPDATE writes besides the personal ones: once a row is cleaned, its
 #: age is not measured from them (they say when it was cleaned, not how old it is).
-STAMPS = ("cleaned_at", "updated_at")
-
-
 def past_window_unstamped(table: Table, r: Rules) -> ColumnElement[bool]:
-    """`past_window()` as `verify` measures it: for a cleaned row, never from a column the
-    cleaning wrote (`age_from = "updated_at"`: the cleaning set it to its own time, so
-    data written back into an old dispatch would look young), from `created_at` instead.
-    A row not yet cleaned is measured as the due rule measures it."""
-    if r.age_from not in STAMPS:
+    """`past_window()` as `verify` measures it: a cleaned row's age is measured from
+    `created_at`, whatever `clean.age_from` names. The cleaning moves `updated_at` to its own
+    time, and whatever writes data back into a cleaned dispatch may move the other columns
+    age can be measured from (`scheduled_at`, `transmitted_at`, ...), so data written back
+    into an old dispatch would look young; a dispatch is created first, so its `created_at`
+    is its oldest age. A row not yet cleaned is measured as the due rule measures it."""
+    if r.age_from == "created_at":
         return past_window(table, r)
     cleaned = table.c.cleaned_at.is_not(None)
     by_created = replace(r, age_from="created_at")

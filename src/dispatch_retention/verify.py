@@ -3,9 +3,10 @@
 A violation is a dispatch past its binding policy's window (the same rule as `run`, legal
 holds excluded) that still holds personal data: any column of `clean.columns` (the
 `checked_columns`) that differs from what cleaning writes. That includes rows whose
-`cleaned_at` is set but whose personal columns were written back; their age is never
-measured from a column the cleaning wrote (`policy.past_window_unstamped`: with
-`age_from = "updated_at"`, from `created_at`), or every written-back row would look young.
+`cleaned_at` is set but whose personal columns were written back; their age is
+measured from `created_at` whatever `clean.age_from` names (`policy.past_window_unstamped`:
+the cleaning moves `updated_at`, and a write-back may move the other columns), or a
+written-back row would look young.
 Reported apart, not as violations: dispatches no policy matches, and dispatches past their
 window kept by a legal hold.
 
