@@ -332,3 +332,84 @@ def test_a_known_name_is_escaped_and_bounded(database_url: URL) -> None:
     assert "\x1b" not in described and "\x07" not in described
     assert "does not exist" in described and "…" in described
     assert max(len(word) for word in described.split()) <= 63
+
+
+# --- what else carries an exception's text: tracebacks, the libraries' warnings -------------
+
+
+def test_a_logged_traceback_holds_no_exception_text(
+    engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An internal error logged with its traceback (`exc_info`), chained to a server error
+    with the marker in every field: the frames and classes, the server error as
+    `describe_error` says it, no message, in JSON and on the console."""
+    import structlog
+
+    from dispatch_retention import logs
+
+    formats: tuple[logs.Format, ...] = ("json", "console")
+    for fmt in formats:
+        logs.configure(fmt)
+        try:
+            raise KeyError(f"{MARK}@example.invalid") from raised(engine, "08006", "DETAIL")
+        except KeyError as exc:
+            structlog.get_logger("dispatch_retention").error("internal_error", exc_info=exc)
+        logged = capsys.readouterr().err
+        assert "internal_error" in logged and "KeyError" in logged, logged
+        assert "ConnectionFailure, SQLSTATE 08006" in logged
+        assert MARK not in logged
+
+
+def test_a_librarys_warning_is_logged_without_its_arguments(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """psycopg's "error ignored in rollback on %s: %s" (the server's text in the arguments):
+    a `library_warning` event with the format string, never the arguments."""
+    import logging
+
+    from dispatch_retention import logs
+
+    logs.configure("json")
+    logging.getLogger("psycopg").warning("error ignored in rollback on %s: %s", "conn", MARK)
+    [event] = as_json_lines(capsys.readouterr().err)
+    assert event["event"] == "library_warning" and event["logger"] == "psycopg"
+    assert event["message"] == "error ignored in rollback on %s: %s"
+    assert MARK not in str(event)
+
+
+# --- names from pg_stat_activity: escaped and bounded ---------------------------------------
+
+
+def test_the_lock_holders_names_are_escaped_and_bounded(
+    engine: Engine, database_url: URL, tmp_path: Path
+) -> None:
+    """A run locked out by a session whose role name (a quoted identifier) holds a newline,
+    a forged OK line and an OSC sequence: `run_locked` names it escaped, on one line."""
+    from dispatch_retention import lock
+    from dispatch_retention.printable import shown_name
+
+    evil = "dr_holder\nOK: all clear\x1b]0;pwned\x07"
+    quoted = '"' + evil + '"'
+    with engine.begin() as conn:
+        conn.execute(text(f"CREATE ROLE {quoted} LOGIN"))
+    holder = psycopg.connect(
+        host=database_url.host or "127.0.0.1",
+        port=database_url.port or 5432,
+        dbname=database_url.database,
+        user=evil,
+        application_name="x" * 200,
+        autocommit=True,
+    )
+    try:
+        holder.execute("SELECT pg_advisory_lock(%s)", [lock.lock_key("public.dispatches")])
+        config = write_config(tmp_path / "r.toml", config_text())
+        url = database_url.set(drivername="postgresql").render_as_string(hide_password=False)
+        job = run_script(url, config, "run", "--yes")
+        assert job.returncode == 3, job.stderr
+        [who] = job.last("run_locked")["holder"]
+        assert who["usename"] == shown_name(evil) and "\n" not in who["usename"]
+        assert len(who["application_name"]) <= 63
+    finally:
+        holder.close()
+        with engine.begin() as conn:
+            conn.execute(text(f"DROP ROLE {quoted}"))
