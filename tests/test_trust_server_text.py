@@ -238,6 +238,37 @@ def test_the_servers_own_lock_timeout_is_still_one(engine: Engine) -> None:
     assert db.describe_error(caught.value) == "LockNotAvailable, SQLSTATE 55P03"
 
 
+def test_the_servers_own_deadlock_is_still_retried(engine: Engine) -> None:
+    """A deadlock the server detects (not a trigger's RAISE of 40P01) is retried, and said by
+    its condition and SQLSTATE alone (its DETAIL names the processes and the rows' tuples)."""
+    import threading
+
+    with engine.begin() as conn:
+        conn.execute(text("CREATE TABLE crossed (id int PRIMARY KEY)"))
+        conn.execute(text("INSERT INTO crossed VALUES (1), (2)"))
+    errors: list[DBAPIError] = []
+    both_hold = threading.Barrier(2)
+
+    def cross(first: int, second: int) -> None:
+        with engine.begin() as conn:
+            conn.execute(text("SET LOCAL deadlock_timeout = '100ms'"))
+            conn.execute(text("SELECT 1 FROM crossed WHERE id = :i FOR UPDATE"), {"i": first})
+            both_hold.wait(10)
+            try:
+                conn.execute(text("SELECT 1 FROM crossed WHERE id = :i FOR UPDATE"), {"i": second})
+            except DBAPIError as exc:
+                errors.append(exc)
+
+    threads = [threading.Thread(target=cross, args=pair) for pair in ((1, 2), (2, 1))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    [deadlock] = errors
+    assert db.is_transient(deadlock) and not db.is_connection_lost(deadlock)
+    assert db.describe_error(deadlock) == "DeadlockDetected, SQLSTATE 40P01"
+
+
 def test_a_terminated_session_is_a_lost_connection(engine: Engine) -> None:
     """The server ending the session (57P01, FATAL) is a lost connection: retried."""
     with pytest.raises(DBAPIError) as caught, engine.connect() as conn:

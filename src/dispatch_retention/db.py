@@ -44,7 +44,7 @@ URL_FILE_ENV = "DATABASE_URL_FILE"
 APPLICATION_NAME = "dispatch-retention"
 
 #: The server's own states worth a retry in a new transaction: serialization failure and
-#: deadlock (only when the server's code raised them, never a function's RAISE: `_raised_by`).
+#: deadlock (when the server's code raised them, never a function: `RAISED_BY_FUNCTIONS`).
 CONFLICT_SQLSTATES = ("40001", "40P01")
 #: The server going away or not ready: a session it ended (FATAL) with one of these is a
 #: lost connection, retried on a new one.
