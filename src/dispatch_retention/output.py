@@ -50,12 +50,12 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet would run as a formula gets a leading quote."""
+    """A CSV cell that a spreadsheet would run as a formula gets a leading quote; a text is
+    escaped (a line break or an escape sequence would reach the terminal that shows it)."""
     if isinstance(value, datetime):
         return _json_default(value)
     if isinstance(value, str):
-        value = escaped(value)
-        return "'" + value if value.startswith(_FORMULA_START) else value
+        return escaped("'" + value if value.startswith(_FORMULA_START) else value)
     return value
 
 
