@@ -535,4 +535,67 @@ def test_i22_odd_urls_deep_toml_and_special_files(
         checked = Case(argv=case.argv, config=b"", url=case.url, via=case.via, shard_env=None)
         check(done.returncode, output, checked, before, after)
 
+
+# --- issue 22, item 1: describe_error over the SQLSTATE classes of real server errors --------
+# (its own block: the server's errors, not the command line; another block may follow)
+
+#: SQLSTATE classes a trigger may raise in: the ones the job once trusted or retried (08,
+#: 28, 3D, 40, 55, 57) and others.
+RAISED_CLASSES = ("08", "28", "3D", "40", "53", "55", "57", "0A", "22", "23", "25", "42",
+                  "F0", "HV", "P0", "XX")  # fmt: skip
+RAISE_ANYTHING = """
+CREATE OR REPLACE FUNCTION pg_temp.raise_anything(state text, said text) RETURNS void
+LANGUAGE plpgsql AS $$ BEGIN
+  RAISE EXCEPTION USING MESSAGE = said, ERRCODE = state, DETAIL = said, HINT = said,
+    COLUMN = said, CONSTRAINT = said, TABLE = said, SCHEMA = said, DATATYPE = said;
+END $$
+"""
+
+
+@st.composite
+def raised_errors(draw: st.DrawFn) -> tuple[str, str]:
+    """A SQLSTATE (a class above, any subclass) and a text holding the marker, control
+    characters and what libpq says among other things."""
+    state = draw(st.sampled_from(RAISED_CLASSES)) + draw(
+        st.text(alphabet="0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", min_size=3, max_size=3)
+    )
+    libpq_words = [
+        "server closed the connection unexpectedly",
+        'FATAL:  password authentication failed for user "',
+        "Connection refused",
+        "\n\x1b]0;x\x07",
+    ]
+    around = st.one_of(
+        st.text(max_size=40).map(lambda s: s.replace("\x00", "")), st.sampled_from(libpq_words)
+    )
+    return state, draw(around) + MARK + "@example.invalid" + draw(around)
+
+
+def test_describe_error_says_no_server_text_whatever_the_sqlstate(engine: Engine) -> None:
+    """A real server error of any SQLSTATE class with the marker in every field: described
+    by condition and SQLSTATE alone (no marker, nothing unprintable), never transient, never
+    a lock or statement timeout."""
+    from sqlalchemy.exc import DBAPIError
+
+    from dispatch_retention import db
+
+    @budget("FUZZ_SQLSTATE_EXAMPLES", 150)
+    @given(raised=raised_errors())
+    def fuzz(raised: tuple[str, str]) -> None:
+        state, said = raised
+        with engine.connect() as conn:
+            conn.execute(text(RAISE_ANYTHING))
+            try:
+                conn.execute(text("SELECT pg_temp.raise_anything(:s, :t)"), {"s": state, "t": said})
+            except DBAPIError as exc:
+                error = exc
+            else:
+                raise AssertionError(f"no error raised for {state}")
+        described = db.describe_error(error)
+        event(f"class {state[:2]}")
+        assert MARK not in described and described.isprintable(), described
+        assert f"SQLSTATE {state}" in described
+        assert not db.is_transient(error)
+        assert not db.is_lock_timeout(error) and not db.is_statement_timeout(error)
+
     fuzz()

@@ -41,6 +41,7 @@ from .cleaner import Cleaner
 from .config import Settings
 from .lock import RunLock, run_locks
 from .planning import Plan, make_plan
+from .printable import shown_name
 from .schema import AuditTables
 from .shard import Shard
 from .vocabulary import Hooks, Interrupted, Outcome, Request, Status, Stop
@@ -434,7 +435,8 @@ def _skipping(engine: Engine, settings: Settings) -> str:
     run began."""
     with engine.connect() as conn:
         found = risks.updating(risks.copy_risks(conn, settings))
-    return ", ".join(f"{r.kind} {r.name}" for r in found) or "none found in the catalog"
+    named = (f"{r.kind} {shown_name(r.name)}" for r in found)  # catalog names: escaped
+    return ", ".join(named) or "none found in the catalog"
 
 
 def _refused(settings: Settings, plan: Plan, force: bool) -> bool:

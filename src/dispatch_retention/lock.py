@@ -17,6 +17,7 @@ from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
 from .errors import LockLost
+from .printable import shown_name
 
 NAMESPACE = "dispatch-retention"
 
@@ -34,6 +35,10 @@ def run_locks(target_table: str, shard: str | None) -> list[tuple[int, bool]]:
     if shard is None:
         return [(lock_key(target_table), False)]
     return [(lock_key(target_table), True), (lock_key(target_table, shard), False)]
+
+
+def _shown(name: str | None) -> str | None:
+    return None if name is None else shown_name(name)
 
 
 class RunLock:
@@ -82,8 +87,10 @@ class RunLock:
             raise LockLost("the run lock's connection was lost and another run holds the lock now")
 
     def holder(self) -> list[dict[str, Any]]:
-        """Who holds the lock we could not take: pid, application, client, since when (an
-        ISO 8601 time, as every other time in the log)."""
+        """Who holds the lock we could not take: pid, application, role, client, since when
+        (an ISO 8601 time, as every other time in the log). The application and role names
+        are the holder's to choose (`application_name`, a quoted role name): escaped and
+        bounded (`printable.shown_name`)."""
         assert self.conn is not None
         if self.blocked_on is None:
             return []
@@ -107,7 +114,12 @@ class RunLock:
         )
         self.conn.commit()
         return [
-            {**row, "backend_start": row["backend_start"] and row["backend_start"].isoformat()}
+            {
+                **row,
+                "application_name": _shown(row["application_name"]),
+                "usename": _shown(row["usename"]),
+                "backend_start": row["backend_start"] and row["backend_start"].isoformat(),
+            }
             for row in rows
         ]
 

@@ -1,13 +1,26 @@
-"""Results for stdout: plain tables, one JSON document, or CSV. Logs go to stderr, not here."""
+"""Results for stdout: plain tables, one JSON document, or CSV. Logs go to stderr, not here.
+
+The output gate: every text that came from the database or a file (a trigger's or a lock
+holder's name, a hold's reason, a recorded error or reason, the config's text, a chain's
+finding) goes through `printable.escaped` before it is printed, so it stays on its line and
+sends no terminal escape: the only line breaks in a result are the ones these functions
+write. Table cells are escaped by `table`; text set in a line by `_text`; a JSON document has
+every character that is not printable written as its `\\u` escape (`to_json`: lossless); a
+CSV cell is escaped and guarded against formulas (`_csv_cell`).
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
+
+from .printable import escaped as escaped  # the gate, for the modules that print
+from .printable import shown_name as shown_name
 
 if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the verifier
     from .chain import ChainReport
@@ -27,11 +40,9 @@ def _cell(value: Any) -> str:
     return escaped(str(value))
 
 
-def escaped(text: str) -> str:
-    """`text` on one line: control characters shown escaped (`\\n`), never sent raw."""
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+def _text(value: Any) -> str:
+    """Text from the database or a file, set in a line the job writes: escaped."""
+    return escaped(str(value))
 
 
 #: What a spreadsheet reads as the start of a formula (OWASP's CSV injection list).
@@ -39,11 +50,12 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 
 
 def _csv_cell(value: Any) -> Any:
-    """A CSV cell that a spreadsheet would run as a formula gets a leading quote."""
+    """A CSV cell that a spreadsheet would run as a formula gets a leading quote; a text is
+    escaped (a line break or an escape sequence would reach the terminal that shows it)."""
     if isinstance(value, datetime):
         return _json_default(value)
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
-        return "'" + value
+    if isinstance(value, str):
+        return escaped("'" + value if value.startswith(_FORMULA_START) else value)
     return value
 
 
@@ -62,7 +74,23 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def to_json(document: Any) -> str:
-    return json.dumps(document, indent=2, default=_json_default, ensure_ascii=False)
+    """One JSON document, every character that is not printable in it written as its
+    `\\u` escape (json.dumps leaves DEL, the C1 controls and the Unicode separators and
+    format characters raw; outside a string a document holds none)."""
+    text = json.dumps(document, indent=2, default=_json_default, ensure_ascii=False)
+    return "\n".join(
+        line if line.isprintable() else "".join(map(_json_char, line)) for line in text.split("\n")
+    )
+
+
+def _json_char(char: str) -> str:
+    if char.isprintable():
+        return char
+    code = ord(char)
+    if code <= 0xFFFF:
+        return f"\\u{code:04x}"
+    code -= 0x10000
+    return f"\\u{0xD800 + (code >> 10):04x}\\u{0xDC00 + (code & 0x3FF):04x}"
 
 
 def _json_default(value: Any) -> Any:
@@ -104,9 +132,9 @@ def outcome_text(outcome: Outcome) -> str:
     if outcome.remaining_due_rows is not None:
         lines.append(f"still due:        {outcome.remaining_due_rows} (counted at the end)")
     if outcome.remaining_reason:
-        lines.append(f"why:              {outcome.remaining_reason.replace(',', ', ')}")
+        lines.append(f"why:              {_text(outcome.remaining_reason.replace(',', ', '))}")
     if outcome.error:
-        lines.append(f"reason:           {outcome.error}")
+        lines.append(f"reason:           {_text(outcome.error)}")
     return "\n".join(lines)
 
 
@@ -125,7 +153,7 @@ def chain_text(report: ChainReport) -> str:
     )
     lines = [
         f"events: {report.events}{imported}",
-        f"head:   seq {report.head_seq} {report.head}",
+        f"head:   seq {report.head_seq} {_text(report.head)}",
     ]
     if report.expected_head is not None:
         where = (
@@ -133,7 +161,7 @@ def chain_text(report: ChainReport) -> str:
             if report.expected_seq is not None
             else "NOT in the chain"
         )
-        lines.append(f"expected head {report.expected_head}: {where}")
+        lines.append(f"expected head {_text(report.expected_head)}: {where}")
     lines.append(f"chunks counted against the dispatches: {report.chunks_counted}")
     if report.ok:
         lines += [
@@ -146,7 +174,7 @@ def chain_text(report: ChainReport) -> str:
     if report.unlisted:
         lines.append(f"... and {report.unlisted} more")
     first = report.findings[0]
-    lines += ["", f"TAMPERED: {first.row}: {first.problem}"]
+    lines += ["", f"TAMPERED: {_text(first.row)}: {_text(first.problem)}"]
     return "\n".join(lines)
 
 
@@ -167,11 +195,11 @@ def verify_text(report: Report) -> str:
             verdicts.append(f"REVIEW: {anomalies.total} anomalies (violations under --strict)")
     label = "counted as violations: --strict" if report.strict else "violations under --strict"
     checked = ", ".join(
-        f"{column} (cleaned: {'NULL' if value is None else json.dumps(value)})"
+        f"{_text(column)} (cleaned: {'NULL' if value is None else json.dumps(value)})"
         for column, value in report.checked_columns
     )
     lines = [
-        f"Checked {report.target} at {_cell(report.now)} (database clock), "
+        f"Checked {_text(report.target)} at {_cell(report.now)} (database clock), "
         f"tolerance {report.tolerance_hours:g} h",
         f"checked columns: {checked}",
         table(["policy", "violations"], rows),
@@ -261,9 +289,15 @@ def run_text(doc: Mapping[str, Any]) -> str:
         *_risk_lines(doc.get("copy_risks")),
         "",
         "config:",
-        *(f"  {line}" for line in doc["config_text"].splitlines()),
+        *(f"  {_text(line)}" for line in _lines(doc["config_text"])),
     ]
     return "\n".join(lines)
+
+
+def _lines(text: str) -> list[str]:
+    """A file's lines, broken at its line ends (LF, CRLF) only: any other separator
+    (`str.splitlines` also breaks at VT, FF, NEL, U+2028, ...) stays in its line, escaped."""
+    return text.replace("\r\n", "\n").removesuffix("\n").split("\n")
 
 
 def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:
@@ -273,10 +307,10 @@ def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:
     if not risks:
         return ["  none"]
     return [
-        f"  {r['kind']} {r['name']}"
-        + (f" ({r['when']})" if r.get("when") else "")
+        f"  {_text(r['kind'])} {shown_name(str(r['name']))}"
+        + (f" ({_text(r['when'])})" if r.get("when") else "")
         + (
-            f": acknowledged: {r['acknowledged']}"
+            f": acknowledged: {_text(r['acknowledged'])}"
             if r.get("acknowledged")
             else ": not acknowledged"
         )
@@ -296,5 +330,16 @@ def holds(found: Sequence[Mapping[str, Any]], fmt: str) -> str:
     return table(HOLD_COLUMNS, [[h[c] for c in HOLD_COLUMNS] for h in found])
 
 
+#: Where a finding's message goes on to a line of its own: a statement to run (`db check`'s
+#: index advice), indented. Any other line break in a message is shown escaped.
+_STATEMENT_LINE = re.compile(r"\n    (?=(?:CREATE|ALTER|DROP) )")
+
+
 def findings(found: Sequence[Finding]) -> str:
-    return "\n".join(f"[{f.level:5}] {f.check}: {f.message}" for f in found)
+    """`db check`: a line per finding, its statements to run on lines of their own below it;
+    the rest of a message (names from the catalog and the config among it) on its line."""
+    return "\n".join(
+        f"[{f.level:5}] {f.check}: "
+        + "\n    ".join(_text(part) for part in _STATEMENT_LINE.split(f.message))
+        for f in found
+    )

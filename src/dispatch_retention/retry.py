@@ -1,8 +1,12 @@
 """Which database errors are worth a retry, and the bounded backoff (tenacity) around them.
 
-Retryable: a lost connection or a server going away, a lock timeout, a statement timeout.
-Everything else (a missing column, permission denied, a constraint violation, a read-only
-standby) fails at once: no retry loop hides it.
+Retryable (`db.is_transient`, `db.is_lock_timeout`, `db.is_statement_timeout`): a lost
+connection or a server going away, and the server's own serialization failure, deadlock,
+lock timeout and statement timeout. Everything else (a missing column, permission denied, a
+constraint violation, a read-only standby) fails at once: no retry loop hides it. An error a
+function raised is never retried, whatever its SQLSTATE: a trigger's `RAISE ... USING ERRCODE
+= '08006'` is the trigger's error, not a lost connection. Whatever is retried is logged and
+recorded by `db.describe_error` (condition and SQLSTATE), never with the server's text.
 
 Retries stop after `clean.max_retries`, or as soon as the next backoff would end past the
 run's deadline (`--max-runtime`): waiting is part of the runtime budget, so a run blocked
@@ -43,7 +47,9 @@ def reason(exc: BaseException) -> str:
         return "lock timeout: another session holds a lock on the table"
     if db.is_statement_timeout(exc):
         return "statement timeout"
-    return "connection lost"
+    if db.is_connection_lost(exc):
+        return "connection lost"
+    return "serialization failure or deadlock"
 
 
 class _Deadline(stop_base):

@@ -22,6 +22,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
 from .. import config, db, errors, logs, migrate
+from ..printable import escaped
 from ..schema import AuditTables
 from ..vocabulary import Exit
 
@@ -35,16 +36,17 @@ class UsageProblem(click.ClickException):
 class Commands(click.Group):
     """The root group: the one place an error of the job's becomes an exit code (as
     Alembic's CLI turns its `CommandError` into one). `errors.UsageError` exits 2,
-    `errors.RunError` and a database error exit 1, each as one line without a traceback; a
-    database error is reduced to its SQLSTATE and object names (`db.describe_error`)."""
+    `errors.RunError` and a database error exit 1, each as one line without a traceback
+    (escaped: a message can name what a file or the catalog holds); a database error is
+    reduced to its SQLSTATE and object names (`db.describe_error`)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except errors.UsageError as exc:
-            raise UsageProblem(exc.for_user()) from None
+            raise UsageProblem(escaped(exc.for_user())) from None
         except errors.RunError as exc:
-            raise click.ClickException(exc.for_user()) from None
+            raise click.ClickException(escaped(exc.for_user())) from None
         except DBAPIError as exc:
             raise click.ClickException(f"database error: {db.describe_error(exc)}") from None
 
