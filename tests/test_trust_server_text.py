@@ -391,6 +391,29 @@ def test_a_logged_traceback_holds_no_exception_text(
         assert MARK not in logged
 
 
+def test_an_exception_no_command_maps_ends_the_script_without_its_text() -> None:
+    """A bug's exception escaping every command (here the CLI itself raising a KeyError that
+    quotes a row) ends the console script with exit 1 and a traceback of frames and classes,
+    never the exception's message."""
+    import subprocess
+    import sys
+
+    boom = (
+        "import dispatch_retention.cli as cli\n"
+        "def boom():\n"
+        f"    raise KeyError('{MARK}@example.invalid')\n"
+        "cli.main = boom\n"
+        "from dispatch_retention import entry\n"
+        "entry.main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", boom], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 1, done.stderr
+    assert "builtins.KeyError" in done.stderr and "Traceback" in done.stderr
+    assert MARK not in done.stdout + done.stderr
+
+
 def test_a_librarys_warning_is_logged_without_its_arguments(
     capsys: pytest.CaptureFixture[str],
 ) -> None:

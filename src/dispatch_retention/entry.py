@@ -6,8 +6,9 @@ installed here first; a signal that arrives before the command is ready ends the
 once with 128 + N, having touched nothing. The cyclic garbage collector is held off while
 the modules load (they are kept for the life of the process anyway). Once the CLI is
 loaded, every command stops on a signal the same way, except `run`, which installs its own
-handlers (stop after the chunk in progress). When the command is done, the process leaves
-without the interpreter's slow teardown (`_leave`).
+handlers (stop after the chunk in progress). An exception no command maps is printed as
+`logs.safe_traceback` prints it (frames and classes, never its message). When the command
+is done, the process leaves without the interpreter's slow teardown (`_leave`).
 """
 
 from __future__ import annotations
@@ -41,7 +42,11 @@ def main() -> None:
     # docs/performance.md). So it waits until they exist, then leaves them alone for good.
     gc.disable()
     from .cli import main as cli_main
+    from .logs import safe_traceback
 
+    # An exception no command maps (a bug) still ends the process with exit 1, but its
+    # traceback names frames and exception classes only: its message may hold server text.
+    sys.excepthook = lambda _kind, exc, _tb: print(safe_traceback(exc), file=sys.stderr)
     gc.freeze()
     gc.enable()
     if _pending:
