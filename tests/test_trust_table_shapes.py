@@ -905,6 +905,7 @@ CONSTRAINTS_THAT_TAKE_IT = [
             "ALTER TABLE dispatches ADD CONSTRAINT msisdn_shape "
             "CHECK (msisdn IS NULL OR msisdn LIKE '+%')",
             "ALTER TABLE dispatches ADD CONSTRAINT positive_id CHECK (id > 0)",
+            "ALTER TABLE dispatches ADD CONSTRAINT updated_later CHECK (updated_at >= created_at)",
             "ALTER TABLE dispatches ADD CONSTRAINT no_mailto "
             "CHECK (email IS NULL OR email::text NOT LIKE 'mailto:%')",
             "ALTER TABLE dispatches ADD CONSTRAINT token_shape "
