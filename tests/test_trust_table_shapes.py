@@ -626,3 +626,329 @@ def test_a_replica_identity_without_a_personal_column_is_no_copy_risk(engine: En
     s = config.parse(config_text(), "shape.toml")
     with engine.connect() as conn, conn.begin():
         assert risks.copy_risks(conn, s) == []
+
+
+# --- item 10, neighbours: constraints that refuse what cleaning writes ------------------------
+
+#: The seeded dispatches table made partitioned by id, its rows moved into two partitions.
+PARTITIONED_BY_ID = (
+    "ALTER TABLE dispatches RENAME TO dispatches_plain",
+    "CREATE TABLE dispatches (LIKE dispatches_plain INCLUDING DEFAULTS) PARTITION BY RANGE (id)",
+    "ALTER SEQUENCE dispatches_id_seq OWNED BY dispatches.id",
+    "ALTER TABLE dispatches ADD PRIMARY KEY (id)",
+    "CREATE TABLE dispatches_low PARTITION OF dispatches FOR VALUES FROM (MINVALUE) TO (5)",
+    "CREATE TABLE dispatches_high PARTITION OF dispatches FOR VALUES FROM (5) TO (MAXVALUE)",
+    "INSERT INTO dispatches SELECT * FROM dispatches_plain",
+    "DROP TABLE dispatches_plain",
+)
+
+CONSTRAINTS = [
+    pytest.param(
+        Shaped(
+            ("ALTER TABLE dispatches ADD CONSTRAINT msisdn_required CHECK (msisdn IS NOT NULL)",),
+            "columns",
+            ("msisdn_required", "msisdn", "NULL"),
+        ),
+        id="check-not-null",
+    ),
+    pytest.param(
+        Shaped(
+            ("ALTER TABLE dispatches ADD CONSTRAINT email_given CHECK (email <> '')",),
+            "columns",
+            ("email_given", "clean.replace"),
+            clean='replace = { content = {}, email = "" }',
+        ),
+        id="check-refusing-the-replacement",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT reachable "
+                "CHECK (num_nonnulls(email, msisdn, app_token) > 0)",
+            ),
+            "columns",
+            ("reachable", "NULL"),
+        ),
+        id="check-over-several-personal-columns",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT kept_until_cleaned "
+                "CHECK (cleaned_at IS NULL OR content IS NOT NULL)",
+            ),
+            "columns",
+            ("kept_until_cleaned", "content"),
+            clean='replace = { app_token = "-" }',
+        ),
+        id="check-over-cleaned-at-and-a-personal-column",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT token_shape "
+                "CHECK (app_token LIKE 'tok\\_%') NOT VALID",
+            ),
+            "columns",
+            ("token_shape", "clean.replace"),
+            clean='replace = { content = {}, app_token = "redacted" }',
+        ),
+        id="not-valid-check-refusing-the-replacement",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "ALTER TABLE archive ADD CONSTRAINT archive_msisdn CHECK (msisdn IS NOT NULL)",
+            ),
+            "columns",
+            ("archive_msisdn", "archive"),
+        ),
+        id="check-on-an-inheritance-child",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                *PARTITIONED_BY_ID,
+                "ALTER TABLE dispatches_low ADD CONSTRAINT low_email CHECK (email IS NOT NULL)",
+            ),
+            "columns",
+            ("low_email", "dispatches_low"),
+        ),
+        id="check-on-a-partition",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT token_prefix "
+                "CHECK (app_token::text <> 'urn:x' "
+                "AND (app_token LIKE 'tok%' OR app_token LIKE 'PIIMARK%'))",
+            ),
+            "columns",
+            ("token_prefix", "clean.replace.app_token"),
+            clean='replace = { content = {}, app_token = "redacted:1" }',
+        ),
+        id="check-with-colons-and-percent-signs",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE FUNCTION reachable(v text) RETURNS boolean LANGUAGE plpgsql "
+                "IMMUTABLE AS $$BEGIN IF v IS NULL THEN RAISE EXCEPTION 'no phone: %', v; "
+                "END IF; RETURN true; END$$",
+                "ALTER TABLE dispatches ADD CONSTRAINT phone_reachable CHECK (reachable(msisdn))",
+            ),
+            "columns",
+            ("phone_reachable", "msisdn NULL"),
+        ),
+        id="check-calling-a-function-that-raises",
+    ),
+    pytest.param(
+        Shaped(
+            ("ALTER TABLE dispatches ALTER COLUMN msisdn SET NOT NULL",),
+            "columns",
+            ("msisdn", "NOT NULL"),
+        ),
+        id="not-null-on-the-target",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT one_per_email "
+                "EXCLUDE USING btree (email WITH =)",
+            ),
+            "columns",
+            ("one_per_email", "email", "clean.replace"),
+            clean='replace = { content = {}, email = "" }',
+        ),
+        id="exclusion-over-a-replaced-column",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "CREATE TABLE archive () INHERITS (dispatches)",
+                "ALTER TABLE archive ADD CONSTRAINT one_per_token "
+                "EXCLUDE USING hash (app_token WITH =)",
+            ),
+            "columns",
+            ("one_per_token", "archive"),
+            clean='replace = { content = {}, app_token = "-" }',
+        ),
+        id="a-childs-hash-exclusion-over-a-replaced-column",
+    ),
+]
+
+
+@pytest.mark.parametrize("shape", CONSTRAINTS)
+def test_a_constraint_refusing_what_cleaning_writes_is_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """A table CHECK (NOT VALID too: it applies to every write) over the columns cleaning
+    writes that refuses NULL or the replacement, on the target, a child or a partition; a
+    column NOT NULL on the target; an exclusion constraint that two cleaned rows violate:
+    refused naming the constraint (or column), not a run failing every night."""
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+def server_version(engine: Engine) -> int:
+    with engine.connect() as conn:
+        return int(conn.execute(text("SHOW server_version_num")).scalar_one())
+
+
+NULLS_NOT_DISTINCT = [
+    pytest.param(
+        Shaped(
+            ("CREATE UNIQUE INDEX dispatches_email_key ON dispatches (email) NULLS NOT DISTINCT",),
+            "columns",
+            ("dispatches_email_key", "email", "NULLS NOT DISTINCT"),
+        ),
+        id="over-a-column-set-to-null",
+    ),
+    pytest.param(
+        Shaped(
+            (
+                "ALTER TABLE dispatches ADD CONSTRAINT one_token_per_msisdn "
+                "UNIQUE NULLS NOT DISTINCT (msisdn, app_token)",
+            ),
+            "columns",
+            ("one_token_per_msisdn", "msisdn, app_token"),
+            clean='replace = { content = {}, app_token = "-" }',
+        ),
+        id="constraint-over-a-null-and-a-replaced-column",
+    ),
+]
+
+
+@pytest.mark.parametrize("shape", NULLS_NOT_DISTINCT)
+def test_a_nulls_not_distinct_unique_index_over_cleaned_columns_is_refused(
+    engine: Engine, database_url: URL, tmp_path: Path, shape: Shaped
+) -> None:
+    """UNIQUE NULLS NOT DISTINCT (PostgreSQL 15+) over columns cleaning sets to NULL (or to
+    a replacement): every cleaned row holds the same key, so the second violates it."""
+    if server_version(engine) < 150000:
+        pytest.skip("UNIQUE NULLS NOT DISTINCT is PostgreSQL 15+")
+    refused_everywhere(engine, database_url, tmp_path, shape)
+
+
+UNDECIDED = [
+    pytest.param(
+        (
+            "ALTER TABLE dispatches ADD CONSTRAINT sms_needs_msisdn "
+            "CHECK (type <> 'sms' OR msisdn IS NOT NULL)",
+        ),
+        "",
+        "sms_needs_msisdn",
+        id="check-over-a-personal-and-a-kept-column",
+    ),
+    pytest.param(
+        ("ALTER TABLE dispatches ADD CONSTRAINT members_negative CHECK (member_id < 0) NOT VALID",),
+        "",
+        "members_negative",
+        id="not-valid-check-over-kept-columns",
+    ),
+    pytest.param(
+        (
+            "ALTER TABLE dispatches ADD CONSTRAINT one_email_per_type "
+            "EXCLUDE USING btree (email WITH =, type WITH =)",
+        ),
+        'replace = { content = {}, email = "" }',
+        "one_email_per_type",
+        id="exclusion-over-a-replaced-and-a-kept-column",
+    ),
+    pytest.param(
+        (
+            "CREATE SCHEMA app_private",
+            "CREATE FUNCTION app_private.given(v text) RETURNS boolean LANGUAGE sql "
+            "IMMUTABLE AS 'SELECT v IS NOT NULL'",
+            "ALTER TABLE dispatches ADD CONSTRAINT email_given CHECK (app_private.given(email))",
+        ),
+        "",
+        "email_given",
+        id="check-calling-a-function-in-a-schema-the-role-cannot-use",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ddl", "clean", "name"), UNDECIDED)
+def test_a_constraint_only_the_rows_decide_is_warned_and_fails_the_run_by_name(
+    engine: Engine, database_url: URL, tmp_path: Path, ddl: tuple[str, ...], clean: str, name: str
+) -> None:
+    """A CHECK whose outcome depends on columns cleaning keeps as well, a NOT VALID one
+    (old rows were never checked), an exclusion over a kept column too: what the rows
+    decide cannot be told on connecting. `db check` warns naming the constraint; the run
+    that meets it fails (exit 1) naming it, without a traceback or the server's text, and
+    the chunk's rows stay as they were."""
+    seed_series(engine, DUE)
+    execute(engine, *ddl)
+    s = config.parse(config_text(clean), "shape.toml")
+    path = write_config(tmp_path / "shape.toml", config_text(clean))
+    with granted_role(engine, database_url, "run", s) as (_, url):
+        checked = invoke("--config", str(path), "--database-url", url, "db", "check")
+        assert checked.exit_code == 0, checked.stdout + checked.stderr
+        [warned] = [
+            line for line in checked.stdout.splitlines() if line.startswith("[warn ] columns: ")
+        ]
+        assert name in warned, checked.stdout
+        run = run_script(url, path, "run", "--yes")
+        assert run.returncode == 1, run.stdout + run.stderr
+        assert "Traceback" not in run.stderr
+        assert name in run.stderr, run.stderr
+        assert "violates" not in run.stdout + run.stderr  # the server's own text
+        assert_no_marker(run.stdout, run.stderr)
+    assert all(row["cleaned_at"] is None for row in snapshot(engine).values())
+
+
+CONSTRAINTS_THAT_TAKE_IT = [
+    pytest.param(
+        (
+            "ALTER TABLE dispatches ADD CONSTRAINT email_short CHECK (char_length(email) < 300)",
+            "ALTER TABLE dispatches ADD CONSTRAINT msisdn_shape "
+            "CHECK (msisdn IS NULL OR msisdn LIKE '+%')",
+            "ALTER TABLE dispatches ADD CONSTRAINT positive_id CHECK (id > 0)",
+            "ALTER TABLE dispatches ADD CONSTRAINT updated_later CHECK (updated_at >= created_at)",
+            "ALTER TABLE dispatches ADD CONSTRAINT no_mailto "
+            "CHECK (email IS NULL OR email::text NOT LIKE 'mailto:%')",
+            "ALTER TABLE dispatches ADD CONSTRAINT token_shape "
+            "CHECK (app_token LIKE 'tok%' OR app_token LIKE 'PIIMARK%')",
+        ),
+        'replace = { content = {}, app_token = "tok_redacted" }',
+        id="checks-that-take-null-and-the-replacement",
+    ),
+    pytest.param(
+        ("ALTER TABLE dispatches ADD CONSTRAINT one_per_email EXCLUDE USING btree (email WITH =)",),
+        "",
+        id="exclusion-over-a-column-set-to-null",
+    ),
+    pytest.param(
+        (
+            *PARTITIONED_BY_ID,
+            "ALTER TABLE dispatches_low ADD CONSTRAINT low_id CHECK (id < 5)",
+        ),
+        "",
+        id="partition-check-over-the-id",
+    ),
+]
+
+
+@pytest.mark.parametrize(("ddl", "clean"), CONSTRAINTS_THAT_TAKE_IT)
+def test_constraints_that_take_what_cleaning_writes_are_cleaned(
+    engine: Engine, database_url: URL, tmp_path: Path, ddl: tuple[str, ...], clean: str
+) -> None:
+    """CHECKs that take NULL and the replacement (or concern kept columns only, validated)
+    and an exclusion over a column set to NULL (NULLs never conflict): neither an error nor
+    a warning of `db check`, and the run cleans every due row."""
+    seed_series(engine, DUE)
+    execute(engine, *ddl)
+    s = config.parse(config_text(clean), "shape.toml")
+    path = write_config(tmp_path / "shape.toml", config_text(clean))
+    with granted_role(engine, database_url, "run", s) as (_, url):
+        checked = invoke("--config", str(path), "--database-url", url, "db", "check")
+        assert not [
+            line
+            for line in checked.stdout.splitlines()
+            if line.startswith(("[error]", "[warn ] columns"))
+        ], checked.stdout
+        done = run_script(url, path, "run", "--yes")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert done.last("run_finished")["rows_cleaned"] == len(DUE)
+    assert all(row["cleaned_at"] is not None for row in snapshot(engine).values())

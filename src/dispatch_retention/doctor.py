@@ -52,7 +52,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings: list[Finding] = [_target(conn, configured, settings)]
     assert settings.shape is not None  # read by resolve_settings
     findings += [
-        Finding("error", problem.check, problem.message)  # what `run` refuses with exit 2
+        Finding(problem.level, problem.check, problem.message)  # errors: `run` refuses, exit 2
         for problem in target_module.table_problems(
             conn, settings, settings.shape, settings.target.table
         )

@@ -13,8 +13,10 @@ all (`target.column_problems` refuses what it cannot): how each column may be wr
 tables below it (inheritance children and partitions: an UPDATE of the target updates their
 rows, but sets only the target's columns, so a child's own column is never stripped) and
 its rules on UPDATE (PostgreSQL refuses the job's data-modifying WITH on such a table),
-and its unique indexes (a `clean.replace` value written into every row of one would
-violate it at the second row).
+its unique indexes (a `clean.replace` value written into every row of one, or NULL into
+one whose NULLs are NOT DISTINCT, would violate it at the second row), and its CHECK and
+exclusion constraints (`target.constraint_problems` tells which refuse what cleaning
+writes).
 
 `read()` reads the catalog only (no row); `Shape` is plain data, so the policy core stays
 pure.
@@ -27,7 +29,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, TextClause, text
 
 Kind = Literal["text", "enum", "integer", "json", "jsonb", "timestamptz", "timestamp", "other"]
 
@@ -98,6 +100,36 @@ class Unique:
     relation: str
     index: str
     columns: tuple[str, ...]
+    #: NULLS NOT DISTINCT (PostgreSQL 15+): a NULL equals a NULL in it
+    nulls_not_distinct: bool = False
+
+
+@dataclass(frozen=True)
+class Constraint:
+    """A CHECK or an exclusion constraint of the target or of a table below it (a CHECK
+    where it is declared, not where it is inherited; a partitioned table's exclusion
+    constraint once, not per partition; a partial exclusion constraint is not read). NOT
+    VALID ones too: they hold for every row written since, so for every row cleaned."""
+
+    #: `schema.table`, each part quoted where it must be
+    relation: str
+    #: as the catalog holds it (unquoted)
+    name: str
+    #: "check" or "exclusion"
+    kind: str
+    #: its columns, in its order ("" for a whole-row reference, or an exclusion
+    #: constraint's expression)
+    columns: tuple[str, ...]
+    #: every column it reads: its columns, and those its expressions read
+    reads: frozenset[str] = frozenset()
+    #: each column's name quoted where it must be, and its type (`format_type`)
+    quoted: tuple[str, ...] = ()
+    types: tuple[str, ...] = ()
+    #: a CHECK's expression (`pg_get_expr`); never printed: it is the owner's text
+    expression: str = ""
+    #: an exclusion constraint's operator per column, `OPERATOR(schema.op)`
+    operators: tuple[str, ...] = ()
+    validated: bool = True
 
 
 @dataclass(frozen=True)
@@ -125,6 +157,8 @@ class Shape:
     rules: tuple[Rule, ...] = ()
     #: the unique indexes of the target and the tables below it
     unique: tuple[Unique, ...] = ()
+    #: the CHECK and exclusion constraints of the target and the tables below it
+    constraints: tuple[Constraint, ...] = ()
 
     def __contains__(self, name: object) -> bool:
         return name in self.columns
@@ -183,29 +217,82 @@ RULES = text(
 )
 
 
-#: The plain, whole unique indexes of the target and of every table below it.
-_UNIQUE = text(
+#: The target and every table below it, each once, with its depth.
+_TREE = (
     "WITH RECURSIVE tree(relid, level) AS ("
     "SELECT CAST(:oid AS oid), 0 "
     "UNION SELECT i.inhrelid, tree.level + 1 FROM pg_inherits i "
     "JOIN tree ON i.inhparent = tree.relid) "
-    "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
-    "quote_ident(ic.relname) AS index, "
-    "ARRAY(SELECT CAST(a.attname AS text) FROM unnest(x.indkey) WITH ORDINALITY k(attnum, o) "
-    "JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.o) "
-    "AS columns "
+)
+
+
+def _unique_query(nulls_not_distinct: bool) -> TextClause:
+    """The plain, whole unique indexes of the target and of every table below it; whether
+    their NULLs are NOT DISTINCT where the server has the notion (PostgreSQL 15+)."""
+    flag = "x.indnullsnotdistinct" if nulls_not_distinct else "false"
+    return text(
+        _TREE + "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
+        "quote_ident(ic.relname) AS index, "
+        "ARRAY(SELECT CAST(a.attname AS text) "
+        "FROM unnest(x.indkey) WITH ORDINALITY k(attnum, o) "
+        "JOIN pg_attribute a ON a.attrelid = x.indrelid AND a.attnum = k.attnum ORDER BY k.o) "
+        f"AS columns, {flag} AS nulls_not_distinct "
+        "FROM (SELECT relid, min(level) AS level FROM tree GROUP BY relid) t "
+        "JOIN pg_index x ON x.indrelid = t.relid JOIN pg_class c ON c.oid = x.indrelid "
+        "JOIN pg_class ic ON ic.oid = x.indexrelid "
+        "JOIN pg_namespace n ON n.oid = c.relnamespace "
+        "WHERE x.indisunique AND x.indpred IS NULL AND x.indexprs IS NULL "
+        "ORDER BY t.level, relation, index"
+    )
+
+
+#: The CHECK constraints of the target and of every table below it where they are declared
+#: (`conislocal`: a child's copy of its parent's is the parent's), and their exclusion
+#: constraints that are not partial, once (a partition's copy has a `conparentid`). Each
+#: with its columns in its order (attnum 0, a whole-row reference or an expression, as
+#: ''), their quoted names and types, a CHECK's expression, an exclusion constraint's
+#: operators and the columns its index reads (its expressions' too: `pg_depend`).
+_CONSTRAINTS = text(
+    _TREE + "SELECT format('%I.%I', n.nspname, c.relname) AS relation, "
+    "CAST(k.conname AS text) AS name, "
+    "CASE k.contype WHEN 'c' THEN 'check' ELSE 'exclusion' END AS kind, "
+    "k.convalidated AS validated, "
+    "CASE k.contype WHEN 'c' THEN pg_get_expr(k.conbin, k.conrelid) ELSE '' END AS expression, "
+    "ARRAY(SELECT coalesce(CAST(a.attname AS text), '') "
+    "FROM unnest(k.conkey) WITH ORDINALITY u(attnum, o) LEFT JOIN pg_attribute a "
+    "ON a.attrelid = k.conrelid AND a.attnum = u.attnum AND u.attnum > 0 ORDER BY u.o) "
+    "AS columns, "
+    "ARRAY(SELECT coalesce(quote_ident(a.attname), '') "
+    "FROM unnest(k.conkey) WITH ORDINALITY u(attnum, o) LEFT JOIN pg_attribute a "
+    "ON a.attrelid = k.conrelid AND a.attnum = u.attnum AND u.attnum > 0 ORDER BY u.o) "
+    "AS quoted, "
+    "ARRAY(SELECT coalesce(format_type(a.atttypid, a.atttypmod), '') "
+    "FROM unnest(k.conkey) WITH ORDINALITY u(attnum, o) LEFT JOIN pg_attribute a "
+    "ON a.attrelid = k.conrelid AND a.attnum = u.attnum AND u.attnum > 0 ORDER BY u.o) "
+    "AS types, "
+    "ARRAY(SELECT format('OPERATOR(%I.%s)', opn.nspname, op.oprname) "
+    "FROM unnest(k.conexclop) WITH ORDINALITY e(opr, o) "
+    "JOIN pg_operator op ON op.oid = e.opr "
+    "JOIN pg_namespace opn ON opn.oid = op.oprnamespace ORDER BY e.o) AS operators, "
+    "ARRAY(SELECT CAST(a.attname AS text) FROM pg_depend d JOIN pg_attribute a "
+    "ON a.attrelid = d.refobjid AND a.attnum = d.refobjsubid "
+    "WHERE d.classid = CAST('pg_class' AS regclass) AND d.objid = k.conindid "
+    "AND d.refclassid = CAST('pg_class' AS regclass) AND d.refobjsubid > 0) AS indexed "
     "FROM (SELECT relid, min(level) AS level FROM tree GROUP BY relid) t "
-    "JOIN pg_index x ON x.indrelid = t.relid JOIN pg_class c ON c.oid = x.indrelid "
-    "JOIN pg_class ic ON ic.oid = x.indexrelid JOIN pg_namespace n ON n.oid = c.relnamespace "
-    "WHERE x.indisunique AND x.indpred IS NULL AND x.indexprs IS NULL "
-    "ORDER BY t.level, relation, index"
+    "JOIN pg_constraint k ON k.conrelid = t.relid JOIN pg_class c ON c.oid = k.conrelid "
+    "JOIN pg_namespace n ON n.oid = c.relnamespace "
+    "WHERE (k.contype = 'c' AND k.conislocal) OR (k.contype = 'x' AND k.conparentid = 0 "
+    "AND NOT EXISTS (SELECT FROM pg_index x WHERE x.indexrelid = k.conindid "
+    "AND x.indpred IS NOT NULL)) "
+    "ORDER BY t.level, relation, name"
 )
 
 
 def read(conn: Connection, oid: int) -> Shape:
     """The columns of the relation `oid` (a domain is read as what it is; an array or any
     other type is `other`: the job then only ever writes NULL or a replacement into it),
-    the tables below it and its rules on UPDATE."""
+    the tables below it, its rules on UPDATE, unique indexes, CHECK and exclusion
+    constraints."""
     columns = {}
     for row in conn.execute(_READ, {"oid": oid}).mappings():
         is_enum = row["typtype"] == "e"
@@ -236,8 +323,26 @@ def read(conn: Connection, oid: int) -> Shape:
         Rule(str(r["name"]), bool(r["is_instead"]), bool(r["conditional"]))
         for r in conn.execute(RULES, {"t": str(oid)}).mappings()
     )
+    version = conn.dialect.server_version_info or (0,)
     unique = tuple(
-        Unique(str(r["relation"]), str(r["index"]), tuple(r["columns"]))
-        for r in conn.execute(_UNIQUE, {"oid": oid}).mappings()
+        Unique(
+            str(r["relation"]), str(r["index"]), tuple(r["columns"]), bool(r["nulls_not_distinct"])
+        )
+        for r in conn.execute(_unique_query(version >= (15,)), {"oid": oid}).mappings()
     )
-    return Shape(columns, below, rules, unique)
+    constraints = tuple(
+        Constraint(
+            relation=str(r["relation"]),
+            name=str(r["name"]),
+            kind=str(r["kind"]),
+            columns=tuple(r["columns"]),
+            reads=frozenset(r["columns"]) | frozenset(r["indexed"]),
+            quoted=tuple(r["quoted"]),
+            types=tuple(r["types"]),
+            expression=str(r["expression"]),
+            operators=tuple(r["operators"]),
+            validated=bool(r["validated"]),
+        )
+        for r in conn.execute(_CONSTRAINTS, {"oid": oid}).mappings()
+    )
+    return Shape(columns, below, rules, unique, constraints)

@@ -18,8 +18,12 @@ job refuses and what it reports"):
   windows cannot walk (not an integer, or NULL-able), an inheritance child with columns of
   its own that are neither stripped nor kept (the UPDATE of the target sets only the
   target's columns, so nothing would ever strip or check them), a rule on UPDATE
-  (PostgreSQL refuses the cleaning statement, a data-modifying WITH, on such a table), and
-  a unique index over columns cleaning sets to one `clean.replace` value.
+  (PostgreSQL refuses the cleaning statement, a data-modifying WITH, on such a table), a
+  unique index over columns cleaning sets to one `clean.replace` value (or to NULL, where
+  its NULLs are NOT DISTINCT), and a CHECK or exclusion constraint that refuses what
+  cleaning writes (`constraint_problems`: decided on what cleaning writes alone where the
+  constraint reads nothing else; where it reads a kept column too, only the rows can tell,
+  and `db check` warns naming it).
 
 The resolved schema and name identify the target from then on (the run lock, the audit
 trail, every statement), so `dispatches` and `public.dispatches` are one target.
@@ -28,9 +32,10 @@ trail, every statement), so `dispatches` and `public.dispatches` are one target.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy import Connection, distinct, func, select, text, true
 from sqlalchemy.exc import DBAPIError
@@ -41,7 +46,7 @@ from .errors import TargetRefused
 from .names import quoted_name
 from .policy import stored
 from .schema import target_table
-from .shape import ColumnShape, Shape
+from .shape import ColumnShape, Constraint, Shape
 
 #: pg_class.relkind values the job accepts, and names for the ones it refuses.
 ACCEPTED_KINDS = {"r": "table", "p": "partitioned table"}
@@ -139,10 +144,12 @@ def resolve_settings(conn: Connection, settings: Settings, *, refuse: bool = Tru
     table = shape.read(conn, resolved.oid)
     db.know(resolved.schema, resolved.name, settings.audit.schema_, *settings.clean.keep)
     db.know(*table.columns)
+    db.know(*(c.name for c in table.constraints))  # a chunk that violates one names it
     if refuse:
         problems = table_problems(conn, settings, table, resolved.qualified)
-        if problems:
-            raise TargetRefused(resolved.qualified, problems[0].message)
+        errors = [p for p in problems if p.level == "error"]
+        if errors:
+            raise TargetRefused(resolved.qualified, errors[0].message)
     return pinned(settings, resolved, table)
 
 
@@ -153,17 +160,25 @@ class Problem:
 
     check: str  # "key" | "rule" | "columns" | "column classification"
     message: str
+    #: "warn": what only the rows can tell (a constraint that reads kept columns too): not
+    #: refused, listed by `db check` as a warning, and a run it fails names it
+    level: Literal["error", "warn"] = "error"
 
 
 def table_problems(
     conn: Connection, settings: Settings, table: Shape, qualified: str
 ) -> list[Problem]:
     """`column_problems`, then what only the server can tell: whether each personal column
-    whose type is a domain takes what cleaning writes (`domain_problems`). `qualified` is
-    the target as the messages name it."""
+    whose type is a domain takes what cleaning writes (`domain_problems`), and whether the
+    table's CHECK and exclusion constraints do (`constraint_problems`, over the columns
+    that passed both). `qualified` is the target as the messages name it."""
     fitting = [c for c in settings.clean.columns if not _strippable(settings, table, c)]
-    return column_problems(settings, table, qualified) + domain_problems(
-        conn, settings, table, fitting
+    refused = domain_problems(conn, settings, table, fitting)
+    writable = [c for c in fitting if c not in refused]
+    return (
+        column_problems(settings, table, qualified)
+        + [Problem("columns", message) for message in refused.values()]
+        + constraint_problems(conn, settings, table, writable)
     )
 
 
@@ -206,23 +221,40 @@ def column_problems(settings: Settings, table: Shape, qualified: str) -> list[Pr
 
 
 def _unique(settings: Settings, table: Shape, qualified: str) -> list[Problem]:
-    """A unique index every column of which cleaning sets to its `clean.replace` value: the
-    second row cleaned would hold the same key, so every run would fail. NULL is not
-    counted (NULLs are distinct in a unique index unless it says NULLS NOT DISTINCT)."""
-    replaced = {c for c in settings.clean.columns if c in settings.clean.replace}
-    return [
-        Problem(
-            "columns",
-            f"the unique index {u.index} of {u.relation} is over {', '.join(u.columns)}, "
-            "which cleaning sets to the same clean.replace value in every row: the second "
-            f"row cleaned would violate it. Strip {'it' if len(u.columns) == 1 else 'them'} "
-            "to NULL (take the value out of clean.replace), or make the index partial "
-            f"(... WHERE cleaned_at IS NULL) or hold a column cleaning keeps"
-            + ("" if u.relation == qualified else f" ({u.relation} is below {qualified})"),
+    """A unique index every column of which cleaning sets to its `clean.replace` value, or
+    one whose NULLs are NOT DISTINCT every column of which cleaning sets (to NULL or a
+    replacement): the second row cleaned would hold the same key, so every run would fail.
+    Elsewhere NULL is not counted (NULLs are distinct in a unique index by default)."""
+    cleaned = {c for c in settings.clean.columns if c in table.columns}
+    replaced = {c for c in cleaned if c in settings.clean.replace}
+    problems = []
+    for u in table.unique:
+        columns = set(u.columns)
+        if not u.columns or not columns <= cleaned:
+            continue
+        if columns <= replaced:
+            sets = "which cleaning sets to the same clean.replace value in every row"
+            which = "it" if len(u.columns) == 1 else "one of them"
+            fix = f"Strip {which} to NULL (take its value out of clean.replace)"
+        elif u.nulls_not_distinct:
+            sets = (
+                "NULLS NOT DISTINCT, which cleaning sets to NULL or to the same clean.replace "
+                "value in every row"
+            )
+            fix = "Make it NULLS DISTINCT (the default: a NULL then equals no other NULL)"
+        else:
+            continue
+        problems.append(
+            Problem(
+                "columns",
+                f"the unique index {u.index} of {u.relation} is over {', '.join(u.columns)}, "
+                f"{sets}: the second row cleaned would violate it. {fix}, "
+                "or make the index partial (... WHERE cleaned_at IS NULL) or hold a column "
+                "cleaning keeps"
+                + ("" if u.relation == qualified else f" ({u.relation} is below {qualified})"),
+            )
         )
-        for u in table.unique
-        if u.columns and set(u.columns) <= replaced
-    ]
+    return problems
 
 
 #: The integer types the chunk windows walk (`shape` kind "integer").
@@ -338,13 +370,13 @@ _NOT_ABOUT_THE_VALUE = ("08", "40", "53", "54", "55", "57", "58", "XX")
 
 def domain_problems(
     conn: Connection, settings: Settings, table: Shape, columns: list[str]
-) -> list[Problem]:
+) -> dict[str, str]:
     """Of `columns` (personal columns that exist and whose kind takes what cleaning writes),
-    those whose type is a domain that refuses it: a NOT NULL or a CHECK (also one inherited
-    from a domain it is based on) that refuses NULL, or the `clean.replace` value. Asks the
-    server, each in a savepoint (read-only: it writes nothing); what the server says is
-    never shown."""
-    problems = []
+    those whose type is a domain that refuses it, each with the message saying so: a NOT
+    NULL or a CHECK (also one inherited from a domain it is based on) that refuses NULL, or
+    the `clean.replace` value. Asks the server, each in a savepoint (read-only: it writes
+    nothing); what the server says is never shown."""
+    problems = {}
     for name in columns:
         column = table.columns[name]
         if column.domain is None:
@@ -357,7 +389,7 @@ def domain_problems(
             state = db.sqlstate(exc)
             if state is None or state.startswith(_NOT_ABOUT_THE_VALUE):
                 raise
-            problems.append(Problem("columns", _refused_by_domain(name, column, value)))
+            problems[name] = _refused_by_domain(name, column, value)
     return problems
 
 
@@ -372,6 +404,211 @@ def _refused_by_domain(name: str, column: ColumnShape, value: Any) -> str:
         f"clean.replace.{name}: {value!r} is refused by the domain {column.sql_type} of "
         f"{name} (its NOT NULL or a CHECK): give a value the domain accepts"
     )
+
+
+#: The columns cleaning stamps with the transaction's `now()` besides the personal ones
+#: (`statements.Statements`).
+STAMPED = ("cleaned_at", "updated_at")
+
+#: SQLSTATE classes with which evaluating a constraint on what cleaning writes says the
+#: cleaning UPDATE would fail too: a data exception (a value its type or a function in the
+#: expression refuses), an integrity violation, an exception a function raises.
+_REFUSES = ("22", "23", "P0")
+
+
+def constraint_problems(
+    conn: Connection, settings: Settings, table: Shape, writable: list[str]
+) -> list[Problem]:
+    """The CHECK and exclusion constraints (of the target and the tables below it) that
+    refuse what cleaning writes into `writable` (personal columns that take it) and the
+    stamps (`STAMPED`). A constraint over a personal column already refused is left to that
+    refusal. Decided where a constraint reads only columns cleaning writes: the server
+    evaluates it on what cleaning writes, in a savepoint (`_evaluate`). Where it reads a
+    column cleaning keeps as well, or the whole row or an expression the catalog does not
+    break down, only the rows can tell, and reading them all on connecting is too costly:
+    a warning naming it (the run that meets a refusing row fails naming it, `db.know`),
+    but for a CHECK that reads of what cleaning writes only `updated_at` (which every
+    update of the application stamps with its `now()` as well). So is a NOT VALID CHECK
+    over kept columns only: rows older than it were never checked, and cleaning rewrites
+    them."""
+    written: dict[str, Any] = {c: _written(settings, table, c) for c in writable}
+    stamped = [c for c in STAMPED if c in table.columns]
+    cleaned = {c for c in settings.clean.columns if c in table.columns}
+    problems = []
+    for constraint in table.constraints:
+        if set(constraint.columns) & (cleaned - set(writable)):
+            continue  # its column is refused already
+        if constraint.kind == "check":
+            problems += _check(conn, constraint, written, stamped)
+        else:
+            problems += _exclusion(conn, constraint, written, stamped)
+    return problems
+
+
+def _written(settings: Settings, table: Shape, name: str) -> Any:
+    """What cleaning writes into the personal column `name`, as JSON for
+    `jsonb_to_record` (`policy.cleaned_values` writes it): None for NULL, a replacement as
+    itself, or as its JSON text in a text column when it is not a string."""
+    value = settings.clean.replace.get(name)
+    if value is not None and table.columns[name].kind == "text" and not isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return value
+
+
+def _check(
+    conn: Connection, constraint: Constraint, written: Mapping[str, Any], stamped: list[str]
+) -> list[Problem]:
+    """A CHECK: decided on what cleaning writes where it reads nothing else; where it reads
+    nothing cleaning writes, it holds for every row it held for (validated)."""
+    touched = constraint.reads & (set(written) | set(stamped))
+    name = quoted_name(constraint.name)
+    if not touched:
+        if constraint.validated:
+            return []  # every row holds it, and cleaning changes nothing it reads
+        return [
+            _warning(
+                f"the CHECK constraint {name} of {constraint.relation} is NOT VALID: rows "
+                "written before it were never checked, and cleaning rewrites every row it "
+                "cleans, so a row that fails it fails the run (exit 1, naming it). Validate "
+                f"it (ALTER TABLE {constraint.relation} VALIDATE CONSTRAINT {name}) to know "
+                "that no row does"
+            )
+        ]
+    if constraint.reads - touched:
+        if touched == {"updated_at"}:
+            return []  # `updated_at >= created_at`: the application's own updates stamp it so
+        return [_depends_on_rows("CHECK constraint", constraint, touched)]
+    outcome = _evaluate(conn, constraint, f"({constraint.expression})", written, stamped)
+    if outcome in ("false", "raises"):
+        return [
+            Problem(
+                "columns",
+                f"the CHECK constraint {name} of {constraint.relation} refuses what cleaning "
+                f"writes ({_what(constraint, written)}), so every run would fail on its first "
+                f"row. Give clean.replace values it accepts, or change it to accept them "
+                f"(ALTER TABLE {constraint.relation} DROP CONSTRAINT {name}, then ADD it "
+                "again accepting them)",
+            )
+        ]
+    if outcome in ("true", "null"):
+        return []  # NULL passes a CHECK
+    return [_not_evaluated("CHECK constraint", constraint, outcome)]
+
+
+def _exclusion(
+    conn: Connection, constraint: Constraint, written: Mapping[str, Any], stamped: list[str]
+) -> list[Problem]:
+    """An exclusion constraint: two cleaned rows conflict where each of its operators holds
+    between what cleaning writes and itself. NULL never conflicts (PostgreSQL takes the
+    operators as strict), so a column of it cleaning sets to NULL makes it hold."""
+    if any(c in written and written[c] is None for c in constraint.columns):
+        return []
+    touched = constraint.reads & (set(written) | set(stamped))
+    if not touched:
+        return []  # cleaning changes nothing it reads
+    if "" in constraint.columns or constraint.reads - touched:
+        return [_depends_on_rows("exclusion constraint", constraint, touched)]
+    holds = " AND ".join(
+        f"({q} {op} {q})" for q, op in zip(constraint.quoted, constraint.operators, strict=True)
+    )
+    outcome = _evaluate(conn, constraint, holds, written, stamped)
+    if outcome in ("true", "raises"):
+        name = quoted_name(constraint.name)
+        return [
+            Problem(
+                "columns",
+                f"the exclusion constraint {name} of {constraint.relation} is over "
+                f"{', '.join(constraint.columns)}, which cleaning sets to the same values in "
+                f"every row ({_what(constraint, written)}), and its operators hold between "
+                "them: the second row cleaned would violate it. Strip one of them to NULL "
+                "(take it out of clean.replace: NULLs never conflict), or make the "
+                "constraint partial (... WHERE (cleaned_at IS NULL))",
+            )
+        ]
+    if outcome in ("false", "null"):
+        return []  # an operator that does not hold between equal cleaned values
+    return [_not_evaluated("exclusion constraint", constraint, outcome)]
+
+
+def _evaluate(
+    conn: Connection,
+    constraint: Constraint,
+    expression: str,
+    written: Mapping[str, Any],
+    stamped: list[str],
+) -> str:
+    """`expression` (over the constraint's columns, all of which cleaning writes) evaluated
+    by the server on what cleaning writes, in a savepoint (read-only: it writes nothing,
+    whatever a function in it does is rolled back): "true", "false", "null", "raises"
+    where it raises as the cleaning UPDATE would (`_REFUSES`), else the SQLSTATE it raised
+    (a type or function this role may not use: the job cannot tell). The expression and
+    the names are the catalog's (the owner's DDL, deparsed by the server), passed through
+    as SQL text; they are never printed."""
+    typed = zip(constraint.quoted, constraint.types, strict=True)
+    columns = dict(zip(constraint.columns, typed, strict=True))  # each once
+    defined = ", ".join(f"{q} {t}" for q, t in columns.values())
+    query = text(
+        f"SELECT {_escaped(expression)} FROM jsonb_to_record(CAST(:row AS jsonb) || coalesce(("
+        "SELECT jsonb_object_agg(s, now()) FROM unnest(CAST(:stamped AS text[])) s), '{}')"
+        f") AS r({_escaped(defined)})"
+    )
+    row = {c: written[c] for c in columns if c in written}
+    try:
+        with conn.begin_nested():
+            value = conn.execute(
+                query, {"row": json.dumps(row), "stamped": [c for c in stamped if c in columns]}
+            ).scalar()
+    except DBAPIError as exc:
+        state = db.sqlstate(exc)
+        if state is None or state.startswith(_NOT_ABOUT_THE_VALUE):
+            raise
+        return "raises" if state.startswith(_REFUSES) else state
+    return "null" if value is None else "true" if value else "false"
+
+
+def _escaped(catalog: str) -> str:
+    """SQL text from the catalog with each colon escaped, so that SQLAlchemy takes none of
+    it for a bind parameter (`'a:b'`, `x::text`); its `%` it doubles itself."""
+    return catalog.replace(":", "\\:")
+
+
+def _what(constraint: Constraint, written: Mapping[str, Any]) -> str:
+    """What cleaning writes into the constraint's columns, in words: `msisdn NULL, email
+    clean.replace.email, cleaned_at now()` (never a value: a replacement is the config's,
+    but the columns name it)."""
+    parts = []
+    for c in constraint.columns:
+        if c in written:
+            parts.append(f"{c} NULL" if written[c] is None else f"{c} clean.replace.{c}")
+        elif c in STAMPED:
+            parts.append(f"{c} now()")
+    return ", ".join(parts)
+
+
+def _depends_on_rows(what: str, constraint: Constraint, touched: frozenset[str]) -> Problem:
+    kept = sorted(constraint.reads - touched - {""})
+    also = f"what the row holds in {', '.join(kept)}" if kept else "the whole row"
+    return _warning(
+        f"the {what} {quoted_name(constraint.name)} of {constraint.relation} reads "
+        f"{', '.join(sorted(touched))}, which cleaning writes, and {also}: whether it takes "
+        "what cleaning writes depends on each row, which the job does not read on "
+        "connecting. A run whose cleaning it refuses fails on that chunk naming it (exit 1); "
+        "make sure it takes NULL or the clean.replace values whatever the rest of the row "
+        "holds"
+    )
+
+
+def _not_evaluated(what: str, constraint: Constraint, state: str) -> Problem:
+    return _warning(
+        f"the {what} {quoted_name(constraint.name)} of {constraint.relation} reads columns "
+        f"cleaning writes, but the job could not evaluate it on what cleaning writes "
+        f"(SQLSTATE {state}: a type or function in it this role may not use?). A run whose "
+        "cleaning it refuses fails on that chunk naming it (exit 1)"
+    )
+
+
+def _warning(message: str) -> Problem:
+    return Problem("columns", message, level="warn")
 
 
 #: A `clean.replace` value each column kind can take, as JSON types.
