@@ -259,11 +259,22 @@ def run_text(doc: Mapping[str, Any]) -> str:
         "",
         "copy risks (triggers, rules, publications, replica identity):",
         *_risk_lines(doc.get("copy_risks")),
+        *_read_at_end_and_unreadable(doc),
         "",
         "config:",
         *(f"  {line}" for line in doc["config_text"].splitlines()),
     ]
     return "\n".join(lines)
+
+
+def _read_at_end_and_unreadable(doc: Mapping[str, Any]) -> list[str]:
+    """The copy risks read again at the run's end, and what of the record is unreadable."""
+    lines = []
+    if "copy_risks_at_end" in doc:
+        lines += ["copy risks read again at its end:", *_risk_lines(doc["copy_risks_at_end"])]
+    if doc.get("unreadable"):
+        lines += ["", "unreadable in the record:", *(f"  {_cell(u)}" for u in doc["unreadable"])]
+    return lines
 
 
 def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:
