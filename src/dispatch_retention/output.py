@@ -135,6 +135,9 @@ def chain_text(report: ChainReport) -> str:
         )
         lines.append(f"expected head {report.expected_head}: {where}")
     lines.append(f"chunks counted against the dispatches: {report.chunks_counted}")
+    if report.not_counted:  # chunks of another target this role cannot count in: never OK silently
+        lines.append(f"chunks NOT counted (another target's runs): {report.chunks_not_counted}")
+        lines += [f"  {_cell(n.table)}: {n.chunks}: {_cell(n.why)}" for n in report.not_counted]
     if report.ok:
         lines += [
             "",
