@@ -37,7 +37,9 @@ from ..helpers import (
     fresh_database,
     granted_role,
     invoke,
+    run_job,
     script_env,
+    seed_series,
     settings,
     write_config,
 )
@@ -502,3 +504,43 @@ def test_another_role_cannot_write_the_copy_risks_at_the_end(
         run_id=run_id,
     )
     assert "runs_risks_at_end" in error or "runs_changed_by_their_role" in error, error
+
+
+@pytest.mark.parametrize(
+    "padding",
+    [
+        pytest.param(60_000, id="start-inline-end-long"),
+        pytest.param(70_000, id="config-past-inline"),
+        pytest.param(900_000, id="config-near-its-bound"),
+    ],
+)
+def test_runs_with_long_configs_check_out(engine: Engine, base: list[str], padding: int) -> None:
+    """A run whose config is long enough that some or all of its events are read in slices
+    and decoded by the database (`chain.INLINE_BYTES`): its story compares the same either
+    way, and the trail checks out; a config changed in its events is still caught."""
+    seed_series(engine, range(0, 200))
+    long_settings = settings(clean="# " + "p" * padding)
+    outcome = run_job(engine, long_settings, chunk_size=100)
+    assert outcome.status.value == "succeeded", outcome
+    result = invoke(*base, "audit", "verify", "--format", "json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["events"] == 3 + outcome.chunks
+    with engine.begin() as conn:  # the owner rewrites the finished event's config, rehashed
+        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.events SET body = replace(body, 'pppp', 'qqqq') "
+                "WHERE kind = 'run_finished'"
+            )
+        )
+        conn.execute(
+            text(
+                f"UPDATE {SCHEMA}.events SET hash = encode(sha256(convert_to(body, 'UTF8')), "
+                "'hex') WHERE kind = 'run_finished'"
+            )
+        )
+    problems = [
+        f["problem"]
+        for f in json.loads(invoke(*base, "audit", "verify", "--format", "json").stdout)["findings"]
+    ]
+    assert any("what the run started with changed" in p for p in problems), problems
