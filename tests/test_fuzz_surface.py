@@ -598,4 +598,76 @@ def test_describe_error_says_no_server_text_whatever_the_sqlstate(engine: Engine
         assert not db.is_transient(error)
         assert not db.is_lock_timeout(error) and not db.is_statement_timeout(error)
 
+
+# --- odd trail documents (issue 22, item 7: `audit show` of an unexpected shape) -----------
+# A run record's plan, copy risks and options, and a chunk's counts, of any JSON shape the
+# table can hold (as an owner with the guards off, or an imported row, may have written):
+# `audit show` and `audit list` show what is readable and exit 0, never a traceback.
+
+TRAIL_KEYS = ("name", "retention_days", "cutoff", "grace_cutoff", "due_rows", "kind", "when",
+              "detail", "acknowledged", "reclean", "chunk_size")  # fmt: skip
+JSON_TEXT = st.text(st.characters(blacklist_characters="\x00"), max_size=12)
+ODD_JSON = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | JSON_TEXT,
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(st.sampled_from(TRAIL_KEYS) | JSON_TEXT, inner, max_size=5)
+    ),
+    max_leaves=12,
+)
+
+
+def test_odd_trail_documents(engine: Engine, url_string: str, workspace: Workspace) -> None:
+    import json
+    import uuid
+
+    from .helpers import guards_off, invoke, write_config
+
+    config = write_config(workspace.root / "odd.toml", config_text())
+    base = ["--config", str(config), "--database-url", url_string]
+
+    @budget("FUZZ_TRAIL_EXAMPLES", 60)
+    @given(policies=ODD_JSON, risks=ODD_JSON, options=ODD_JSON, counts=ODD_JSON)
+    def fuzz(policies: Any, risks: Any, options: Any, counts: Any) -> None:
+        run_id = str(uuid.uuid4())
+        documents = {k: json.dumps(v) for k, v in
+                     (("p", policies), ("c", risks), ("o", options), ("b", counts))}  # fmt: skip
+        with engine.begin() as conn:
+            guards_off(conn)
+            conn.execute(
+                text(
+                    "INSERT INTO dispatch_retention.runs (run_id, status, started_at, trigger, "
+                    "host, tool_version, db_user, target_table, options, config_path, "
+                    "config_sha256, config_text, planned_at, policies, copy_risks) VALUES (:r, "
+                    "'succeeded', now(), 'cron', 'h', '0', 'x', 'public.dispatches', "
+                    "CAST(:o AS jsonb), 'x', 'x', 'x', now(), CAST(:p AS jsonb), "
+                    "CAST(:c AS jsonb))"
+                ),
+                {"r": run_id, **documents},
+            )
+            conn.execute(
+                text(
+                    "INSERT INTO dispatch_retention.chunks (run_id, seq, first_id, last_id, "
+                    "rows, cleaned_at, by_policy, skipped_locked) VALUES (:r, 1, 1, 2, 2, "
+                    "now(), CAST(:b AS jsonb), false)"
+                ),
+                {"r": run_id, "b": documents["b"]},
+            )
+        for args in (
+            ("audit", "show", run_id),
+            ("audit", "show", run_id, "--format", "json"),
+            ("audit", "list", "--limit", "1"),
+            ("audit", "list", "--limit", "1", "--format", "csv"),
+        ):
+            result = invoke(*base, *args)
+            assert result.exception is None or isinstance(result.exception, SystemExit), (
+                args,
+                repr(result.exception),
+            )
+            assert result.exit_code == 0 and "Traceback" not in result.output, result.output
+
     fuzz()

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 from alembic import command
 from alembic.script import ScriptDirectory
 from sqlalchemy import Engine, inspect, text
+from sqlalchemy.engine import make_url
 
 from dispatch_retention import migrate
-from dispatch_retention.schema import ALEMBIC_VERSION_TABLE, AuditTables
+from dispatch_retention.config import MAX_CONFIG_BYTES
+from dispatch_retention.schema import ALEMBIC_VERSION_TABLE, TEXT_BOUNDS, AuditTables, bound_name
 from dispatch_retention.vocabulary import Status
 
-from .helpers import invoke
+from .helpers import config_text, granted_role, invoke
 
 
 def test_head_constant_matches_alembic() -> None:
@@ -131,3 +134,70 @@ def test_db_upgrade_never_adopts_tables_it_did_not_create(
     assert "never adopts" in out and "DuplicateTable" not in out
     with engine.connect() as conn:
         assert conn.execute(text("SELECT note FROM public.runs")).scalar_one() == "the application"
+
+
+# --- 0007: every text of the trail bounded (issue 22, item 8) ------------------------------
+
+
+def _revision(number: str) -> Any:
+    """A migration's module, as Alembic loads it."""
+    script = ScriptDirectory.from_config(migrate.alembic_config())
+    return script.get_revision(number).module  # type: ignore[union-attr]
+
+
+def test_the_bounds_are_frozen_equal() -> None:
+    """The bounds migration 0007 made CHECK constraints of are the ones the job's writers
+    check against (`schema.TEXT_BOUNDS`); the config text's is the config file's own."""
+    assert _revision("0007").BOUNDS == TEXT_BOUNDS
+    assert TEXT_BOUNDS["runs"]["config_text"] == MAX_CONFIG_BYTES
+
+
+#: The catalog's types whose values have no size of their own.
+UNBOUNDED_TYPES = ("text", "jsonb", "json", "bytea", "character varying", "character")
+
+
+def test_every_text_column_of_the_trail_is_bounded(engine: Engine) -> None:
+    """Read from the catalog, not from a list: every text and document column of every table
+    in the audit schema (but a varchar(n), which its type bounds) has its CHECK constraint
+    `<table>_<column>_bounded`, on its size, NOT VALID (rows written before stay)."""
+    with engine.connect() as conn:
+        columns = conn.execute(
+            text(
+                "SELECT c.relname, a.attname FROM pg_attribute a "
+                "JOIN pg_class c ON c.oid = a.attrelid "
+                "JOIN pg_namespace n ON n.oid = c.relnamespace "
+                "WHERE n.nspname = 'dispatch_retention' AND c.relkind = 'r' "
+                "AND a.attnum > 0 AND NOT a.attisdropped "
+                "AND format_type(a.atttypid, a.atttypmod) = ANY(:types)"
+            ),
+            {"types": list(UNBOUNDED_TYPES)},
+        ).all()
+        checks = {
+            name: (definition, valid)
+            for name, definition, valid in conn.execute(
+                text(
+                    "SELECT conname, pg_get_constraintdef(oid), convalidated FROM pg_constraint "
+                    "WHERE contype = 'c' AND connamespace = 'dispatch_retention'::regnamespace"
+                )
+            )
+        }
+    found = {(t, c) for t, c in columns}
+    assert found == {(t, c) for t, cs in TEXT_BOUNDS.items() for c in cs}
+    for table, column in found:
+        definition, valid = checks[bound_name(table, column)]
+        assert re.search(rf"octet_length\(\(?{column}\b", definition), definition
+        assert f"<= {TEXT_BOUNDS[table][column]}" in definition, definition
+        assert "NOT VALID" in definition and not valid
+
+
+def test_db_check_finds_nothing_stale_after_the_upgrade(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """0007 changes no grant (the roles of `db grants` have table rights, which cover the new
+    column): `db check` as the run role finds the rights it needs, as before."""
+    config = tmp_path / "retention.toml"
+    config.write_text(config_text(), encoding="utf-8")
+    with granted_role(engine, make_url(url_string), "run") as (_role, role_url):
+        code, out = _cli(role_url, "--config", str(config), "db", "check")
+    assert code == 0, out
+    assert "[error]" not in out, out

@@ -26,6 +26,7 @@ from sqlalchemy import (
     BigInteger,
     Connection,
     Engine,
+    case,
     cast,
     func,
     insert,
@@ -40,9 +41,10 @@ from tenacity import RetryCallState
 from . import db, retry
 from .chain import head
 from .config import Clean, Settings
+from .errors import TooLongForTrail
 from .planning import Plan
 from .risks import Risk
-from .schema import AuditTables
+from .schema import AuditTables, fitted, over_bound, read_bounded, shown
 from .vocabulary import Chunk, Options, Outcome, Status, Stop
 
 T = TypeVar("T")
@@ -93,6 +95,20 @@ class RunRecord:
         copy_risks: Sequence[Risk] = (),
     ) -> None:
         runs = self.tables.runs
+        texts = {
+            "trigger": trigger(),
+            "host": socket.gethostname(),
+            "tool_version": tool_version(),
+            "target_table": settings.target.table,
+            "shard": shard,
+            "config_path": settings.path,
+            "config_sha256": settings.sha256,
+            "config_text": settings.text,
+        }
+        long = over_bound("runs", texts)
+        if long is not None:  # refused here, by name, rather than by the table's CHECK
+            column, limit, size = long
+            raise TooLongForTrail(f"the run record's {column}", size, limit)
         self._bounded(
             "writing the run record",
             lambda conn: conn.execute(
@@ -100,22 +116,15 @@ class RunRecord:
                     run_id=self.run_id,
                     status=Status.RUNNING.value,
                     started_at=func.now(),
-                    trigger=trigger(),
-                    host=socket.gethostname(),
-                    tool_version=tool_version(),
                     db_user=literal_column("current_user"),
-                    target_table=settings.target.table,
-                    shard=shard,
                     options={
                         "chunk_size": options.chunk_size or settings.clean.chunk_size,
                         "max_rows": options.max_rows,
                         "max_runtime_s": options.max_runtime_s,
                         "reclean": options.reclean,  # a reclean chunk needs it (0006)
                     },
-                    config_path=settings.path,
-                    config_sha256=settings.sha256,
-                    config_text=settings.text,
                     copy_risks=[r.as_dict() for r in copy_risks],
+                    **texts,
                 )
             ),
         )
@@ -159,19 +168,26 @@ class RunRecord:
         query = select(runs.c.status).where(runs.c.run_id == self.run_id)
         return self._bounded("reading the run record", lambda c: c.execute(query).scalar())
 
-    def finish(self, outcome: Outcome) -> bool:
+    def finish(self, outcome: Outcome, copy_risks_at_end: Sequence[Risk] | None = None) -> bool:
         """Close the record (a fresh pooled connection, so a lost one does not matter): a
         record still `running`, or one another run marked `abandoned` while this one was in
-        fact alive (it lost its lock connection). Returns whether it was closed."""
+        fact alive (it lost its lock connection). Returns whether it was closed. Its texts
+        are the job's own words, cut to what the trail keeps (`schema.fitted`), never
+        refused; `copy_risks_at_end`, the copy risks read again at the end, only the close
+        may write (0007)."""
+        stopped_by = outcome.stopped_by or (f"signal {outcome.signum}" if outcome.signum else None)
+        at_end = {}
+        if copy_risks_at_end is not None:
+            at_end["copy_risks_at_end"] = [r.as_dict() for r in copy_risks_at_end]
         return self._update(
             open_only=True,
             status=outcome.status.value,
             finished_at=func.now(),
-            stopped_by=outcome.stopped_by
-            or (f"signal {outcome.signum}" if outcome.signum else None),
-            error=outcome.error,
+            stopped_by=fitted("runs", "stopped_by", stopped_by),
+            error=fitted("runs", "error", outcome.error),
             remaining_due_rows=outcome.remaining_due_rows,
-            remaining_reason=outcome.remaining_reason,
+            remaining_reason=fitted("runs", "remaining_reason", outcome.remaining_reason),
+            **at_end,
         )
 
     def chain_head(self) -> str:
@@ -259,6 +275,32 @@ def mark_abandoned(
 
 
 # --- reading the trail -----------------------------------------------------------------------
+# The readers take a bounded amount of memory per run: texts are read at most to their
+# bounds (`schema.read_bounded`: a longer one, written before migration 0007, is cut and
+# marked), and the runs of `audit list` a batch at a time. A recorded document of an
+# unexpected shape (an imported row, an owner's write) is shown as far as it is readable,
+# and what is not is named in `unreadable`, never a traceback.
+
+#: What `audit list` shows of a run (all but its config and plan).
+LISTED = (
+    "run_id", "status", "trigger", "started_at", "finished_at", "due_rows", "held_rows",
+    "waiting_grace_rows", "host", "shard", "tool_version", "db_user", "target_table",
+    "planned_at", "config_path", "config_sha256", "options", "stopped_by", "error",
+    "remaining_due_rows", "remaining_reason", "copy_risks",
+)  # fmt: skip
+#: A policy of a recorded plan: each field and the JSON type it has (`planning.Plan`);
+#: `grace_cutoff` and `due_rows` are missing from the plans of earlier versions.
+PLAN_FIELDS: dict[str, type] = {
+    "name": str, "retention_days": int, "cutoff": str, "grace_cutoff": str, "due_rows": int,
+}  # fmt: skip
+PLAN_OPTIONAL = ("grace_cutoff", "due_rows")
+#: A copy risk as recorded (`risks.Risk.as_dict`): each field and its JSON type.
+RISK_FIELDS: dict[str, type] = {
+    "kind": str, "name": str, "when": str, "detail": str, "acknowledged": str,
+}  # fmt: skip
+RISK_OPTIONAL = ("when", "detail", "acknowledged")
+#: Names of unreadable parts listed one by one; past that, counted.
+MAX_UNREADABLE = 20
 
 
 def _totals(tables: AuditTables) -> Any:
@@ -282,7 +324,7 @@ def list_runs(
     runs, totals = tables.runs, _totals(tables)
     query = (
         select(
-            runs,
+            *read_bounded(runs, *LISTED),
             func.coalesce(totals.c.rows_cleaned, 0).label("rows_cleaned"),
             func.coalesce(totals.c.rows_recleaned, 0).label("rows_recleaned"),
             func.coalesce(totals.c.chunks, 0).label("chunks"),
@@ -293,24 +335,20 @@ def list_runs(
     )
     if since is not None:
         query = query.where(runs.c.started_at >= since)
-    return [_run_dict(row) for row in conn.execute(query).mappings()]
+    rows = conn.execute(query.execution_options(yield_per=100)).mappings()
+    return [_run_dict(shown(runs.name, row)) for row in rows]
 
 
 def show_run(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, Any] | None:
     runs, chunks = tables.runs, tables.chunks
-    row = conn.execute(select(runs).where(runs.c.run_id == run_id)).mappings().first()
+    row = (
+        conn.execute(select(*read_bounded(runs, *runs.c.keys())).where(runs.c.run_id == run_id))
+        .mappings()
+        .first()
+    )
     if row is None:
         return None
-    each = func.jsonb_each_text(chunks.c.by_policy).table_valued("key", "value").render_derived("p")
-    per_policy: dict[str, int] = {
-        str(name): int(rows)
-        for name, rows in conn.execute(
-            select(each.c.key, func.sum(cast(each.c.value, BigInteger)))
-            .select_from(chunks.join(each, true()))
-            .where(chunks.c.run_id == run_id, chunks.c.kind == "clean")
-            .group_by(each.c.key)
-        )
-    }
+    run = shown(runs.name, row)
     clean = chunks.c.kind == "clean"
     stats = conn.execute(
         select(
@@ -323,26 +361,123 @@ def show_run(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, An
     ).one()
     document = _run_dict(
         {
-            **row,
+            **run,
             "rows_cleaned": int(stats[0]),
             "chunks": int(stats[1]),
             "rows_recleaned": int(stats[4]),
         }
     )
     document["first_chunk_at"], document["last_chunk_at"] = stats[2], stats[3]
-    document["policies"] = [
-        {
-            "name": p["name"],
-            "retention_days": p["retention_days"],
-            "cutoff": p["cutoff"],
-            "grace_cutoff": p.get("grace_cutoff"),
-            "due_rows": p.get("due_rows"),
-            "rows_cleaned": int(per_policy.get(p["name"], 0)),
-        }
-        for p in (row["policies"] or [])
-    ]
-    document["config_text"] = row["config_text"]
+    unreadable: list[str] = []
+    document["policies"] = _plan(
+        run["policies"], _cleaned_per_policy(conn, tables, run_id), unreadable
+    )
+    document["copy_risks"] = _risks("copy_risks", run["copy_risks"], unreadable)
+    if run.get("copy_risks_at_end") is not None:
+        document["copy_risks_at_end"] = _risks(
+            "copy_risks_at_end", run["copy_risks_at_end"], unreadable
+        )
+    document["config_text"] = run["config_text"]
+    if unreadable:
+        document["unreadable"] = _listed(unreadable)
     return document
+
+
+def _cleaned_per_policy(conn: Connection, tables: AuditTables, run_id: str) -> dict[str, int]:
+    """Rows cleaned per policy name, summed over the run's cleaning chunks: counts that are
+    whole numbers (as the guards of 0006 keep them) of records that are objects."""
+    chunks = tables.chunks
+    counts = case(
+        (func.jsonb_typeof(chunks.c.by_policy) == "object", chunks.c.by_policy),
+        else_=cast(literal_column("'{}'"), chunks.c.by_policy.type),
+    )
+    each = func.jsonb_each_text(counts).table_valued("key", "value").render_derived("p")
+    whole = each.c.value.regexp_match("^[0-9]{1,15}$")
+    return {
+        str(name): int(rows)
+        for name, rows in conn.execute(
+            select(each.c.key, func.sum(cast(case((whole, each.c.value)), BigInteger)))
+            .select_from(chunks.join(each, true()))
+            .where(chunks.c.run_id == run_id, chunks.c.kind == "clean")
+            .group_by(each.c.key)
+        )
+        if rows is not None
+    }
+
+
+def _plan(policies: Any, cleaned: dict[str, int], unreadable: list[str]) -> list[dict[str, Any]]:
+    """The recorded plan's policies, each with the rows cleaned under it; a field missing or
+    of another type is None, and named in `unreadable`."""
+    if policies is None:
+        return []
+    if not isinstance(policies, list):
+        unreadable.append(f"policies: {_what(policies)}, not a list of policies")
+        return []
+    out = []
+    for n, policy in enumerate(policies):
+        entry = _record(f"policies[{n}]", policy, PLAN_FIELDS, PLAN_OPTIONAL, unreadable)
+        name = entry["name"]
+        entry["rows_cleaned"] = int(cleaned.get(name, 0)) if isinstance(name, str) else 0
+        out.append(entry)
+    return out
+
+
+def _risks(key: str, risks: Any, unreadable: list[str]) -> list[dict[str, Any]] | None:
+    """The recorded copy risks, each field of another type None (and named in `unreadable`);
+    None when not recorded (a run of an earlier version)."""
+    if risks is None:
+        return None
+    if not isinstance(risks, list):
+        unreadable.append(f"{key}: {_what(risks)}, not a list of copy risks")
+        return []
+    out = []
+    for n, risk in enumerate(risks):
+        entry = _record(f"{key}[{n}]", risk, RISK_FIELDS, RISK_OPTIONAL, unreadable)
+        if isinstance(risk, dict):  # what a later version may add, as it is
+            entry |= {k: v for k, v in risk.items() if k not in RISK_FIELDS}
+        out.append(entry)
+    return out
+
+
+def _record(
+    where: str,
+    found: Any,
+    fields: dict[str, type],
+    optional: tuple[str, ...],
+    unreadable: list[str],
+) -> dict[str, Any]:
+    """`found`'s `fields`, each of its JSON type or None (a number is never a bool)."""
+    if not isinstance(found, dict):
+        unreadable.append(f"{where}: {_what(found)}, not a record")
+        return dict.fromkeys(fields)
+    out: dict[str, Any] = {}
+    for name, kind in fields.items():
+        value = found.get(name)
+        fits = isinstance(value, kind) and not isinstance(value, bool)
+        if value is not None and not fits:
+            unreadable.append(f"{where}.{name}: {_what(value)}, not {_KINDS[kind]}")
+        elif value is None and name not in optional:
+            unreadable.append(f"{where}.{name}: missing")
+        out[name] = value if fits else None
+    return out
+
+
+_KINDS = {str: "a text", int: "a whole number"}
+
+
+def _what(value: Any) -> str:
+    """What a JSON value is, in words (never the value: an owner may have written anything)."""
+    if isinstance(value, str) and value.startswith("[not shown:"):
+        return value.strip("[]")
+    kinds = {bool: "true or false", str: "a text", int: "a number", float: "a number"}
+    kinds |= {list: "a list", dict: "a record", type(None): "null"}
+    return kinds.get(type(value), "a value")
+
+
+def _listed(found: list[str]) -> list[str]:
+    if len(found) <= MAX_UNREADABLE:
+        return found
+    return [*found[:MAX_UNREADABLE], f"... and {len(found) - MAX_UNREADABLE} more"]
 
 
 def _run_dict(row: Any) -> dict[str, Any]:

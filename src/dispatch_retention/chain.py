@@ -16,7 +16,15 @@ session role, the row it records as `fact`, and the previous event's hash as `pr
 4. the chunks against the dispatches: a cleaning chunk's `rows` equals the number of
    dispatches in its id window whose `cleaned_at` is its transaction's time (chunks of one
    stamp are summed; `reclean` chunks are not counted, as a recleaned row keeps its first
-   stamp).
+   stamp). Each chunk is counted in its own run's target (`runs.target_table`): a schema
+   shared by two targets holds chunks of both. A target this role cannot count in (gone,
+   not readable, not a table it sees whole) is reported with its chunks as not counted,
+   never as tampered and never silently.
+
+Memory does not grow with the trail nor with a row's texts: the events are read a batch at a
+time, a body longer than `INLINE_BYTES` (a row written before migration 0007 bounded the
+trail) is hashed in slices and decoded by the database, a value at a time (`history.Long`
+stands for a long one), and a row's story is kept as digests (`history`).
 
 What this cannot see: events appended in good form by a role that may write them (the
 migrating role, or a superuser), after the last head kept outside the database; hence the
@@ -26,6 +34,7 @@ one snapshot.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
@@ -33,11 +42,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, and_, cast, func, select, text
+from sqlalchemy import Connection, Table, and_, case, cast, func, select, text
+from sqlalchemy.exc import DBAPIError
 
 from . import db, target
 from .config import Settings
-from .history import Histories
+from .errors import TargetRefused
+from .history import Histories, Long
+from .names import name_parts, quoted_name
 from .schema import AuditTables, target_table
 
 #: The `prev` of the first event.
@@ -46,6 +58,18 @@ GENESIS = "0" * 64
 VERSIONS = (1,)
 #: Findings named one by one; past that, counted.
 MAX_LISTED = 20
+#: An event's body up to this many bytes is read with its row and decoded here; a longer one
+#: is hashed in slices and decoded by the database (`_long_event`).
+INLINE_BYTES = 64 * 1024
+#: Events per round trip: at most this many bodies of `INLINE_BYTES` in memory at once.
+BATCH = 64
+#: A long body is hashed this many characters at a time.
+SLICE_CHARS = 256 * 1024
+#: An event's columns but its body are read up to this many characters (the database
+#: writes them far shorter: a longer one is a forgery, and shows as one cut).
+COLUMN_CHARS = 300
+#: The most keys a long body's object may have to be decoded (a row has a few dozen).
+MAX_KEYS = 1000
 #: How the events name the rows of each trail table, as migration 0005 writes them.
 SUBJECTS = {
     "runs": ("run:", "'run:' || r.run_id"),
@@ -65,6 +89,19 @@ class Finding:
         return {"row": self.row, "problem": self.problem}
 
 
+@dataclass(frozen=True)
+class NotCounted:
+    """Chunks of runs of another target that this check could not count: the target as the
+    runs name it, how many chunks, and why."""
+
+    table: str
+    chunks: int
+    why: str
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"table": self.table, "chunks": self.chunks, "why": self.why}
+
+
 @dataclass
 class ChainReport:
     events: int = 0
@@ -78,6 +115,12 @@ class ChainReport:
     findings: list[Finding] = field(default_factory=list)
     #: findings past MAX_LISTED, counted only
     unlisted: int = 0
+    #: chunks of other targets left uncounted, and why (at most MAX_LISTED targets named)
+    not_counted: list[NotCounted] = field(default_factory=list)
+
+    @property
+    def chunks_not_counted(self) -> int:
+        return sum(n.chunks for n in self.not_counted)
 
     @property
     def ok(self) -> bool:
@@ -99,6 +142,8 @@ class ChainReport:
             "expected_head": self.expected_head,
             "expected_head_seq": self.expected_seq,
             "chunks_counted": self.chunks_counted,
+            "chunks_not_counted": self.chunks_not_counted,
+            "not_counted": [n.as_dict() for n in self.not_counted],
             "findings": [f.as_dict() for f in self.findings],
             "unlisted_findings": self.unlisted,
         }
@@ -122,8 +167,17 @@ def check(
             f"the expected head {expect_head} is not in the chain: the chain was cut back or "
             "rewritten since that head was kept",
         )
+    _repeated_chunks(conn, tables, report)
     for name in SUBJECTS:
-        _rows(conn, tables, name, report)
+        try:
+            with conn.begin_nested():  # an event the database cannot read fails this check only
+                _rows(conn, tables, name, report)
+        except DBAPIError as exc:
+            if not str(db.sqlstate(exc)).startswith("22"):
+                raise
+            report.found(
+                name, "an event of its rows holds a body that is no JSON: the event was changed"
+            )
     _chunk_counts(conn, target.resolve_settings(conn, settings), tables, report)
     return report
 
@@ -136,22 +190,32 @@ def head(conn: Connection, tables: AuditTables) -> tuple[int, str]:
 
 
 def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
-    """Recompute the chain, event by event, holding one event at a time."""
+    """Recompute the chain, event by event, holding a batch of short events at a time."""
     e = tables.events
+    size = func.octet_length(e.c.body)
     query = select(
-        e.c.seq, e.c.kind, e.c.subject, e.c.recorded_at, e.c.body, e.c.prev_hash, e.c.hash
-    )
-    rows = conn.execution_options(yield_per=2000).execute(query.order_by(e.c.seq))
+        e.c.seq,
+        func.left(e.c.kind, COLUMN_CHARS),
+        func.left(e.c.subject, COLUMN_CHARS),
+        e.c.recorded_at,
+        func.left(e.c.prev_hash, COLUMN_CHARS),
+        func.left(e.c.hash, COLUMN_CHARS),
+        case((size <= INLINE_BYTES, e.c.body)),
+    ).order_by(e.c.seq)
+    rows = conn.execute(query.execution_options(yield_per=BATCH))
     prev_seq, prev_hash = 0, GENESIS
     histories = Histories()
-    for seq, kind, subject, recorded_at, body, stored_prev, digest in rows:
+    for seq, kind, subject, recorded_at, stored_prev, digest, body in rows:
         where = f"events seq {seq}"
         report.events += 1
         if seq != prev_seq + 1:
             report.found(where, f"follows seq {prev_seq}: events between them are missing")
-        if event_hash(body) != digest:
+        if body is None:
+            computed, decoded = _long_event(conn, tables, seq)
+        else:
+            computed, decoded = event_hash(body), _decoded(body)
+        if computed != digest:
             report.found(where, "its hash is not the SHA-256 of its body: the event was changed")
-        decoded = _decoded(body)
         if decoded is None:
             report.found(where, "its body is not an event encoding this version reads")
         else:
@@ -177,6 +241,86 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
             report.expected_seq = seq
         prev_seq, prev_hash = seq, digest
     report.head_seq, report.head = prev_seq, prev_hash
+
+
+def _long_event(
+    conn: Connection, tables: AuditTables, seq: int
+) -> tuple[str, dict[str, Any] | None]:
+    """The hash of a long body, read in slices, and its decoding by the database."""
+    return _long_hash(conn, tables, seq), _long_decoded(conn, tables, seq)
+
+
+def _long_hash(conn: Connection, tables: AuditTables, seq: int) -> str:
+    """The SHA-256 of a body's UTF-8 bytes, a slice at a time (the body is read from its
+    storage once, into the server's memory, not this process's)."""
+    events = _events(conn, tables)
+    query = text(
+        f"SELECT substr(b, g, {SLICE_CHARS}) FROM (SELECT body || '' AS b FROM {events} "
+        "WHERE seq = :seq OFFSET 0) e, "
+        f"generate_series(1, greatest(length(b), 1), {SLICE_CHARS}) g ORDER BY g"
+    )
+    h = hashlib.sha256()
+    for (piece,) in conn.execute(query.execution_options(yield_per=1), {"seq": seq}):
+        h.update(piece.encode("utf-8"))
+    return h.hexdigest()
+
+
+def _long_decoded(conn: Connection, tables: AuditTables, seq: int) -> dict[str, Any] | None:
+    """A long body decoded by the database, a value at a time: the envelope's values and the
+    fact's, each read here when short and a `Long` (its hash) when not. None when the body
+    is no JSON object, or too odd to decode (a forgery)."""
+    events = _events(conn, tables)
+    query = text(
+        f"""
+WITH e AS (SELECT body::jsonb AS b FROM {events} WHERE seq = :seq),
+kv AS (
+  SELECT false AS in_fact, j.k, j.v FROM e,
+    jsonb_each(CASE jsonb_typeof(b) WHEN 'object' THEN b - 'fact' ELSE '{{}}' END) AS j(k, v)
+  UNION ALL
+  SELECT true, j.k, j.v FROM e,
+    jsonb_each(CASE jsonb_typeof(b -> 'fact') WHEN 'object' THEN b -> 'fact' ELSE '{{}}' END)
+      AS j(k, v)
+)
+SELECT (SELECT jsonb_typeof(b) FROM e), (SELECT jsonb_typeof(b -> 'fact') FROM e),
+       in_fact, left(k, {COLUMN_CHARS}), octet_length(k) > {COLUMN_CHARS},
+       CASE WHEN octet_length(v::text) <= {INLINE_BYTES} THEN v::text END,
+       CASE WHEN octet_length(v::text) > {INLINE_BYTES}
+            THEN encode(sha256(convert_to(v::text, 'UTF8')), 'hex') END
+FROM (SELECT 1) one LEFT JOIN kv ON true
+"""
+    )
+    decoded: dict[str, Any] = {}
+    fact: dict[str, Any] = {}
+    fact_type: str | None = None
+    try:
+        with conn.begin_nested():  # a body that is no JSON fails the statement, not the check
+            rows = conn.execute(query.execution_options(yield_per=BATCH), {"seq": seq})
+            try:
+                for n, row in enumerate(rows):
+                    body_type, fact_type, in_fact, key, odd_key, short, hashed = row
+                    if body_type != "object" or odd_key or n >= MAX_KEYS:
+                        return None
+                    if key is not None:  # None: an empty object
+                        value = Long(hashed) if hashed is not None else _json(short)
+                        (fact if in_fact else decoded)[key] = value
+            finally:
+                rows.close()
+    except DBAPIError as exc:
+        if not str(db.sqlstate(exc)).startswith("22"):  # a data exception: no JSON jsonb reads
+            raise
+        return None
+    if fact_type == "object":
+        decoded["fact"] = fact
+    return decoded if decoded.get("v") in VERSIONS else None
+
+
+def _events(conn: Connection, tables: AuditTables) -> str:
+    quote = conn.dialect.identifier_preparer.quote
+    return f"{quote(tables.schema)}.events"
+
+
+def _json(value: str) -> Any:
+    return json.loads(value, parse_int=Decimal, parse_float=Decimal)
 
 
 def _decoded(body: str) -> dict[str, Any] | None:
@@ -222,16 +366,18 @@ WITH latest AS (
 ), rows AS (
   SELECT {subject} AS subject, to_jsonb(r) AS row FROM {trail} r
 )
-SELECT coalesce(rows.subject, latest.subject), latest.seq, rows.subject IS NULL,
-       ARRAY(SELECT k FROM jsonb_each(latest.fact) AS f(k, v)
-             WHERE rows.row -> k IS DISTINCT FROM v ORDER BY k)
+SELECT left(coalesce(rows.subject, latest.subject), {COLUMN_CHARS}), latest.seq,
+       rows.subject IS NULL,
+       ARRAY(SELECT left(k, {COLUMN_CHARS}) FROM jsonb_each(latest.fact) AS f(k, v)
+             WHERE rows.row -> k IS DISTINCT FROM v ORDER BY k LIMIT {MAX_LISTED})
 FROM rows FULL JOIN latest ON latest.subject = rows.subject
 WHERE rows.subject IS NULL OR latest.subject IS NULL
    OR EXISTS (SELECT FROM jsonb_each(latest.fact) AS f(k, v) WHERE rows.row -> k IS DISTINCT FROM v)
 ORDER BY latest.seq NULLS FIRST, 1
 """
     )
-    for found, seq, gone, changed in conn.execute(query, {"prefix": prefix}):
+    found_rows = conn.execute(query.execution_options(yield_per=BATCH), {"prefix": prefix})
+    for found, seq, gone, changed in found_rows:
         where = f"{name} {found.removeprefix(prefix)}"
         if seq is None:
             report.found(where, "no event records this row: it was written past the trail")
@@ -245,11 +391,137 @@ ORDER BY latest.seq NULLS FIRST, 1
             )
 
 
+def _repeated_chunks(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
+    """A chunk recorded by a second event (found by the database: no chunk is kept here)."""
+    query = text(
+        f"""
+SELECT seq, left(subject, {COLUMN_CHARS}) FROM (
+  SELECT seq, subject, row_number() OVER (PARTITION BY subject ORDER BY seq) AS nth
+  FROM {_events(conn, tables)} WHERE kind = 'chunk_committed'
+) chunk_events WHERE nth > 1 ORDER BY seq
+"""
+    )
+    for seq, subject in conn.execute(query.execution_options(yield_per=BATCH)):
+        report.found(
+            f"events seq {seq}",
+            f"{subject}: a second event for the chunk: its history was rewritten",
+        )
+
+
+# --- the chunks against the dispatches, each in its own run's target ---------------------------
+
+
 def _chunk_counts(
     conn: Connection, settings: Settings, tables: AuditTables, report: ChainReport
 ) -> None:
+    """Each target the runs name, with its chunks, counted where this role can."""
+    runs, chunks = tables.runs, tables.chunks
+    named = conn.execute(
+        select(runs.c.target_table, func.count())
+        .select_from(chunks.join(runs, runs.c.run_id == chunks.c.run_id))
+        .group_by(runs.c.target_table)
+        .order_by(runs.c.target_table)
+    ).all()
+    own = _oid(conn, settings.target.table)
+    by_table: dict[int, list[str]] = {}
+    for name, count in named:
+        oid = _oid(conn, name)
+        if oid is None:
+            _not_counted(report, name, count, "no such table (or this role cannot see it)")
+        else:
+            by_table.setdefault(oid, []).append(name)
+    for oid, names in by_table.items():
+        table = (
+            target_table(settings) if oid == own else _other(conn, settings, tables, names, report)
+        )
+        if table is not None:
+            _stamp_counts(conn, table, tables, names, report)
+            _reclean_counts(conn, table, tables, names, report)
+
+
+def _oid(conn: Connection, name: str) -> int | None:
+    """The table a run's `target_table` names, as the database resolves it (None: no
+    table, or no name the job would have written)."""
+    try:
+        parts = name_parts(name)
+    except ValueError:
+        return None
+    if len(parts) > 2:
+        return None
+    found = conn.execute(text("SELECT to_regclass(:n)::oid"), {"n": quoted_name(*parts)}).scalar()
+    return None if found is None else int(found)
+
+
+def _other(
+    conn: Connection,
+    settings: Settings,
+    tables: AuditTables,
+    names: list[str],
+    report: ChainReport,
+) -> Table | None:
+    """Another target's table, to count its chunks in: resolved as the job resolves its own
+    (a table it sees whole), whose `id` and `cleaned_at` this role may read; else None, its
+    chunks reported as not counted."""
+    count = _chunks_of(conn, tables, names)
+    other = settings.target.model_copy(update={"table": names[0]})  # unvalidated, as `pinned`
+    try:
+        resolved = target.resolve_settings(
+            conn, dataclasses.replace(settings, target=other, shape=None), refuse=False
+        )
+    except TargetRefused as exc:
+        _not_counted(report, names[0], count, exc.reason)
+        return None
+    assert resolved.shape is not None
+    missing = [c for c in ("id", "cleaned_at") if c not in resolved.shape.columns]
+    readable = conn.execute(
+        text(
+            "SELECT has_column_privilege(CAST(:t AS regclass), 'id', 'SELECT') "
+            "AND has_column_privilege(CAST(:t AS regclass), 'cleaned_at', 'SELECT')"
+        ),
+        {"t": resolved.target.regclass},
+    ).scalar()
+    if missing or not readable:
+        why = (
+            f"it has no {' or '.join(missing)} column"
+            if missing
+            else "this role may not read its id and cleaned_at"
+        )
+        _not_counted(report, names[0], count, why)
+        return None
+    return target_table(resolved)
+
+
+def _chunks_of(conn: Connection, tables: AuditTables, names: list[str]) -> int:
+    runs, chunks = tables.runs, tables.chunks
+    return int(
+        conn.execute(
+            select(func.count())
+            .select_from(chunks.join(runs, runs.c.run_id == chunks.c.run_id))
+            .where(runs.c.target_table.in_(names))
+        ).scalar_one()
+    )
+
+
+def _not_counted(report: ChainReport, table: str, chunks: int, why: str) -> None:
+    """Name the target and why (past MAX_LISTED targets, the last line sums the rest)."""
+    if len(report.not_counted) < MAX_LISTED:
+        report.not_counted.append(NotCounted(table[:COLUMN_CHARS], chunks, why))
+    else:
+        last = report.not_counted[-1]
+        report.not_counted[-1] = NotCounted("(more targets)", last.chunks + chunks, "not listed")
+
+
+def _of_runs(tables: AuditTables, names: list[str]) -> Any:
+    """Chunks of the runs that name one of `names` as their target."""
+    runs = tables.runs
+    return tables.chunks.c.run_id.in_(select(runs.c.run_id).where(runs.c.target_table.in_(names)))
+
+
+def _stamp_counts(
+    conn: Connection, table: Table, tables: AuditTables, names: list[str], report: ChainReport
+) -> None:
     """Each stamp's cleaning chunks against the dispatches in their windows with that stamp."""
-    chunks, table = tables.chunks, target_table(settings)
+    chunks = tables.chunks
     stamps = (
         select(
             chunks.c.cleaned_at,
@@ -259,7 +531,7 @@ def _chunk_counts(
             func.max(chunks.c.last_id).label("hi"),
             func.min(func.concat(chunks.c.run_id, "/", chunks.c.seq)).label("chunk"),
         )
-        .where(chunks.c.kind == "clean")
+        .where(chunks.c.kind == "clean", _of_runs(tables, names))
         .group_by(chunks.c.cleaned_at)
         .cte("stamps")
     )
@@ -284,24 +556,24 @@ def _chunk_counts(
         .select_from(stamps.outerjoin(stamped, stamped.c.cleaned_at == stamps.c.cleaned_at))
         .order_by(stamps.c.cleaned_at)
     )
-    for chunk, count, rows, dispatches in conn.execute(query):
+    name = _shown(table)
+    for chunk, count, rows, dispatches in conn.execute(query.execution_options(yield_per=1000)):
         report.chunks_counted += int(count)
         if int(rows) != int(dispatches):
             also = f" (with {count - 1} more of its stamp)" if count > 1 else ""
             report.found(
                 f"chunks {chunk}",
-                f"says {rows} dispatches were cleaned{also}; {settings.target.table} has "
+                f"says {rows} dispatches were cleaned{also}; {name} has "
                 f"{dispatches} in its window with its cleaned_at",
             )
-    _reclean_counts(conn, settings, tables, report)
 
 
 def _reclean_counts(
-    conn: Connection, settings: Settings, tables: AuditTables, report: ChainReport
+    conn: Connection, table: Table, tables: AuditTables, names: list[str], report: ChainReport
 ) -> None:
     """A reclean chunk strips rows cleaned before it (they keep that first stamp): its
     window holds at least its `rows` of them."""
-    chunks, table = tables.chunks, target_table(settings)
+    chunks = tables.chunks
     before = (
         select(func.count())
         .where(
@@ -312,14 +584,19 @@ def _reclean_counts(
     )
     query = (
         select(chunks.c.run_id, chunks.c.seq, chunks.c.rows, before)
-        .where(chunks.c.kind == "reclean")
+        .where(chunks.c.kind == "reclean", _of_runs(tables, names))
         .order_by(chunks.c.cleaned_at)
     )
-    for run_id, seq, rows, found in conn.execute(query):
+    name = _shown(table)
+    for run_id, seq, rows, found in conn.execute(query.execution_options(yield_per=1000)):
         report.chunks_counted += 1
         if int(found) < int(rows):
             report.found(
                 f"chunks {run_id}/{seq}",
-                f"says {rows} dispatches were cleaned again; {settings.target.table} has "
+                f"says {rows} dispatches were cleaned again; {name} has "
                 f"{found} in its window cleaned before it",
             )
+
+
+def _shown(table: Table) -> str:
+    return quoted_name(*([table.schema] if table.schema else []), table.name)

@@ -15,6 +15,7 @@ never holds a row value or a password.
     │   ├── StaleFactsView           that view is not what this config's read-only grants make
     │   ├── RoleRefused              `db grants` for a role that must never get them
     │   ├── HoldError                a legal hold that cannot be placed or released as asked
+    │   ├── TooLongForTrail          a text longer than the audit trail keeps (its bound)
     │   ├── HeadFileError            `audit verify --head-file`: cannot read or keep the head
     │   └── EmbeddedUnavailable      `demo` without the `embedded` extra
     └── RunError                     exit 1: the run started and could not go on
@@ -183,6 +184,15 @@ class RoleRefused(UsageError):
 
 class HoldError(UsageError):
     """A legal hold that cannot be placed or released as asked."""
+
+
+class TooLongForTrail(UsageError):
+    """A text the audit trail would keep (`what`) is longer than its column holds
+    (`schema.TEXT_BOUNDS`, migration 0007): its size and the limit, in bytes."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        self.what, self.size, self.limit = what, size, limit
+        super().__init__(f"{what} is {size} bytes long; the audit trail keeps at most {limit}")
 
 
 class HeadFileError(UsageError):

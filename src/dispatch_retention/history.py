@@ -10,13 +10,20 @@ An event the upgrade that began the chain wrote (`imported`) may open a row's st
 state; what follows it is held to the same rules.
 
 `Histories.see()` takes the events in chain order and answers what is wrong with one, if
-anything. It keeps a little per row: a run's start, plan and status, the chunks seen, a
-hold's placing and whether it was released.
+anything. It keeps a few bytes per run and hold, never a row's texts: a digest of what a run
+started with and of its plan, its status; a digest of what a hold was placed with and whether
+it was released. A chunk costs nothing here: `audit verify` finds a chunk's second event in
+the database (`chain._repeated_chunks`).
+
+A fact's values are what `json` reads (numbers as `Decimal`), or a `Long`: a value too long
+to be read here, which the database hashed (`chain`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
+from decimal import Decimal
 from typing import Any
 
 #: What a run started with, and its plan (as the guards of 0003 and 0006 keep them).
@@ -32,50 +39,110 @@ OPEN = ("running", "abandoned")
 #: The status a run's event of these kinds leaves it in (`run_finished`: a final one;
 #: `run_planned`: the one it had).
 KIND_STATUS = {"run_started": "running", "run_abandoned": "abandoned"}
+#: The longest status kept or named as it is (the runs table's own bound).
+STATUS_CHARS = 32
 
 
-def _subset(fact: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
-    return {k: fact[k] for k in keys if k in fact}
+@dataclass(frozen=True)
+class Long:
+    """A value of an event's JSON too long to read here: the SHA-256 of its JSON text, as
+    the database computed it. Equal to another only where that text is the same."""
+
+    sha256: str
 
 
-@dataclass
+@dataclass(frozen=True, slots=True)
+class Digest:
+    """A fact's values under some keys, as a digest: the keys it has (a column added later
+    is in newer facts only) and a hash of their values."""
+
+    keys: tuple[str, ...]
+    value: bytes
+
+
+def digest(fact: dict[str, Any], keys: tuple[str, ...]) -> Digest:
+    """The digest of `fact` on those of `keys` it has."""
+    present = tuple(k for k in keys if k in fact)
+    h = hashlib.blake2b(digest_size=16)
+    for key in present:
+        _feed(h, key)
+        _feed(h, fact[key])
+    return Digest(present, h.digest())
+
+
+def same(fact: dict[str, Any], kept: Digest) -> bool:
+    """Whether `fact` holds the values `kept` was taken of, under its keys."""
+    return digest(fact, kept.keys) == kept
+
+
+def _feed(h: Any, value: Any) -> None:
+    """A value in a typed, length-prefixed encoding: two values feed the same bytes only when
+    `==` holds between them (numbers by their value, so 1 and 1.0 alike, as JSON has it)."""
+    if value is None or isinstance(value, bool):
+        h.update({None: b"n", True: b"t", False: b"f"}[value])
+    elif isinstance(value, int | float | Decimal):
+        number = Decimal(value) if not isinstance(value, Decimal) else value
+        _tagged(h, b"d", str(number.normalize()) if number.is_finite() else str(number))
+    elif isinstance(value, str):
+        _tagged(h, b"s", value)
+    elif isinstance(value, Long):
+        _tagged(h, b"L", value.sha256)
+    elif isinstance(value, list):
+        h.update(b"[%d:" % len(value))
+        for item in value:
+            _feed(h, item)
+    elif isinstance(value, dict):
+        h.update(b"{%d:" % len(value))
+        for key in sorted(value):
+            _feed(h, key)
+            _feed(h, value[key])
+    else:
+        _tagged(h, b"?", repr(value))
+
+
+def _tagged(h: Any, tag: bytes, text: str) -> None:
+    data = text.encode("utf-8", "surrogatepass")
+    h.update(tag + b"%d:" % len(data))
+    h.update(data)
+
+
+@dataclass(slots=True)
 class _Run:
-    started: dict[str, Any]
+    started: Digest
     status: str
-    plan: dict[str, Any] | None = None
+    plan: Digest | None = None
 
 
 @dataclass
 class Histories:
     runs: dict[str, _Run] = field(default_factory=dict)
-    chunks: set[str] = field(default_factory=set)
     #: hold subject -> (what it was placed with, released)
-    holds: dict[str, tuple[dict[str, Any], bool]] = field(default_factory=dict)
+    holds: dict[str, tuple[Digest, bool]] = field(default_factory=dict)
 
     def see(self, kind: str, subject: str, fact: dict[str, Any], imported: bool) -> str | None:
         """What is wrong with this event, coming after the ones seen; None if nothing."""
         if kind.startswith("run_"):
             return self._run(kind, subject, fact, imported)
         if kind == "chunk_committed":
-            return self._chunk(subject, fact, imported)
+            return self._chunk(fact, imported)
         return self._hold(kind, subject, fact, imported)
 
     def _run(self, kind: str, subject: str, fact: dict[str, Any], imported: bool) -> str | None:
-        status = str(fact.get("status"))
+        status = _status(fact.get("status"))
         if KIND_STATUS.get(kind, status) != status or (kind == "run_finished" and status in OPEN):
             return f"a {kind} event that leaves the run {status}"
-        plan = _subset(fact, PLANNED) if fact.get("planned_at") is not None else None
+        plan = digest(fact, PLANNED) if fact.get("planned_at") is not None else None
         run = self.runs.get(subject)
         if run is None:
             if kind != "run_started" and not imported:
                 return f"the run's first event is {kind}, not its start"
-            self.runs[subject] = _Run(_subset(fact, STARTED_WITH), status, plan)
+            self.runs[subject] = _Run(digest(fact, STARTED_WITH), status, plan)
             return None
         if kind == "run_started":
             return "a second start of the run"
         if run.status not in OPEN:
             return f"an event after the run ended {run.status}"
-        if _subset(fact, tuple(run.started)) != run.started:
+        if not same(fact, run.started):
             return "what the run started with changed"
         if run.plan is not None and plan != run.plan:
             return "the run's plan changed"
@@ -84,17 +151,14 @@ class Histories:
         run.status, run.plan = status, plan or run.plan
         return None
 
-    def _chunk(self, subject: str, fact: dict[str, Any], imported: bool) -> str | None:
-        if subject in self.chunks:
-            return "a second event for the chunk"
-        self.chunks.add(subject)
+    def _chunk(self, fact: dict[str, Any], imported: bool) -> str | None:
         run = self.runs.get(f"run:{fact.get('run_id')}")
         if not imported and (run is None or run.status != "running"):
             return "the chunk was recorded while its run was not running"
         return None
 
     def _hold(self, kind: str, subject: str, fact: dict[str, Any], imported: bool) -> str | None:
-        placed = _subset(fact, PLACED_WITH)
+        placed = digest(fact, PLACED_WITH)
         released = kind == "hold_released"
         if released != (fact.get("released_at") is not None):
             return f"a {kind} event whose hold says otherwise"
@@ -106,7 +170,12 @@ class Histories:
             return None
         if seen[1] or not released:
             return "the hold was placed or released twice"
-        if _subset(placed, tuple(seen[0])) != seen[0]:
+        if not same(fact, seen[0]):
             return "what the hold was placed with changed"
         self.holds[subject] = (seen[0], True)
         return None
+
+
+def _status(value: Any) -> str:
+    """A status as it may be kept and named: one of the runs table's, or cut short."""
+    return str(value)[:STATUS_CHARS]

@@ -17,7 +17,10 @@ from sqlalchemy.exc import IntegrityError
 
 from .errors import HoldError
 from .policy import active
-from .schema import AuditTables
+from .schema import AuditTables, over_bound, read_bounded, shown
+
+#: The options that give a hold's texts (what `--help` names).
+OPTIONS = {"reason": "--reason", "requested_by": "--by"}
 
 
 def operator() -> str:
@@ -38,10 +41,23 @@ def _text(value: str, what: str) -> str:
     return value
 
 
+def _fits(**values: str) -> None:
+    """Each text within what the trail keeps of it (`schema.TEXT_BOUNDS`): else `HoldError`
+    naming the option and the limit, before anything is written."""
+    long = over_bound("legal_holds", values)
+    if long is not None:
+        column, limit, size = long
+        raise HoldError(
+            f"{OPTIONS[column]} is {size} bytes long; a legal hold keeps at most {limit} "
+            "(a case number or a reference, not a document)"
+        )
+
+
 def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: str) -> int:
     reason, by = _text(reason, "--reason"), _text(by, "--by")
     if not reason.strip():
         raise HoldError("a legal hold needs a reason (--reason)")
+    _fits(reason=reason.strip(), requested_by=by)
     holds = tables.holds
     try:
         with conn.begin_nested():
@@ -61,6 +77,7 @@ def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: 
 
 def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> int:
     by = _text(by, "--by")
+    _fits(requested_by=by)  # the database adds the releasing role (0006)
     holds = tables.holds
     released = conn.execute(
         update(holds)
@@ -76,11 +93,16 @@ def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> i
 def list_holds(
     conn: Connection, tables: AuditTables, *, include_released: bool = False
 ) -> list[dict[str, Any]]:
+    """The holds, oldest first, read a batch at a time, each text at most its bound (a
+    longer one, written before migration 0007, is cut and marked: `schema.shown`)."""
     holds = tables.holds
-    query = select(holds).order_by(holds.c.created_at, holds.c.hold_id)
+    query = select(*read_bounded(holds, *holds.c.keys())).order_by(
+        holds.c.created_at, holds.c.hold_id
+    )
     if not include_released:
         query = query.where(active(holds))
-    return [dict(row) for row in conn.execute(query).mappings()]
+    rows = conn.execute(query.execution_options(yield_per=100)).mappings()
+    return [shown(holds.name, row) for row in rows]
 
 
 def _role(conn: Connection) -> str:

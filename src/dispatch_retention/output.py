@@ -163,6 +163,9 @@ def chain_text(report: ChainReport) -> str:
         )
         lines.append(f"expected head {_text(report.expected_head)}: {where}")
     lines.append(f"chunks counted against the dispatches: {report.chunks_counted}")
+    if report.not_counted:  # chunks of another target this role cannot count in: never OK silently
+        lines.append(f"chunks NOT counted (another target's runs): {report.chunks_not_counted}")
+        lines += [f"  {_cell(n.table)}: {n.chunks}: {_cell(n.why)}" for n in report.not_counted]
     if report.ok:
         lines += [
             "",
@@ -287,6 +290,7 @@ def run_text(doc: Mapping[str, Any]) -> str:
         "",
         "copy risks (triggers, rules, publications, replica identity):",
         *_risk_lines(doc.get("copy_risks")),
+        *_read_at_end_and_unreadable(doc),
         "",
         "config:",
         *(f"  {_text(line)}" for line in _lines(doc["config_text"])),
@@ -298,6 +302,16 @@ def _lines(text: str) -> list[str]:
     """A file's lines, broken at its line ends (LF, CRLF) only: any other separator
     (`str.splitlines` also breaks at VT, FF, NEL, U+2028, ...) stays in its line, escaped."""
     return text.replace("\r\n", "\n").removesuffix("\n").split("\n")
+
+
+def _read_at_end_and_unreadable(doc: Mapping[str, Any]) -> list[str]:
+    """The copy risks read again at the run's end, and what of the record is unreadable."""
+    lines = []
+    if "copy_risks_at_end" in doc:
+        lines += ["copy risks read again at its end:", *_risk_lines(doc["copy_risks_at_end"])]
+    if doc.get("unreadable"):
+        lines += ["", "unreadable in the record:", *(f"  {_cell(u)}" for u in doc["unreadable"])]
+    return lines
 
 
 def _risk_lines(risks: Sequence[Mapping[str, Any]] | None) -> list[str]:

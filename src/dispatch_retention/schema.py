@@ -15,6 +15,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     Column,
+    ColumnElement,
     Connection,
     DateTime,
     ForeignKey,
@@ -25,13 +26,16 @@ from sqlalchemy import (
     SmallInteger,
     Table,
     Text,
+    case,
+    cast,
+    func,
     text,
 )
 from sqlalchemy.dialects.postgresql import ENUM, JSON, JSONB, TIMESTAMP, UUID
 from sqlalchemy.schema import CreateSchema
 from sqlalchemy.types import NullType, TypeEngine
 
-from .config import Settings, Target
+from .config import MAX_CONFIG_BYTES, Settings, Target
 from .shape import ColumnShape
 
 
@@ -156,6 +160,111 @@ ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
 FACTS_VIEW = "dispatch_facts"
 #: Its column that is true where any personal column holds data (each has `has_<column>`).
 HOLDS_COLUMN = "holds_personal_data"
+#: The most bytes each text of the trail may hold (UTF-8; a document: its JSON text), so that
+#: no row can make the trail unreadable (a 60 MB hold reason once took `hold list` to 680 MB).
+#: Migration 0007 makes each a CHECK constraint, `<table>_<column>_bounded`, from a frozen
+#: copy that tests/test_migrations.py holds equal to this one; the job's writers check what
+#: a user gives against it first (`over_bound`), so that a user gets exit 2 naming the limit.
+WORD_BYTES = 32  # a status, a kind, a trigger, a shard
+NAME_BYTES = 64  # a PostgreSQL role (NAMEDATALEN - 1 bytes)
+HASH_BYTES = 64  # a SHA-256 in hexadecimal
+WHO_BYTES = 256  # who asked (`--by`), a host, a version, an event's subject
+TEXT_BYTES = 4096  # a hold's reason, a run's error, a path
+DOCUMENT_BYTES = 65536  # a run's options, plan and copy risks; a chunk's counts (as 0006)
+TEXT_BOUNDS: Mapping[str, Mapping[str, int]] = {
+    "runs": {
+        "status": WORD_BYTES, "trigger": WORD_BYTES, "host": WHO_BYTES,
+        "tool_version": WHO_BYTES, "db_user": NAME_BYTES, "target_table": 512,
+        "shard": WORD_BYTES, "options": DOCUMENT_BYTES, "config_path": TEXT_BYTES,
+        "config_sha256": HASH_BYTES, "config_text": MAX_CONFIG_BYTES,
+        "policies": DOCUMENT_BYTES, "stopped_by": WHO_BYTES, "error": TEXT_BYTES,
+        "remaining_reason": TEXT_BYTES, "copy_risks": DOCUMENT_BYTES,
+        "copy_risks_at_end": DOCUMENT_BYTES,
+    },
+    "chunks": {"by_policy": DOCUMENT_BYTES, "kind": WORD_BYTES},
+    "legal_holds": {
+        "reason": TEXT_BYTES, "created_by": NAME_BYTES, "requested_by": WHO_BYTES,
+        # `--by` and the releasing role, which the database adds (0006)
+        "released_by": 2 * WHO_BYTES,
+    },
+    "events": {
+        "kind": WORD_BYTES, "subject": WHO_BYTES, "prev_hash": HASH_BYTES, "hash": HASH_BYTES,
+        # the JSON of a row as bounded above (a run's, with its config, is the longest)
+        "body": 16 * 1024 * 1024,
+    },
+    "events_head": {"hash": HASH_BYTES},
+}  # fmt: skip
+
+
+def bound_name(table: str, column: str) -> str:
+    """The CHECK constraint that bounds `table.column` (migration 0007)."""
+    return f"{table}_{column}_bounded"
+
+
+def over_bound(table: str, values: Mapping[str, Any]) -> tuple[str, int, int] | None:
+    """The first of `values` (texts) longer than its column holds: (column, limit, bytes)."""
+    for column, value in values.items():
+        limit = TEXT_BOUNDS[table][column]
+        if isinstance(value, str) and len(value.encode("utf-8", "surrogatepass")) > limit:
+            return column, limit, len(value.encode("utf-8", "surrogatepass"))
+    return None
+
+
+#: What a text cut to its bound ends with (`fitted`, and the readers' `shown`).
+CUT = " [cut]"
+
+
+def fitted(table: str, column: str, value: str | None) -> str | None:
+    """`value` cut to what its column holds, ending with `CUT`: for the job's own words (a
+    run's error), which are recorded whole or cut, never refused."""
+    limit = TEXT_BOUNDS[table][column]
+    if value is None or len(value.encode("utf-8", "surrogatepass")) <= limit:
+        return value
+    room = limit - len(CUT)
+    return value.encode("utf-8", "surrogatepass")[:room].decode("utf-8", "ignore") + CUT
+
+
+#: The key of a value's size in bytes, next to it in a row `read_bounded` reads.
+SIZE = "__bytes"
+
+
+def read_bounded(table: Table, *names: str) -> list[ColumnElement[Any]]:
+    """The columns `names` of a trail table as its readers select them: a text longer than
+    its bound (a row written before migration 0007) cut to that many characters, a longer
+    document left out, each with its size (`SIZE`), so that no row takes more memory than
+    the bounds allow; `shown()` marks what was cut."""
+    out: list[ColumnElement[Any]] = []
+    for name in names:
+        column = table.c[name]
+        limit = TEXT_BOUNDS.get(table.name, {}).get(name)
+        if limit is None:
+            out.append(column)
+            continue
+        document = isinstance(column.type, JSONB)
+        size = func.octet_length(cast(column, Text) if document else column)
+        value = case((size <= limit, column), else_=None if document else func.left(column, limit))
+        out += [value.label(name), size.label(name + SIZE)]
+    return out
+
+
+def shown(table: str, row: Mapping[Any, Any]) -> dict[str, Any]:
+    """A row `read_bounded` read, each value past its bound marked: a text ends with how
+    long it is in all, a document is said to be left out."""
+    out: dict[str, Any] = {}
+    for key, value in row.items():
+        if key.endswith(SIZE):
+            continue
+        size, limit = row.get(key + SIZE), TEXT_BOUNDS.get(table, {}).get(key)
+        if size is not None and limit is not None and size > limit:
+            value = (
+                f"[not shown: {size} bytes of JSON, more than the {limit} the trail keeps]"
+                if value is None
+                else f"{value}{CUT[:-1]}: {size} bytes in all]"
+            )
+        out[key] = value
+    return out
+
+
 #: The job's own tables, their columns and constraints: names an error message may show.
 AUDIT_NAMES = frozenset(
     {
@@ -176,7 +285,8 @@ AUDIT_NAMES = frozenset(
         "stopped_by", "error", "remaining_due_rows", "remaining_reason", "copy_risks", "seq",
         "first_id", "last_id", "rows", "cleaned_at", "by_policy", "skipped_locked", "kind",
         "hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
-        "released_by",
+        "released_by", "copy_risks_at_end", "runs_risks_at_end",
+        *(bound_name(t, c) for t, columns in TEXT_BOUNDS.items() for c in columns),
     }
 )  # fmt: skip
 
@@ -214,6 +324,8 @@ class AuditTables:
             Column("remaining_due_rows", BigInteger),
             Column("remaining_reason", Text),
             Column("copy_risks", JSONB),
+            # the copy risks read again at the run's end, written by its close (0007)
+            Column("copy_risks_at_end", JSONB),
         )
         self.chunks = Table(
             "chunks",

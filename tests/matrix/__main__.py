@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: the least-privilege roles (the catalogs and GRANTs, the read-only role's view), every
 #: command end to end, every table shape an application makes (enum types, codes, json,
 #: plain timestamps, partitions), the shapes refused on connecting (read from each version's
-#: catalog: constraints, rules, inheritance, replica identity), and the audit trail's hash chain (written by the server's
-#: triggers, read back here).
+#: catalog: constraints, rules, inheritance, replica identity), and the audit trail's hash
+#: chain (written by the server's triggers, read back here).
 SUBSET = (
     "tests/test_cleaner.py::test_run_cleans_exactly_what_the_oracle_says",
     "tests/test_privileges.py",
