@@ -382,7 +382,10 @@ def test_a_publication_created_during_the_run_is_recorded(engine: Engine, reader
     assert (outcome.status, outcome.rows_cleaned) == ("incomplete", 30)
     assert outcome.remaining_reason == "copy_risks_appeared"
     assert f"publication {publication}" in (outcome.error or "")
-    assert publication in record_of(engine, outcome)["error"]
+    record = record_of(engine, outcome)
+    assert publication in record["error"]
+    assert record["copy_risks"] == []
+    assert [r["name"] for r in record["copy_risks_at_end"]] == [publication]
     assert any(e["event"] == "copy_risk" and e.get("appeared_during_run") for e in logs)
 
 
@@ -399,6 +402,8 @@ def test_a_trigger_present_from_the_start_is_no_appearance(engine: Engine, reade
     )
     outcome = run_job(reader.engine, settings(), chunk_size=10)
     assert (outcome.status, outcome.rows_cleaned, outcome.error) == ("succeeded", 30, None)
+    record = record_of(engine, outcome)
+    assert record["copy_risks_at_end"] == record["copy_risks"] != []
 
 
 # --- `run --reclean` -------------------------------------------------------------------------

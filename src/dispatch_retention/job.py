@@ -304,7 +304,7 @@ def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
                 outcome.error = (
                     "lost the run lock: another run took it and marked this one abandoned"
                 )
-        record.finish(outcome)
+        record.finish(outcome, outcome.copy_risks_at_end)
     except (DBAPIError, errors.RetriesExhausted) as exc:
         error = _described(exc)
         rlog.error("run_record_failed", error=error)
@@ -366,10 +366,11 @@ def _risks_at_end(
 ) -> None:
     """After the walk: read the copy risks again. One that appeared while the run ran is
     logged (`copy_risk`, `appeared_during_run`), and the record, whose `copy_risks` are what
-    the run started with, says so: a run that would have ended `succeeded` or `incomplete`
-    ends `incomplete` (`copy_risks_appeared`) naming it. Where one can write back and the
-    chunks were not checked, the rows of the run's windows are checked now (a role that may
-    read the personal columns): any holding personal data fails the run."""
+    the run started with, keeps what was read now (`copy_risks_at_end`) and says so: a run
+    that would have ended `succeeded` or `incomplete` ends `incomplete`
+    (`copy_risks_appeared`) naming it. Where one can write back and the chunks were not
+    checked, the rows of the run's windows are checked now (a role that may read the
+    personal columns): any holding personal data fails the run."""
 
     def read() -> tuple[list[risks.Risk], list[str]]:
         with engine.connect() as conn:
@@ -378,6 +379,7 @@ def _risks_at_end(
     found, unreadable = retry.call(
         read, settings.clean, "reading the copy risks again", sleep=stop.sleep, deadline=deadline
     )
+    outcome.copy_risks_at_end = found
     appeared = [r for r in found if r not in outcome.copy_risks]
     for risk in appeared:
         rlog.warning(
@@ -388,7 +390,7 @@ def _risks_at_end(
         )
     if not appeared or outcome.status not in (Status.SUCCEEDED, Status.INCOMPLETE):
         return
-    named = ", ".join(f"{r.kind} {r.name}" for r in appeared)
+    named = ", ".join(f"{r.kind} {shown_name(r.name)}" for r in appeared)  # catalog names
     unchecked = bool(risks.updating(appeared)) and not checked
     if unchecked and not unreadable and (outcome.rows_cleaned or outcome.rows_recleaned):
         check = statements.written_back_in_run(settings, tables.chunks, outcome.run_id)

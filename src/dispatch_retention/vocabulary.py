@@ -142,6 +142,9 @@ class Outcome:
     written_back_rows: int = 0
     #: where the cleaning UPDATE may copy personal data (`risks.copy_risks`), as logged
     copy_risks: list[Risk] = field(default_factory=list)
+    #: the copy risks read again at the run's end (None: the run did not get that far); the
+    #: record keeps them (`runs.copy_risks_at_end`), so one that appeared during the run shows
+    copy_risks_at_end: list[Risk] | None = None
     #: the audit trail's hash chain head after the run closed its record (`chain.head`)
     chain_head: str | None = None
 
