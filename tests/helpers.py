@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any
 
 from click.testing import CliRunner, Result
-from sqlalchemy import Connection, Engine, create_engine, func, insert, select
+from sqlalchemy import Connection, Engine, create_engine, event, func, insert, select
 from sqlalchemy import text as sql
 from sqlalchemy.engine import URL
 
 from dispatch_retention import config, grants, job
 from dispatch_retention.cli import cli
 from dispatch_retention.config import KEPT_COLUMNS, Settings, Target
-from dispatch_retention.schema import dispatches_table
+from dispatch_retention.schema import TRAIL_TRIGGERS, dispatches_table
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop
 
 from . import oracle
@@ -372,6 +372,21 @@ def run_records(engine: Engine) -> dict[str, dict[str, Any]]:
 
 
 def guards_off(conn: Connection) -> None:
-    """For this transaction, the audit trail's guards (migration 0003) do not fire: a test
-    sets up or resets a trail as its owner, a superuser, might (`session_replication_role`)."""
-    conn.execute(sql("SET LOCAL session_replication_role = replica"))
+    """For the rest of this transaction, the audit trail's triggers (its guards and events)
+    do not fire: a test sets up or resets a trail as its owner might (ALTER TABLE ... DISABLE
+    TRIGGER USER; since migration 0008 they are ENABLE ALWAYS, so `session_replication_role`
+    no longer skips them). They are ENABLE ALWAYS again in the same transaction, just before
+    its COMMIT, so no test leaves them off."""
+    tables = [f"{AUDIT_SCHEMA}.{t}" for t in TRAIL_TRIGGERS]
+    for table in tables:
+        conn.execute(sql(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
+
+    def enable_again(_: Connection) -> None:
+        with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
+            for table, triggers in TRAIL_TRIGGERS.items():
+                for trigger in sorted(triggers):
+                    cursor.execute(
+                        f"ALTER TABLE {AUDIT_SCHEMA}.{table} ENABLE ALWAYS TRIGGER {trigger}"
+                    )
+
+    event.listen(conn, "commit", enable_again, once=True)

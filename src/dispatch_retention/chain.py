@@ -48,14 +48,15 @@ from sqlalchemy.exc import DBAPIError
 from . import db, target
 from .config import Settings
 from .errors import TargetRefused
-from .history import Histories, Long
+from .history import Histories, Long, stamp_problem
 from .names import name_parts, quoted_name
-from .schema import AuditTables, target_table
+from .printable import shown_name
+from .schema import TRAIL_TRIGGERS, AuditTables, target_table
 
 #: The `prev` of the first event.
 GENESIS = "0" * 64
 #: The canonical encodings this version reads.
-VERSIONS = (1,)
+VERSIONS = (1, 2)
 #: Findings named one by one; past that, counted.
 MAX_LISTED = 20
 #: An event's body up to this many bytes is read with its row and decoded here; a longer one
@@ -168,6 +169,7 @@ def check(
             "rewritten since that head was kept",
         )
     _repeated_chunks(conn, tables, report)
+    _catalog(conn, tables, report)
     for name in SUBJECTS:
         try:
             with conn.begin_nested():  # an event the database cannot read fails this check only
@@ -205,6 +207,7 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
     rows = conn.execute(query.execution_options(yield_per=BATCH))
     prev_seq, prev_hash = 0, GENESIS
     histories = Histories()
+    live = False  # whether a live (not imported) event came yet
     for seq, kind, subject, recorded_at, stored_prev, digest, body in rows:
         where = f"events seq {seq}"
         report.events += 1
@@ -219,7 +222,15 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
         if decoded is None:
             report.found(where, "its body is not an event encoding this version reads")
         else:
-            report.imported += bool(decoded.get("imported"))
+            imported = bool(decoded.get("imported"))
+            report.imported += imported
+            if imported and live:
+                report.found(
+                    where,
+                    "an imported event after the chain's first live one: history was added "
+                    "afterwards (only the upgrade that began the chain imports)",
+                )
+            live = live or not imported
             said = (decoded.get("seq"), decoded.get("kind"), decoded.get("subject"))
             if (
                 said != (seq, kind, subject)
@@ -233,6 +244,12 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
             )
             if problem:
                 report.found(where, f"{subject}: {problem}: its history was rewritten")
+            if decoded.get("v") == 2 and not imported:
+                problem = stamp_problem(
+                    kind, fact if isinstance(fact, dict) else {}, recorded_at, decoded.get("role")
+                )
+                if problem:
+                    report.found(where, f"{subject}: {problem}")
         if stored_prev != prev_hash:
             report.found(
                 where, f"its previous hash is not the hash of seq {prev_seq}: the chain is broken"
@@ -389,6 +406,55 @@ ORDER BY latest.seq NULLS FIRST, 1
                 f"differs from its last event (seq {seq}) in {', '.join(changed)}: "
                 "it was changed past the trail",
             )
+
+
+def _catalog(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
+    """The trail's tables as the migrations made them: no inheritance child (whose rows a
+    read of the table would count as its own, written past its triggers), and every trigger
+    of `TRAIL_TRIGGERS` there, `ENABLE ALWAYS`, and no other."""
+    names = list(TRAIL_TRIGGERS)
+    oid = "to_regclass(format('%I.%I', CAST(:schema AS text), t.name))"
+    children = text(
+        f"""
+SELECT t.name, left(format('%s', i.inhrelid::regclass), {COLUMN_CHARS})
+FROM unnest(CAST(:names AS text[])) AS t(name) JOIN pg_inherits i ON i.inhparent = {oid}
+ORDER BY 1, 2
+"""
+    )
+    params = {"schema": tables.schema, "names": names}
+    for table, child in conn.execute(children, params):
+        report.found(
+            table,
+            f"has the inheritance child {shown_name(child)}: rows there are read as the "
+            "table's and were written past its triggers",
+        )
+    triggers = text(
+        f"""
+SELECT t.name, left(g.tgname, {COLUMN_CHARS}), g.tgenabled::text
+FROM unnest(CAST(:names AS text[])) AS t(name)
+JOIN pg_trigger g ON g.tgrelid = {oid} AND NOT g.tgisinternal
+ORDER BY 1, 2
+"""
+    )
+    found: dict[str, dict[str, str]] = {name: {} for name in names}
+    for table, trigger, enabled in conn.execute(triggers, params):
+        found[table][trigger] = enabled
+    for table, expected in TRAIL_TRIGGERS.items():
+        for trigger in sorted(expected - found[table].keys()):
+            report.found(table, f"its trigger {trigger} is gone: rows may be written past it")
+        for trigger, enabled in sorted(found[table].items()):
+            if trigger not in expected:
+                report.found(table, f"has a trigger the job did not make: {shown_name(trigger)}")
+            elif enabled != "A":
+                report.found(
+                    table,
+                    f"its trigger {trigger} is not ENABLE ALWAYS ({_ENABLED.get(enabled, '?')}): "
+                    "rows may be written past it",
+                )
+
+
+#: `pg_trigger.tgenabled`, in words.
+_ENABLED = {"O": "enabled for origin sessions only", "D": "disabled", "R": "replica only"}
 
 
 def _repeated_chunks(conn: Connection, tables: AuditTables, report: ChainReport) -> None:

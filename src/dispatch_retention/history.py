@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
@@ -41,6 +42,18 @@ OPEN = ("running", "abandoned")
 KIND_STATUS = {"run_started": "running", "run_abandoned": "abandoned"}
 #: The longest status kept or named as it is (the runs table's own bound).
 STATUS_CHARS = 32
+#: Statuses that claim the work done, which a run marked abandoned never ends in (from
+#: migration 0008 the database lets it close only as failed or interrupted).
+FALSE_SUCCESS = ("succeeded", "incomplete")
+#: Per event kind (encoding version 2, migration 0008): the row's stamp that is the event's
+#: `at`, and the row's column that names the role which wrote it (the event's `role`).
+STAMPS: dict[str, tuple[str, str | None]] = {
+    "run_started": ("started_at", "db_user"),
+    "run_finished": ("finished_at", None),
+    "run_abandoned": ("finished_at", None),
+    "hold_placed": ("created_at", "created_by"),
+    "hold_released": ("released_at", None),
+}
 
 
 @dataclass(frozen=True)
@@ -148,6 +161,8 @@ class Histories:
             return "the run's plan changed"
         if kind == "run_planned" and status != run.status:
             return "a run_planned event that changes the run's status"
+        if run.status == "abandoned" and status in FALSE_SUCCESS:
+            return f"an abandoned run closed {status}: out of abandoned there is only a failure"
         run.status, run.plan = status, plan or run.plan
         return None
 
@@ -179,3 +194,34 @@ class Histories:
 def _status(value: Any) -> str:
     """A status as it may be kept and named: one of the runs table's, or cut short."""
     return str(value)[:STATUS_CHARS]
+
+
+def stamp_problem(kind: str, fact: dict[str, Any], at: datetime | None, role: Any) -> str | None:
+    """What a version 2 event (migration 0008) says that its row does not bear out: the
+    row's stamp is the event's time (the guard took it under the chain's lock), the role that
+    wrote the row is the one the row names, and a chunk's transaction began before its
+    event. None if they agree."""
+    if not isinstance(role, str) or not role:
+        return "its event names no writing role: the row was written past the trail's triggers"
+    if kind == "chunk_committed":
+        cleaned = _instant(fact.get("cleaned_at"))
+        if cleaned is None or at is None or cleaned > at:
+            return "its cleaned_at is not before its event: the row was written past the guards"
+        return None
+    stamp, named = STAMPS.get(kind, (None, None))
+    if stamp is not None and _instant(fact.get(stamp)) != at:
+        return f"its {stamp} is not its event's time: the row was written past the guards"
+    if named is not None and fact.get(named) != role:
+        return f"its {named} is not the role that wrote it: the row was written past the guards"
+    if kind == "hold_released" and not str(fact.get("released_by", "")).endswith(
+        f"(db role {role})"
+    ):
+        return "its released_by does not name the role that released it"
+    return None
+
+
+def _instant(value: Any) -> datetime | None:
+    try:
+        return datetime.fromisoformat(value) if isinstance(value, str) else None
+    except ValueError:
+        return None

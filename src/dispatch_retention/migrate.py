@@ -17,7 +17,7 @@ from .errors import MissingPrivilege, SchemaNotReady
 from .schema import ALEMBIC_VERSION_TABLE
 
 #: Every migration in order; `tests/test_migrations.py` checks them against Alembic's own.
-REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007")
+REVISIONS = ("0001", "0002", "0003", "0004", "0005", "0006", "0007", "0008")
 #: The newest migration: what this version needs.
 HEAD = REVISIONS[-1]
 

@@ -35,6 +35,7 @@ from ..helpers import (
     SCRIPT,
     config_text,
     fresh_database,
+    guards_off,
     granted_role,
     invoke,
     run_job,
@@ -127,7 +128,7 @@ def legacy(
         engine.dispose()
         plain = url.set(drivername="postgresql").render_as_string(hide_password=False)
         upgraded = invoke("--config", str(config), "--database-url", plain, "db", "upgrade")
-        assert upgraded.exit_code == 0 and "from 0006 to 0007" in upgraded.output, upgraded.output
+        assert upgraded.exit_code == 0 and "from 0006 to 0008" in upgraded.output, upgraded.output
         yield Legacy(plain, config, run_id)
 
 
@@ -526,7 +527,7 @@ def test_runs_with_long_configs_check_out(engine: Engine, base: list[str], paddi
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["events"] == 3 + outcome.chunks
     with engine.begin() as conn:  # the owner rewrites the finished event's config, rehashed
-        conn.execute(text("SET LOCAL session_replication_role = replica"))
+        guards_off(conn)
         conn.execute(
             text(
                 f"UPDATE {SCHEMA}.events SET body = replace(body, 'pppp', 'qqqq') "

@@ -78,7 +78,7 @@ def test_every_write_to_the_trail_is_an_event_hashed_by_the_database(
         body = json.loads(event["body"])
         assert hashlib.sha256(event["body"].encode()).hexdigest() == event["hash"]
         assert (body["v"], body["seq"], body["prev"], event["prev_hash"]) == (
-            1, event["seq"], prev, prev
+            2, event["seq"], prev, prev
         )  # fmt: skip
         assert body["imported"] is False
         prev = event["hash"]
