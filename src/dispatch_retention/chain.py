@@ -48,7 +48,7 @@ from sqlalchemy.exc import DBAPIError
 from . import db, target
 from .config import Settings
 from .errors import TargetRefused
-from .history import Histories, Long, stamp_problem
+from .history import Histories, Long, stamp_problems
 from .names import name_parts, quoted_name
 from .printable import shown_name
 from .schema import TRAIL_TRIGGERS, AuditTables, target_table
@@ -245,10 +245,9 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
             if problem:
                 report.found(where, f"{subject}: {problem}: its history was rewritten")
             if decoded.get("v") == 2 and not imported:
-                problem = stamp_problem(
+                for problem in stamp_problems(
                     kind, fact if isinstance(fact, dict) else {}, recorded_at, decoded.get("role")
-                )
-                if problem:
+                ):
                     report.found(where, f"{subject}: {problem}")
         if stored_prev != prev_hash:
             report.found(

@@ -196,28 +196,33 @@ def _status(value: Any) -> str:
     return str(value)[:STATUS_CHARS]
 
 
-def stamp_problem(kind: str, fact: dict[str, Any], at: datetime | None, role: Any) -> str | None:
+def stamp_problems(kind: str, fact: dict[str, Any], at: datetime | None, role: Any) -> list[str]:
     """What a version 2 event (migration 0008) says that its row does not bear out: the
     row's stamp is the event's time (the guard took it under the chain's lock), the role that
     wrote the row is the one the row names, and a chunk's transaction began before its
-    event. None if they agree."""
+    event. Empty if they agree."""
     if not isinstance(role, str) or not role:
-        return "its event names no writing role: the row was written past the trail's triggers"
+        return ["its event names no writing role: the row was written past the trail's triggers"]
+    found = []
     if kind == "chunk_committed":
         cleaned = _instant(fact.get("cleaned_at"))
         if cleaned is None or at is None or cleaned > at:
-            return "its cleaned_at is not before its event: the row was written past the guards"
-        return None
+            found.append(
+                "its cleaned_at is not before its event: the row was written past the guards"
+            )
+        return found
     stamp, named = STAMPS.get(kind, (None, None))
     if stamp is not None and _instant(fact.get(stamp)) != at:
-        return f"its {stamp} is not its event's time: the row was written past the guards"
+        found.append(f"its {stamp} is not its event's time: the row was written past the guards")
     if named is not None and fact.get(named) != role:
-        return f"its {named} is not the role that wrote it: the row was written past the guards"
+        found.append(
+            f"its {named} is not the role that wrote it: the row was written past the guards"
+        )
     if kind == "hold_released" and not str(fact.get("released_by", "")).endswith(
         f"(db role {role})"
     ):
-        return "its released_by does not name the role that released it"
-    return None
+        found.append("its released_by does not name the role that released it")
+    return found
 
 
 def _instant(value: Any) -> datetime | None:

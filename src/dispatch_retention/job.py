@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from sqlalchemy import Connection, Engine
@@ -40,6 +41,7 @@ from . import (
 from .cleaner import Cleaner
 from .config import Settings
 from .lock import RunLock, run_locks
+from .names import quoted_name
 from .planning import Plan, make_plan
 from .printable import shown_name
 from .schema import AuditTables
@@ -180,8 +182,9 @@ def _locked_run(
     with RunLock(engine, run_locks(settings.target.table, shard_name)) as lock:
         if not lock.acquired:
             outcome.status = Status.LOCKED
-            outcome.error = "another run holds the lock of this target"
-            rlog.warning("run_locked", holder=lock.holder())
+            holders = lock.holder(quoted_name(tables.schema, "runs"))
+            outcome.error = _locked_by(holders)
+            rlog.warning("run_locked", holder=holders)
             return
         record = audit.RunRecord(
             engine, tables, outcome.run_id, clean=settings.clean, stop=stop, deadline=deadline
@@ -293,13 +296,28 @@ def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
         rlog.error("internal_error", exc_info=exc)
 
 
+def _locked_by(holders: list[dict[str, Any]]) -> str:
+    """Why the run is locked out: another run, or (the lock's key is computable) a session
+    of a role that may not run the job, named with its pid, so that it can be ended."""
+    strangers = [h for h in holders if not h["may_run"]]
+    if not holders or len(strangers) < len(holders):
+        return "another run holds the lock of this target"
+    named = ", ".join(f"role {h['usename']} (pid {h['pid']})" for h in strangers)
+    return (
+        f"the lock of this target is held by {named}, which may not run the job: not another "
+        "run; end that session (SELECT pg_terminate_backend(PID)) and find who took the "
+        "lock's key"
+    )
+
+
 def _close(record: audit.RunRecord, outcome: Outcome, rlog: Logger) -> None:
     if outcome.status == Status.RUNNING:  # never leave a record open on a path we did not foresee
         outcome.status, outcome.error = Status.FAILED, "the run ended without a status"
     try:
         if record.status() == Status.ABANDONED:  # another run took the lock while we lived
             rlog.error("run_record_taken_over", status=outcome.status)
-            if outcome.status in (Status.SUCCEEDED, Status.INCOMPLETE):
+            # out of abandoned the trail takes only a failure (migration 0008)
+            if outcome.status not in (Status.FAILED, Status.INTERRUPTED):
                 outcome.status = Status.FAILED
                 outcome.error = (
                     "lost the run lock: another run took it and marked this one abandoned"

@@ -86,11 +86,13 @@ class RunLock:
         if not self.acquired:
             raise LockLost("the run lock's connection was lost and another run holds the lock now")
 
-    def holder(self) -> list[dict[str, Any]]:
+    def holder(self, runs_table: str) -> list[dict[str, Any]]:
         """Who holds the lock we could not take: pid, application, role, client, since when
-        (an ISO 8601 time, as every other time in the log). The application and role names
-        are the holder's to choose (`application_name`, a quoted role name): escaped and
-        bounded (`printable.shown_name`)."""
+        (an ISO 8601 time, as every other time in the log), and whether that role may run
+        the job at all (`may_run`: it may start a run record in `runs_table`, the audit
+        schema's runs; the lock's key is computable, so any role can take it). The
+        application and role names are the holder's to choose (`application_name`, a quoted
+        role name): escaped and bounded (`printable.shown_name`)."""
         assert self.conn is not None
         if self.blocked_on is None:
             return []
@@ -98,7 +100,9 @@ class RunLock:
             self.conn.execute(
                 text(
                     "SELECT a.pid, a.application_name, host(a.client_addr) AS client_addr, "
-                    "a.backend_start, a.usename, l.mode "
+                    "a.backend_start, a.usename, l.mode, "
+                    "coalesce(has_table_privilege(a.usesysid, to_regclass(:runs), 'INSERT'), "
+                    "false) AS may_run "
                     "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
                     "WHERE l.locktype = 'advisory' AND l.granted "
                     "AND l.database = (SELECT oid FROM pg_database "
@@ -107,7 +111,7 @@ class RunLock:
                     "AND l.objid = (:k & 4294967295)::bigint::oid AND l.objsubid = 1 "
                     "AND a.pid <> pg_backend_pid()"
                 ),
-                {"k": self.blocked_on},
+                {"k": self.blocked_on, "runs": runs_table},
             )
             .mappings()
             .all()
