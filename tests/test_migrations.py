@@ -201,3 +201,85 @@ def test_db_check_finds_nothing_stale_after_the_upgrade(
         code, out = _cli(role_url, "--config", str(config), "db", "check")
     assert code == 0, out
     assert "[error]" not in out, out
+
+
+# --- 0008: stamps under the chain's lock, chunks that know their transaction (issue 23) --------
+
+
+def _to(engine: Engine, revision: str, how: str = "downgrade") -> None:
+    cfg = migrate.alembic_config()
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        cfg.attributes["schema"] = "dispatch_retention"
+        getattr(command, how)(cfg, revision)
+
+
+def test_a_trail_written_under_0007_upgrades_and_verifies_beside_new_events(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """A database the previous release made and wrote (version 1 events: a finished run, a
+    placed and a released hold, an open hold) upgrades to 0008: its old events verify beside
+    the version 2 events a new run writes, the open hold can still be released, every trigger
+    of the trail is ENABLE ALWAYS, and old chunks know no transaction."""
+    from .helpers import run_job, seed_series, settings
+
+    _to(engine, "0007")
+    s = "dispatch_retention"
+    with engine.begin() as conn:
+        conn.execute(text(f"INSERT INTO {s}.legal_holds (member_id, reason) VALUES (1, 'a')"))
+        conn.execute(text(f"INSERT INTO {s}.legal_holds (member_id, reason) VALUES (2, 'b')"))
+        conn.execute(text(f"UPDATE {s}.legal_holds SET released_at = now() WHERE member_id = 2"))
+    _to(engine, "head", "upgrade")
+    seed_series(engine, range(0, 50))
+    assert run_job(engine, settings(), chunk_size=20).status is Status.SUCCEEDED
+    with engine.begin() as conn:
+        conn.execute(text(f"UPDATE {s}.legal_holds SET released_at = now() WHERE member_id = 1"))
+        versions = conn.execute(
+            text(f"SELECT (body::jsonb ->> 'v')::int FROM {s}.events ORDER BY seq")
+        ).scalars()
+        assert list(versions)[:3] == [1, 1, 1]
+        enabled = conn.execute(
+            text(
+                "SELECT DISTINCT tgenabled::text FROM pg_trigger WHERE NOT tgisinternal AND "
+                f"tgrelid::regclass::text LIKE '{s}.%'"
+            )
+        ).scalars()
+        assert list(enabled) == ["A"]
+    config = tmp_path / "retention.toml"
+    config.write_text(config_text(), encoding="utf-8")
+    code, out = _cli(url_string, "--config", str(config), "audit", "verify")
+    assert code == 0 and "OK:" in out, out
+
+
+def test_db_check_names_a_read_only_view_an_earlier_release_made(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """The read-only view gains `row_xact` (format 2): one made by the previous release
+    (format 1) is named by `db check` with the SQL to run again, and the read-only role's
+    `verify` refuses it (exit 2); made again, both are content."""
+    from .helpers import apply_grants
+
+    config = tmp_path / "retention.toml"
+    config.write_text(config_text(), encoding="utf-8")
+    with granted_role(engine, make_url(url_string), "read-only") as (role, role_url):
+        code, out = _cli(url_string, "--config", str(config), "db", "check")
+        assert "[ok   ] read-only view" in out and "is current" in out, out
+        with engine.begin() as conn:  # the COMMENT of a view the previous release made
+            conn.execute(
+                text(
+                    "DO $$ BEGIN EXECUTE format('COMMENT ON VIEW dispatch_retention.dispatch_facts "
+                    "IS %L', jsonb_set(obj_description('dispatch_retention.dispatch_facts'::"
+                    "regclass, 'pg_class')::jsonb, '{format}', '1')::text); END $$"
+                )
+            )
+        code, out = _cli(url_string, "--config", str(config), "db", "check")
+        assert "[warn ] read-only view" in out and "another version" in out, out
+        assert "--purpose read-only` prints" in out, out
+        code, out = _cli(role_url, "--config", str(config), "verify")
+        assert code == 2 and "another version" in out, out
+        with engine.begin() as conn:
+            apply_grants(conn, role, "read-only")
+        code, out = _cli(role_url, "--config", str(config), "verify")
+        assert code in (0, 5), out
+        code, out = _cli(url_string, "--config", str(config), "db", "check")
+        assert "is current" in out, out

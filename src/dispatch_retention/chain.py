@@ -42,12 +42,13 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Table, and_, case, cast, func, select, text
+from sqlalchemy import Connection, Table, Text, and_, case, cast, func, select, text
 from sqlalchemy.exc import DBAPIError
 
-from . import db, target
+from . import db, facts, policy, target
 from .config import Settings
-from .errors import TargetRefused
+from .errors import NoFactsView, StaleFactsView, TargetRefused
+from .facts import ROW_XACT_COLUMN, row_xact
 from .history import Histories, Long, stamp_problems
 from .names import name_parts, quoted_name
 from .printable import shown_name
@@ -81,13 +82,17 @@ SUBJECTS = {
 
 @dataclass(frozen=True)
 class Finding:
-    """One thing the trail does not bear out: where (`row`) and what (`problem`)."""
+    """One thing the trail does not bear out: where (`row`), what (`problem`), and what
+    changed (`changed`): the trail (its tables, events or triggers: only the migrating owner
+    or a superuser can, past the guards) or the table (the dispatches no longer hold what a
+    chunk recorded: any role with UPDATE on their `cleaned_at`, the run role included)."""
 
     row: str
     problem: str
+    changed: str = "trail"
 
     def as_dict(self) -> dict[str, str]:
-        return {"row": self.row, "problem": self.problem}
+        return {"row": self.row, "problem": self.problem, "changed": self.changed}
 
 
 @dataclass(frozen=True)
@@ -118,6 +123,13 @@ class ChainReport:
     unlisted: int = 0
     #: chunks of other targets left uncounted, and why (at most MAX_LISTED targets named)
     not_counted: list[NotCounted] = field(default_factory=list)
+    #: clean chunks (0008 on) whose rows were read for personal data
+    chunks_read: int = 0
+    #: cleaned rows holding personal data written after their chunk, by another transaction
+    #: (`verify` reports them: a write-back, not a chunk's lie)
+    written_after_chunk: int = 0
+    #: why the chunks' rows could not be read for personal data (None: they were)
+    rows_not_read: str | None = None
 
     @property
     def chunks_not_counted(self) -> int:
@@ -127,9 +139,9 @@ class ChainReport:
     def ok(self) -> bool:
         return not self.findings
 
-    def found(self, row: str, problem: str) -> None:
+    def found(self, row: str, problem: str, changed: str = "trail") -> None:
         if len(self.findings) < MAX_LISTED:
-            self.findings.append(Finding(row, problem))
+            self.findings.append(Finding(row, problem, changed))
         else:
             self.unlisted += 1
 
@@ -145,6 +157,9 @@ class ChainReport:
             "chunks_counted": self.chunks_counted,
             "chunks_not_counted": self.chunks_not_counted,
             "not_counted": [n.as_dict() for n in self.not_counted],
+            "chunks_read_for_personal_data": self.chunks_read,
+            "rows_written_after_their_chunk": self.written_after_chunk,
+            "rows_not_read": self.rows_not_read,
             "findings": [f.as_dict() for f in self.findings],
             "unlisted_findings": self.unlisted,
         }
@@ -180,7 +195,9 @@ def check(
             report.found(
                 name, "an event of its rows holds a body that is no JSON: the event was changed"
             )
-    _chunk_counts(conn, target.resolve_settings(conn, settings), tables, report)
+    resolved = target.resolve_settings(conn, settings)
+    _chunk_counts(conn, resolved, tables, report)
+    _chunk_data(conn, resolved, tables, report)
     return report
 
 
@@ -629,7 +646,10 @@ def _stamp_counts(
             report.found(
                 f"chunks {chunk}",
                 f"says {rows} dispatches were cleaned{also}; {name} has "
-                f"{dispatches} in its window with its cleaned_at",
+                f"{dispatches} in its window with its cleaned_at: the dispatches changed after "
+                "the chunk (a role with UPDATE on their cleaned_at, the run role included, "
+                "can do this)",
+                changed="table",
             )
 
 
@@ -659,9 +679,76 @@ def _reclean_counts(
             report.found(
                 f"chunks {run_id}/{seq}",
                 f"says {rows} dispatches were cleaned again; {name} has "
-                f"{found} in its window cleaned before it",
+                f"{found} in its window cleaned before it: the dispatches changed after the "
+                "chunk",
+                changed="table",
             )
 
 
 def _shown(table: Table) -> str:
     return quoted_name(*([table.schema] if table.schema else []), table.name)
+
+
+# --- the chunks' rows against the personal data their own transaction left ---------------------
+
+
+def _chunk_data(
+    conn: Connection, settings: Settings, tables: AuditTables, report: ChainReport
+) -> None:
+    """Each clean chunk that knows its transaction (0008 on), against the rows of its window
+    with its stamp that hold personal data: written by that very transaction, the chunk
+    recorded a cleaning that did not happen (a finding); by a later one, the data was
+    written back after it (counted: `verify` reports those rows). Read in the target, or
+    through the read-only view where this role may not read the personal columns; where
+    neither can be read, said so, never silently."""
+    try:
+        source = facts.source(conn, settings)
+    except (NoFactsView, StaleFactsView, TargetRefused) as exc:
+        report.rows_not_read = str(exc)
+        return
+    chunks = tables.chunks
+    xact = source.c[ROW_XACT_COLUMN] if ROW_XACT_COLUMN in source.c else row_xact()
+    rows = (
+        select(source.c.id, source.c.cleaned_at, xact.label("xact"))
+        .where(policy.holds_personal_data(source, settings))
+        .subquery("personal")
+    )
+    # the row's xmin against the chunk's xid8, cut to the 32 bits an xmin has
+    own = rows.c.xact == cast(func.xid(chunks.c.xact), Text)
+    of_clean = and_(
+        chunks.c.kind == "clean",
+        chunks.c.xact.is_not(None),
+        _of_runs(tables, [settings.target.table, settings.target.regclass]),
+    )
+    report.chunks_read = int(
+        conn.execute(select(func.count()).select_from(chunks).where(of_clean)).scalar_one()
+    )
+    query = (
+        select(
+            chunks.c.run_id,
+            chunks.c.seq,
+            func.count().filter(own),
+            func.count().filter(~own),
+        )
+        .select_from(
+            chunks.join(
+                rows,
+                and_(
+                    rows.c.id.between(chunks.c.first_id, chunks.c.last_id),
+                    rows.c.cleaned_at == cast(chunks.c.cleaned_at, source.c.cleaned_at.type),
+                ),
+            )
+        )
+        .where(of_clean)
+        .group_by(chunks.c.run_id, chunks.c.seq)
+        .order_by(chunks.c.run_id, chunks.c.seq)
+    )
+    for run_id, seq, left, later in conn.execute(query.execution_options(yield_per=1000)):
+        report.written_after_chunk += int(later)
+        if left:
+            report.found(
+                f"chunks {run_id}/{seq}",
+                f"{left} rows of its window with its cleaned_at hold personal data that its own "
+                "transaction left there: the chunk records a cleaning that did not happen (or "
+                "a trigger wrote the data back before its COMMIT; `run --reclean` strips them)",
+            )

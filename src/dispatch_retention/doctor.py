@@ -12,7 +12,8 @@ match none;
 columns neither stripped nor kept (a warn); the policy indexes (indexes.py: an index counts
 only where the plan can read it alone; a missing one comes with the statements that build it
 without blocking writes, partition by partition on a partitioned table); the audit schema's
-revision; the autovacuum settings, last (auto)vacuum and tuples of the table, or of each of
+revision; the read-only view of the dispatches, where it exists (stale: a warn, with the
+SQL to run again); the autovacuum settings, last (auto)vacuum and tuples of the table, or of each of
 its partitions; the current role's rights; TEMPORARY on the database (PostgreSQL grants it
 to PUBLIC by default: a warn, with the REVOKE an administrator would run; the job does not
 run it, since it concerns every role of the database). `db check --strict` fails on any warn.
@@ -26,11 +27,12 @@ from typing import Any, Literal
 from sqlalchemy import Connection, inspect, text
 from sqlalchemy.exc import DBAPIError
 
-from . import db, errors, indexes, migrate, risks
+from . import db, errors, facts, indexes, migrate, risks
 from . import target as target_module
 from .config import PERSONAL_COLUMNS, Settings, Target
 from .grants import write_columns
-from .schema import dispatches_table
+from .names import quoted_name
+from .schema import FACTS_VIEW, dispatches_table
 from .shape import Shape
 
 Level = Literal["ok", "warn", "error"]
@@ -72,10 +74,36 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings.append(_classification(settings, list(columns), settings.shape))
     findings += _indexes(conn, settings)
     findings.append(_schema(conn, settings))
+    findings.append(_facts_view(conn, settings))
     findings += _vacuum(conn, settings)
     findings += _privileges(conn, settings, set(columns))
     findings.append(_temp_privilege(conn))
     return findings
+
+
+def _facts_view(conn: Connection, settings: Settings) -> Finding:
+    """The read-only role's view of the dispatches (facts.py), where it exists: a warn when
+    it is stale (made by an earlier release, for other clean.columns, replaced since), as
+    `verify` through it would refuse it; with the SQL to run again in the message."""
+    view = facts.view_name(settings)
+    exists = conn.execute(
+        text("SELECT to_regclass(:v) IS NOT NULL"),
+        {"v": quoted_name(settings.audit.schema_, FACTS_VIEW)},
+    ).scalar()
+    if not exists:
+        return Finding(
+            "ok",
+            "read-only view",
+            f"no view {view}: only a role that may not read the personal columns needs it "
+            "(`db grants --purpose read-only` makes it)",
+        )
+    try:
+        facts.check(conn, settings, list(settings.clean.columns))
+    except (errors.StaleFactsView, errors.TargetRefused) as exc:
+        return Finding("warn", "read-only view", str(exc))
+    except errors.NoFactsView:
+        return Finding("ok", "read-only view", f"{view} exists; this role does not read it")
+    return Finding("ok", "read-only view", f"{view} is current")
 
 
 #: How long `db check` may read the table for status values no mapping names.

@@ -7,7 +7,9 @@ holds) but those of `clean.columns` (`shown_columns`: where `member_id` is strip
 column `held` says whether the row's member is under an active legal hold instead) and, for
 each column of `clean.columns`, `has_<column>`: the column holds data, that is, differs from
 what cleaning writes (`policy.personal_data`, the very predicate `verify` uses on the
-table); `holds_personal_data` is any of them. Never a personal value.
+table); `holds_personal_data` is any of them; `row_xact`, the transaction that last wrote
+the row (its `xmin`), by which `audit verify` tells data a chunk's own transaction left in a
+row from data written there later. Never a personal value.
 
 The job never creates it. `db grants --purpose read-only` prints `statements()` (CREATE OR
 REPLACE VIEW, and COMMENT ON VIEW with `built_from()`: the columns and the cleaned values it
@@ -43,7 +45,9 @@ from sqlalchemy import (
     Table,
     Text,
     and_,
+    cast,
     literal,
+    literal_column,
     select,
     text,
 )
@@ -62,8 +66,12 @@ DEFINITION_SHA256 = "encode(sha256(convert_to(pg_get_viewdef({view}), 'UTF8')), 
 DO_TAG = "$dr_facts$"
 #: The search_path under which that definition is read (`_names_whole`).
 WHOLE_NAMES = "pg_catalog"
-#: The version of what `built_from()` records: a view recorded otherwise is made again.
-FORMAT = 1
+#: The version of what `built_from()` records: a view recorded otherwise is made again
+#: (2: the view shows each row's `row_xact`).
+FORMAT = 2
+#: The view's column that names the transaction that last wrote the row (its `xmin`, as
+#: text): `audit verify` tells a chunk's own transaction from a later writer by it.
+ROW_XACT_COLUMN = "row_xact"
 MADE_BY = "dispatch-retention db grants --purpose read-only"
 
 
@@ -150,7 +158,14 @@ def view_columns(settings: Settings) -> list[ColumnElement[Any]]:
         *held,
         policy.holds_personal_data(table, settings).label(HOLDS_COLUMN),
         *(holds[column].label(flag) for column, flag in flags(settings).items()),
+        row_xact().label(ROW_XACT_COLUMN),
     ]
+
+
+def row_xact() -> ColumnElement[str]:
+    """The transaction that last wrote a row of the table (its `xmin`), as text: a SELECT
+    of it must read that one table alone (the name is unqualified)."""
+    return cast(literal_column("xmin"), Text)
 
 
 def _held(table: Table, settings: Settings) -> ColumnElement[bool]:
@@ -180,6 +195,7 @@ def table(settings: Settings) -> Table:
         *([Column(HELD_COLUMN, Boolean())] if held else []),
         Column(HOLDS_COLUMN, Boolean()),
         *(Column(flag, Boolean()) for flag in named.values()),
+        Column(ROW_XACT_COLUMN, Text()),
         schema=settings.audit.schema_,
         info={"flags": named, **({"held": HELD_COLUMN} if held else {})},
     )

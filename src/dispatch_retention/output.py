@@ -166,6 +166,15 @@ def chain_text(report: ChainReport) -> str:
     if report.not_counted:  # chunks of another target this role cannot count in: never OK silently
         lines.append(f"chunks NOT counted (another target's runs): {report.chunks_not_counted}")
         lines += [f"  {_cell(n.table)}: {n.chunks}: {_cell(n.why)}" for n in report.not_counted]
+    if report.rows_not_read is not None:  # never OK silently
+        lines.append(f"chunks' rows NOT read for personal data: {_cell(report.rows_not_read)}")
+    else:
+        lines.append(f"clean chunks whose rows were read for personal data: {report.chunks_read}")
+    if report.written_after_chunk:
+        lines.append(
+            f"cleaned rows holding personal data written after their chunk: "
+            f"{report.written_after_chunk} (`verify` reports them)"
+        )
     if report.ok:
         lines += [
             "",

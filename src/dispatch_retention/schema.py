@@ -274,7 +274,7 @@ TRAIL_TRIGGERS: Mapping[str, frozenset[str]] = {
     ),
     "chunks": frozenset(
         {"chunks_append_only", "chunks_event", "chunks_guard", "chunks_invoker",
-         "chunks_no_truncate"}
+         "chunks_no_truncate", "chunks_stamp"}
     ),
     "legal_holds": frozenset(
         {"legal_holds_append_only", "legal_holds_event", "legal_holds_guard",
@@ -306,7 +306,7 @@ AUDIT_NAMES = frozenset(
         "first_id", "last_id", "rows", "cleaned_at", "by_policy", "skipped_locked", "kind",
         "hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
         "released_by", "copy_risks_at_end", "runs_risks_at_end",
-        "runs_abandoned_closes", "events_imported_first",
+        "runs_abandoned_closes", "events_imported_first", "xact",
         *(bound_name(t, c) for t, columns in TEXT_BOUNDS.items() for c in columns),
     }
 )  # fmt: skip
@@ -360,6 +360,8 @@ class AuditTables:
             Column("by_policy", JSONB, nullable=False),
             Column("skipped_locked", Boolean, nullable=False),
             Column("kind", Text, nullable=False, server_default="clean"),
+            # the chunk's transaction (xid8, read as its text), set by the database (0008)
+            Column("xact", Text),
         )
         self.holds = Table(
             "legal_holds",

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from dispatch_retention.lock import run_locks
 from dispatch_retention.vocabulary import Exit, Status
 
-from ..helpers import granted_role, run_job, seed_series, settings
+from ..helpers import granted_role, invoke, run_job, seed_series, settings
 from .test_chain import EVENTS, HEAD, events, verify
 from .test_guards import FORGERIES, HOLDS, RUNS, execute_as, refused, start_run
 
@@ -392,3 +392,106 @@ def test_the_lock_held_by_a_role_that_may_not_run_is_named_as_such(
     assert "may not run the job: not another run" in outcome.error
     [locked] = [e for e in logged if e["event"] == "run_locked"]
     assert [(h["usename"], h["may_run"]) for h in locked["holder"]] == [(role, False)]
+
+
+# --- finding 1: a cleaning fabricated by the run role; finding 5: un-stamped rows -------------
+
+
+def fabricate_cleaning(url: str, ids: range) -> str:
+    """As the run role, in plain SQL, in one transaction: a running run, `cleaned_at`
+    stamped on due rows without stripping anything, a chunk that matches, the run closed
+    `succeeded`. Its run id."""
+    run_id = start_run(url)
+    execute_as(
+        url,
+        f"UPDATE dispatches SET cleaned_at = now() WHERE id BETWEEN {ids.start} AND {ids.stop - 1}",
+        f"INSERT INTO {SCHEMA}.chunks (run_id, seq, first_id, last_id, rows, cleaned_at, "
+        f"by_policy, skipped_locked) VALUES (:r, 1, {ids.start}, {ids.stop - 1}, {len(ids)}, "
+        f"""now(), '{{"sms": {len(ids)}}}', false)""",
+        run_id=run_id,
+    )
+    execute_as(
+        url,
+        f"UPDATE {RUNS} SET status = 'succeeded', remaining_due_rows = 0 WHERE run_id = :r",
+        run_id=run_id,
+    )
+    return run_id
+
+
+@pytest.mark.parametrize("reader", ["the owner", "the read-only role"])
+def test_a_cleaning_the_run_role_fabricated_is_caught(
+    engine: Engine,
+    database_url: Any,
+    run_role: tuple[str, str],
+    base: list[str],
+    url_string: str,
+    reader: str,
+) -> None:
+    """`audit verify` said OK and `audit list` credited the rows: the chunk's rows still
+    hold the personal data its own transaction left there, which `audit verify` now reads
+    (through the read-only view's flags and `row_xact` for the read-only role)."""
+    seed_series(engine, range(0, 40))
+    _role, url = run_role
+    run_id = fabricate_cleaning(url, range(0, 10))
+    if reader == "the owner":
+        code, report = verify(base)
+    else:
+        with granted_role(engine, database_url, "read-only") as (_reader, reader_url):
+            code, report = verify([*base[:2], "--database-url", reader_url])
+    assert code == Exit.TAMPERED, report
+    assert report["chunks_read_for_personal_data"] == 1 and report["rows_not_read"] is None
+    [finding] = report["findings"]
+    assert finding["row"] == f"chunks {run_id}/1" and finding["changed"] == "trail"
+    assert (
+        "10 rows of its window with its cleaned_at hold personal data that its own"
+        in (finding["problem"])
+    )
+
+
+def test_rows_written_after_their_chunk_are_counted_not_blamed_on_it(
+    engine: Engine, base: list[str]
+) -> None:
+    """The application writes data back into a row a real run cleaned: a later write, by
+    another transaction, which `verify` reports; the chunk did not lie."""
+    seed_series(engine, range(0, 40))
+    assert run_job(engine, settings(), chunk_size=20).status is Status.SUCCEEDED
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE dispatches SET msisdn = '+4700000000' WHERE id = 3"))
+    code, report = verify(base)
+    assert (code, report["findings"]) == (Exit.OK, [])
+    assert report["rows_written_after_their_chunk"] == 1
+    assert report["chunks_read_for_personal_data"] == 2
+
+
+def test_a_row_the_run_role_unstamped_is_named_a_table_change(
+    engine: Engine, run_role: tuple[str, str], base: list[str]
+) -> None:
+    """The run role sets `cleaned_at = NULL` on a cleaned row (its grants allow it): `audit
+    verify` exits 6 as before, and now says the dispatches changed, not the trail."""
+    seed_series(engine, range(0, 40))
+    assert run_job(engine, settings(), chunk_size=20).status is Status.SUCCEEDED
+    _role, url = run_role
+    execute_as(url, "UPDATE dispatches SET cleaned_at = NULL WHERE id = 3")
+    code, report = verify(base)
+    assert code == Exit.TAMPERED
+    [finding] = report["findings"]
+    assert (
+        finding["changed"] == "table"
+        and "the dispatches changed after the chunk" in (finding["problem"])
+    )
+
+
+def test_the_run_role_cannot_read_the_rows_and_says_so(
+    engine: Engine, run_role: tuple[str, str], base: list[str]
+) -> None:
+    """A role that may neither read the personal columns nor the view (the run role): the
+    chunks' rows are not read for personal data, and the report says why."""
+    seed_series(engine, range(0, 40))
+    assert run_job(engine, settings(), chunk_size=20).status is Status.SUCCEEDED
+    _role, url = run_role
+    result = invoke(*base[:2], "--database-url", url, "audit", "verify", "--format", "json")
+    assert result.exit_code == Exit.OK, result.output
+    report = json.loads(result.stdout)
+    assert report["rows_not_read"] and report["chunks_read_for_personal_data"] == 0
+    text_out = invoke(*base[:2], "--database-url", url, "audit", "verify").stdout
+    assert "chunks' rows NOT read for personal data" in text_out

@@ -18,7 +18,11 @@ A third adversarial pass forged history that the guards and `audit verify` accep
   made, noted by `<table>_invoker`, a trigger that runs with the writer's rights), beside
   the session's (`by`), so an honest `SET ROLE` and a forged name tell apart;
 - every trigger of the trail is `ENABLE ALWAYS`: `session_replication_role = replica` no
-  longer skips the guards and the events.
+  longer skips the guards and the events;
+- a chunk knows its transaction: `chunks.xact` is `pg_current_xact_id()`, set by
+  `chunks_stamp` whatever the writer gave, so `audit verify` can tell personal data that the
+  chunk's own transaction left in its rows (a chunk recorded for a cleaning that did not
+  happen) from data written there later. Chunks recorded before have none.
 
 The events written from here are encoding version 2: version 1's object with `role` added
 (`{"v": 2, "seq", "kind", "subject", "at", "by", "role", "imported", "fact", "prev"}`).
@@ -179,6 +183,12 @@ BEGIN
   RETURN NEW;
 END $$;
 
+CREATE FUNCTION {s}.chunks_stamp() RETURNS trigger LANGUAGE plpgsql {FIXED} AS $$
+BEGIN
+  NEW.xact := pg_current_xact_id();
+  RETURN NEW;
+END $$;
+
 CREATE FUNCTION {s}.legal_holds_stamp() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
   {lock};
@@ -194,6 +204,7 @@ END $$;
 
 def upgrade(schema: str) -> None:
     s = _quoted(schema)
+    op.execute(f"ALTER TABLE {s}.chunks ADD COLUMN xact xid8")
     op.execute(_append_event(s))
     op.execute(_events(s))
     op.execute(_stamps(s))
@@ -207,6 +218,10 @@ def upgrade(schema: str) -> None:
             f"CREATE TRIGGER {table}_stamp BEFORE INSERT OR UPDATE ON {s}.{table} "
             f"FOR EACH ROW EXECUTE FUNCTION {s}.{table}_stamp()"
         )
+    op.execute(
+        f"CREATE TRIGGER chunks_stamp BEFORE INSERT ON {s}.chunks "
+        f"FOR EACH ROW EXECUTE FUNCTION {s}.chunks_stamp()"
+    )
     _always(s)
 
 
@@ -233,7 +248,7 @@ def downgrade(schema: str) -> None:
     """The triggers and functions as 0007 left them: events append through the 4-argument
     function again (its body calls nothing of 0008), stamped `now()` by the guards."""
     s = _quoted(schema)
-    for table in ("runs", "legal_holds"):
+    for table in ("runs", "chunks", "legal_holds"):
         op.execute(f"DROP TRIGGER {table}_stamp ON {s}.{table}")
         op.execute(f"DROP FUNCTION {s}.{table}_stamp()")
     for table in WRITTEN:
@@ -276,3 +291,4 @@ END $$;
     )
     op.execute(_events(s, stamped=False))  # 0005's: through the 4-argument function
     op.execute(f"DROP FUNCTION {s}.append_event(text, text, jsonb, boolean, timestamptz)")
+    op.execute(f"ALTER TABLE {s}.chunks DROP COLUMN xact")
