@@ -225,6 +225,7 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
     prev_seq, prev_hash = 0, GENESIS
     histories = Histories()
     live = False  # whether a live (not imported) event came yet
+    last_at: datetime | None = None  # the time of the last version 2 event
     for seq, kind, subject, recorded_at, stored_prev, digest, body in rows:
         where = f"events seq {seq}"
         report.events += 1
@@ -261,6 +262,14 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
             )
             if problem:
                 report.found(where, f"{subject}: {problem}: its history was rewritten")
+            if decoded.get("v") == 2:
+                if last_at is not None and recorded_at < last_at:
+                    report.found(
+                        where,
+                        "its time is before the event before it: events are in commit order, "
+                        "and their times never go back",
+                    )
+                last_at = max(last_at or recorded_at, recorded_at)
             if decoded.get("v") == 2 and not imported:
                 for problem in stamp_problems(
                     kind, fact if isinstance(fact, dict) else {}, recorded_at, decoded.get("role")

@@ -299,10 +299,11 @@ def _ended_by(exc: BaseException, outcome: Outcome, rlog: Logger) -> None:
 def _locked_by(holders: list[dict[str, Any]]) -> str:
     """Why the run is locked out: another run, or (the lock's key is computable) a session
     of a role that may not run the job, named with its pid, so that it can be ended."""
-    strangers = [h for h in holders if not h["may_run"]]
-    if not holders or len(strangers) < len(holders):
+    named = ", ".join(f"role {h['usename']} (pid {h['pid']})" for h in holders)
+    if not holders:  # released between the try and the look
         return "another run holds the lock of this target"
-    named = ", ".join(f"role {h['usename']} (pid {h['pid']})" for h in strangers)
+    if any(h["may_run"] for h in holders):
+        return f"another run holds the lock of this target: {named}"
     return (
         f"the lock of this target is held by {named}, which may not run the job: not another "
         "run; end that session (SELECT pg_terminate_backend(PID)) and find who took the "

@@ -495,3 +495,35 @@ def test_the_run_role_cannot_read_the_rows_and_says_so(
     assert report["rows_not_read"] and report["chunks_read_for_personal_data"] == 0
     text_out = invoke(*base[:2], "--database-url", url, "audit", "verify").stdout
     assert "chunks' rows NOT read for personal data" in text_out
+
+
+def test_an_event_dated_before_the_one_before_it_is_caught(
+    engine: Engine, live: str, base: list[str]
+) -> None:
+    """The owner appends an event in good form (hash and link valid) whose time is a year
+    before the event it follows: the chain is commit order, so its times never go back."""
+    kept = verify(base)[1]["head"]
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+        conn.execute(
+            text(
+                f"""
+DO $$
+DECLARE head record; body text; digest text; at timestamptz := now() - interval '1 year';
+BEGIN
+  SELECT seq, hash INTO head FROM {HEAD} FOR UPDATE;
+  body := jsonb_build_object('v', 2, 'seq', head.seq + 1, 'kind', 'run_planned',
+    'subject', 'run:{live}', 'at', at, 'by', session_user, 'role', session_user,
+    'imported', false, 'fact', jsonb_build_object('status', 'succeeded'),
+    'prev', head.hash)::text;
+  digest := encode(sha256(convert_to(body, 'UTF8')), 'hex');
+  INSERT INTO {EVENTS} VALUES (head.seq + 1, 'run_planned', 'run:{live}', at, body,
+    head.hash, digest);
+  UPDATE {HEAD} SET seq = head.seq + 1, hash = digest;
+END $$
+"""
+            )
+        )
+    code, report = verify(base, "--expect-head", kept)
+    assert code == Exit.TAMPERED
+    assert any("its time is before the event before it" in p for p in problems(report)), report
