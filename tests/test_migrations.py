@@ -283,3 +283,33 @@ def test_db_check_names_a_read_only_view_an_earlier_release_made(
         assert code in (0, 5), out
         code, out = _cli(url_string, "--config", str(config), "db", "check")
         assert "is current" in out, out
+
+
+def test_the_downgrade_of_0008_restores_the_functions_0005_made(engine: Engine) -> None:
+    """0008's downgrade writes 0005's event functions again (a frozen copy): held equal here
+    to what an upgrade to 0007 makes, with the triggers back as they were."""
+
+    def made() -> dict[str, str]:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                text(
+                    "SELECT p.oid::regprocedure::text, pg_get_functiondef(p.oid) FROM pg_proc p "
+                    "WHERE p.pronamespace = 'dispatch_retention'::regnamespace ORDER BY 1"
+                )
+            ).all()
+            triggers = conn.execute(
+                text(
+                    "SELECT tgrelid::regclass::text || '.' || tgname || ':' || tgenabled::text "
+                    "FROM pg_trigger WHERE NOT tgisinternal AND tgrelid::regclass::text "
+                    "LIKE 'dispatch_retention.%' ORDER BY 1"
+                )
+            ).scalars()
+            return {**dict(rows), "triggers": ", ".join(triggers)}
+
+    _to(engine, "base")
+    _to(engine, "0007", "upgrade")
+    at_0007 = made()
+    _to(engine, "head", "upgrade")
+    assert made() != at_0007
+    _to(engine, "0007")
+    assert made() == at_0007

@@ -49,7 +49,7 @@ from . import db, facts, policy, target
 from .config import Settings
 from .errors import NoFactsView, StaleFactsView, TargetRefused
 from .facts import ROW_XACT_COLUMN, row_xact
-from .history import Histories, Long, stamp_problems
+from .history import Histories, Long, instant, stamp_problems
 from .names import name_parts, quoted_name
 from .printable import shown_name
 from .schema import TRAIL_TRIGGERS, AuditTables, target_table
@@ -253,7 +253,7 @@ def _walk(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
             if (
                 said != (seq, kind, subject)
                 or decoded.get("prev") != stored_prev
-                or _when(decoded.get("at")) != recorded_at
+                or instant(decoded.get("at")) != recorded_at
             ):
                 report.found(where, "its columns differ from its body: the event was changed")
             fact = decoded.get("fact")
@@ -375,13 +375,6 @@ def _decoded(body: str) -> dict[str, Any] | None:
     if not isinstance(decoded, dict) or decoded.get("v") not in VERSIONS:
         return None
     return decoded
-
-
-def _when(value: Any) -> datetime | None:
-    try:
-        return datetime.fromisoformat(value) if isinstance(value, str) else None
-    except ValueError:
-        return None
 
 
 def _head(conn: Connection, tables: AuditTables, report: ChainReport) -> None:

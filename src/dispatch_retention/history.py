@@ -205,14 +205,14 @@ def stamp_problems(kind: str, fact: dict[str, Any], at: datetime | None, role: A
         return ["its event names no writing role: the row was written past the trail's triggers"]
     found = []
     if kind == "chunk_committed":
-        cleaned = _instant(fact.get("cleaned_at"))
+        cleaned = instant(fact.get("cleaned_at"))
         if cleaned is None or at is None or cleaned > at:
             found.append(
                 "its cleaned_at is not before its event: the row was written past the guards"
             )
         return found
     stamp, named = STAMPS.get(kind, (None, None))
-    if stamp is not None and _instant(fact.get(stamp)) != at:
+    if stamp is not None and instant(fact.get(stamp)) != at:
         found.append(f"its {stamp} is not its event's time: the row was written past the guards")
     if named is not None and fact.get(named) != role:
         found.append(
@@ -225,7 +225,8 @@ def stamp_problems(kind: str, fact: dict[str, Any], at: datetime | None, role: A
     return found
 
 
-def _instant(value: Any) -> datetime | None:
+def instant(value: Any) -> datetime | None:
+    """An ISO 8601 time as an event or a row's JSON writes it; None for anything else."""
     try:
         return datetime.fromisoformat(value) if isinstance(value, str) else None
     except ValueError:

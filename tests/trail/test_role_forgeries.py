@@ -54,6 +54,39 @@ def set_trigger(engine: Engine, table: str, trigger: str, state: str) -> None:
         conn.execute(text(f"ALTER TABLE {SCHEMA}.{table} {state} TRIGGER {trigger}"))
 
 
+def owner_appends(
+    engine: Engine,
+    kind: str,
+    subject: str,
+    fact: str,
+    *,
+    version: int = 2,
+    imported: bool = False,
+    at: str = "now()",
+) -> None:
+    """As the owner, with its own SQL (not `append_event`): one event in good form (its
+    hash the SHA-256 of its body, linked to the head) from SQL expressions of its parts."""
+    with engine.begin() as conn:
+        conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
+        conn.execute(
+            text(
+                f"""
+DO $$
+DECLARE head record; body text; digest text; at timestamptz := {at};
+BEGIN
+  SELECT seq, hash INTO head FROM {HEAD} FOR UPDATE;
+  body := jsonb_build_object('v', {version}, 'seq', head.seq + 1, 'kind', {kind},
+    'subject', {subject}, 'at', at, 'by', session_user, 'role', session_user,
+    'imported', {str(imported).lower()}, 'fact', {fact}, 'prev', head.hash)::text;
+  digest := encode(sha256(convert_to(body, 'UTF8')), 'hex');
+  INSERT INTO {EVENTS} VALUES (head.seq + 1, {kind}, {subject}, at, body, head.hash, digest);
+  UPDATE {HEAD} SET seq = head.seq + 1, hash = digest;
+END $$
+"""
+            )
+        )
+
+
 # --- finding 2: an abandoned run revived -------------------------------------------------------
 
 
@@ -148,26 +181,14 @@ def test_an_import_written_past_the_function_is_caught(
     """The owner writes the imported event in good form with its own SQL (valid hash, the
     kept head still in the chain): an imported event after a live one is named."""
     kept = verify(base)[1]["head"]
-    with engine.begin() as conn:
-        conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
-        conn.execute(
-            text(
-                f"""
-DO $$
-DECLARE head record; body text; digest text;
-BEGIN
-  SELECT seq, hash INTO head FROM {HEAD} FOR UPDATE;
-  body := jsonb_build_object('v', 1, 'seq', head.seq + 1, 'kind', 'hold_placed',
-    'subject', 'hold:900', 'at', now(), 'by', 'dpo_officer', 'imported', true,
-    'fact', jsonb_build_object('hold_id', 900), 'prev', head.hash)::text;
-  digest := encode(sha256(convert_to(body, 'UTF8')), 'hex');
-  INSERT INTO {EVENTS} VALUES (head.seq + 1, 'hold_placed', 'hold:900', now(), body,
-    head.hash, digest);
-  UPDATE {HEAD} SET seq = head.seq + 1, hash = digest;
-END $$
-"""
-            )
-        )
+    owner_appends(
+        engine,
+        "'hold_placed'",
+        "'hold:900'",
+        "jsonb_build_object('hold_id', 900)",
+        version=1,
+        imported=True,
+    )
     code, report = verify(base, "--expect-head", kept)
     assert code == Exit.TAMPERED and report["expected_head_seq"] is not None
     assert any(
@@ -503,27 +524,13 @@ def test_an_event_dated_before_the_one_before_it_is_caught(
     """The owner appends an event in good form (hash and link valid) whose time is a year
     before the event it follows: the chain is commit order, so its times never go back."""
     kept = verify(base)[1]["head"]
-    with engine.begin() as conn:
-        conn.execute(text("SET LOCAL TimeZone = 'UTC'"))
-        conn.execute(
-            text(
-                f"""
-DO $$
-DECLARE head record; body text; digest text; at timestamptz := now() - interval '1 year';
-BEGIN
-  SELECT seq, hash INTO head FROM {HEAD} FOR UPDATE;
-  body := jsonb_build_object('v', 2, 'seq', head.seq + 1, 'kind', 'run_planned',
-    'subject', 'run:{live}', 'at', at, 'by', session_user, 'role', session_user,
-    'imported', false, 'fact', jsonb_build_object('status', 'succeeded'),
-    'prev', head.hash)::text;
-  digest := encode(sha256(convert_to(body, 'UTF8')), 'hex');
-  INSERT INTO {EVENTS} VALUES (head.seq + 1, 'run_planned', 'run:{live}', at, body,
-    head.hash, digest);
-  UPDATE {HEAD} SET seq = head.seq + 1, hash = digest;
-END $$
-"""
-            )
-        )
+    owner_appends(
+        engine,
+        "'run_planned'",
+        f"'run:{live}'",
+        "jsonb_build_object('status', 'succeeded')",
+        at="now() - interval '1 year'",
+    )
     code, report = verify(base, "--expect-head", kept)
     assert code == Exit.TAMPERED
     assert any("its time is before the event before it" in p for p in problems(report)), report

@@ -109,13 +109,11 @@ END $$;
 """
 
 
-def _events(s: str, stamped: bool = True) -> str:
-    """The event triggers of 0005, handing each its row's stamp (`stamped`; without, as 0005
-    wrote them, for the downgrade)."""
+def _events(s: str) -> str:
+    """The event triggers of 0005, handing each its row's stamp."""
 
     def append(kind: str, table: str, stamp: str = "NULL") -> str:
-        tail = f", {stamp}" if stamped else ""
-        return f"PERFORM {s}.append_event({kind}, {SUBJECTS[table]}, to_jsonb(NEW), false{tail})"
+        return f"PERFORM {s}.append_event({kind}, {SUBJECTS[table]}, to_jsonb(NEW), false, {stamp})"
 
     abandoned = (
         "CASE WHEN OLD.status = 'running' AND NEW.status = 'abandoned' THEN 'run_abandoned' "
@@ -147,6 +145,40 @@ BEGIN
   ELSE
     {append("'hold_released'", "legal_holds", "NEW.released_at")};
   END IF;
+  RETURN NULL;
+END $$;
+"""
+
+
+def _events_0005(s: str) -> str:
+    """The event triggers exactly as 0005 wrote them, for the downgrade (a frozen copy:
+    tests/test_migrations.py holds it equal to what an upgrade to 0007 makes)."""
+    return f"""
+CREATE OR REPLACE FUNCTION {s}.runs_event() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$
+BEGIN
+  PERFORM {s}.append_event(
+    CASE
+      WHEN TG_OP = 'INSERT' THEN 'run_started'
+      WHEN OLD.status = 'running' AND NEW.status = 'abandoned' THEN 'run_abandoned'
+      WHEN NEW.status IS DISTINCT FROM OLD.status THEN 'run_finished'
+      ELSE 'run_planned'
+    END,
+    {SUBJECTS["runs"]}, to_jsonb(NEW), false);
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION {s}.chunks_event() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$
+BEGIN
+  PERFORM {s}.append_event(
+    'chunk_committed', {SUBJECTS["chunks"]}, to_jsonb(NEW), false);
+  RETURN NULL;
+END $$;
+
+CREATE OR REPLACE FUNCTION {s}.legal_holds_event() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$
+BEGIN
+  PERFORM {s}.append_event(
+    CASE WHEN TG_OP = 'INSERT' THEN 'hold_placed' ELSE 'hold_released' END,
+    {SUBJECTS["legal_holds"]}, to_jsonb(NEW), false);
   RETURN NULL;
 END $$;
 """
@@ -222,12 +254,13 @@ def upgrade(schema: str) -> None:
         f"CREATE TRIGGER chunks_stamp BEFORE INSERT ON {s}.chunks "
         f"FOR EACH ROW EXECUTE FUNCTION {s}.chunks_stamp()"
     )
-    _always(s)
+    _set_triggers(schema, "ENABLE ALWAYS")
 
 
-def _always(s: str) -> None:
-    """Every trigger of the trail's tables, ENABLE ALWAYS."""
-    tables = ", ".join(f"'{s}.{t}'::regclass" for t in TRAIL)
+def _set_triggers(schema: str, mode: str) -> None:
+    """Every trigger of the trail's tables `ENABLE ALWAYS` (upgrade) or `ENABLE` (downgrade)."""
+    literal = "'" + schema.replace("'", "''") + "'"
+    names = ", ".join(f"'{t}'" for t in TRAIL)
     op.execute(
         f"""
 DO $$
@@ -235,9 +268,11 @@ DECLARE
   t record;
 BEGIN
   FOR t IN SELECT tgrelid::regclass AS tab, tgname FROM pg_trigger
-           WHERE tgrelid IN ({tables}) AND NOT tgisinternal ORDER BY 1, 2
+           WHERE tgrelid IN (SELECT to_regclass(format('%I.%I', {literal}, n))
+                             FROM unnest(ARRAY[{names}]) AS n)
+             AND NOT tgisinternal ORDER BY 1, 2
   LOOP
-    EXECUTE format('ALTER TABLE %s ENABLE ALWAYS TRIGGER %I', t.tab, t.tgname);
+    EXECUTE format('ALTER TABLE %s {mode} TRIGGER %I', t.tab, t.tgname);
   END LOOP;
 END $$;
 """
@@ -254,21 +289,7 @@ def downgrade(schema: str) -> None:
     for table in WRITTEN:
         op.execute(f"DROP TRIGGER {table}_invoker ON {s}.{table}")
     op.execute(f"DROP FUNCTION {s}.note_invoker()")
-    for table in TRAIL:
-        op.execute(
-            f"""
-DO $$
-DECLARE
-  t record;
-BEGIN
-  FOR t IN SELECT tgname FROM pg_trigger WHERE tgrelid = '{s}.{table}'::regclass
-           AND NOT tgisinternal
-  LOOP
-    EXECUTE format('ALTER TABLE {s}.{table} ENABLE TRIGGER %I', t.tgname);
-  END LOOP;
-END $$;
-"""
-        )
+    _set_triggers(schema, "ENABLE")
     op.execute(
         f"""
 CREATE OR REPLACE FUNCTION {s}.append_event(kind text, subject text, fact jsonb, imported boolean)
@@ -289,6 +310,6 @@ BEGIN
 END $$;
 """
     )
-    op.execute(_events(s, stamped=False))  # 0005's: through the 4-argument function
+    op.execute(_events_0005(s))
     op.execute(f"DROP FUNCTION {s}.append_event(text, text, jsonb, boolean, timestamptz)")
     op.execute(f"ALTER TABLE {s}.chunks DROP COLUMN xact")
