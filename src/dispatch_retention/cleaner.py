@@ -55,7 +55,7 @@ from enum import Enum
 from typing import Any
 
 import structlog
-from sqlalchemy import CompoundSelect, Engine, Select, Table
+from sqlalchemy import CompoundSelect, Connection, Engine, Select, Table
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
@@ -251,6 +251,18 @@ class Cleaner:
             **fields,
         )
 
+    def _hold_came_first(self, conn: Connection, params: dict[str, int]) -> bool:
+        """Whether a hold committed between this chunk's cleaning statement and its event
+        holds a member whose rows the chunk cleaned: the hold is then before the chunk in
+        the chain (commit order), so the chunk must not stand. It is rolled back and its
+        window done again, which the hold now keeps the member's rows out of."""
+        if self.stmts.held_since is None:
+            return False
+        late = int(conn.execute(self.stmts.held_since, params).scalar_one())
+        if late:
+            self.log.warning("hold_placed_during_chunk", rows=late, first_id=params["lo"])
+        return late > 0
+
     def _held_after_commit(self, chunk: Chunk) -> int:
         """How many rows of the committed chunk hold personal data (one read by its ids):
         a trigger deferred to COMMIT, or one that deferred again, wrote it back."""
@@ -427,6 +439,9 @@ class Cleaner:
                     return replace(chunk, rows=0, by_policy={}, written_back=again)
             if chunk.rows and self.recorder is not None:
                 self.recorder.record_chunk(conn, chunk)
+                if self._hold_came_first(conn, params):
+                    transaction.rollback()
+                    return replace(chunk, rows=0, by_policy={}, missed=0, resume_at=lo)
             if self.fail_in_chunk is not None:
                 self.fail_in_chunk(seq)
             if not chunk.rows:

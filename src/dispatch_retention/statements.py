@@ -122,6 +122,20 @@ class Statements:
         self.written_back = written_back(table, settings)
         # After an empty window: where the next due row of the block is, if any.
         self.next_due = select(func.min(table.c.id)).where(window, self.due)
+        # Once the chunk's event holds the chain's lock (every hold before it in the chain
+        # has committed): rows this transaction cleaned whose member is now under a hold
+        # placed after its cleaning statement began. Needs a kept `member_id` (stripped, the
+        # row no longer names its member); None otherwise.
+        self.held_since: Select[Any] | None = (
+            select(func.count()).where(
+                policy.any_active(holds),  # no hold at all: a one-time filter, nothing read
+                window,
+                table.c.cleaned_at == cast(func.now(), table.c.cleaned_at.type),
+                policy.held(table, holds),
+            )
+            if holds is not None and "member_id" not in settings.clean.columns
+            else None
+        )
 
     def _counted(self, statement: Update) -> Select[Any]:
         """The UPDATE in a CTE, answered per policy: a few rows back, not one per dispatch.

@@ -534,3 +534,48 @@ def test_an_event_dated_before_the_one_before_it_is_caught(
     code, report = verify(base, "--expect-head", kept)
     assert code == Exit.TAMPERED
     assert any("its time is before the event before it" in p for p in problems(report)), report
+
+
+def test_a_hold_that_commits_while_a_chunk_cleans_its_member_keeps_the_rows(
+    engine: Engine, database_url: Any
+) -> None:
+    """A hold placed (not yet committed) after chunk 1, committed while chunk 2 waits for the
+    chain's lock: chunk 2's cleaning statement did not see it, yet the hold is before the
+    chunk in the chain. The chunk sees it once it holds the lock, is rolled back and done
+    again: the member's row stays as it was, and no event says otherwise."""
+    seed_series(engine, range(0, 150))
+    member, row = 1060, 60  # each seeded row has a member of its own: 1000 + id
+    with granted_role(engine, database_url, "holds") as (_role, url):
+        holds = create_engine(url.replace("postgresql://", "postgresql+psycopg://", 1))
+        placed = threading.Event()
+
+        def place() -> None:
+            with holds.begin() as conn:
+                conn.execute(
+                    text(f"INSERT INTO {HOLDS} (member_id, reason) VALUES (:m, 'late')"),
+                    {"m": member},
+                )
+                placed.set()
+                time.sleep(1.5)  # chunk 2 cleans meanwhile, then waits for the chain's lock
+
+        threads: list[threading.Thread] = []
+
+        def after(chunk: Any) -> None:
+            if chunk.seq == 1:
+                threads.append(threading.Thread(target=place))
+                threads[0].start()
+                assert placed.wait(10)
+
+        try:
+            with capture_logs() as logged:
+                outcome = run_job(engine, settings(), chunk_size=50, on_chunk=after)
+            threads[0].join()
+        finally:
+            holds.dispose()
+    assert outcome.status is Status.SUCCEEDED, outcome
+    assert [e["rows"] for e in logged if e["event"] == "hold_placed_during_chunk"] == [1]
+    with engine.connect() as conn:
+        cleaned = conn.execute(
+            text("SELECT cleaned_at IS NOT NULL FROM dispatches WHERE id = :i"), {"i": row}
+        ).scalar_one()
+    assert cleaned is False
