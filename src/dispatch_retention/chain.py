@@ -716,12 +716,15 @@ def _chunk_data(
         .subquery("personal")
     )
     # the row's xmin against the chunk's xid8, cut to the 32 bits an xmin has
-    own = rows.c.xact == cast(func.xid(chunks.c.xact), Text)
-    of_clean = and_(
-        chunks.c.kind == "clean",
-        chunks.c.xact.is_not(None),
-        _of_runs(tables, [settings.target.table, settings.target.regclass]),
-    )
+    left_by_it = rows.c.xact == cast(func.xid(chunks.c.xact), Text)
+    own = _oid(conn, settings.target.table)
+    runs = tables.runs
+    names = [
+        name
+        for (name,) in conn.execute(select(runs.c.target_table).distinct())
+        if own is not None and _oid(conn, name) == own
+    ]
+    of_clean = and_(chunks.c.kind == "clean", chunks.c.xact.is_not(None), _of_runs(tables, names))
     report.chunks_read = int(
         conn.execute(select(func.count()).select_from(chunks).where(of_clean)).scalar_one()
     )
@@ -729,8 +732,8 @@ def _chunk_data(
         select(
             chunks.c.run_id,
             chunks.c.seq,
-            func.count().filter(own),
-            func.count().filter(~own),
+            func.count().filter(left_by_it),
+            func.count().filter(~left_by_it),
         )
         .select_from(
             chunks.join(
