@@ -23,7 +23,9 @@ from sqlalchemy.engine import URL
 from dispatch_retention import config, grants, job
 from dispatch_retention.cli import cli
 from dispatch_retention.config import KEPT_COLUMNS, Settings, Target
-from dispatch_retention.schema import TRAIL_TRIGGERS, dispatches_table
+from dispatch_retention.schema import dispatches_table
+from dispatch_retention.trail_catalog import TABLES as TRAIL_TABLES
+from dispatch_retention.trail_catalog import triggers as trail_triggers
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop
 
 from . import oracle
@@ -377,13 +379,13 @@ def guards_off(conn: Connection) -> None:
     TRIGGER USER; since migration 0008 they are ENABLE ALWAYS, so `session_replication_role`
     no longer skips them). They are ENABLE ALWAYS again in the same transaction, just before
     its COMMIT, so no test leaves them off."""
-    tables = [f"{AUDIT_SCHEMA}.{t}" for t in TRAIL_TRIGGERS]
+    tables = [f"{AUDIT_SCHEMA}.{t}" for t in TRAIL_TABLES]
     for table in tables:
         conn.execute(sql(f"ALTER TABLE {table} DISABLE TRIGGER USER"))
 
     def enable_again(_: Connection) -> None:
         with conn.connection.dbapi_connection.cursor() as cursor:  # type: ignore[union-attr]
-            for table, triggers in TRAIL_TRIGGERS.items():
+            for table, triggers in trail_triggers().items():
                 for trigger in sorted(triggers):
                     cursor.execute(
                         f"ALTER TABLE {AUDIT_SCHEMA}.{table} ENABLE ALWAYS TRIGGER {trigger}"

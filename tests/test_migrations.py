@@ -263,7 +263,7 @@ def test_db_check_names_a_read_only_view_an_earlier_release_made(
     config.write_text(config_text(), encoding="utf-8")
     with granted_role(engine, make_url(url_string), "read-only") as (role, role_url):
         code, out = _cli(url_string, "--config", str(config), "db", "check")
-        assert "[ok   ] read-only view" in out and "is current" in out, out
+        assert "[ok   ] facts view" in out and "is current" in out, out
         with engine.begin() as conn:  # the COMMENT of a view the previous release made
             conn.execute(
                 text(
@@ -273,7 +273,7 @@ def test_db_check_names_a_read_only_view_an_earlier_release_made(
                 )
             )
         code, out = _cli(url_string, "--config", str(config), "db", "check")
-        assert "[warn ] read-only view" in out and "another version" in out, out
+        assert "[warn ] facts view" in out and "another version" in out, out
         assert "--purpose read-only` prints" in out, out
         code, out = _cli(role_url, "--config", str(config), "verify")
         assert code == 2 and "another version" in out, out

@@ -42,17 +42,17 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-from sqlalchemy import Connection, Table, Text, and_, case, cast, func, select, text
+from sqlalchemy import Connection, Table, Text, and_, case, cast, func, or_, select, text
 from sqlalchemy.exc import DBAPIError
 
-from . import db, facts, policy, target
+from . import db, facts, policy, target, trail_catalog
 from .config import Settings
 from .errors import NoFactsView, StaleFactsView, TargetRefused
 from .facts import ROW_XACT_COLUMN, row_xact
 from .history import Histories, Long, instant, stamp_problems
 from .names import name_parts, quoted_name
 from .printable import shown_name
-from .schema import TRAIL_TRIGGERS, AuditTables, target_table
+from .schema import AuditTables, target_table
 
 #: The `prev` of the first event.
 GENESIS = "0" * 64
@@ -427,10 +427,11 @@ ORDER BY latest.seq NULLS FIRST, 1
 
 
 def _catalog(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
-    """The trail's tables as the migrations made them: no inheritance child (whose rows a
-    read of the table would count as its own, written past its triggers), and every trigger
-    of `TRAIL_TRIGGERS` there, `ENABLE ALWAYS`, and no other."""
-    names = list(TRAIL_TRIGGERS)
+    """The trail's catalog as the migrations made it (`trail_catalog`): no inheritance
+    child of a trail table (whose rows a read of the table would count as its own, written
+    past its triggers); every function, trigger, constraint and rule as made, none added;
+    every trigger `ENABLE ALWAYS`."""
+    params = {"schema": tables.schema, "names": list(trail_catalog.TABLES)}
     oid = "to_regclass(format('%I.%I', CAST(:schema AS text), t.name))"
     children = text(
         f"""
@@ -439,36 +440,30 @@ FROM unnest(CAST(:names AS text[])) AS t(name) JOIN pg_inherits i ON i.inhparent
 ORDER BY 1, 2
 """
     )
-    params = {"schema": tables.schema, "names": names}
     for table, child in conn.execute(children, params):
         report.found(
             table,
             f"has the inheritance child {shown_name(child)}: rows there are read as the "
             "table's and were written past its triggers",
         )
-    triggers = text(
+    for problem in trail_catalog.differences(trail_catalog.read(conn, tables.schema)):
+        report.found("catalog", f"{problem}: rows may be written past the trail's guards")
+    enabled = text(
         f"""
-SELECT t.name, left(g.tgname, {COLUMN_CHARS}), g.tgenabled::text
+SELECT t.name, g.tgname, g.tgenabled::text
 FROM unnest(CAST(:names AS text[])) AS t(name)
-JOIN pg_trigger g ON g.tgrelid = {oid} AND NOT g.tgisinternal
+JOIN pg_trigger g ON g.tgrelid = {oid} AND NOT g.tgisinternal AND g.tgenabled <> 'A'
 ORDER BY 1, 2
 """
     )
-    found: dict[str, dict[str, str]] = {name: {} for name in names}
-    for table, trigger, enabled in conn.execute(triggers, params):
-        found[table][trigger] = enabled
-    for table, expected in TRAIL_TRIGGERS.items():
-        for trigger in sorted(expected - found[table].keys()):
-            report.found(table, f"its trigger {trigger} is gone: rows may be written past it")
-        for trigger, enabled in sorted(found[table].items()):
-            if trigger not in expected:
-                report.found(table, f"has a trigger the job did not make: {shown_name(trigger)}")
-            elif enabled != "A":
-                report.found(
-                    table,
-                    f"its trigger {trigger} is not ENABLE ALWAYS ({_ENABLED.get(enabled, '?')}): "
-                    "rows may be written past it",
-                )
+    expected = trail_catalog.triggers()
+    for table, trigger, state in conn.execute(enabled, params):
+        if trigger in expected.get(table, ()):
+            report.found(
+                table,
+                f"its trigger {trigger} is not ENABLE ALWAYS ({_ENABLED.get(state, '?')}): "
+                "rows may be written past it",
+            )
 
 
 #: `pg_trigger.tgenabled`, in words.
@@ -697,10 +692,13 @@ def _shown(table: Table) -> str:
 def _chunk_data(
     conn: Connection, settings: Settings, tables: AuditTables, report: ChainReport
 ) -> None:
-    """Each clean chunk that knows its transaction (0008 on), against the rows of its window
-    with its stamp that hold personal data: written by that very transaction, the chunk
-    recorded a cleaning that did not happen (a finding); by a later one, the data was
-    written back after it (counted: `verify` reports those rows). Read in the target, or
+    """Each chunk that knows its transaction (0008 on), against the rows of its window it
+    cleaned (a cleaning chunk's: with its stamp; a reclean chunk's: cleaned before it) that
+    hold personal data: written by that very transaction, the chunk recorded a cleaning that
+    did not happen (a finding); by another, the data was written there after it (counted
+    for cleaning chunks: `verify` reports those rows). The row's `xmin` names only the last
+    transaction that wrote it, and a subtransaction's own id: a role that may write the rows
+    can move the data it left under another id (docs/security.md). Read in the target, or
     through the read-only view where this role may not read the personal columns; where
     neither can be read, said so, never silently."""
     try:
@@ -724,27 +722,33 @@ def _chunk_data(
         for (name,) in conn.execute(select(runs.c.target_table).distinct())
         if own is not None and _oid(conn, name) == own
     ]
-    of_clean = and_(chunks.c.kind == "clean", chunks.c.xact.is_not(None), _of_runs(tables, names))
+    read = and_(chunks.c.xact.is_not(None), _of_runs(tables, names))
     report.chunks_read = int(
-        conn.execute(select(func.count()).select_from(chunks).where(of_clean)).scalar_one()
+        conn.execute(select(func.count()).select_from(chunks).where(read)).scalar_one()
     )
+    stamp = cast(chunks.c.cleaned_at, source.c.cleaned_at.type)
+    clean = chunks.c.kind == "clean"
     query = (
         select(
             chunks.c.run_id,
             chunks.c.seq,
             func.count().filter(left_by_it),
-            func.count().filter(~left_by_it),
+            func.count().filter(~left_by_it, clean),
         )
         .select_from(
             chunks.join(
                 rows,
                 and_(
                     rows.c.id.between(chunks.c.first_id, chunks.c.last_id),
-                    rows.c.cleaned_at == cast(chunks.c.cleaned_at, source.c.cleaned_at.type),
+                    # a cleaning chunk's rows bear its stamp; a reclean chunk's, an earlier one
+                    or_(
+                        and_(clean, rows.c.cleaned_at == stamp),
+                        and_(chunks.c.kind == "reclean", rows.c.cleaned_at <= stamp),
+                    ),
                 ),
             )
         )
-        .where(of_clean)
+        .where(read)
         .group_by(chunks.c.run_id, chunks.c.seq)
         .order_by(chunks.c.run_id, chunks.c.seq)
     )

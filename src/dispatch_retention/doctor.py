@@ -93,17 +93,17 @@ def _facts_view(conn: Connection, settings: Settings) -> Finding:
     if not exists:
         return Finding(
             "ok",
-            "read-only view",
+            "facts view",
             f"no view {view}: only a role that may not read the personal columns needs it "
             "(`db grants --purpose read-only` makes it)",
         )
     try:
         facts.check(conn, settings, list(settings.clean.columns))
     except (errors.StaleFactsView, errors.TargetRefused) as exc:
-        return Finding("warn", "read-only view", str(exc))
+        return Finding("warn", "facts view", str(exc))
     except errors.NoFactsView:
-        return Finding("ok", "read-only view", f"{view} exists; this role does not read it")
-    return Finding("ok", "read-only view", f"{view} is current")
+        return Finding("ok", "facts view", f"{view} exists; this role does not read it")
+    return Finding("ok", "facts view", f"{view} is current")
 
 
 #: How long `db check` may read the table for status values no mapping names.

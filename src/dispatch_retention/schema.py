@@ -265,26 +265,6 @@ def shown(table: str, row: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
-#: Every trigger of the trail's tables as the migrations leave them (0003-0008), each
-#: `ENABLE ALWAYS` (0008): `audit verify` names one missing, disabled, or not listed here.
-TRAIL_TRIGGERS: Mapping[str, frozenset[str]] = {
-    "runs": frozenset(
-        {"runs_append_only", "runs_event", "runs_guard", "runs_invoker", "runs_no_truncate",
-         "runs_risks_at_end", "runs_stamp"}
-    ),
-    "chunks": frozenset(
-        {"chunks_append_only", "chunks_event", "chunks_guard", "chunks_invoker",
-         "chunks_no_truncate", "chunks_stamp"}
-    ),
-    "legal_holds": frozenset(
-        {"legal_holds_append_only", "legal_holds_event", "legal_holds_guard",
-         "legal_holds_invoker", "legal_holds_no_truncate", "legal_holds_stamp"}
-    ),
-    "events": frozenset({"events_append_only", "events_no_truncate"}),
-    "events_head": frozenset({"events_head_no_truncate"}),
-}  # fmt: skip
-
-
 #: The job's own tables, their columns and constraints: names an error message may show.
 AUDIT_NAMES = frozenset(
     {

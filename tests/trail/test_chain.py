@@ -276,6 +276,7 @@ def test_the_owners_forgeries_of_the_chain_are_caught(
     assert report["findings"][0] == {
         "row": "events seq 3",
         "problem": "its hash is not the SHA-256 of its body: the event was changed",
+        "changed": "trail",
     }
     with engine.begin() as conn:
         guards_off(conn)
@@ -347,6 +348,7 @@ def test_a_rewrite_covered_by_fitting_events_is_caught_by_the_rows_history(
     assert first == {
         "row": "events seq 1",
         "problem": "its columns differ from its body: the event was changed",
+        "changed": "trail",
     }
 
 

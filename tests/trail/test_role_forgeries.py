@@ -265,7 +265,7 @@ def test_a_replica_session_does_not_skip_the_guards(
         ("DISABLE", "its trigger legal_holds_guard is not ENABLE ALWAYS (disabled)"),
         ("ENABLE", "is not ENABLE ALWAYS (enabled for origin sessions only)"),
         ("ENABLE REPLICA", "is not ENABLE ALWAYS (replica only)"),
-        ("DROP", "its trigger legal_holds_guard is gone"),
+        ("DROP", "catalog: trigger legal_holds.legal_holds_guard is gone"),
     ],
 )
 def test_a_trigger_of_the_trail_not_as_made_is_named(
@@ -300,7 +300,9 @@ def test_a_trigger_the_job_did_not_make_is_named(
         )
     code, report = verify(base)
     assert code == Exit.TAMPERED
-    assert "legal_holds: has a trigger the job did not make: zz\\nOK" in problems(report)
+    found = problems(report)
+    assert any("catalog: trigger legal_holds.zz\\nOK is not the job's" in p for p in found), found
+    assert any("catalog: function rewrite() is not the job's" in p for p in found), found
 
 
 # --- the writing role and an honest SET ROLE ----------------------------------------------------
@@ -579,3 +581,98 @@ def test_a_hold_that_commits_while_a_chunk_cleans_its_member_keeps_the_rows(
             text("SELECT cleaned_at IS NOT NULL FROM dispatches WHERE id = :i"), {"i": row}
         ).scalar_one()
     assert cleaned is False
+
+
+@pytest.mark.parametrize(
+    ("change", "says"),
+    [
+        (
+            f"CREATE TABLE {SCHEMA}.shadow_holds (LIKE {HOLDS} INCLUDING DEFAULTS); "
+            f"CREATE RULE swallow_hold AS ON INSERT TO {HOLDS} DO INSTEAD "
+            f"INSERT INTO {SCHEMA}.shadow_holds (member_id, reason) VALUES (NEW.member_id, "
+            "NEW.reason)",
+            "rule legal_holds.swallow_hold is not the job's",
+        ),
+        (
+            f"CREATE OR REPLACE TRIGGER legal_holds_stamp BEFORE INSERT OR UPDATE ON {HOLDS} "
+            f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {SCHEMA}.legal_holds_stamp()",
+            "trigger legal_holds.legal_holds_stamp is not as the migrations made it",
+        ),
+        (
+            f"ALTER TABLE {RUNS} DROP CONSTRAINT runs_counts_not_negative",
+            "constraint runs.runs_counts_not_negative is gone",
+        ),
+        (
+            f"CREATE OR REPLACE FUNCTION {SCHEMA}.chunks_stamp() RETURNS trigger "
+            "LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS "
+            "$$ BEGIN RETURN NEW; END $$",
+            "function chunks_stamp() is not as the migrations made it",
+        ),
+    ],
+    ids=["a rule that swallows holds", "a trigger WHEN (false)", "a constraint dropped",
+         "a function rewritten"],
+)  # fmt: skip
+def test_the_owners_changes_to_the_trails_catalog_are_named(
+    engine: Engine, live: str, base: list[str], change: str, says: str
+) -> None:
+    """With every trigger on and ENABLE ALWAYS, the owner changes what they do: a rule
+    sends a hold elsewhere (`hold add` said it was placed; no hold, no event), a trigger
+    never fires, a CHECK goes, a guard's body is emptied. `audit verify` compares the
+    catalog with what the migrations made."""
+    assert verify(base)[0] == Exit.OK
+    with engine.begin() as conn:
+        conn.execute(text(change))
+    code, report = verify(base)
+    assert code == Exit.TAMPERED
+    assert any(says in p for p in problems(report)), report
+
+
+def test_the_writing_role_is_the_sessions_whatever_a_setting_says(
+    engine: Engine, live: str, base: list[str], run_role: tuple[str, str]
+) -> None:
+    """A writer cannot name another role in its event: setting a custom parameter in a
+    RETURNING changes nothing, and the `role` parameter only takes a role the session may
+    become (the server checks). The trail still verifies."""
+    role, url = run_role
+    run_id = start_run(url)
+    execute_as(
+        url,
+        f"UPDATE {RUNS} SET status = 'failed' WHERE run_id = :r "
+        "RETURNING set_config('dispatch_retention.role', 'postgres', true)",
+        run_id=run_id,
+    )
+    body = json.loads(events(engine)[-1]["body"])
+    assert (body["kind"], body["role"], body["by"]) == ("run_finished", role, role)
+    error = refused(
+        url,
+        f"UPDATE {RUNS} SET status = 'failed' WHERE run_id = :r "
+        "RETURNING set_config('role', 'postgres', true)",
+        run_id=start_run(url),
+    )
+    assert "InsufficientPrivilege" in error, error
+    assert verify(base)[0] == Exit.OK
+
+
+def test_a_reclean_chunk_the_run_role_fabricated_is_caught(
+    engine: Engine, run_role: tuple[str, str], base: list[str]
+) -> None:
+    """The run role starts a run with reclean options, stamps rows without stripping them
+    and records a reclean chunk over them: its own transaction left the data."""
+    seed_series(engine, range(0, 40))
+    _role, url = run_role
+    run_id = start_run(url, options="""'{"reclean": true, "chunk_size": 1000}'""")
+    execute_as(
+        url,
+        "UPDATE dispatches SET cleaned_at = now() WHERE id BETWEEN 20 AND 29",
+        f"INSERT INTO {SCHEMA}.chunks (run_id, seq, first_id, last_id, rows, cleaned_at, "
+        "by_policy, skipped_locked, kind) VALUES (:r, 1, 20, 29, 10, now(), '{}', false, "
+        "'reclean')",
+        run_id=run_id,
+    )
+    code, report = verify(base)
+    assert code == Exit.TAMPERED, report
+    [finding] = report["findings"]
+    assert (
+        finding["row"] == f"chunks {run_id}/1"
+        and "its own transaction left" in (finding["problem"])
+    )

@@ -14,9 +14,9 @@ A third adversarial pass forged history that the guards and `audit verify` accep
   close as `failed` or `interrupted` (`runs_abandoned_closes`);
 - `append_event(..., imported => true)` is refused once the chain holds a live event: only
   the upgrade that began the chain imports;
-- the events name the role that wrote the row (`role`: `current_user` where the write was
-  made, noted by `<table>_invoker`, a trigger that runs with the writer's rights), beside
-  the session's (`by`), so an honest `SET ROLE` and a forged name tell apart;
+- the events name the role that wrote the row (`role`: the session's `SET ROLE`, else its
+  user, which the server sets only to a role the session may become), beside the session's
+  (`by`), so an honest `SET ROLE` and a forged name tell apart;
 - every trigger of the trail is `ENABLE ALWAYS`: `session_replication_role = replica` no
   longer skips the guards and the events;
 - a chunk knows its transaction: `chunks.xact` is `pg_current_xact_id()`, set by
@@ -43,11 +43,12 @@ depends_on = None
 #: Functions that run as their owner (as 0005's).
 DEFINER = "SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET TimeZone = 'UTC'"
 FIXED = "SET search_path = pg_catalog, pg_temp"
-#: The setting `<table>_invoker` notes the writing role in, for the event (transaction-local).
-ROLE_SETTING = "dispatch_retention.role"
+#: The role the session writes as, read inside a SECURITY DEFINER function (whose own
+#: `current_user` is its owner): the `role` setting is what SET ROLE set ('none': none), and
+#: the server lets a session set it only to a role it is a member of.
+WRITER = "coalesce(nullif(current_setting('role'), 'none'), session_user)"
 #: The tables of the trail, and the tables whose rows carry a stamp.
 TRAIL = ("runs", "chunks", "legal_holds", "events", "events_head")
-WRITTEN = ("runs", "chunks", "legal_holds")
 #: How each trail table names its rows in `events.subject` (as 0005).
 SUBJECTS = {
     "runs": "'run:' || NEW.run_id",
@@ -92,7 +93,7 @@ BEGIN
   END IF;
   body := jsonb_build_object(
     'v', 2, 'seq', head.seq + 1, 'kind', kind, 'subject', subject, 'at', at,
-    'by', session_user, 'role', nullif(current_setting('{ROLE_SETTING}', true), ''),
+    'by', session_user, 'role', {WRITER},
     'imported', imported, 'fact', fact, 'prev', head.hash)::text;
   digest := encode(sha256(convert_to(body, 'UTF8')), 'hex');
   INSERT INTO {s}.events (seq, kind, subject, recorded_at, body, prev_hash, hash)
@@ -189,12 +190,6 @@ def _stamps(s: str) -> str:
     the order of their names): the chain's lock, then the clock."""
     lock = f"PERFORM FROM {s}.events_head FOR UPDATE"
     return f"""
-CREATE FUNCTION {s}.note_invoker() RETURNS trigger LANGUAGE plpgsql {FIXED} AS $$
-BEGIN
-  PERFORM set_config('{ROLE_SETTING}', current_user, true);
-  RETURN NEW;
-END $$;
-
 CREATE FUNCTION {s}.runs_stamp() RETURNS trigger LANGUAGE plpgsql {DEFINER} AS $$
 BEGIN
   IF TG_OP = 'INSERT' THEN
@@ -240,11 +235,6 @@ def upgrade(schema: str) -> None:
     op.execute(_append_event(s))
     op.execute(_events(s))
     op.execute(_stamps(s))
-    for table in WRITTEN:
-        op.execute(
-            f"CREATE TRIGGER {table}_invoker BEFORE INSERT OR UPDATE ON {s}.{table} "
-            f"FOR EACH ROW EXECUTE FUNCTION {s}.note_invoker()"
-        )
     for table in ("runs", "legal_holds"):
         op.execute(
             f"CREATE TRIGGER {table}_stamp BEFORE INSERT OR UPDATE ON {s}.{table} "
@@ -286,9 +276,6 @@ def downgrade(schema: str) -> None:
     for table in ("runs", "chunks", "legal_holds"):
         op.execute(f"DROP TRIGGER {table}_stamp ON {s}.{table}")
         op.execute(f"DROP FUNCTION {s}.{table}_stamp()")
-    for table in WRITTEN:
-        op.execute(f"DROP TRIGGER {table}_invoker ON {s}.{table}")
-    op.execute(f"DROP FUNCTION {s}.note_invoker()")
     _set_triggers(schema, "ENABLE")
     op.execute(
         f"""
