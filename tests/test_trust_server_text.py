@@ -447,7 +447,8 @@ def test_the_lock_holders_names_are_escaped_and_bounded(
     with engine.begin() as conn:
         conn.execute(text(f"CREATE ROLE {quoted} LOGIN"))
     holder = psycopg.connect(
-        host=database_url.host or "127.0.0.1",
+        # the suite's own server (pgserver) is a socket directory in the URL's query
+        host=database_url.host or database_url.query.get("host") or "127.0.0.1",
         port=database_url.port or 5432,
         dbname=database_url.database,
         user=evil,
