@@ -23,8 +23,8 @@ ROOT = Path(__file__).resolve().parents[2]
 #: command end to end, every table shape an application makes (enum types, codes, json,
 #: plain timestamps, partitions), the shapes refused on connecting (read from each version's
 #: catalog: constraints, rules, inheritance, replica identity), and the audit trail's hash
-#: chain (written by the server's triggers, read back here) with what each role can do to it
-#: (stamps under the chain's lock, transaction ids, triggers ENABLE ALWAYS).
+#: chain (written by the server's triggers, read back here): the trail's catalog as each
+#: version describes it, chunks' transaction ids, triggers ENABLE ALWAYS, the writing role.
 SUBSET = (
     "tests/test_cleaner.py::test_run_cleans_exactly_what_the_oracle_says",
     "tests/test_privileges.py",
@@ -35,7 +35,10 @@ SUBSET = (
     "tests/test_partitioned_tables.py",
     "tests/test_trust_table_shapes.py",
     "tests/trail/test_chain.py",
-    "tests/trail/test_role_forgeries.py",
+    "tests/test_trail_catalog.py",
+    "tests/trail/test_role_forgeries.py::test_a_cleaning_the_run_role_fabricated_is_caught",
+    "tests/trail/test_role_forgeries.py::test_a_replica_session_does_not_skip_the_guards",
+    "tests/trail/test_role_forgeries.py::test_an_honest_set_role_is_recorded_and_checks_out",
 )
 
 
