@@ -1,4 +1,5 @@
-"""The figures of the docs (docs/performance.md, the READMEs), rendered from bench reports.
+"""The figures of the docs (docs/performance.md, docs/architecture.md, bench/README.md), rendered
+from bench reports.
 
     python -m bench.figures            # rewrite the marked figures (`make doc-figures`)
     python -m bench.figures --check    # exit 1, naming them, where the docs differ
@@ -30,7 +31,11 @@ from .report import print_report
 
 REPO = Path(__file__).resolve().parent.parent
 DATA = REPO / "docs" / "bench"
-DOCS = (REPO / "docs" / "performance.md", REPO / "README.md", REPO / "bench" / "README.md")
+DOCS = (
+    REPO / "docs" / "performance.md",
+    REPO / "docs" / "architecture.md",
+    REPO / "bench" / "README.md",
+)
 MARKER = re.compile(r"<!-- figures: ([a-z0-9-]+) -->(.*?)<!-- /figures -->", re.S)
 SCENARIO_ORDER = ("backlog", "nightly", "sparse", "idle")
 #: the table size the prose figures are about

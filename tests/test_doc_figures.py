@@ -1,6 +1,6 @@
-"""The marked figures of docs/performance.md, README.md and bench/README.md are the ones the
-committed bench reports (docs/bench/*.json) render (`make doc-figures`), so they cannot
-drift from the measurements."""
+"""The marked figures of docs/performance.md, docs/architecture.md and bench/README.md are
+the ones the committed bench reports (docs/bench/*.json) render (`make doc-figures`), so
+they cannot drift from the measurements."""
 
 from __future__ import annotations
 
@@ -42,9 +42,9 @@ def test_the_reports_are_complete_bench_runs() -> None:
 
 
 def test_a_changed_report_changes_the_rendered_figure() -> None:
-    """The check can fail: a report with another SKIP LOCKED ratio renders another README."""
+    """The check can fail: a report with another SKIP LOCKED ratio renders another page."""
     reports = figures.Reports()
-    readme = DOCS["README.md"].read_text()
+    readme = DOCS["docs/architecture.md"].read_text()
 
     reports.contender("backlog", "c")["ratio_to_bound"] = 0.001
 

@@ -8,7 +8,7 @@ environment (database URLs with special characters and a password, unreadable UR
 Indexed Job variables; hosts only on loopback or under `.invalid`), then runs the CLI
 in-process and, for fewer examples, as the installed console script.
 
-Properties: never a traceback; an exit code the README documents; neither the password
+Properties: never a traceback; an exit code docs/operations.md documents; neither the password
 nor a personal-data marker in any output; a command that exits 2 (a usage error) has
 written nothing: the dispatches and the audit trail are as they were.
 
@@ -48,7 +48,7 @@ from .helpers import (
 )
 from .strategies import mutated_configs
 
-#: README "Exit codes".
+#: docs/operations.md, "Exit codes and run statuses".
 DOCUMENTED_EXITS = {0, 1, 2, 3, 4, 5, 6, 130, 143}
 PASSWORD = "Pw0rd-SECRET-4711"
 LEFT_OUT = {("demo",)}

@@ -1,4 +1,4 @@
-"""README "What the job refuses and what it reports": triggers and rules on UPDATE. A trigger
+"""docs/architecture.md "What the job refuses": triggers and rules on UPDATE. A trigger
 that skips rows fails the run naming it; copies are logged and recorded; written-back
 personal data is seen by a role that may read it, reported by verify and cleaned again by
 `run --reclean`; windows are swept only where something can leave a row as it was.

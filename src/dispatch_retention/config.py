@@ -5,7 +5,7 @@ columns of a dispatch that may be stripped, `KEPT_COLUMNS` every other column wi
 stays. Nothing else in the project names those columns. A config classifies every personal
 column of the seed model (`SEED_PERSONAL`): stripped (`clean.columns`) or kept with a reason
 (`clean.keep`, which keeps `member_id` by default); `Settings.unclassified()` names the
-columns of a real table that are neither (README "What the job refuses and what it reports").
+columns of a real table that are neither (docs/architecture.md "What the job refuses").
 
 Every way a file can be wrong raises `ConfigError` naming the file, the key and the reason,
 before any database connection exists.

@@ -1,7 +1,7 @@
 """Copy risks: where the cleaning UPDATE can copy personal data to, or write it back from.
 
-Stripping a row is only as good as what the database does around the UPDATE (README "What
-the job refuses and what it reports"). Read from the catalog, never from a row, for the
+Stripping a row is only as good as what the database does around the UPDATE (docs/architecture.md,
+"What the job refuses and what it reports"). Read from the catalog, never from a row, for the
 resolved target table:
 
 - triggers that fire on UPDATE (not the internal ones of foreign keys, not disabled ones):

@@ -2,8 +2,8 @@
 
 The config names the table (`dispatches` or `schema.dispatches`); the database decides what
 that name is. `resolve()` reads the catalog once and refuses, before anything is read or
-written, whatever would let the job report success while rows escape it (README "What the
-job refuses and what it reports"):
+written, whatever would let the job report success while rows escape it (docs/architecture.md,
+"What the job refuses and what it reports"):
 
 - anything but a table or a partitioned table (a view can hide rows, a foreign table lives
   elsewhere, a materialized view is a copy): `TargetRefused`, exit 2;

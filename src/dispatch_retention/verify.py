@@ -10,7 +10,7 @@ written-back row would look young.
 Reported apart, not as violations: dispatches no policy matches, and dispatches past their
 window kept by a legal hold.
 
-Anomalies (README "What the job refuses and what it reports") are rows the due rule can
+Anomalies (docs/architecture.md "What the job refuses") are rows the due rule can
 never reach or should never see, so `verify` is the only place they show; `--strict`
 counts them as violations:
 - `undatable_rows`: not cleaned, holding personal data, and no age to measure (the
