@@ -128,6 +128,7 @@ UNION ALL
 SELECT 'constraint ' || c.relname || '.' || k.conname, 'kind ' || k.contype::text
 FROM pg_constraint k JOIN pg_class c ON c.oid = k.conrelid
 WHERE c.relnamespace = to_regnamespace(:schema) AND c.relname = ANY(:tables)
+  AND k.contype <> 'n'  -- NOT NULL: a column's property, a constraint row from PostgreSQL 18 on
 UNION ALL
 SELECT 'rule ' || c.relname || '.' || r.rulename, 'present'
 FROM pg_rewrite r JOIN pg_class c ON c.oid = r.ev_class
