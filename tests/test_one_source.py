@@ -5,12 +5,16 @@ cannot make them drift apart unseen."""
 from __future__ import annotations
 
 import importlib.util
+import re
 from pathlib import Path
 from types import ModuleType
 
 import pytest
+from sqlalchemy import Engine, text
 
-from dispatch_retention import history
+from dispatch_retention import history, migrate, trail_catalog
+from dispatch_retention import schema as schema_module
+from dispatch_retention.config import DEFAULT_AUDIT_SCHEMA
 
 VERSIONS = Path(__file__).parents[1] / "src" / "dispatch_retention" / "migrations" / "versions"
 
@@ -38,3 +42,41 @@ def test_history_follows_the_columns_the_guards_freeze(name: str, revisions: tup
     `audit verify` holds a row's events to the story the guards allow."""
     for revision in revisions:
         assert getattr(history, name) == getattr(migration(revision), name), revision
+
+
+#: Every name of a migrated trail that an error can carry: the schema's tables, and the
+#: columns, constraints, unique indexes and triggers of the trail's tables, the functions.
+_CATALOG_NAMES = text(
+    """
+WITH trail AS (SELECT c.oid FROM pg_class c
+               WHERE c.relnamespace = to_regnamespace(:schema) AND c.relname = ANY(:tables))
+SELECT c.relname FROM pg_class c
+  WHERE c.relnamespace = to_regnamespace(:schema) AND c.relkind = 'r'
+UNION SELECT a.attname FROM pg_attribute a
+  WHERE a.attrelid IN (SELECT oid FROM trail) AND a.attnum > 0 AND NOT a.attisdropped
+UNION SELECT k.conname FROM pg_constraint k WHERE k.conrelid IN (SELECT oid FROM trail)
+UNION SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
+  WHERE i.indrelid IN (SELECT oid FROM trail) AND i.indisunique
+UNION SELECT g.tgname FROM pg_trigger g
+  WHERE g.tgrelid IN (SELECT oid FROM trail) AND NOT g.tgisinternal
+UNION SELECT p.proname FROM pg_proc p WHERE p.pronamespace = to_regnamespace(:schema)
+"""
+)
+_BODIES = text("SELECT p.prosrc FROM pg_proc p WHERE p.pronamespace = to_regnamespace(:schema)")
+#: A refusal raised under a constraint's name (`RAISE ... USING ... CONSTRAINT = 'name'`).
+_RAISED = re.compile(r"CONSTRAINT\s*=\s*'([^']+)'")
+
+
+def test_the_names_errors_may_show_are_the_migrated_catalogs(engine: Engine) -> None:
+    """`schema.AUDIT_NAMES` (the job's names that `db.describe_error` shows) holds every
+    name of a migrated trail an error can carry, and `trail_catalog.RAISED` is exactly the
+    names its functions raise refusals under: a migration that adds either adds it there."""
+    schema = DEFAULT_AUDIT_SCHEMA
+    migrate.upgrade(engine, schema)
+    with engine.connect() as conn:
+        tables = list(trail_catalog.TABLES)
+        found = set(conn.execute(_CATALOG_NAMES, {"schema": schema, "tables": tables}).scalars())
+        bodies = conn.execute(_BODIES, {"schema": schema}).scalars()
+        raised = {name for body in bodies for name in _RAISED.findall(body)}
+    assert raised == trail_catalog.RAISED
+    assert sorted(found - schema_module.AUDIT_NAMES) == []

@@ -321,12 +321,14 @@ class Guard(_Strict):
     refuse_above_rows: NonNegativeInt = 0
 
 
+#: The audit schema unless `[audit] schema` names another.
+DEFAULT_AUDIT_SCHEMA = "dispatch_retention"
 #: Characters a quoted audit schema name may not hold (`Audit.schema_`).
 _UNSAFE_IN_AUDIT_SCHEMA = "$\\:"
 
 
 class Audit(_Strict):
-    schema_: str = Field(default="dispatch_retention", alias="schema")
+    schema_: str = Field(default=DEFAULT_AUDIT_SCHEMA, alias="schema")
 
     @field_validator("schema_")
     @classmethod
