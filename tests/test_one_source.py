@@ -12,7 +12,7 @@ from types import ModuleType
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatch_retention import history, migrate, trail_catalog
+from dispatch_retention import config, history, migrate, policy, trail_catalog
 from dispatch_retention import schema as schema_module
 from dispatch_retention.config import DEFAULT_AUDIT_SCHEMA
 
@@ -80,3 +80,15 @@ def test_the_names_errors_may_show_are_the_migrated_catalogs(engine: Engine) -> 
         raised = {name for body in bodies for name in _RAISED.findall(body)}
     assert raised == trail_catalog.RAISED
     assert sorted(found - schema_module.AUDIT_NAMES) == []
+
+
+def test_the_settled_words_are_the_apis() -> None:
+    """The rule's settled statuses are words of the API (`config.API_WORDS`), in the
+    columns it names (`policy.SETTLED_COLUMNS`), which a policy may match on too."""
+    words = (policy.SETTLED_TRANSMISSION, policy.SETTLED_DELIVERY)
+    settled = dict(zip(policy.SETTLED_COLUMNS, words, strict=True))
+    assert {c: set(w) - set(config.API_WORDS[c]) for c, w in settled.items()} == {
+        "transmission_status": set(),
+        "delivery_status": set(),
+    }
+    assert set(config.API_WORDS) <= set(config.MATCH_KEYS)

@@ -82,13 +82,15 @@ MEMBER_ID_REASON = (
 TYPES = ("sms", "email", "push")
 TRANSMISSION_STATUSES = ("scheduled", "transmitted", "failed")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
-#: Keys of a policy's `where`, with the values each accepts (None: any non-empty text).
-MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {
+#: The API's words of each column a policy may match on but the free-text external status:
+#: what a policy names and `[target.codes]` maps.
+API_WORDS: Mapping[str, tuple[str, ...]] = {
     "type": TYPES,
     "transmission_status": TRANSMISSION_STATUSES,
     "delivery_status": DELIVERY_STATUSES,
-    "external_delivery_status": None,
 }
+#: Keys of a policy's `where`, with the values each accepts (None: any non-empty text).
+MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {**API_WORDS, "external_delivery_status": None}
 
 MAX_RETENTION_DAYS = 36_500  # a hundred years: anything longer is a typo
 

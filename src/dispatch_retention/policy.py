@@ -52,9 +52,11 @@ from sqlalchemy.dialects.postgresql import JSON, JSONB
 
 from .config import Policy, Settings
 
+#: The status columns the rule itself reads (whether a dispatch is settled), and the API's
+#: words (`config.API_WORDS`) that make it settled.
+SETTLED_COLUMNS = ("transmission_status", "delivery_status")
 SETTLED_TRANSMISSION = ("failed",)
 SETTLED_DELIVERY = ("delivered", "failed")
-SETTLED_COLUMNS = ("transmission_status", "delivery_status")
 
 
 @dataclass(frozen=True)
