@@ -15,6 +15,7 @@ from sqlalchemy import Engine, text
 from dispatch_retention import config, history, migrate, policy, trail_catalog
 from dispatch_retention import schema as schema_module
 from dispatch_retention.config import DEFAULT_AUDIT_SCHEMA
+from dispatch_retention.vocabulary import Remaining
 
 VERSIONS = Path(__file__).parents[1] / "src" / "dispatch_retention" / "migrations" / "versions"
 
@@ -92,3 +93,10 @@ def test_the_settled_words_are_the_apis() -> None:
         "delivery_status": set(),
     }
     assert set(config.API_WORDS) <= set(config.MATCH_KEYS)
+
+
+@pytest.mark.parametrize("page", ["docs/operations.md", "docs/auditor.md"])
+def test_the_pages_name_every_reason_a_run_is_incomplete(page: str) -> None:
+    """The pages that explain `remaining_reason` name each of `vocabulary.Remaining`."""
+    written = (Path(__file__).parents[1] / page).read_text()
+    assert [r.value for r in Remaining if f"`{r.value}`" not in written] == []
