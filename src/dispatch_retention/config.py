@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts
+from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
 
 if TYPE_CHECKING:
     from .shape import Shape
@@ -196,7 +196,7 @@ class Target(_Strict):
     @property
     def regclass(self) -> str:
         """The name quoted for `CAST(... AS regclass)` (a resolved schema may hold capitals)."""
-        return ".".join('"' + part.replace('"', '""') + '"' for part in self.parts)
+        return quoted_name(*self.parts)
 
 
 class Clean(_Strict):

@@ -23,16 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Index, MetaData, Table, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.schema import CreateIndex
 
 from .config import Settings
-from .names import MAX_IDENTIFIER
+from .names import MAX_IDENTIFIER, quoted_name
 from .policy import SETTLED_COLUMNS, age
 from .schema import dispatches_table
 
 Keys = tuple[str, ...]
-_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+#: PostgreSQL as psql reads the statements `db check` prints: a driver's dialect would double
+#: a `%` in a name for its placeholders (`names.quoted_name` quotes as this does).
+_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 def keys_of(settings: Settings) -> list[Keys]:
@@ -327,8 +329,7 @@ def _create(index: Index, *, only: bool = False) -> str:
 
 
 def _qualified(schema: str, name: str) -> str:
-    quote = _DIALECT.identifier_preparer.quote
-    return f"{quote(schema)}.{quote(name)}"
+    return quoted_name(schema, name)
 
 
 def _plain(

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 from sqlalchemy import Connection, text
 
+from .names import quoted_name
 from .printable import shown_name
 
 #: Each object of the trail's schema -> how it stands (see `read`), as revision 0008 leaves it.
@@ -152,10 +153,6 @@ ORDER BY 1
 )
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def read(conn: Connection, schema: str) -> dict[str, str]:
     """Each function of the trail's schema, and each trigger, constraint and rule of its
     tables, as `EXPECTED` words it."""
@@ -164,8 +161,8 @@ def read(conn: Connection, schema: str) -> dict[str, str]:
     rows = conn.execute(
         query,
         {
-            "schema": _quoted(schema),
-            "quoted": _quoted(schema),
+            "schema": quoted_name(schema),
+            "quoted": quoted_name(schema, always=True),  # as the migrations wrote it
             "mark": SCHEMA_MARK,
             "tables": list(TABLES),
         },
