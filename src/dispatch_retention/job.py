@@ -480,6 +480,10 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
     }
     if outcome.rows_recleaned:
         fields["rows_recleaned"] = outcome.rows_recleaned
+    if outcome.missed_rows:
+        fields["missed_rows"] = outcome.missed_rows
+    if outcome.written_back_rows:
+        fields["written_back_rows"] = outcome.written_back_rows
     if outcome.stopped_by:
         fields["stopped_by"] = outcome.stopped_by
     if outcome.remaining_reason:
