@@ -161,6 +161,8 @@ ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
 FACTS_VIEW = "dispatch_facts"
 #: Its column that is true where any personal column holds data (each has `has_<column>`).
 HOLDS_COLUMN = "holds_personal_data"
+#: The unique index that keeps one active legal hold per member.
+ONE_ACTIVE_HOLD = "legal_holds_one_active_per_member"
 #: The most bytes each text of the trail may hold (UTF-8; a document: its JSON text), so that
 #: no row can make the trail unreadable (a 60 MB hold reason once took `hold list` to 680 MB).
 #: Migration 0007 makes each a CHECK constraint, `<table>_<column>_bounded`, from a frozen
@@ -329,7 +331,7 @@ class AuditTables:
             Column("released_at", DateTime(timezone=True)),
             Column("released_by", Text),
             Index(
-                "legal_holds_one_active_per_member",
+                ONE_ACTIVE_HOLD,
                 "member_id",
                 unique=True,
                 postgresql_where=text("released_at IS NULL"),
