@@ -12,10 +12,10 @@ from types import ModuleType
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatch_retention import config, history, migrate, policy, trail_catalog
+from dispatch_retention import cli, config, history, migrate, policy, trail_catalog
 from dispatch_retention import schema as schema_module
 from dispatch_retention.config import DEFAULT_AUDIT_SCHEMA
-from dispatch_retention.vocabulary import Remaining
+from dispatch_retention.vocabulary import Exit, Remaining
 
 VERSIONS = Path(__file__).parents[1] / "src" / "dispatch_retention" / "migrations" / "versions"
 
@@ -100,3 +100,12 @@ def test_the_pages_name_every_reason_a_run_is_incomplete(page: str) -> None:
     """The pages that explain `remaining_reason` name each of `vocabulary.Remaining`."""
     written = (Path(__file__).parents[1] / page).read_text()
     assert [r.value for r in Remaining if f"`{r.value}`" not in written] == []
+
+
+def test_the_cli_names_every_exit_code() -> None:
+    """The command line's docstring lists each of `vocabulary.Exit`, and no other code
+    below 128 (a signal's)."""
+    assert cli.__doc__ is not None
+    listed = cli.__doc__.partition("Exit codes:")[2]
+    named = {int(n) for n in re.findall(r"\b(\d+) [a-z]", listed) if int(n) < 128}
+    assert named == {int(code) for code in Exit}
