@@ -56,6 +56,7 @@ SELECT c.relname FROM pg_class c
 UNION SELECT a.attname FROM pg_attribute a
   WHERE a.attrelid IN (SELECT oid FROM trail) AND a.attnum > 0 AND NOT a.attisdropped
 UNION SELECT k.conname FROM pg_constraint k WHERE k.conrelid IN (SELECT oid FROM trail)
+  AND k.contype <> 'n'  -- NOT NULL (a row from PostgreSQL 18 on): its error names the column
 UNION SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid
   WHERE i.indrelid IN (SELECT oid FROM trail) AND i.indisunique
 UNION SELECT g.tgname FROM pg_trigger g
