@@ -2,7 +2,7 @@
 
 An index serves a policy's arm only where the plan can read it alone: the policy's keys and
 then the age as its leading columns, partial on exactly `cleaned_at IS NULL`, and every
-column the arm's scan reads in it (`indexes.read_columns`). A production-like `(created_at)
+column the arm's scan reads in it (`indexes.arm_columns`). A production-like `(created_at)
 WHERE cleaned_at IS NULL` index (`schema.due_index`) does not, so `db check` asks for all
 three policy indexes; once its advice is followed, EXPLAIN shows the plan's arm scans
 reading exactly the advised indexes (index-only), and `db check` asks for nothing more.
@@ -283,8 +283,8 @@ def test_an_older_index_under_the_job_s_name_is_dropped_then_rebuilt(engine: Eng
     assert [f.level for f in index_findings(engine)] == ["ok", "ok", "ok"]
 
 
-def test_read_columns_are_the_columns_the_arm_scans_read() -> None:
-    """`indexes.read_columns` names exactly the dispatches columns that the plan's read of
+def test_arm_columns_are_the_columns_the_arm_scans_read() -> None:
+    """`indexes.arm_columns` names exactly the dispatches columns that the plan's read of
     the arms and a sparse window's candidates refer to (`cleaned_at` aside: the indexes'
     predicate implies it)."""
     s = settings(
@@ -321,4 +321,4 @@ retention_days = 365
     assert read == (columns(*(expr for _, expr in arm_reads)) | {"id", "member_id"}) - {
         "cleaned_at"
     }
-    assert read == set(indexes.read_columns(s))
+    assert read == set(indexes.arm_columns(s))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import shutil
 import socket
@@ -14,12 +15,14 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.error import URLError
 
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
 
 from dispatch_retention.cli import cli
+from dispatch_retention.metrics import push_failure
 
 from .helpers import DAY, config_text, db_now, dispatch, insert_rows, seed_series, write_config
 
@@ -149,7 +152,8 @@ def test_run_pushes_metrics(
 def test_unreachable_gateway_changes_nothing(
     engine: Engine, url_string: str, tmp_path: Path
 ) -> None:
-    """A gateway that does not answer is logged; the run still succeeds with exit 0."""
+    """A gateway that does not answer is logged with the reason; the run still succeeds
+    with exit 0."""
     insert_rows(engine, [dispatch(1, db_now(engine) - 500 * DAY)])
     config = write_config(tmp_path / "r.toml", config_text())
     result = CliRunner().invoke(
@@ -158,7 +162,29 @@ def test_unreachable_gateway_changes_nothing(
         env={"PUSHGATEWAY_URL": f"http://127.0.0.1:{_free_port()}"},
     )
     assert result.exit_code == 0
-    assert "metrics_push_failed" in result.output
+    assert push_failed(result.output)["reason"] == "the connection was refused"
+
+
+def push_failed(output: str) -> dict[str, Any]:
+    """The `metrics_push_failed` event of a run's log."""
+    (event,) = [json.loads(line) for line in output.splitlines() if '"metrics_push_failed"' in line]
+    return dict(event)
+
+
+def test_a_push_the_gateway_refuses_is_logged_with_its_status(
+    engine: Engine, url_string: str, tmp_path: Path, pushgateway: str
+) -> None:
+    """A gateway that answers an HTTP error: the push failure names the status, never the
+    URL (which can hold a password); the run keeps exit 0."""
+    config = write_config(tmp_path / "r.toml", config_text())
+    result = CliRunner().invoke(
+        cli,
+        ["--config", str(config), "--database-url", url_string, "run", "--yes"],
+        env={"PUSHGATEWAY_URL": f"{pushgateway}/no/such/prefix"},
+    )
+    assert result.exit_code == 0, result.output
+    assert push_failed(result.output)["reason"] == "the gateway answered HTTP 404"
+    assert "/no/such/prefix" not in result.output
 
 
 def test_no_gateway_configured_pushes_nothing(
@@ -206,9 +232,16 @@ def not_http() -> Iterator[str]:
         server.close()
 
 
-@pytest.mark.parametrize("gateway", ["http://[::1", "not-http"])
+@pytest.mark.parametrize(
+    ("gateway", "reason"),
+    [
+        ("http://[::1", "the URL is not one the job can push to"),
+        ("not-http", "the gateway's answer is not HTTP"),
+        ("http://probe:s3cret@[::1", "the URL is not one the job can push to"),
+    ],
+)
 def test_a_bad_gateway_never_changes_the_outcome(
-    engine: Engine, url_string: str, tmp_path: Path, gateway: str
+    engine: Engine, url_string: str, tmp_path: Path, gateway: str, reason: str
 ) -> None:
     """A malformed PUSHGATEWAY_URL (`http://[::1`) or a gateway that answers something other
     than HTTP: the push fails, is logged, and the run keeps its summary and exit 0."""
@@ -223,4 +256,28 @@ def test_a_bad_gateway_never_changes_the_outcome(
         )
     assert result.exit_code == 0, result.output
     assert ": succeeded" in result.stdout
-    assert "metrics_push_failed" in result.output
+    assert push_failed(result.output)["reason"] == reason
+    assert "s3cret" not in result.output
+
+
+@pytest.mark.parametrize(
+    ("exc", "reason"),
+    [
+        pytest.param(URLError(TimeoutError("timed out")), "the gateway did not answer in time",
+                     id="timeout"),
+        pytest.param(URLError(socket.gaierror(-2, "x")), "the gateway's host name did not resolve",
+                     id="no-such-host"),
+        pytest.param(OSError("error talking to pushgateway: 502 Bad Gateway"),
+                     "the gateway answered HTTP 502", id="status-from-prometheus-client"),
+        pytest.param(URLError(OSError(errno.ENETUNREACH, "http://u:s3cret@h")),
+                     "the connection failed (Network is unreachable)", id="errno"),
+        pytest.param(URLError("unknown url type: http://u:s3cret@h"),
+                     "the URL is not one the job can push to (http:// or https://)",
+                     id="urllib-words"),
+        pytest.param(RuntimeError("http://u:s3cret@h"), "RuntimeError (its text is not shown)",
+                     id="unknown"),
+    ],
+)  # fmt: skip
+def test_a_push_failure_is_said_in_the_jobs_words(exc: BaseException, reason: str) -> None:
+    """`metrics.push_failure` words each failure itself, never quoting the exception."""
+    assert push_failure(exc) == reason

@@ -64,6 +64,8 @@ def test_a_before_trigger_that_skips_rows_fails_the_run_naming_it(engine: Engine
     assert "left as they were" in (outcome.error or "")
     missed = [e for e in logs if e["event"] == "rows_not_cleaned"]
     assert missed and missed[0]["rows"] == outcome.missed_rows
+    (failed,) = [e for e in logs if e["event"] == "run_failed"]
+    assert failed["missed_rows"] == outcome.missed_rows
     after = snapshot(engine)
     assert all(after[i]["cleaned_at"] is None for i in after if after[i]["type"] == "email")
     assert outcome.rows_cleaned == sum(1 for r in after.values() if r["cleaned_at"] is not None)

@@ -129,6 +129,8 @@ def assert_loud(outcome: Outcome, logs: list[dict[str, Any]], *words: str) -> No
     for word in ("personal data again", *words):
         assert word in (outcome.error or ""), outcome.error
     assert any(e["event"] == "rows_written_back" for e in logs)
+    (failed,) = [e for e in logs if e["event"] == "run_failed"]
+    assert failed["written_back_rows"] == outcome.written_back_rows
     assert_no_marker(outcome.error or "", logged(logs))
 
 
@@ -415,13 +417,15 @@ def test_a_trigger_present_from_the_start_is_no_appearance(engine: Engine, reade
         pytest.param(deferred_restore("msisdn"), id="deferred"),
         pytest.param(deferred_restore("msisdn", shift="1 second"), id="deferred-stamp-moved"),
         pytest.param(REDEFER, id="defers-again"),
+        pytest.param(WRITE_BACK_BEFORE.replace("app_token", "msisdn"), id="before-commit"),
     ],
 )
 def test_reclean_fails_on_a_write_back_at_commit(
     engine: Engine, reader: Runner, trigger: str
 ) -> None:
     """`run --reclean` over written-back rows with a trigger that writes back at COMMIT (or
-    defers again): the run fails, never `succeeded`."""
+    defers again, or at once, before COMMIT): the run fails, never `succeeded`, and its last
+    event counts the rows written back."""
     seed_written_back(engine)
     ddl(engine, trigger)
     with capture_logs() as logs:
@@ -429,6 +433,8 @@ def test_reclean_fails_on_a_write_back_at_commit(
     assert outcome.status == "failed", (outcome.status, outcome.error)
     assert "personal data again" in (outcome.error or "")
     assert "writes it back" in (outcome.error or "")
+    (failed,) = [e for e in logs if e["event"] == "run_failed"]
+    assert failed["written_back_rows"] == outcome.written_back_rows > 0
     assert_no_marker(outcome.error or "", logged(logs))
 
 

@@ -50,7 +50,7 @@ from .config import Settings
 from .errors import NoFactsView, StaleFactsView, TargetRefused
 from .facts import ROW_XACT_COLUMN, row_xact
 from .history import Histories, Long, instant, stamp_problems
-from .names import name_parts, quoted_name
+from .names import name_parts, quoted_name, quoted_table
 from .printable import shown_name
 from .schema import AuditTables, target_table
 
@@ -357,8 +357,7 @@ FROM (SELECT 1) one LEFT JOIN kv ON true
 
 
 def _events(conn: Connection, tables: AuditTables) -> str:
-    quote = conn.dialect.identifier_preparer.quote
-    return f"{quote(tables.schema)}.events"
+    return quoted_name(tables.schema, "events")
 
 
 def _json(value: str) -> Any:
@@ -390,9 +389,7 @@ def _head(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
 def _rows(conn: Connection, tables: AuditTables, name: str, report: ChainReport) -> None:
     """Each row of a trail table against the fact of its newest event, on that fact's keys."""
     prefix, subject = SUBJECTS[name]
-    quote = conn.dialect.identifier_preparer.quote
-    schema = quote(tables.schema)
-    events, trail = f"{schema}.events", f"{schema}.{quote(name)}"
+    events, trail = quoted_name(tables.schema, "events"), quoted_name(tables.schema, name)
     query = text(
         f"""
 WITH latest AS (
@@ -635,7 +632,7 @@ def _stamp_counts(
         .select_from(stamps.outerjoin(stamped, stamped.c.cleaned_at == stamps.c.cleaned_at))
         .order_by(stamps.c.cleaned_at)
     )
-    name = _shown(table)
+    name = quoted_table(table)
     for chunk, count, rows, dispatches in conn.execute(query.execution_options(yield_per=1000)):
         report.chunks_counted += int(count)
         if int(rows) != int(dispatches):
@@ -669,7 +666,7 @@ def _reclean_counts(
         .where(chunks.c.kind == "reclean", _of_runs(tables, names))
         .order_by(chunks.c.cleaned_at)
     )
-    name = _shown(table)
+    name = quoted_table(table)
     for run_id, seq, rows, found in conn.execute(query.execution_options(yield_per=1000)):
         report.chunks_counted += 1
         if int(found) < int(rows):
@@ -680,10 +677,6 @@ def _reclean_counts(
                 "chunk",
                 changed="table",
             )
-
-
-def _shown(table: Table) -> str:
-    return quoted_name(*([table.schema] if table.schema else []), table.name)
 
 
 # --- the chunks' rows against the personal data their own transaction left ---------------------

@@ -64,7 +64,17 @@ from .config import Clean, Settings
 from .planning import Plan
 from .shard import Shard
 from .statements import FIRE_DEFERRED, Statements, ids_params, window_params
-from .vocabulary import Chunk, Interrupted, Options, Outcome, Recorder, Recount, Status, Stop
+from .vocabulary import (
+    Chunk,
+    Interrupted,
+    Options,
+    Outcome,
+    Recorder,
+    Recount,
+    Remaining,
+    Status,
+    Stop,
+)
 from .windows import Windows
 
 log = structlog.get_logger("dispatch_retention")
@@ -193,7 +203,9 @@ class Cleaner:
             return False
         left = self._rows_left()
         outcome.stopped_by = (
-            self._row_budget_name() if left is not None and left <= 0 else "max_runtime"
+            self._row_budget_name()
+            if left is not None and left <= 0
+            else Remaining.MAX_RUNTIME.value
         )
         if self.recount is None:
             outcome.status = Status.INCOMPLETE
@@ -210,9 +222,9 @@ class Cleaner:
             return
         reasons = [outcome.stopped_by] if outcome.stopped_by else []
         if self.skipped_locked_rows:
-            reasons.append("locked_by_application")
+            reasons.append(Remaining.LOCKED_BY_APPLICATION.value)
         if not reasons:
-            reasons.append("became_due_during_run")
+            reasons.append(Remaining.BECAME_DUE_DURING_RUN.value)
         outcome.status, outcome.remaining_reason = Status.INCOMPLETE, ",".join(reasons)
 
     def _left_alone(self, chunk: Chunk, left: Left) -> None:
@@ -308,7 +320,12 @@ class Cleaner:
     def _row_budget_name(self) -> str:
         """Which row budget is the smaller: `--max-rows` or `guard.max_rows_per_run`."""
         option, guard = self.options.max_rows, self.settings.guard.max_rows_per_run
-        return "max_rows" if option and (not guard or option <= guard) else "max_rows_per_run"
+        budget = (
+            Remaining.MAX_ROWS
+            if option and (not guard or option <= guard)
+            else Remaining.MAX_ROWS_PER_RUN
+        )
+        return budget.value
 
     def _row_budget(self) -> int | None:
         limits = [n for n in (self.options.max_rows, self.settings.guard.max_rows_per_run) if n]

@@ -36,7 +36,7 @@ from pydantic import (
 )
 
 from .errors import ConfigError
-from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts
+from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
 
 if TYPE_CHECKING:
     from .shape import Shape
@@ -82,13 +82,15 @@ MEMBER_ID_REASON = (
 TYPES = ("sms", "email", "push")
 TRANSMISSION_STATUSES = ("scheduled", "transmitted", "failed")
 DELIVERY_STATUSES = ("pending", "delivered", "failed")
-#: Keys of a policy's `where`, with the values each accepts (None: any non-empty text).
-MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {
+#: The API's words of each column a policy may match on but the free-text external status:
+#: what a policy names and `[target.codes]` maps.
+API_WORDS: Mapping[str, tuple[str, ...]] = {
     "type": TYPES,
     "transmission_status": TRANSMISSION_STATUSES,
     "delivery_status": DELIVERY_STATUSES,
-    "external_delivery_status": None,
 }
+#: Keys of a policy's `where`, with the values each accepts (None: any non-empty text).
+MATCH_KEYS: Mapping[str, tuple[str, ...] | None] = {**API_WORDS, "external_delivery_status": None}
 
 MAX_RETENTION_DAYS = 36_500  # a hundred years: anything longer is a typo
 
@@ -194,7 +196,7 @@ class Target(_Strict):
     @property
     def regclass(self) -> str:
         """The name quoted for `CAST(... AS regclass)` (a resolved schema may hold capitals)."""
-        return ".".join('"' + part.replace('"', '""') + '"' for part in self.parts)
+        return quoted_name(*self.parts)
 
 
 class Clean(_Strict):
@@ -321,12 +323,14 @@ class Guard(_Strict):
     refuse_above_rows: NonNegativeInt = 0
 
 
+#: The audit schema unless `[audit] schema` names another.
+DEFAULT_AUDIT_SCHEMA = "dispatch_retention"
 #: Characters a quoted audit schema name may not hold (`Audit.schema_`).
 _UNSAFE_IN_AUDIT_SCHEMA = "$\\:"
 
 
 class Audit(_Strict):
-    schema_: str = Field(default="dispatch_retention", alias="schema")
+    schema_: str = Field(default=DEFAULT_AUDIT_SCHEMA, alias="schema")
 
     @field_validator("schema_")
     @classmethod

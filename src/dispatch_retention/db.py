@@ -51,6 +51,7 @@ CONFLICT_SQLSTATES = ("40001", "40P01")
 GOING_AWAY_SQLSTATES = ("57P01", "57P02", "57P03")
 LOCK_NOT_AVAILABLE = "55P03"
 QUERY_CANCELED = "57014"
+UNIQUE_VIOLATION = "23505"
 #: What libpq says of a statement it would not send (no SQLSTATE: nothing reached the server).
 NOT_SENT = "number of parameters must be between"
 #: The routines through which a function raises an error of its choosing (PL/pgSQL's RAISE
@@ -359,6 +360,15 @@ def _servers_own(exc: BaseException, *states: str) -> bool:
         error is not None
         and error.sqlstate in states
         and error.diag.source_function not in RAISED_BY_FUNCTIONS
+    )
+
+
+def violates(exc: BaseException, state: str, constraint: str) -> bool:
+    """The server's own check (never a function's RAISE) refused a write with SQLSTATE
+    `state` under `constraint`: a unique index, a CHECK, a foreign key."""
+    error = _psycopg_error(exc)
+    return (
+        _servers_own(exc, state) and error is not None and error.diag.constraint_name == constraint
     )
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from sqlalchemy import Connection, inspect, text
+from sqlalchemy import Connection, text
 from sqlalchemy.exc import DBAPIError
 
 from . import db, errors, facts, indexes, migrate, risks
@@ -59,10 +59,8 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
             conn, settings, settings.shape, settings.target.table
         )
     ]
-    target = settings.target
-    inspector = inspect(conn)
-    columns = {c["name"]: c for c in inspector.get_columns(target.table_name, target.schema_name)}
-    expected = {c.name for c in dispatches_table(target).columns}
+    columns = settings.shape.columns  # in the table's order
+    expected = {c.name for c in dispatches_table(settings.target).columns}
     missing = sorted(expected - set(columns))
     findings.append(
         Finding("error", "columns", f"missing columns: {', '.join(missing)}")

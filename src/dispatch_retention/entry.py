@@ -7,20 +7,15 @@ once with 128 + N, having touched nothing. The cyclic garbage collector is held 
 the modules load (they are kept for the life of the process anyway). Once the CLI is
 loaded, every command stops on a signal the same way, except `run`, which installs its own
 handlers (stop after the chunk in progress). An exception no command maps is printed as
-`logs.safe_traceback` prints it (frames and classes, never its message). When the command
-is done, the process leaves without the interpreter's slow teardown (`_leave`).
+`logs.safe_traceback` prints it (frames and classes, never its message).
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
 import gc
-import os
 import signal
 import sys
 from types import FrameType
-from typing import NoReturn
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 _pending: list[int] = []
@@ -53,29 +48,4 @@ def main() -> None:
         sys.exit(128 + _pending[0])
     for signum in SIGNALS:
         signal.signal(signum, _stop_now)
-    try:
-        cli_main()
-    except SystemExit as done:
-        _leave(done.code)
-    _leave(0)
-
-
-def _leave(code: object) -> NoReturn:
-    """Exit with `code` as `sys.exit` would, but without tearing down every module.
-
-    By the time a command returns, its connections are closed and its output written;
-    what is left is the interpreter freeing SQLAlchemy's, pydantic's and psycopg's objects
-    one by one (docs/performance.md says what that costs a short run). The exit
-    handlers still run and the streams are flushed; then the process ends at once."""
-    if code is None:
-        status = 0
-    elif isinstance(code, int):
-        status = code
-    else:
-        print(code, file=sys.stderr)
-        status = 1
-    atexit._run_exitfuncs()
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(OSError, ValueError):
-            stream.flush()
-    os._exit(status)
+    cli_main()

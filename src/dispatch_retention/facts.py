@@ -57,7 +57,7 @@ from sqlalchemy.sql import sqltypes
 from . import policy
 from .config import Settings, Target
 from .errors import ConfigError, NoFactsView, StaleFactsView, TargetRefused
-from .names import MAX_IDENTIFIER, quoted_name
+from .names import MAX_IDENTIFIER, quoted_name, quoted_table
 from .schema import FACTS_VIEW, HOLDS_COLUMN, AuditTables, dispatches_table, target_table
 from .target import read_columns, unreadable_columns
 
@@ -97,7 +97,6 @@ class _ScriptDialect(PGDialect):
 
 
 SCRIPT = _ScriptDialect()  # type: ignore[no-untyped-call]
-_quote = SCRIPT.identifier_preparer.quote
 
 
 def script_sql(element: ClauseElement, **kw: Any) -> str:
@@ -218,12 +217,12 @@ def statements(settings: Settings) -> list[str]:
     """The SQL that makes the view (or makes it again, the same way: CREATE OR REPLACE)
     and records what it was built from. Its values are written out (psql runs it) by
     SQLAlchemy's PostgreSQL compiler, quotes doubled; its names are quoted by its preparer."""
-    view = f"{_quote(settings.audit.schema_)}.{_quote(FACTS_VIEW)}"
+    view = quoted_name(settings.audit.schema_, FACTS_VIEW)
     record = json.dumps(built_from(settings), ensure_ascii=False)
     shown = ",\n".join(
         f"  {script_sql(column, within_columns_clause=True)}" for column in view_columns(settings)
     )
-    table = SCRIPT.identifier_preparer.format_table(target_table(settings))
+    table = quoted_table(target_table(settings))
     recorded = script_sql(literal(record, Text()))
     named = script_sql(literal(view, Text()))
     # The COMMENT records the definition as the server keeps it, hashed: a view replaced
@@ -285,8 +284,7 @@ def check(conn: Connection, settings: Settings, unreadable: list[str]) -> None:
     """The view counts what the table holds, or the reason it cannot (see the module
     docstring); `unreadable` are the personal columns `verify`'s role may not read."""
     view, table_name = view_name(settings), settings.target.table
-    parts = (settings.audit.schema_, FACTS_VIEW)
-    regclass = ".".join('"' + p.replace('"', '""') + '"' for p in parts)
+    regclass = quoted_name(settings.audit.schema_, FACTS_VIEW)
     params = {"columns": list(settings.clean.columns), "table": settings.target.regclass}
     with _names_whole(conn):
         row = conn.execute(_VIEW, {**params, "view": regclass}).mappings().first()

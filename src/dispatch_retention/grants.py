@@ -13,7 +13,7 @@ Three purposes:
   table with their rights (`notes()` says so in the output).
 - `holds`: for the people who place and release legal holds.
 
-The statements are built from validated identifiers, quoted by SQLAlchemy's preparer; the
+The statements are built from validated identifiers, quoted by `names.quoted_name`; the
 view's values (the cleaned values of the config) are written out by SQLAlchemy's PostgreSQL
 compiler (`facts.statements`).
 """
@@ -27,16 +27,12 @@ from sqlalchemy import Connection, text
 from . import facts, target
 from .config import Settings
 from .errors import RoleRefused
-from .names import IDENTIFIER, MAX_IDENTIFIER
+from .names import IDENTIFIER, MAX_IDENTIFIER, quoted_name
 from .output import escaped
 from .schema import ALEMBIC_VERSION_TABLE, FACTS_VIEW
 
 Purpose = Literal["run", "read-only", "holds"]
 PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds")
-
-#: Names as psql reads them (`facts.SCRIPT`): quotes doubled and nothing else (the default
-#: dialect's preparer doubles a `%` for a driver's placeholders, which a script has none of).
-_quote = facts.SCRIPT.identifier_preparer.quote
 
 
 def valid_role(name: str) -> str:
@@ -101,19 +97,19 @@ def write_columns(settings: Settings) -> list[str]:
 
 
 def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
-    role_q = _quote(valid_role(role))
+    role_q = quoted_name(valid_role(role))
     target_schema = settings.target.schema_name or "public"
-    table = ".".join(_quote(part) for part in settings.target.parts)
-    audit = _quote(settings.audit.schema_)
+    table = quoted_name(*settings.target.parts)
+    audit = quoted_name(settings.audit.schema_)
 
     def audit_table(name: str) -> str:
-        return f"{audit}.{_quote(name)}"
+        return quoted_name(settings.audit.schema_, name)
 
     def cols(columns: list[str]) -> str:
-        return ", ".join(_quote(c) for c in columns)
+        return ", ".join(quoted_name(c) for c in columns)
 
     out = [
-        f"GRANT USAGE ON SCHEMA {_quote(target_schema)} TO {role_q};",
+        f"GRANT USAGE ON SCHEMA {quoted_name(target_schema)} TO {role_q};",
         f"GRANT USAGE ON SCHEMA {audit} TO {role_q};",
         f"GRANT SELECT ON {audit_table(ALEMBIC_VERSION_TABLE)} TO {role_q};",
         # the hash chain: read by `audit verify` and by a run logging its head; only the

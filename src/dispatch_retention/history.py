@@ -27,13 +27,14 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any
 
-#: What a run started with, and its plan (as the guards of 0003 and 0006 keep them).
+#: What a run started with, and its plan (as the guards of 0003 and 0006 keep them: the
+#: migrations keep their own copies, held equal to these by tests/test_one_source.py).
 STARTED_WITH = (
     "run_id", "started_at", "trigger", "host", "tool_version", "db_user", "target_table",
     "shard", "options", "config_path", "config_sha256", "config_text", "copy_risks",
 )  # fmt: skip
 PLANNED = ("planned_at", "policies", "due_rows", "held_rows", "waiting_grace_rows")
-#: What a hold is placed with (as the guard of 0004 keeps it).
+#: What a hold is placed with (as the guards of 0004 and 0006 keep it; held equal likewise).
 PLACED_WITH = ("hold_id", "member_id", "reason", "created_at", "created_by", "requested_by")
 #: A run in one of these may still change.
 OPEN = ("running", "abandoned")

@@ -15,9 +15,10 @@ from typing import Any
 from sqlalchemy import Connection, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
+from . import db
 from .errors import HoldError
 from .policy import active
-from .schema import AuditTables, over_bound, read_bounded, shown
+from .schema import ONE_ACTIVE_HOLD, AuditTables, over_bound, read_bounded, shown
 
 #: The options that give a hold's texts (what `--help` names).
 OPTIONS = {"reason": "--reason", "requested_by": "--by"}
@@ -70,9 +71,18 @@ def add(conn: Connection, tables: AuditTables, member_id: int, reason: str, by: 
                 )
                 .returning(holds.c.hold_id)
             ).scalar_one()
-    except IntegrityError:
-        raise HoldError(f"member {member_id} is already under an active legal hold") from None
+    except IntegrityError as exc:
+        raise _refused(exc, member_id) from None
     return int(hold_id)
+
+
+def _refused(exc: IntegrityError, member_id: int) -> HoldError:
+    """The job's words for a hold the database refused: the member is held already (the
+    one-active-hold-per-member index), else the constraint or guard that refused it, by
+    name (`db.describe_error`: never the server's text)."""
+    if db.violates(exc, db.UNIQUE_VIOLATION, ONE_ACTIVE_HOLD):
+        return HoldError(f"member {member_id} is already under an active legal hold")
+    return HoldError(f"the audit trail refused the hold ({db.describe_error(exc)})")
 
 
 def release(conn: Connection, tables: AuditTables, member_id: int, by: str) -> int:

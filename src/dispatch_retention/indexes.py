@@ -2,7 +2,7 @@
 
 `policy.arms()` splits the due rows by binding policy; each arm is one index range on
 (the policy's `where` keys, the age) among rows not yet cleaned. `policy_indexes()` defines
-one index per distinct set of keys, covering what an arm's scan reads (`read_columns()`), so
+one index per distinct set of keys, covering what an arm's scan reads (`arm_columns()`), so
 that a plan reads the index alone. `serving()` reads the catalog: which existing index
 serves each set of keys, by the same rule the planner needs for an index-only scan (same
 leading columns, same partial predicate, every column the scan reads in the index).
@@ -23,16 +23,18 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from sqlalchemy import Connection, Index, MetaData, Table, text
-from sqlalchemy.dialects import postgresql
+from sqlalchemy.dialects.postgresql.base import PGDialect
 from sqlalchemy.schema import CreateIndex
 
 from .config import Settings
-from .names import MAX_IDENTIFIER
+from .names import MAX_IDENTIFIER, quoted_name
 from .policy import SETTLED_COLUMNS, age
 from .schema import dispatches_table
 
 Keys = tuple[str, ...]
-_DIALECT = postgresql.dialect()  # type: ignore[no-untyped-call]
+#: PostgreSQL as psql reads the statements `db check` prints: a driver's dialect would double
+#: a `%` in a name for its placeholders (`names.quoted_name` quotes as this does).
+_DIALECT = PGDialect(paramstyle="named")  # type: ignore[no-untyped-call]
 
 
 def keys_of(settings: Settings) -> list[Keys]:
@@ -40,7 +42,7 @@ def keys_of(settings: Settings) -> list[Keys]:
     return list(dict.fromkeys(tuple(sorted(p.where)) for p in settings.policies))
 
 
-def read_columns(settings: Settings) -> frozenset[str]:
+def arm_columns(settings: Settings) -> frozenset[str]:
     """The columns of the dispatches table that an arm's scan reads (`Statements.plan_scan`
     and a sparse window's candidates): the id (its block, the window's bounds), the member
     (the holds' join), the statuses and the schedule (settled, waiting), the age and
@@ -73,7 +75,7 @@ def policy_indexes(
     table: Table, settings: Settings, *, concurrently: bool = False
 ) -> dict[Keys, Index]:
     """Per set of keys: an index on (those keys, the age, id), partial on `cleaned_at IS
-    NULL`, including the other columns an arm reads (`read_columns()`) so that it is read
+    NULL`, including the other columns an arm reads (`arm_columns()`) so that it is read
     alone (an index-only scan where the visibility map allows). The id lets a window's
     bounds be checked inside the index."""
     row_age = age(table, settings.clean.age_from)
@@ -81,7 +83,7 @@ def policy_indexes(
     keyed = {"created_at"} if settings.clean.age_from == "created_at" else set()
     indexes: dict[Keys, Index] = {}
     for keys in keys_of(settings):
-        include = sorted(read_columns(settings) - set(keys) - keyed - {"id"})
+        include = sorted(arm_columns(settings) - set(keys) - keyed - {"id"})
         indexes[keys] = Index(
             index_name(table.name, keys),
             *(table.c[k] for k in keys),
@@ -217,7 +219,7 @@ def _by_age(settings: Settings, column: str) -> bool:
 
 
 def lacking(settings: Settings, keys: Keys, index: ExistingIndex) -> frozenset[str] | None:
-    """The columns an arm's scan reads (`read_columns()`) that `index` does not hold, as
+    """The columns an arm's scan reads (`arm_columns()`) that `index` does not hold, as
     key or included columns; None when it does not lead to the arm at all (its leading key
     columns are not the keys, in any order, and then the age, or it is not partial on
     exactly `cleaned_at IS NULL`)."""
@@ -228,7 +230,7 @@ def lacking(settings: Settings, keys: Keys, index: ExistingIndex) -> frozenset[s
     if set(key_columns[:n]) != set(keys) or not _by_age(settings, key_columns[n]):
         return None
     held = {c for c, plain in zip(index.columns, index.plain, strict=True) if plain}
-    return read_columns(settings) - held
+    return arm_columns(settings) - held
 
 
 def serves(settings: Settings, keys: Keys, index: ExistingIndex) -> bool:
@@ -327,8 +329,7 @@ def _create(index: Index, *, only: bool = False) -> str:
 
 
 def _qualified(schema: str, name: str) -> str:
-    quote = _DIALECT.identifier_preparer.quote
-    return f"{quote(schema)}.{quote(name)}"
+    return quoted_name(schema, name)
 
 
 def _plain(

@@ -46,7 +46,7 @@ from .planning import Plan, make_plan
 from .printable import shown_name
 from .schema import AuditTables
 from .shard import Shard
-from .vocabulary import Hooks, Interrupted, Outcome, Request, Status, Stop
+from .vocabulary import Hooks, Interrupted, Outcome, Remaining, Request, Status, Stop
 
 log = structlog.get_logger("dispatch_retention")
 Logger = structlog.typing.FilteringBoundLogger
@@ -442,7 +442,7 @@ def _risks_at_end(
         )
     reasons = [outcome.remaining_reason] if outcome.remaining_reason else []
     outcome.status = Status.INCOMPLETE
-    outcome.remaining_reason = ",".join([*reasons, "copy_risks_appeared"])
+    outcome.remaining_reason = ",".join([*reasons, Remaining.COPY_RISKS_APPEARED.value])
     appeared_text = (
         f"copy risks appeared during the run, which its record's copy_risks do not list: "
         f"{named}; the next run records them (`db check` lists them)"
@@ -480,6 +480,10 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
     }
     if outcome.rows_recleaned:
         fields["rows_recleaned"] = outcome.rows_recleaned
+    if outcome.missed_rows:
+        fields["missed_rows"] = outcome.missed_rows
+    if outcome.written_back_rows:
+        fields["written_back_rows"] = outcome.written_back_rows
     if outcome.stopped_by:
         fields["stopped_by"] = outcome.stopped_by
     if outcome.remaining_reason:

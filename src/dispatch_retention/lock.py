@@ -1,9 +1,11 @@
 """One run at a time per target: a session-level advisory lock on a dedicated connection.
 
-The lock lives as long as the connection, so a killed process releases it at once, and
+The lock lives as long as the server session, so a killed process releases it at once, and
 holding it proves that no other run on the same target is alive. That needs a direct
 connection or session pooling: a transaction-pooling PgBouncer hands the session to other
-clients between transactions and breaks session locks.
+clients between transactions and breaks session locks. SQLAlchemy's pool would keep the
+session too (`close()` returns the connection to it): the lock's connection is invalidated
+instead, which ends its session, when the run is done or the connection fails.
 """
 
 from __future__ import annotations
@@ -79,6 +81,7 @@ class RunLock:
                 return
             except DBAPIError:
                 with contextlib.suppress(Exception):
+                    self.conn.invalidate()  # its session, if it lives, ends with its locks
                     self.conn.close()
                 self.conn = None
         self.held, self.blocked_on = [], None
@@ -135,10 +138,13 @@ class RunLock:
     ) -> None:
         if self.conn is None:
             return
-        # Closing the connection releases every session lock even if the unlock fails.
+        # Unlocked, then the connection invalidated: its server session ends, which releases
+        # every session lock even if the unlock failed (`close()` alone would return the
+        # session to the pool, its locks with it).
         with contextlib.suppress(Exception):
             for key, shared in reversed(self.held):
                 function = "pg_advisory_unlock_shared" if shared else "pg_advisory_unlock"
                 self.conn.execute(text(f"SELECT {function}(:k)"), {"k": key})
             self.conn.commit()
+        self.conn.invalidate()
         self.conn.close()

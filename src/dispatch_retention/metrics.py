@@ -11,7 +11,12 @@ logged and never changes the run's outcome or exit code.
 from __future__ import annotations
 
 import http.client
+import os
+import re
+import socket
+import ssl
 import time
+import urllib.error
 from typing import TYPE_CHECKING
 
 import structlog
@@ -87,7 +92,46 @@ def push(url: str, outcome: Outcome, duration_s: float, target: str, shard: str 
     except (OSError, ValueError, http.client.HTTPException) as exc:
         # unreachable, a malformed URL (`http://[::1`), a gateway that answers no HTTP: the
         # run's outcome stands whatever the push does
-        log.warning("metrics_push_failed", run_id=outcome.run_id, error=type(exc).__name__)
+        log.warning(
+            "metrics_push_failed",
+            run_id=outcome.run_id,
+            error=type(exc).__name__,
+            reason=push_failure(exc),
+        )
         return False
     log.info("metrics_pushed", run_id=outcome.run_id)
     return True
+
+
+#: How prometheus_client words a gateway's answer of 400 or more, where urllib did not raise.
+_STATUS = re.compile(r"^error talking to pushgateway: (\d{3})\b")
+
+#: The job's words for what can stop a push, the most particular first.
+_FAILURES: tuple[tuple[type[BaseException], str], ...] = (
+    (ConnectionRefusedError, "the connection was refused"),
+    (TimeoutError, "the gateway did not answer in time"),
+    (socket.gaierror, "the gateway's host name did not resolve"),
+    (ssl.SSLError, "an SSL error"),
+    (http.client.HTTPException, "the gateway's answer is not HTTP"),
+    (ConnectionError, "the connection was lost"),
+    (ValueError, "the URL is not one the job can push to"),
+)
+
+
+def push_failure(exc: BaseException) -> str:
+    """Why a push failed, in the job's words: never the exception's text, which can quote
+    the URL and the password in it."""
+    if isinstance(exc, urllib.error.HTTPError):
+        return f"the gateway answered HTTP {exc.code}"
+    cause = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    if isinstance(cause, str):  # urllib's own words about the URL (an unknown scheme)
+        return "the URL is not one the job can push to (http:// or https://)"
+    for kind, words in _FAILURES:
+        if isinstance(cause, kind):
+            return words
+    status = _STATUS.match(str(cause)) if type(cause) is OSError else None
+    if status is not None:
+        return f"the gateway answered HTTP {status[1]}"
+    if isinstance(cause, OSError) and cause.errno:
+        return f"the connection failed ({os.strerror(cause.errno)})"  # the system's words
+    return f"{type(cause).__name__} (its text is not shown)"

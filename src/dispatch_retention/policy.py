@@ -52,9 +52,11 @@ from sqlalchemy.dialects.postgresql import JSON, JSONB
 
 from .config import Policy, Settings
 
+#: The status columns the rule itself reads (whether a dispatch is settled), and the API's
+#: words (`config.API_WORDS`) that make it settled.
+SETTLED_COLUMNS = ("transmission_status", "delivery_status")
 SETTLED_TRANSMISSION = ("failed",)
 SETTLED_DELIVERY = ("delivered", "failed")
-SETTLED_COLUMNS = ("transmission_status", "delivery_status")
 
 
 @dataclass(frozen=True)
@@ -201,8 +203,8 @@ def arms(table: Table, r: Rules) -> list[tuple[Cutoff, ColumnElement[bool]]]:
     Every due row lies in exactly one arm, its binding policy's (past its window means older
     than that policy's `settled` cutoff); an arm also holds rows that are held, waiting out
     the grace or scheduled ahead, so callers still apply `due()`. Each arm is an index range
-    on (the policy's `where` keys, the age) among rows not yet cleaned: `schema.
-    policy_indexes()`. Reading the arms costs what is past the windows, not the table."""
+    on (the policy's `where` keys, the age) among rows not yet cleaned:
+    `indexes.policy_indexes()`. Reading the arms costs what is past the windows, not the table."""
     row_age = age(table, r.age_from)
     out: list[tuple[Cutoff, ColumnElement[bool]]] = []
     earlier: list[ColumnElement[bool]] = []

@@ -127,8 +127,8 @@ class Recleaner:
                 if again:
                     self._written_back(chunk, again, after_commit=True)
                     return False
-            if chunk.missed:
-                self._written_back(chunk, chunk.missed, after_commit=False)
+            if chunk.written_back:
+                self._written_back(chunk, chunk.written_back, after_commit=False)
                 return False
 
     def _written_back(self, chunk: Chunk, count: int, *, after_commit: bool) -> None:
@@ -189,7 +189,7 @@ class Recleaner:
                 cleaned_at=stamp,
                 elapsed_ms=0.0,
                 skipped_locked=True,
-                missed=int(still),
+                written_back=int(still),
                 kind="reclean",
                 ids=tuple(ids),
             )

@@ -35,7 +35,8 @@ from sqlalchemy.dialects.postgresql import ENUM, JSON, JSONB, TIMESTAMP, UUID
 from sqlalchemy.schema import CreateSchema
 from sqlalchemy.types import NullType, TypeEngine
 
-from .config import MAX_CONFIG_BYTES, Settings, Target
+from . import trail_catalog
+from .config import DEFAULT_AUDIT_SCHEMA, MAX_CONFIG_BYTES, Settings, Target
 from .shape import ColumnShape
 
 
@@ -160,6 +161,8 @@ ALEMBIC_VERSION_TABLE = "dispatch_retention_alembic_version"
 FACTS_VIEW = "dispatch_facts"
 #: Its column that is true where any personal column holds data (each has `has_<column>`).
 HOLDS_COLUMN = "holds_personal_data"
+#: The unique index that keeps one active legal hold per member.
+ONE_ACTIVE_HOLD = "legal_holds_one_active_per_member"
 #: The most bytes each text of the trail may hold (UTF-8; a document: its JSON text), so that
 #: no row can make the trail unreadable (a 60 MB hold reason once took `hold list` to 680 MB).
 #: Migration 0007 makes each a CHECK constraint, `<table>_<column>_bounded`, from a frozen
@@ -265,33 +268,6 @@ def shown(table: str, row: Mapping[Any, Any]) -> dict[str, Any]:
     return out
 
 
-#: The job's own tables, their columns and constraints: names an error message may show.
-AUDIT_NAMES = frozenset(
-    {
-        "runs", "chunks", "legal_holds", ALEMBIC_VERSION_TABLE, "dispatch_retention",
-        FACTS_VIEW, HOLDS_COLUMN,
-        "runs_pkey", "chunks_pkey", "legal_holds_pkey", "chunks_run_id_fkey",
-        "runs_status_known", "legal_holds_reason_given", "chunks_kind_known",
-        "legal_holds_one_active_per_member",
-        "audit_trail_append_only", "runs_start_running", "runs_finished_immutable",
-        "runs_start_immutable", "runs_plan_immutable", "chunks_immutable",
-        "chunks_of_a_running_run", "legal_holds_placed_active", "legal_holds_released_once",
-        "legal_holds_placed_immutable", "requested_by", "events", "events_head",
-        "runs_documents_bounded", "runs_not_revived", "runs_changed_by_their_role",
-        "chunks_as_cleaned", "runs_counts_not_negative",
-        "run_id", "status", "started_at", "finished_at", "trigger", "host", "tool_version",
-        "db_user", "target_table", "shard", "options", "config_path", "config_sha256",
-        "config_text", "planned_at", "policies", "due_rows", "held_rows", "waiting_grace_rows",
-        "stopped_by", "error", "remaining_due_rows", "remaining_reason", "copy_risks", "seq",
-        "first_id", "last_id", "rows", "cleaned_at", "by_policy", "skipped_locked", "kind",
-        "hold_id", "member_id", "reason", "created_at", "created_by", "released_at",
-        "released_by", "copy_risks_at_end", "runs_risks_at_end",
-        "runs_abandoned_closes", "events_imported_first", "xact",
-        *(bound_name(t, c) for t, columns in TEXT_BOUNDS.items() for c in columns),
-    }
-)  # fmt: skip
-
-
 class AuditTables:
     """The runs, chunks, legal_holds and events tables in the configured audit schema."""
 
@@ -355,7 +331,7 @@ class AuditTables:
             Column("released_at", DateTime(timezone=True)),
             Column("released_by", Text),
             Index(
-                "legal_holds_one_active_per_member",
+                ONE_ACTIVE_HOLD,
                 "member_id",
                 unique=True,
                 postgresql_where=text("released_at IS NULL"),
@@ -380,3 +356,29 @@ class AuditTables:
             Column("seq", BigInteger, nullable=False),
             Column("hash", Text, nullable=False),
         )
+
+
+#: The names an error message may show of the job's own: its default schema, the version
+#: table, the read-only view, the trail's tables, their columns and indexes (`AuditTables`),
+#: the functions, triggers and constraints the migrations make (`trail_catalog.EXPECTED`),
+#: and the names the guards raise their refusals under (`trail_catalog.RAISED`).
+#: tests/test_one_source.py holds them to a migrated schema's catalog.
+AUDIT_NAMES = frozenset(
+    {
+        DEFAULT_AUDIT_SCHEMA,
+        ALEMBIC_VERSION_TABLE,
+        FACTS_VIEW,
+        HOLDS_COLUMN,
+        *(
+            name
+            for table in AuditTables(DEFAULT_AUDIT_SCHEMA).metadata.tables.values()
+            for name in (
+                table.name,
+                *table.c.keys(),
+                *(str(index.name) for index in table.indexes),
+            )
+        ),
+        *trail_catalog.object_names(),
+        *trail_catalog.RAISED,
+    }
+)

@@ -11,6 +11,8 @@ from datetime import datetime
 
 from sqlalchemy import Connection, Table, text
 
+from .names import quoted_table
+
 SEED_SQL = """
 INSERT INTO {table} (id, type, content, member_id, msisdn, email, app_token,
     transmission_status, delivery_status, external_delivery_status,
@@ -64,7 +66,7 @@ def seed(
 ) -> None:
     """Insert `rows` synthetic dispatches with ids from `first_id` (deterministic)."""
     conn.execute(text("SELECT setseed(:s)"), {"s": random_seed})
-    target = conn.dialect.identifier_preparer.format_table(table)
+    target = quoted_table(table)
     conn.execute(
         text(SEED_SQL.format(table=target)),
         {"rows": rows, "first": first_id, "now": now, "members": members},

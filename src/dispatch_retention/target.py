@@ -41,10 +41,10 @@ from sqlalchemy import Connection, distinct, func, select, text, true
 from sqlalchemy.exc import DBAPIError
 
 from . import db, shape
-from .config import KEPT_COLUMNS, Settings, Target
+from .config import API_WORDS, KEPT_COLUMNS, Settings, Target
 from .errors import TargetRefused
 from .names import quoted_name
-from .policy import stored
+from .policy import SETTLED_COLUMNS, stored
 from .schema import target_table
 from .shape import ColumnShape, Constraint, Shape
 
@@ -182,10 +182,6 @@ def table_problems(
     )
 
 
-#: The status columns the rule itself reads (whether a dispatch is settled).
-RULE_COLUMNS = ("transmission_status", "delivery_status")
-
-
 def read_columns(settings: Settings) -> list[str]:
     """What `run` reads of the table, and all the read-only role may read of it: every kept
     column plus member_id (for holds), never the personal data it strips (member_id is read
@@ -208,7 +204,7 @@ def column_problems(settings: Settings, table: Shape, qualified: str) -> list[Pr
         for c in settings.clean.columns
         for p in _strippable(settings, table, c) + _settable_below(settings, table, c, qualified)
     ]
-    used = set(RULE_COLUMNS) | {key for p in settings.policies for key in p.where}
+    used = set(SETTLED_COLUMNS) | {key for p in settings.policies for key in p.where}
     codes = settings.target.codes
     for column in sorted(used | set(codes)):
         shaped = table.columns.get(column)
@@ -691,14 +687,6 @@ def _codes_fit(column: ColumnShape, mapping: Mapping[str, Any]) -> list[str]:
             f"enum {column.enum_name} ({', '.join(column.labels)})"
         ]
     return []
-
-
-#: The API's words of each status column (the free-text external status has none).
-API_WORDS: Mapping[str, tuple[str, ...]] = {
-    "type": ("sms", "email", "push"),
-    "transmission_status": ("scheduled", "transmitted", "failed"),
-    "delivery_status": ("pending", "delivered", "failed"),
-}
 
 
 def unmapped_values(conn: Connection, settings: Settings) -> dict[str, int]:

@@ -21,6 +21,7 @@ from collections.abc import Mapping
 
 from sqlalchemy import Connection, text
 
+from .names import quoted_name
 from .printable import shown_name
 
 #: Each object of the trail's schema -> how it stands (see `read`), as revision 0008 leaves it.
@@ -102,6 +103,21 @@ EXPECTED: Mapping[str, str] = {
     'trigger runs.runs_stamp': 'runs_stamp type 23 unconditional',
 }  # fmt: skip
 
+#: The names under which the trail's functions raise their refusals (`RAISE ... USING
+#: CONSTRAINT = ...`), which an error then carries: no catalog table names them, only the
+#: functions' bodies (tests/test_one_source.py reads them there and holds this equal).
+RAISED = frozenset(
+    {
+        "audit_trail_append_only", "runs_start_running", "runs_finished_immutable",
+        "runs_start_immutable", "runs_plan_immutable", "runs_documents_bounded",
+        "runs_not_revived", "runs_changed_by_their_role", "runs_abandoned_closes",
+        "runs_risks_at_end",
+        "chunks_immutable", "chunks_of_a_running_run", "chunks_as_cleaned",
+        "legal_holds_placed_active", "legal_holds_released_once", "legal_holds_placed_immutable",
+        "events_imported_first",
+    }
+)  # fmt: skip
+
 #: The trail's tables: their triggers, constraints and rules are described (the schema's
 #: other tables, the version table and the read-only view, are not the trail).
 TABLES = ("runs", "chunks", "legal_holds", "events", "events_head")
@@ -138,10 +154,6 @@ ORDER BY 1
 )
 
 
-def _quoted(name: str) -> str:
-    return '"' + name.replace('"', '""') + '"'
-
-
 def read(conn: Connection, schema: str) -> dict[str, str]:
     """Each function of the trail's schema, and each trigger, constraint and rule of its
     tables, as `EXPECTED` words it."""
@@ -150,8 +162,8 @@ def read(conn: Connection, schema: str) -> dict[str, str]:
     rows = conn.execute(
         query,
         {
-            "schema": _quoted(schema),
-            "quoted": _quoted(schema),
+            "schema": quoted_name(schema),
+            "quoted": quoted_name(schema, always=True),  # as the migrations wrote it
             "mark": SCHEMA_MARK,
             "tables": list(TABLES),
         },
@@ -171,6 +183,16 @@ def differences(found: Mapping[str, str], expected: Mapping[str, str] = EXPECTED
         f"{shown_name(name)} is not the job's" for name in sorted(found.keys() - expected.keys())
     ]
     return out
+
+
+def object_names(expected: Mapping[str, str] = EXPECTED) -> frozenset[str]:
+    """The name of each object `EXPECTED` lists: each function, and each trigger and
+    constraint of the trail's tables (`runs_guard`, `runs_pkey`)."""
+    out = set()
+    for name in expected:
+        kind, _, where = name.partition(" ")
+        out.add(where.partition("(")[0] if kind == "function" else where.partition(".")[2])
+    return frozenset(out)
 
 
 def triggers(expected: Mapping[str, str] = EXPECTED) -> dict[str, list[str]]:

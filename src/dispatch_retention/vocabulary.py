@@ -133,7 +133,7 @@ class Outcome:
     stopped_by: str | None = None
     #: due rows left at the end, counted at the run's own cutoffs (None: not counted)
     remaining_due_rows: int | None = None
-    #: why rows are left: comma-separated `REMAINING_REASONS`
+    #: why rows are left: comma-separated `Remaining` values
     remaining_reason: str | None = None
     #: what the sweeps found left alone by a trigger or rule (the run then fails)
     missed_rows: int = 0
@@ -149,17 +149,18 @@ class Outcome:
     chain_head: str | None = None
 
 
-#: Why a run can end `incomplete`: due rows left (a budget, rows the application holds
-#: locked, rows that became due during the run after the walk had passed them), or a copy
-#: risk that appeared during the run, which its record's `copy_risks` do not list.
-REMAINING_REASONS = (
-    "max_rows",
-    "max_rows_per_run",
-    "max_runtime",
-    "locked_by_application",
-    "became_due_during_run",
-    "copy_risks_appeared",
-)
+class Remaining(StrEnum):
+    """Why a run can end `incomplete`: due rows left (a budget, rows the application holds
+    locked, rows that became due during the run after the walk had passed them), or a copy
+    risk that appeared during the run, which its record's `copy_risks` do not list.
+    `Outcome.remaining_reason` joins them with commas; `stopped_by` is a budget's."""
+
+    MAX_ROWS = "max_rows"
+    MAX_ROWS_PER_RUN = "max_rows_per_run"
+    MAX_RUNTIME = "max_runtime"
+    LOCKED_BY_APPLICATION = "locked_by_application"
+    BECAME_DUE_DURING_RUN = "became_due_during_run"
+    COPY_RISKS_APPEARED = "copy_risks_appeared"
 
 
 @dataclass(frozen=True)

@@ -102,3 +102,30 @@ def test_hold_commands_add_release_and_refuse_bad_requests(base: list[str]) -> N
         ("case LEGAL-2", False),
         ("case LEGAL-3", True),
     ]
+
+
+#: A trigger of the table's owner that fires before the trail's guard (triggers fire in the
+#: order of their names) and marks a new hold released, which the guard refuses.
+RELEASE_ON_INSERT = f"""
+CREATE FUNCTION {SCHEMA}.app_release_at_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN NEW.released_at := now(); RETURN NEW; END $$;
+CREATE TRIGGER a_release_at_once BEFORE INSERT ON {SCHEMA}.legal_holds
+  FOR EACH ROW EXECUTE FUNCTION {SCHEMA}.app_release_at_once();
+"""
+
+
+def test_a_guard_that_refuses_a_hold_is_named_not_taken_for_a_hold_in_place(
+    engine: Engine, base: list[str]
+) -> None:
+    """Only the one-active-hold-per-member index means "already under an active legal
+    hold"; a guard's refusal (SQLSTATE 23000) is said as what it is, by its constraint's
+    name, in the job's words (exit 2), and writes no hold."""
+    with engine.begin() as conn:
+        conn.execute(text(RELEASE_ON_INSERT))
+    refused = invoke(*base, "hold", "add", "77", "--reason", "case LEGAL-4")
+    assert refused.exit_code == 2, refused.output
+    assert "already under an active legal hold" not in refused.output
+    assert "SQLSTATE 23000" in refused.output
+    assert "constraint legal_holds_placed_active" in refused.output
+    assert "a hold is placed active" not in refused.output  # the server's text
+    assert hold_list(base, "--all") == []

@@ -16,9 +16,11 @@ from ..helpers import (
     assert_no_half_cleaned_row,
     cleaned_count,
     config_text,
+    run_job,
     run_records,
     script,
     seed_series,
+    settings,
     snapshot,
     spawn,
     write_config,
@@ -102,3 +104,30 @@ def test_two_concurrent_runs_one_proceeds_the_other_exits_3(
     assert 0 < chunk_rows == cleaned_count(engine)
     assert_chunks_account_for_every_cleaned_row(engine)
     assert_no_half_cleaned_row(snapshot(engine))
+
+
+#: The advisory locks any session of the database holds.
+ADVISORY_LOCKS = text(
+    "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted "
+    "AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
+)
+
+
+def test_after_a_run_no_pooled_session_holds_the_run_lock(engine: Engine) -> None:
+    """A run in-process, on an engine whose pool keeps its connections: once it is done,
+    no session holds an advisory lock (the lock's own session ended)."""
+    seed_series(engine, range(1, 51), every_tenth_young, mixed=True)
+    assert run_job(engine, settings(), chunk_size=10).status.value == "succeeded"
+    with engine.connect() as conn:
+        assert conn.execute(ADVISORY_LOCKS).scalar_one() == 0
+
+
+def test_the_run_lock_ends_with_its_session_even_where_the_unlock_fails(engine: Engine) -> None:
+    """The lock's connection is invalidated on leaving, not returned to the pool: an unlock
+    that did not happen (here: skipped, as when its statement fails) leaves no lock behind
+    in a pooled session."""
+    with RunLock(engine, WHOLE_TARGET) as lock:
+        assert lock.acquired
+        lock.held = []  # nothing is unlocked on leaving
+    with engine.connect() as conn:
+        assert conn.execute(ADVISORY_LOCKS).scalar_one() == 0

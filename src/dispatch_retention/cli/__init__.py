@@ -7,8 +7,9 @@ exit codes live here (`Commands`); the commands live in `run_commands` (run, dem
 importing the root group to register on it; `params` holds the option types.
 
 Exit codes: 0 done (also a clean stop on a budget), 1 failed, 2 bad usage or configuration,
-3 another run holds the lock, 4 refused by a guard, 5 verify found violations,
-128 + signal number when stopped by SIGINT (130) or SIGTERM (143).
+3 another run holds the lock, 4 refused by a guard, 5 verify found violations, 6 audit verify
+found the audit trail changed, 128 + signal number when stopped by SIGINT (130) or SIGTERM
+(143).
 """
 
 from __future__ import annotations
