@@ -31,7 +31,7 @@ demo: $(BIN)/.installed  ## the whole cycle on an embedded PostgreSQL (ROWS=2000
 	$(BIN)/dispatch-retention demo --rows $(ROWS)
 
 test: $(BIN)/.installed  ## the whole suite against a real PostgreSQL
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=20 $(PYTEST_ARGS)
 
 test-fast: $(BIN)/.installed  ## the tests that need no database (about 20 s; no server needed)
 	$(BIN)/pytest -m "not db" $(PYTEST_ARGS)
