@@ -16,7 +16,7 @@ MATRIX_VERSIONS ?= 14,15,16,17,18
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test test-matrix lint typecheck check bench doc-figures clean
+.PHONY: help demo test test-fast test-matrix lint typecheck check bench doc-figures clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
@@ -31,7 +31,10 @@ demo: $(BIN)/.installed  ## the whole cycle on an embedded PostgreSQL (ROWS=2000
 	$(BIN)/dispatch-retention demo --rows $(ROWS)
 
 test: $(BIN)/.installed  ## the whole suite against a real PostgreSQL
-	$(BIN)/pytest $(PYTEST_ARGS)
+	$(BIN)/pytest --durations=20 $(PYTEST_ARGS)
+
+test-fast: $(BIN)/.installed  ## the tests that need no database (about 20 s; no server needed)
+	$(BIN)/pytest -m "not db" $(PYTEST_ARGS)
 
 test-matrix: $(BIN)/.installed  ## the compatibility tests on PostgreSQL 14-18, a fresh server each (MATRIX_VERSIONS=)
 	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS)

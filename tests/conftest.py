@@ -111,6 +111,21 @@ def url_string(database_url: URL) -> str:
     return database_url.set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+# The fixtures every database fixture stems from: the suite's server, and the server of its
+# own that test_connection_faults.py starts and stops (`throwaway`).
+SERVER_FIXTURES = frozenset({"server_url", "throwaway"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `db` every test that reaches PostgreSQL through a fixture: a test needs a server
+    exactly when its fixture closure holds one of SERVER_FIXTURES. (A test that starts one
+    without a fixture, as the demo's does, carries `@pytest.mark.db` itself.) `make test-fast`
+    runs the others (`-m "not db"`), and they pass with no server at all."""
+    for item in items:
+        if SERVER_FIXTURES.intersection(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.db)
+
+
 def pytest_report_header(config: pytest.Config) -> str:
     source = (
         "TEST_DATABASE_URL"

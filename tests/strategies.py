@@ -1,6 +1,7 @@
 """Hypothesis strategies of the test suite (as attrs keeps its own in tests/strategies.py):
-policies and dispatches for the oracle property, an application's rows for the end-count
-property, plan block maps for the window walk, and mutated config files for bad inputs."""
+policies, dispatches and legal holds for the oracle property, an application's rows for the
+end-count property, plan block maps for the window walk, and mutated config files for bad
+inputs."""
 
 from __future__ import annotations
 
@@ -44,6 +45,15 @@ DELIVERY = st.sampled_from(["pending", "delivered", "failed", "bounced", None])
 
 EXTERNAL = st.sampled_from(["delivered", "undeliverable", "queued", None])
 
+#: The members a case's dispatches may share, by their number in the case (a spec's None: a
+#: member of its own, never held); `legal_holds` places holds on them.
+MEMBERS = (1, 2, 3)
+
+#: What happened to a member's legal hold: never placed, placed, placed and released,
+#: released and placed again. Only an active hold (`placed`, `placed-again`) keeps the
+#: member's dispatches.
+HOLD_HISTORIES = ("none", "placed", "released", "placed-again")
+
 
 @st.composite
 def policy_sets(draw: st.DrawFn) -> str:
@@ -86,7 +96,14 @@ def dispatch_specs(draw: st.DrawFn) -> dict[str, Any]:
         "scheduled": draw(st.sampled_from(["null", "past", "future", "2099", "created"])),
         "delivered_after": draw(st.sampled_from([None, 0, 40])),
         "cleaned": draw(st.booleans()) and draw(st.booleans()),
+        "member": draw(st.sampled_from([None, *MEMBERS])),
     }
+
+
+@st.composite
+def legal_holds(draw: st.DrawFn) -> dict[int, str]:
+    """Each member's hold history (one of HOLD_HISTORIES)."""
+    return {member: draw(st.sampled_from(HOLD_HISTORIES)) for member in MEMBERS}
 
 
 @st.composite

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -9,11 +10,12 @@ from typing import Any
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
-from sqlalchemy import Engine, delete, event, select
+from sqlalchemy import Connection, Engine, delete, event, select
 from sqlalchemy import text as sql
 from structlog.testing import capture_logs
 
-from dispatch_retention import indexes, job
+from dispatch_retention import holds, indexes, job
+from dispatch_retention.shard import STRIPE_IDS, Shard
 from dispatch_retention.statements import BLOCK_IDS
 from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
 
@@ -32,10 +34,15 @@ from .helpers import (
 from .oracle import is_due
 from .strategies import (
     dispatch_specs,
+    legal_holds,
     policy_sets,
 )
+from .trail.harness import TABLES
 
 SPREAD = 10_007  # ids this far apart: every due row in a block of its own
+STRIPED = STRIPE_IDS // 3 + 1  # ids this far apart: three to a shard's stripe, then the next's
+
+_cases = itertools.count()  # the holds stay from one example to the next: new members each
 
 
 # --- the oracle property ---------------------------------------------------------------------
@@ -48,36 +55,48 @@ SPREAD = 10_007  # ids this far apart: every due row in a block of its own
 )
 @given(
     policies=policy_sets(),
-    specs=st.lists(dispatch_specs(), min_size=1, max_size=25),
+    specs=st.lists(dispatch_specs(), min_size=5, max_size=25),
+    histories=legal_holds(),
     grace=st.sampled_from([0, 10, 30]),
     age_from=st.sampled_from(["created_at", "delivered_at"]),
     chunk_size=st.integers(1, 7),
-    spread=st.sampled_from([1, 1, SPREAD]),
+    spread=st.sampled_from([1, 1, SPREAD, STRIPED]),
+    shards=st.sampled_from([1, 1, 2, 3]),
 )
 def test_run_cleans_exactly_what_the_oracle_says(
     engine: Engine,
     policies: str,
     specs: list[dict[str, Any]],
+    histories: dict[int, str],
     grace: int,
     age_from: str,
     chunk_size: int,
     spread: int,
+    shards: int,
 ) -> None:
-    """Against random policies and dispatches, run cleans exactly the oracle's due rows:
-    with ids side by side (windows by ids) and spread apart (sparse windows, through the
-    policies' arms and indexes)."""
+    """Against random policies, dispatches and legal holds (placed, released, placed again),
+    run cleans exactly the oracle's due rows, the held members' left alone: with ids side by
+    side (windows by ids) and spread apart (sparse windows, through the policies' arms and
+    indexes); run as 2 or 3 shards, each cleans due rows of its own stripes only, and
+    together exactly the oracle's."""
     s = settings(
         clean=f'in_flight_grace_days = {grace}\nage_from = "{age_from}"',
         guard="min_retention_days = 7",
         policies=policies,
     )
+    member_ids = {m: 10**9 + 10 * next(_cases) + m for m in histories}
     with engine.begin() as conn:
         conn.execute(delete(TABLE))
         if spread > 1:  # this example's indexes (an earlier one may have left others)
             for index in indexes.policy_indexes(TABLE, s).values():
                 conn.execute(sql(f'DROP INDEX IF EXISTS "{index.name}"'))
             indexes.create(conn, s)
+        place_holds(conn, {member_ids[m]: history for m, history in histories.items()})
+    held = {member_ids[m] for m, history in histories.items() if history in HELD}
     anchor = db_now(engine)
+    # sharded, the rows take turns across the shards' stripes (still in blocks of their own
+    # when spread: STRIPE_IDS is a multiple of BLOCK_IDS)
+    stripe = STRIPE_IDS if shards > 1 else 0
     rows = []
     for i, spec in enumerate(specs, start=1):
         created = anchor - spec["age"]
@@ -91,9 +110,10 @@ def test_run_cleans_exactly_what_the_oracle_says(
         delivered = (
             None if spec["delivered_after"] is None else created + spec["delivered_after"] * DAY
         )
+        member = {} if spec["member"] is None else {"member_id": member_ids[spec["member"]]}
         rows.append(
             dispatch(
-                i * spread,
+                i * spread + stripe * (i % shards),
                 created,
                 type=spec["type"],
                 transmission_status=spec["transmission_status"],
@@ -102,26 +122,50 @@ def test_run_cleans_exactly_what_the_oracle_says(
                 scheduled_at=scheduled,
                 delivered_at=delivered,
                 cleaned_at=anchor - 2 * DAY if spec["cleaned"] else None,
+                **member,
             )
         )
     insert_rows(engine, rows)
     before = snapshot(engine)
 
-    with capture_logs() as logs:
+    cleaned: set[int] = set()
+    for index in range(shards):
+        shard = Shard(index, shards) if shards > 1 else None
         # a pinned size caps a window's ids too: spread rows take the adaptive size
-        outcome = run_job(engine, s, chunk_size=chunk_size if spread == 1 else None)
+        options = Options(chunk_size=chunk_size if spread == 1 else None)
+        with capture_logs() as logs:
+            outcome = job.run(engine, s, Request(options, shard=shard), stop=Stop())
+        assert outcome.status == "succeeded", outcome.error
+        if spread > 1:  # the indexes are there, and a window over several blocks is sparse
+            assert outcome.plan.through_indexes
+            for e in (e for e in logs if e["event"] == "chunk_committed"):
+                wide = e["last_id"] - e["first_id"] >= BLOCK_IDS
+                assert e["via"] == ("arms" if wide else "ids"), e
+        now = outcome.plan.rules.now
+        mine = {r["id"] for r in rows if shard is None or (r["id"] // STRIPE_IDS) % shards == index}
+        due_here = {r["id"] for r in rows if r["id"] in mine and is_due(r, s, now, held)}
+        assert outcome.rows_cleaned == outcome.plan.due_rows == len(due_here)
+        by_now = assert_no_half_cleaned_row(snapshot(engine), before=before, s=s)
+        # this shard's due rows at its own `now` (a case's ages sit seconds from a cutoff),
+        # none of another shard's, none twice: so the shards' union is the oracle's due set
+        assert by_now - cleaned == due_here
+        cleaned = by_now
+    assert not {r["id"] for r in rows if r["member_id"] in held} & cleaned
 
-    assert outcome.status == "succeeded", outcome.error
-    if spread > 1:  # the indexes are there, and a window over several blocks is sparse
-        assert outcome.plan.through_indexes
-        for e in (e for e in logs if e["event"] == "chunk_committed"):
-            wide = e["last_id"] - e["first_id"] >= BLOCK_IDS
-            assert e["via"] == ("arms" if wide else "ids"), e
-    now = outcome.plan.rules.now
-    due = {r["id"] for r in rows if is_due(r, s, now)}
-    assert outcome.rows_cleaned == len(due)
-    assert outcome.plan.due_rows == len(due)
-    assert assert_no_half_cleaned_row(snapshot(engine), before=before, s=s) == due
+
+#: the hold histories that leave a hold active (strategies.HOLD_HISTORIES)
+HELD = frozenset({"placed", "placed-again"})
+
+
+def place_holds(conn: Connection, histories: dict[int, str]) -> None:
+    """Each member's hold history, through the library (`hold add` / `hold release`)."""
+    for member_id, history in histories.items():
+        if history != "none":
+            holds.add(conn, TABLES, member_id, "case 42", "test")
+        if history in ("released", "placed-again"):
+            holds.release(conn, TABLES, member_id, "test")
+        if history == "placed-again":
+            holds.add(conn, TABLES, member_id, "case 43", "test")
 
 
 # --- chunks, failures, dry runs, locks, logs -------------------------------------------------
@@ -219,7 +263,7 @@ def test_dry_run_writes_nothing_and_predicts_the_run(engine: Engine) -> None:
 def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     """A due row another session holds FOR UPDATE is skipped at once and cleaned next run."""
     backlog(engine, 40)
-    s = settings(clean="lock_timeout_ms = 5000")
+    s = settings(clean="lock_timeout_ms = 20000")
     locked = threading.Event()
     release = threading.Event()
 
@@ -227,7 +271,7 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
         with engine.begin() as conn:
             conn.execute(select(TABLE.c.id).where(TABLE.c.id == 10).with_for_update())
             locked.set()
-            release.wait(30)
+            release.wait(60)
 
     holder = threading.Thread(target=hold)
     holder.start()
@@ -242,7 +286,9 @@ def test_locked_row_is_skipped_without_waiting(engine: Engine) -> None:
     # never `succeeded` while a due row keeps its personal data: incomplete, counted, why
     assert (outcome.status, outcome.remaining_due_rows) == ("incomplete", 1)
     assert outcome.remaining_reason == "locked_by_application"
-    assert elapsed < 3, f"the run waited {elapsed:.1f}s on a locked row"
+    # a run that waited on the row would wait out the 20 s lock_timeout; 10 s leaves the five
+    # chunks room on two busy cores
+    assert elapsed < 10, f"the run waited {elapsed:.1f}s on a locked row"
     after = snapshot(engine)
     assert after[10]["cleaned_at"] is None
     assert after[10]["msisdn"] is not None

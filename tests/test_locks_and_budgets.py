@@ -269,9 +269,12 @@ def test_runtime_budget_stops_cleanly_and_the_next_run_carries_on(
 
 #: docs/operations.md: a run ends within max_runtime + one chunk (+ the final record write);
 #: one chunk blocked by a table lock is two lock waits (the range UPDATE, then its
-#: SKIP LOCKED redo). The slack covers the interpreter's start and the record writes.
+#: SKIP LOCKED redo). The slack covers the interpreter's start and the record writes on two
+#: busy cores. The bounds stay safe with it: what they catch, a run that sits out the shipped
+#: retries' backoff (0.5 + 1 + 2 + 4 + 8 = 15.5 s) instead of its budget, ends at least
+#: 15.5 s past the budget, and every bound below is under 10 s.
 PATIENT = "lock_timeout_ms = 500"  # the shipped retries: 5, backoff up to 30 s
-SLACK_S = 3.0
+SLACK_S = 6.0
 
 
 def test_max_runtime_bounds_a_run_blocked_by_a_table_lock_from_the_start(

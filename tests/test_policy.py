@@ -25,10 +25,19 @@ def compiled(expr: object) -> str:
 def test_predicate_binds_values_and_never_inlines_them() -> None:
     """Cutoffs and match values are bound parameters; identifiers are columns, not text."""
     s = settings()
-    sql = compiled(policy.due(TABLE, policy.rules(s, NOW)))
+    statement = policy.due(TABLE, policy.rules(s, NOW)).compile(dialect=postgresql.dialect())
+    sql, params = str(statement), statement.params
     assert "dispatches.cleaned_at IS NULL" in sql
     assert "'failed'" not in sql and "'sms'" not in sql and "2026" not in sql
-    assert "%(param_" in sql or "__[POSTCOMPILE" in sql
+    for name in params:  # each bound value has its place in the statement
+        assert f"%({name})s" in sql or f"[POSTCOMPILE_{name}]" in sql, name
+    grace = s.clean.in_flight_grace_days
+    windows = {p.retention_days + extra for p in s.policies for extra in (0, grace)}
+    cutoffs = {v for v in params.values() if isinstance(v, datetime)}
+    assert cutoffs == {NOW} | {NOW - days * DAY for days in windows}  # NOW: scheduled_at's
+    words = {w for p in s.policies for values in p.where.values() for w in values}
+    settled = {"failed", "delivered"}  # the settled rule's words (transmission, delivery)
+    assert {w for v in params.values() if isinstance(v, list) for w in v} == words | settled
 
 
 def test_holds_add_one_not_exists() -> None:

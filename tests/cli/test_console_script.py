@@ -176,6 +176,7 @@ def test_signal_stops_after_the_chunk_in_progress(
     assert len(assert_no_half_cleaned_row(snapshot(engine), before=before)) == BACKLOG
 
 
+@pytest.mark.db  # the demo starts an embedded PostgreSQL of its own
 def test_the_demo_runs_end_to_end_with_a_clean_screen() -> None:
     """`demo` (what `make demo` runs) seeds, runs, verifies (the table and the trail's chain)
     and exits 0, and prints no warning or traceback for a newcomer to wonder about
