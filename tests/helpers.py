@@ -209,6 +209,30 @@ def due_now(engine: Engine, s: Settings, outcome: Outcome) -> int:
     return sum(1 for row in snapshot(engine).values() if oracle.is_due(row, s, now))
 
 
+@contextmanager
+def transaction_ids_taken() -> Iterator[list[int]]:
+    """The transaction ids that the statements run inside take (a write takes one), as each
+    statement's own session tells right after it (`pg_current_xact_id_if_assigned()` on its
+    DBAPI connection, past SQLAlchemy's events). Unlike txid_current_snapshot() before and
+    after, it sees this process's statements only, not another test's on the same server.
+    A statement on an AUTOCOMMIT connection has ended its transaction by then (the run
+    lock's connection: advisory locks only)."""
+    taken: list[int] = []
+
+    def after(conn: Connection, *_: Any) -> None:
+        raw = conn.connection.dbapi_connection
+        assert raw is not None
+        xid = raw.execute("SELECT pg_current_xact_id_if_assigned()").fetchone()[0]
+        if xid is not None:
+            taken.append(int(xid))
+
+    event.listen(Engine, "after_cursor_execute", after)
+    try:
+        yield taken
+    finally:
+        event.remove(Engine, "after_cursor_execute", after)
+
+
 def assert_no_marker(*texts: str) -> None:
     for text in texts:
         assert MARK not in text, "personal data leaked into output"
