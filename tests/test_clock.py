@@ -5,8 +5,6 @@ the job takes its time from the database and nothing changes.
 from __future__ import annotations
 
 import itertools
-import shutil
-import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -37,54 +35,19 @@ from .oracle import is_due
 
 # --- the clock -------------------------------------------------------------------------------
 
-# An LD_PRELOAD shim that moves the process's wall clock (clock_gettime(CLOCK_REALTIME),
-# gettimeofday, time) by DR_CLOCK_SHIFT_S seconds: what faketime does, built here because
-# faketime is not installed. The monotonic clock is left alone.
-CLOCK_SHIM = r"""
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <stdlib.h>
-#include <sys/time.h>
-#include <time.h>
-static long shift(void) { const char *s = getenv("DR_CLOCK_SHIFT_S"); return s ? atol(s) : 0; }
-int clock_gettime(clockid_t id, struct timespec *ts) {
-    static int (*real)(clockid_t, struct timespec *);
-    if (!real) real = (int (*)(clockid_t, struct timespec *))dlsym(RTLD_NEXT, "clock_gettime");
-    int r = real(id, ts);
-    if (r == 0 && (id == CLOCK_REALTIME || id == CLOCK_REALTIME_COARSE)) ts->tv_sec += shift();
-    return r;
-}
-int gettimeofday(struct timeval *tv, void *tz) {
-    struct timespec ts;
-    (void)tz;
-    if (clock_gettime(CLOCK_REALTIME, &ts) != 0) return -1;
-    if (tv) { tv->tv_sec = ts.tv_sec; tv->tv_usec = ts.tv_nsec / 1000; }
-    return 0;
-}
-time_t time(time_t *t) {
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    if (t) *t = ts.tv_sec;
-    return ts.tv_sec;
-}
-"""
+# Debian's libfaketime moves the process's wall clock (FAKETIME="+5d"); the monotonic clock
+# is left alone, as the job's budgets and timeouts read it. `.ci/run` installs it.
+FAKETIME_LIBRARIES = ("/usr/lib/x86_64-linux-gnu/faketime", "/usr/lib/aarch64-linux-gnu/faketime")
 
 
 @pytest.fixture(scope="module")
-def clock_shim(tmp_path_factory: pytest.TempPathFactory) -> Path | None:
-    """The shim, compiled; None where there is no C compiler (then only TZ shifts run)."""
-    compiler = shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        return None
-    directory = tmp_path_factory.mktemp("clock-shim")
-    (directory / "shim.c").write_text(CLOCK_SHIM)
-    subprocess.run(
-        [compiler, "-shared", "-fPIC", "-O2", "-o", "shim.so", "shim.c", "-ldl"],
-        cwd=directory,
-        check=True,
-        capture_output=True,
-    )
-    return directory / "shim.so"
+def faketime() -> Path | None:
+    """libfaketime, or None where the package is not installed (then only TZ shifts run)."""
+    for folder in FAKETIME_LIBRARIES:
+        library = Path(folder) / "libfaketime.so.1"
+        if library.is_file():
+            return library
+    return None
 
 
 def near_cutoff_rows(anchor: datetime) -> list[dict[str, Any]]:
@@ -119,7 +82,7 @@ def oracle_ids(rows: list[dict[str, Any]], config_path: Path, planned_at: dateti
 
 
 def test_shifted_process_clock_or_time_zone_changes_nothing(
-    probe: Engine, url_string: str, plain_config: Path, clock_shim: Path | None
+    probe: Engine, url_string: str, plain_config: Path, faketime: Path | None
 ) -> None:
     """Identical databases cleaned by a process whose clock runs 5 days ahead or behind, or
     whose local time zone is UTC+14 or UTC-8: the same rows each time, the oracle's rows
@@ -131,17 +94,21 @@ def test_shifted_process_clock_or_time_zone_changes_nothing(
         "kiritimati": {"TZ": "Pacific/Kiritimati"},
         "los-angeles": {"TZ": "America/Los_Angeles"},
     }
-    if clock_shim is not None:
-        for name, seconds in (("clock+5d", 5 * 86400), ("clock-5d", -5 * 86400)):
-            variants[name] = {"LD_PRELOAD": str(clock_shim), "DR_CLOCK_SHIFT_S": str(seconds)}
+    if faketime is not None:
+        for name, days in (("clock+5d", 5), ("clock-5d", -5)):
+            variants[name] = {
+                "LD_PRELOAD": str(faketime),
+                "FAKETIME": f"{days:+d}d",
+                "FAKETIME_DONT_FAKE_MONOTONIC": "1",
+            }
     results: dict[str, set[int]] = {}
     for name, env in variants.items():
         reset(probe, rows)
         job = run_script(url_string, plain_config, "run", "--yes", env=script_env(**env))
         assert job.returncode == 0, f"{name}: {job.stderr}"
-        if "DR_CLOCK_SHIFT_S" in env:  # the shim works: the log's own clock is shifted
+        if "FAKETIME" in env:  # faketime works: the log's own clock is shifted
             logged = datetime.fromisoformat(job.last("run_started")["timestamp"])
-            shift = timedelta(seconds=int(env["DR_CLOCK_SHIFT_S"]))
+            shift = timedelta(days=int(env["FAKETIME"].removesuffix("d")))
             assert abs(logged - datetime.now(UTC) - shift) < timedelta(minutes=5), name
         planned_at = run_records(probe)[run_id_of(job)]["planned_at"]
         results[name] = cleaned_ids(probe)
