@@ -18,9 +18,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from dispatch_retention import config
-
-from . import oracle
-from .helpers import DAY, DEFAULT_POLICIES, MARK, db_now, write_config
+from tests import oracle
+from tests.helpers import DAY, DEFAULT_POLICIES, MARK, db_now, write_config
 
 PERSONAL = ("content", "msisdn", "email", "app_token")
 #: The tests' policies, with the sms one also matching push (a word an enum may lack).

@@ -35,11 +35,11 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
+from dispatch_retention.errors import ConfigError
+from dispatch_retention.names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
 
 if TYPE_CHECKING:
-    from .shape import Shape
+    from dispatch_retention.rule.shape import Shape
 
 DEFAULT_CONFIG_PATH = Path("config/retention.toml")
 CONFIG_ENV = "DISPATCH_RETENTION_CONFIG"

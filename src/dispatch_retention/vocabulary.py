@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:  # annotations only: this module imports nothing of ours at run time
     from sqlalchemy import Connection
 
-    from .planning import Plan
-    from .risks import Risk
-    from .shard import Shard
+    from dispatch_retention.catalog.risks import Risk
+    from dispatch_retention.rule.plans import Plan
+    from dispatch_retention.rule.shard import Shard
 
 
 class Status(StrEnum):

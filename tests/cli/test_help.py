@@ -9,11 +9,8 @@ from collections.abc import Iterator
 import click
 import pytest
 
-from dispatch_retention.cli import cli
-
-from ..helpers import (
-    invoke,
-)
+from dispatch_retention.cli.main import cli
+from tests.helpers import invoke
 
 # --- 2. every command documents itself -------------------------------------------------------
 

@@ -13,14 +13,10 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from dispatch_retention import holds
-from dispatch_retention.lock import RunLock, run_locks
-from dispatch_retention.schema import AuditTables
-
-from ..helpers import (
-    invoke,
-    snapshot,
-)
+from dispatch_retention.run.lock import RunLock, run_locks
+from dispatch_retention.trail import holds
+from dispatch_retention.trail.audit_tables import AuditTables
+from tests.helpers import invoke, snapshot
 
 SCHEMA = "dispatch_retention"
 TABLES = AuditTables(SCHEMA)

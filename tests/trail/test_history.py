@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dispatch_retention.history import Histories, Long, digest
+from dispatch_retention.trail.history import Histories, Long, digest
 
 RUN = "run:r1"
 

@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from ..helpers import guards_off, invoke
-from .test_guards import CHUNKS, RUNS, execute_as
+from tests.helpers import guards_off, invoke
+from tests.trail.test_guards import CHUNKS, RUNS, execute_as
 
 START = (
     f"INSERT INTO {RUNS} (run_id, status, started_at, trigger, host, tool_version, db_user, "

@@ -23,12 +23,11 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from structlog.testing import capture_logs
 
-from dispatch_retention.lock import run_locks
+from dispatch_retention.run.lock import run_locks
 from dispatch_retention.vocabulary import Exit, Status
-
-from ..helpers import granted_role, invoke, run_job, seed_series, settings
-from .test_chain import EVENTS, HEAD, events, verify
-from .test_guards import FORGERIES, HOLDS, RUNS, execute_as, refused, start_run
+from tests.checks.test_audit_verify import EVENTS, HEAD, events, verify
+from tests.helpers import granted_role, invoke, run_job, seed_series, settings
+from tests.trail.test_guards import FORGERIES, HOLDS, RUNS, execute_as, refused, start_run
 
 SCHEMA = "dispatch_retention"
 

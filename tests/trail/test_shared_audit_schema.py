@@ -19,10 +19,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from dispatch_retention.config import Target
-from dispatch_retention.schema import create_dispatches
+from dispatch_retention.demo.synthetic import create_dispatches
 from dispatch_retention.vocabulary import Exit
-
-from ..helpers import (
+from tests.helpers import (
     config_text,
     granted_role,
     invoke,
