@@ -1,4 +1,4 @@
-"""The dispatches table as application frameworks make it (issue 16), for the real-table
+"""The dispatches table as application frameworks make it (README "Real tables"), for the real-table
 tests: DDL as a Rails or Django migration would emit it (enum types, integer codes, `json`
 or `text` content, `timestamp(6) without time zone`, range partitions, extra personal
 columns, quoted names), the config each needs, and the same dispatches seeded in each

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -199,8 +200,12 @@ class Target(_Strict):
         return quoted_name(*self.parts)
 
 
+#: A TOML array read as a tuple (settings are immutable).
+Listed = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+
+
 class Clean(_Strict):
-    columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS
+    columns: Annotated[tuple[str, ...], Listed] = DEFAULT_CLEAN_COLUMNS
     #: columns that hold (or may hold) personal data and are kept on purpose: column = reason
     keep: dict[str, Reason] = Field(default_factory=dict)  # filled by _defaults_for_the_columns
     replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
@@ -236,11 +241,6 @@ class Clean(_Strict):
         if "replace" not in data:
             data = {**data, "replace": {"content": {}} if "content" in listed else {}}
         return data
-
-    @field_validator("columns", mode="before")
-    @classmethod
-    def _list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("keep")
     @classmethod
@@ -405,12 +405,7 @@ class _File(_Strict):
         ],
         Reason,
     ] = Field(default_factory=dict)
-    policy: tuple[Policy, ...]
-
-    @field_validator("policy", mode="before")
-    @classmethod
-    def _list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
+    policy: Annotated[tuple[Policy, ...], Listed]
 
     @field_validator("acknowledged")
     @classmethod

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from dispatch_retention.printable import escaped, shown_name
 
-if TYPE_CHECKING:  # annotations only: `run` need not import the doctor or the verifier
+if TYPE_CHECKING:  # annotations only: `run` need not import `db_check` or `verify`
     from dispatch_retention.checks.audit_verify import ChainReport
     from dispatch_retention.checks.db_check import Finding
     from dispatch_retention.checks.verify import Report

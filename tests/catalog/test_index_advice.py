@@ -1,9 +1,9 @@
-"""`db check`'s index advice matches what the plan reads (issue 16).
+"""`db check`'s index advice matches what the plan reads.
 
 An index serves a policy's arm only where the plan can read it alone: the policy's keys and
 then the age as its leading columns, partial on exactly `cleaned_at IS NULL`, and every
 column the arm's scan reads in it (`indexes.arm_columns`). A production-like `(created_at)
-WHERE cleaned_at IS NULL` index (`schema.due_index`) does not, so `db check` asks for all
+WHERE cleaned_at IS NULL` index (`dispatch_table.due_index`) does not, so `db check` asks for all
 three policy indexes; once its advice is followed, EXPLAIN shows the plan's arm scans
 reading exactly the advised indexes (index-only), and `db check` asks for nothing more.
 """
@@ -32,7 +32,7 @@ from dispatch_retention.run.statements import Statements
 from dispatch_retention.trail.audit_tables import AuditTables
 from tests.helpers import AUDIT_SCHEMA, TABLE, seed_series, settings
 
-DUE_INDEX = "dispatches_retention_due_idx"  # schema.due_index(), in the test template
+DUE_INDEX = "dispatches_retention_due_idx"  # dispatch_table.due_index(), in the test template
 #: the policy indexes of the default settings, in binding order (failed-sends, sms, default)
 ADVISED = [
     "dispatches_retention_transmission_status_idx",

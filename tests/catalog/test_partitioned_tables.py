@@ -1,4 +1,4 @@
-"""`db check` on a partitioned dispatches table (issue 16, CONTRACT section 11).
+"""`db check` on a partitioned dispatches table (README "Real tables").
 
 The table as a Rails or Django app partitions it: `PARTITION BY RANGE (created_at)`, primary
 key `(id, created_at)`, a partition per year for the old rows and per month for this year,

@@ -1,4 +1,4 @@
-"""Real tables (issue 16): on each table shape an application makes (tests/real_tables.py),
+"""README "Real tables": on each table shape an application makes (tests/real_tables.py),
 the oracle (tests/oracle.py, in the API's words) decides: exactly the due rows are cleaned,
 and every other row is byte-identical (`to_jsonb` of the row before and after); `verify`
 then finds nothing and exits 5 once a row is overdue again; the audit trail counts what was

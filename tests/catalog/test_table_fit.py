@@ -1,4 +1,4 @@
-"""Real tables (issue 16): what depends on the table (the columns' types, the codes, the
+"""README "Real tables": what depends on the table (the columns' types, the codes, the
 personal columns) is checked when the job connects, refused with exit 2 naming the column,
 and listed by `db check`; quoted names; plain timestamps whatever the session time zone.
 """

@@ -1,4 +1,4 @@
-"""Table shapes the job cannot clean truthfully (issue 22, items 6, 10, 11, 12): refused on
+"""Table shapes the job cannot clean truthfully (README "Real tables"): refused on
 connecting (exit 2 naming the child table, column, key or rule and the fix) by `run`,
 `run --dry-run` and `verify`, listed by `db check` as an error (exit 1), never a run that
 fails every night with an opaque error or succeeds while a column escapes it; and their

@@ -1,4 +1,4 @@
-"""The audit trail's hash chain (migration 0005, issue 17) and `audit verify`.
+"""The audit trail's hash chain (migration 0005) and `audit verify`.
 
 The database writes one event per write to the trail, hashed over its canonical body and
 the previous hash; the job's roles cannot write an event or call the function that does.

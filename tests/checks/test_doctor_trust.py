@@ -1,4 +1,5 @@
-"""`db check` on trust (CONTRACT section 7): copy risks, unclassified columns, refused targets."""
+"""`db check` on trust: copy risks, unclassified columns, refused targets (docs/operations.md,
+"`db check`: copy risks, unclassified columns, `[acknowledged]`")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Hardening (issue 15): the documented set-up works as written, a missing right or a
+"""Hardening: the documented set-up works as written, a missing right or a
 clashing object is named, a superuser gets no grants, and what an operator reads is plain.
 """
 

@@ -1,4 +1,4 @@
-"""TEMPORARY on the database (issue 17): PostgreSQL grants it to PUBLIC by default, so every
+"""TEMPORARY on the database: PostgreSQL grants it to PUBLIC by default, so every
 role made by `db grants` may create temporary tables. `db check` warns while PUBLIC holds it
 and prints the REVOKE an administrator would run; once revoked, the finding is ok, the job's
 roles can no longer create temporary tables, and the job still runs (it needs none)."""

@@ -191,7 +191,7 @@ def test_unmatched_rows_count_null_where_columns(
     engine: Engine, url_string: str, tmp_path: Path
 ) -> None:
     """Without a catch-all policy, a dispatch whose where column is NULL is unmatched just
-    like one with an unknown value (CONTRACT section 3: it is never cleaned)."""
+    like one with an unknown value (README "What is due": it is never cleaned)."""
     only_delivered = (
         '[[policy]]\nname = "delivered"\nretention_days = 30\n'
         'where = { external_delivery_status = "delivered" }\n'

@@ -1,4 +1,4 @@
-"""A fuzz test over the whole command-line surface (issue 15).
+"""A fuzz test over the whole command-line surface.
 
 Hypothesis draws a command (walked from the click tree, so a new command or option is
 fuzzed without editing this file), its options and arguments (valid values, odd values,
@@ -380,7 +380,7 @@ def test_the_fuzzed_surface_as_a_subprocess(
     fuzz()
 
 
-# --- issue 22: inputs the job refuses whole (non-UTF-8 URLs, deep TOML, special files) ----
+# --- inputs the job refuses whole (non-UTF-8 URLs, deep TOML, special files) --------------
 #
 # Self-contained: its own strategies and one test. Properties as above (`check`): never a
 # traceback, a documented exit, no password, a usage error writes nothing; and every case
@@ -526,7 +526,7 @@ def test_i22_odd_urls_deep_toml_and_special_files(
         check(done.returncode, output, checked, before, after)
 
 
-# --- issue 22, item 1: describe_error over the SQLSTATE classes of real server errors --------
+# --- describe_error over the SQLSTATE classes of real server errors ---------------------------
 # (its own block: the server's errors, not the command line; another block may follow)
 
 #: SQLSTATE classes a trigger may raise in: the ones the job once trusted or retried (08,
@@ -589,7 +589,7 @@ def test_describe_error_says_no_server_text_whatever_the_sqlstate(engine: Engine
         assert not diagnosis.is_lock_timeout(error) and not diagnosis.is_statement_timeout(error)
 
 
-# --- odd trail documents (issue 22, item 7: `audit show` of an unexpected shape) -----------
+# --- odd trail documents (`audit show` of an unexpected shape) -----------------------------
 # A run record's plan, copy risks and options, and a chunk's counts, of any JSON shape the
 # table can hold (as an owner with the guards off, or an imported row, may have written):
 # `audit show` and `audit list` show what is readable and exit 0, never a traceback.

@@ -1,4 +1,4 @@
-"""Hardening (issue 15): no secret leaks, no traceback on any input, no grant to everyone.
+"""Hardening: no secret leaks, no traceback on any input, no grant to everyone.
 
 Each test feeds what an attacker or a careless operator would, and checks for a one-line
 reason, a documented exit code, and nothing leaked or written.

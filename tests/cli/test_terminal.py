@@ -1,5 +1,5 @@
 """On a real terminal (a pseudo-terminal): the plan, the question, the progress bar; and the
-output gate (issue 22, item 13): text from the database or a file (a trigger's name, an
+output gate: text from the database or a file (a trigger's name, an
 acknowledgement's reason, a hold's reason, the config's text, a run record's fields) never
 sends a terminal escape or forges a line, in any command's output or log."""
 

@@ -1,4 +1,5 @@
-"""Inputs the job must refuse whole, before they do harm (issue 22, items 2, 7, 10, 15, 16).
+"""Inputs the job must refuse whole, before they do harm (docs/operations.md, "Messages that
+refuse an input").
 
 - A database URL whose password holds a special character written as it is (`&`, `/`, `?`,
   `#`, `%`, `@`, a space) is refused before connecting, exit 2, with a fixed message: a

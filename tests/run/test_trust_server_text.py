@@ -1,5 +1,5 @@
 """No text the server supplies reaches an output, a log line, a run record or the trail
-(issue 22, item 1; CONTRACT section 8).
+(docs/auditor.md, "What the audit trail never contains").
 
 A trigger may raise any SQLSTATE with a row's values in every diagnostic field: the message,
 DETAIL, HINT, COLUMN, CONSTRAINT, TABLE, SCHEMA, DATATYPE. Whatever the class (a lost

@@ -1,6 +1,6 @@
 """Personal data written back into cleaned rows, where the run's role may read it (the
-table's owner, or an operator granted SELECT on the table): never `succeeded` (issue 22,
-items 3, 4, 5 and 14).
+table's owner, or an operator granted SELECT on the table): never `succeeded`
+(docs/architecture.md, "What the job refuses and what it reports").
 
 - a deferred constraint trigger writes back at COMMIT, after the chunk's check, also one
   that defers again through another deferred trigger: each chunk makes deferred triggers

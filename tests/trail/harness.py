@@ -1,7 +1,7 @@
 """What the audit-trail tests share: the chunk records, the trail's invariant (every cleaned
 row in exactly one chunk record), holds and the CLI's audit listings. Seeding, the run
 records, the console script and the no-half-cleaned-row check are tests/helpers.py's; the
-fixtures live in tests/trail/conftest.py.
+fixtures live in tests/conftest.py.
 """
 
 from __future__ import annotations

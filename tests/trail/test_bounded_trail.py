@@ -1,5 +1,4 @@
-"""Every text of the trail bounded, and its readers' memory with it (migration 0007, issue 22,
-item 8).
+"""Every text of the trail bounded, and its readers' memory with it (migration 0007).
 
 Found by the third review: one 60 MB hold reason, written once and never deletable, took
 `audit verify` to 310 MB and `hold list` to 680 MB, so the verify CronJob (256Mi) was
@@ -517,7 +516,7 @@ def test_another_role_cannot_write_the_copy_risks_at_the_end(
 )
 def test_runs_with_long_configs_check_out(engine: Engine, base: list[str], padding: int) -> None:
     """A run whose config is long enough that some or all of its events are read in slices
-    and decoded by the database (`chain.INLINE_BYTES`): its story compares the same either
+    and decoded by the database (`audit_verify.INLINE_BYTES`): its story compares the same either
     way, and the trail checks out; a config changed in its events is still caught."""
     seed_series(engine, range(0, 200))
     long_settings = settings(clean="# " + "p" * padding)

@@ -1,7 +1,8 @@
-"""The auditor counts, and cannot read (issue 17): the read-only role of `db grants` counts
-through the audit schema's view (`facts.py`) and gets the owner's `verify` report; a view
-built for another configuration, a missing one, or one whose owner cannot see every row or
-read every personal column is refused with the fix (exit 2), never counted through.
+"""The auditor counts, and cannot read (docs/auditor.md, "What each role can and cannot do"):
+the read-only role of `db grants` counts through the audit schema's view (`trail/facts.py`)
+and gets the owner's `verify` report; a view built for another configuration, a missing one,
+or one whose owner cannot see every row or read every personal column is refused with the
+fix (exit 2), never counted through.
 
 The scenario has every kind of row `verify` reports (violations, a held row, written-back
 rows, cleaned rows, young, undatable and far-future rows) and cleaned values that a careless

@@ -1,4 +1,4 @@
-"""The audit trail's guards (migration 0003, issue 17): the database itself refuses every
+"""The audit trail's guards (migration 0003): the database itself refuses every
 forgery a role could try on runs and chunks, and any deletion, whoever asks.
 
 Found before the guards, as the role `db grants --purpose run` makes: a finished run's
@@ -94,7 +94,7 @@ def test_not_even_the_owner_can_forge_or_delete_with_the_guards_on(
     engine: Engine, url_string: str, finished_run: str, statement: str
 ) -> None:
     """The owner (here a superuser) is refused too, by the guards themselves: only turning
-    them off (which `audit verify` will catch, issue 17) gets past."""
+    them off (which `audit verify` will catch) gets past."""
     error = refused(url_string, statement, run_id=finished_run)
     assert "IntegrityConstraintViolation, SQLSTATE 23000" in error, error
     assert "constraint " in error  # the rule is named

@@ -29,7 +29,7 @@ def test_head_constant_matches_alembic() -> None:
 
 
 def test_upgrade_creates_the_model_tables_in_their_own_schema(engine: Engine) -> None:
-    """db upgrade into a fresh schema creates exactly the tables schema.AuditTables describes,
+    """db upgrade into a fresh schema creates exactly the tables audit_tables.AuditTables describes,
     with their columns, and its own version table (never `alembic_version`)."""
     before, after = migrate.upgrade(engine, "dr_other")
     assert (before, after) == (None, migrate.HEAD)
@@ -140,7 +140,7 @@ def test_db_upgrade_never_adopts_tables_it_did_not_create(
         assert conn.execute(text("SELECT note FROM public.runs")).scalar_one() == "the application"
 
 
-# --- 0007: every text of the trail bounded (issue 22, item 8) ------------------------------
+# --- 0007: every text of the trail bounded ------------------------------------------------
 
 
 def _revision(number: str) -> Any:
@@ -151,7 +151,7 @@ def _revision(number: str) -> Any:
 
 def test_the_bounds_are_frozen_equal() -> None:
     """The bounds migration 0007 made CHECK constraints of are the ones the job's writers
-    check against (`schema.TEXT_BOUNDS`); the config text's is the config file's own."""
+    check against (`audit_tables.TEXT_BOUNDS`); the config text's is the config file's own."""
     assert _revision("0007").BOUNDS == TEXT_BOUNDS
     assert TEXT_BOUNDS["runs"]["config_text"] == MAX_CONFIG_BYTES
 
@@ -207,7 +207,7 @@ def test_db_check_finds_nothing_stale_after_the_upgrade(
     assert "[error]" not in out, out
 
 
-# --- 0008: stamps under the chain's lock, chunks that know their transaction (issue 23) --------
+# --- 0008: stamps under the chain's lock, chunks that know their transaction ------------------
 
 
 def _to(engine: Engine, revision: str, how: str = "downgrade") -> None:

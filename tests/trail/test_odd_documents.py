@@ -1,4 +1,4 @@
-"""`audit show` of a run record whose documents have an unexpected shape (issue 22, item 7).
+"""`audit show` of a run record whose documents have an unexpected shape.
 
 Found by the third review: a plan or copy-risk document that lacks keys or has other types
 than the job writes (the run role may write any flat document its guards allow; imported

@@ -1,4 +1,4 @@
-"""What each role can do to the trail, tried (issue 23, docs/security.md): the forgeries a
+"""What each role can do to the trail, tried (docs/security.md): the forgeries a
 third adversarial pass got past the guards and `audit verify`, each as the role `db grants`
 generates or as the migrating owner, on a real server.
 

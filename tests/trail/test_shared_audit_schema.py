@@ -1,4 +1,4 @@
-"""Two targets sharing one audit schema (issue 22, item 9).
+"""Two targets sharing one audit schema.
 
 Found by the third review: two configs with another `target.table` and the same
 `audit.schema`; each config's `audit verify` counted the other table's chunks in its own

@@ -1,4 +1,5 @@
-"""CONTRACT section 4: every invalid file is refused with the file, the key and the reason."""
+"""README "Configuration": every invalid file is refused with the file, the key and the
+reason."""
 
 from __future__ import annotations
 
@@ -274,7 +275,7 @@ def test_missing_file_exits_2(tmp_path: Path) -> None:
 
 
 def test_shipped_example_is_valid() -> None:
-    """config/retention.toml parses and carries the contract's example policies."""
+    """config/retention.toml parses and carries the example policies docs/auditor.md shows."""
     settings = config.load(Path(__file__).parents[2] / "config" / "retention.toml")
     assert [p.name for p in settings.policies] == ["failed-sends", "sms", "default"]
     assert settings.clean.columns == ("content", "msisdn", "email", "app_token")

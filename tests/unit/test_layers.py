@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -55,3 +56,34 @@ def test_an_import_that_goes_up_breaks_it(tmp_path: Path, module: str, upward: s
     assert done.returncode != 0
     assert "BROKEN" in done.stdout, done.stdout
     assert module.removesuffix(".py").replace("/", ".") in done.stdout
+
+
+def test_the_architecture_page_names_every_module_in_its_layer() -> None:
+    """docs/architecture.md's table of the layers names each module in the row of its
+    folder, and every folder is a layer of the contract."""
+    page = (ROOT / "docs" / "architecture.md").read_text()
+    table = page[page.index("## The layers") : page.index("## The life of a chunk")]
+    rows = {
+        row.split("|")[1].strip().strip("`"): row
+        for row in table.splitlines()
+        if row.startswith("| `") or row.startswith("| leaves")
+    }
+    package = ROOT / "src" / "dispatch_retention"
+    layers = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["importlinter"]
+    contract = {
+        name.strip()
+        for layer in layers["contracts"][0]["layers"]
+        for name in layer.replace("|", ":").split(":")
+    }
+    for module in sorted(package.rglob("*.py")):
+        relative = module.relative_to(package)
+        if module.name == "__init__.py" or "migrations" in relative.parts:
+            continue
+        if len(relative.parts) == 1:
+            row = rows.get(module.name) or rows["leaves"]
+            assert module.name in row or row.startswith(f"| `{module.name}`"), module.name
+            continue
+        folder = f"{relative.parts[0]}/"
+        assert f"`{module.stem}`" in rows[folder], f"{relative} is not named in its row"
+        assert relative.parts[0] in contract, f"{folder} is no layer of the contract"
+    assert {m.stem for m in package.glob("*.py")} - {"__init__"} <= contract

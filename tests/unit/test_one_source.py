@@ -75,9 +75,9 @@ _RAISED = re.compile(r"CONSTRAINT\s*=\s*'([^']+)'")
 
 
 def test_the_names_errors_may_show_are_the_migrated_catalogs(engine: Engine) -> None:
-    """`schema.AUDIT_NAMES` (the job's names that `db.describe_error` shows) holds every
-    name of a migrated trail an error can carry, and `objects.RAISED` is exactly the
-    names its functions raise refusals under: a migration that adds either adds it there."""
+    """`audit_tables.AUDIT_NAMES` (the job's names that `diagnosis.describe_error` shows)
+    holds every name of a migrated trail an error can carry, and `objects.RAISED` is exactly
+    the names its functions raise refusals under: a migration that adds either adds it there."""
     schema = DEFAULT_AUDIT_SCHEMA
     migrate.upgrade(engine, schema)
     with engine.connect() as conn:

@@ -424,7 +424,7 @@ ORDER BY latest.seq NULLS FIRST, 1
 
 
 def _catalog(conn: Connection, tables: AuditTables, report: ChainReport) -> None:
-    """The trail's catalog as the migrations made it (`trail_catalog`): no inheritance
+    """The trail's catalog as the migrations made it (`objects`): no inheritance
     child of a trail table (whose rows a read of the table would count as its own, written
     past its triggers); every function, trigger, constraint and rule as made, none added;
     every trigger `ENABLE ALWAYS`."""

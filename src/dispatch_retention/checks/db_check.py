@@ -6,10 +6,10 @@ something not yet reviewed) or `error` (the run would fail or could not be trust
 the dispatches table and every column the job uses; what `run` refuses the table for
 (`target.table_problems`: columns that cannot take what cleaning writes, an `id` the windows
 cannot walk, a rule on UPDATE, an inheritance child's own unclassified columns), each an
-error; the copy risks of the table (risks.py: triggers, publications, a replica identity
+error; the copy risks of the table (catalog/risks.py: triggers, publications, a replica identity
 that carries personal data), a warn until named in `[acknowledged]`, and names there that
 match none;
-columns neither stripped nor kept (a warn); the policy indexes (indexes.py: an index counts
+columns neither stripped nor kept (a warn); the policy indexes (catalog/indexes.py: an index counts
 only where the plan can read it alone; a missing one comes with the statements that build it
 without blocking writes, partition by partition on a partitioned table); the audit schema's
 revision; the read-only view of the dispatches, where it exists (stale: a warn, with the
@@ -84,7 +84,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
 
 
 def _facts_view(conn: Connection, settings: Settings) -> Finding:
-    """The read-only role's view of the dispatches (facts.py), where it exists: a warn when
+    """The read-only role's view of the dispatches (trail/facts.py), where it exists: a warn when
     it is stale (made by an earlier release, for other clean.columns, replaced since), as
     `verify` through it would refuse it; with the SQL to run again in the message."""
     view = facts.view_name(settings)
@@ -391,7 +391,7 @@ def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
 
 
 def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list[Finding]:
-    """Compare the current role's rights with what `run` needs (grants.py), on the columns
+    """Compare the current role's rights with what `run` needs (db_grants.py), on the columns
     the table has (`present`; a missing one is the `columns` check's error)."""
     table, regclass = settings.target.table, settings.target.regclass
     role: dict[str, Any] = dict(

@@ -7,7 +7,7 @@ Three purposes:
 - `read-only`: `verify`, `run --dry-run` and the audit commands: read the same columns of
   the dispatches as `run` (never the personal ones: a SELECT on the whole table granted
   before is revoked first), the audit tables, and the audit schema's view of the dispatches
-  (`facts.py`: whether each personal column holds data, never the data), which these
+  (`trail/facts.py`: whether each personal column holds data, never the data), which these
   statements create. They must be run by the table's owner or an administrator who may read
   every column of the table and create in the audit schema: the view is theirs and reads the
   table with their rights (`notes()` says so in the output).

@@ -1,7 +1,7 @@
 """structlog set-up: JSON lines on stderr when not on a terminal, console output on one.
 
-What a log line may hold: never a row value and never text the server sent (CONTRACT section
-8). So:
+What a log line may hold: never a row value and never text the server sent (docs/auditor.md,
+"What the audit trail never contains"). So:
 
 - an exception is logged as its traceback's frames and classes, each with no message but
   the job's own: `diagnosis.describe_error` for a database error (condition, SQLSTATE, names the job

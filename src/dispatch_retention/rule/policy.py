@@ -3,7 +3,7 @@
 Everything here takes the validated settings and `now` (read once from the database clock by
 the caller) and returns SQLAlchemy Core expressions; it never reads a clock, an env var or a
 socket. The statements are unit-tested by compiling them against the PostgreSQL dialect and,
-on a real server, against a plain-Python oracle of section 3 (`tests/oracle.py`).
+on a real server, against a plain-Python oracle of README "What is due" (`tests/oracle.py`).
 
 The rule, in the words the expressions follow:
 - age is measured from `clean.age_from`, falling back to `created_at` where that is NULL;
@@ -114,7 +114,7 @@ def _ts(value: datetime, like: ColumnElement[Any]) -> ColumnElement[datetime]:
 
 def stored(column: Any, words: Sequence[str]) -> list[Any]:
     """The values `column` stores for the API's `words`: through `[target.codes]` where
-    the table has its own (`schema.target_table` puts them in the column's `info`), and
+    the table has its own (`dispatch_table.target_table` puts them in the column's `info`), and
     for an enum only its labels (binding a word it lacks would fail)."""
     codes = column.info.get("codes")
     values: list[Any] = [codes[w] for w in words if w in codes] if codes else list(words)
@@ -256,7 +256,7 @@ def any_active(holds: Table) -> ColumnElement[bool]:
 
 
 def due(table: Table, r: Rules, holds: Table | None = None) -> ColumnElement[bool]:
-    """The full rule of section 3: the rows `run` cleans."""
+    """The full rule of README "What is due": the rows `run` cleans."""
     clauses = [table.c.cleaned_at.is_(None), past_window(table, r)]
     if holds is not None:
         clauses.append(not_(held(table, holds)))

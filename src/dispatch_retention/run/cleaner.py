@@ -296,11 +296,7 @@ class Cleaner:
         outcome.by_policy.update(chunk.by_policy)
         self.log.info(
             "chunk_committed",
-            seq=chunk.seq,
-            first_id=chunk.first_id,
-            last_id=chunk.last_id,
-            rows=chunk.rows,
-            by_policy=chunk.by_policy,
+            **chunk.logged(),
             ms=round(chunk.elapsed_ms, 1),
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,

@@ -472,6 +472,17 @@ def _ask(confirm: Callable[[Plan], bool], plan: Plan, stop: Stop) -> bool:
         return confirm(plan)
 
 
+#: What `run_finished` says only when the run has it (not zero, not empty).
+REPORTED_WHEN_SET = (
+    "rows_recleaned",
+    "missed_rows",
+    "written_back_rows",
+    "stopped_by",
+    "remaining_reason",
+    "chain_head",
+)
+
+
 def _report(rlog: Logger, outcome: Outcome) -> None:
     fields = {
         "status": outcome.status,
@@ -480,18 +491,7 @@ def _report(rlog: Logger, outcome: Outcome) -> None:
         "chunks": outcome.chunks,
         "remaining_due_rows": outcome.remaining_due_rows,
     }
-    if outcome.rows_recleaned:
-        fields["rows_recleaned"] = outcome.rows_recleaned
-    if outcome.missed_rows:
-        fields["missed_rows"] = outcome.missed_rows
-    if outcome.written_back_rows:
-        fields["written_back_rows"] = outcome.written_back_rows
-    if outcome.stopped_by:
-        fields["stopped_by"] = outcome.stopped_by
-    if outcome.remaining_reason:
-        fields["remaining_reason"] = outcome.remaining_reason
-    if outcome.chain_head:
-        fields["chain_head"] = outcome.chain_head
+    fields |= {name: value for name in REPORTED_WHEN_SET if (value := getattr(outcome, name))}
     if outcome.status == Status.FAILED:
         rlog.error("run_failed", error=outcome.error, **fields)
     elif outcome.status == Status.INTERRUPTED:

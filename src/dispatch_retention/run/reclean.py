@@ -109,15 +109,7 @@ class Recleaner:
             if chunk.rows:
                 self.outcome.chunks += 1
                 self.outcome.rows_recleaned += chunk.rows
-                self.log.info(
-                    "chunk_committed",
-                    seq=chunk.seq,
-                    first_id=chunk.first_id,
-                    last_id=chunk.last_id,
-                    rows=chunk.rows,
-                    by_policy=chunk.by_policy,
-                    kind=chunk.kind,
-                )
+                self.log.info("chunk_committed", **chunk.logged(), kind=chunk.kind)
                 again = held_after_commit(
                     self.engine,
                     self.check,

@@ -1,5 +1,5 @@
 """The statements of a run, built once from its rules: builders only (the cleaner and the
-planner execute them), pure like `policy.py`, whose expressions they put together.
+planner execute them), pure like `rule/policy.py`, whose expressions they put together.
 
 - the plan's read of the policies' arms (`Statements.plan_scan`), one row per id block;
 - a window's cleaning UPDATE: `range_update` (by ids) or `indexed_update` (a sparse

@@ -1,7 +1,8 @@
 """The audit schema's view of the dispatches, which the read-only role counts through: it may
-not read the personal columns (issue 17: the auditor counts, and cannot read).
+not read the personal columns (docs/auditor.md, "What each role can and cannot do": it
+counts personal data and cannot read it).
 
-`<audit schema>.dispatch_facts` (`schema.FACTS_VIEW`) shows the columns the job reads
+`<audit schema>.dispatch_facts` (`audit_tables.FACTS_VIEW`) shows the columns the job reads
 (`target.read_columns`: ids, type, statuses, timestamps, `cleaned_at`, `member_id` for legal
 holds) but those of `clean.columns` (`shown_columns`: where `member_id` is stripped, a
 column `held` says whether the row's member is under an active legal hold instead) and, for

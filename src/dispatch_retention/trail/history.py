@@ -13,10 +13,10 @@ state; what follows it is held to the same rules.
 anything. It keeps a few bytes per run and hold, never a row's texts: a digest of what a run
 started with and of its plan, its status; a digest of what a hold was placed with and whether
 it was released. A chunk costs nothing here: `audit verify` finds a chunk's second event in
-the database (`chain._repeated_chunks`).
+the database (`audit_verify._repeated_chunks`).
 
 A fact's values are what `json` reads (numbers as `Decimal`), or a `Long`: a value too long
-to be read here, which the database hashed (`chain`).
+to be read here, which the database hashed (`audit_verify`).
 """
 
 from __future__ import annotations

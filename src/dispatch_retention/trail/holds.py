@@ -49,7 +49,7 @@ def _text(value: str, what: str) -> str:
 
 
 def _fits(**values: str) -> None:
-    """Each text within what the trail keeps of it (`schema.TEXT_BOUNDS`): else `HoldError`
+    """Each text within what the trail keeps of it (`audit_tables.TEXT_BOUNDS`): else `HoldError`
     naming the option and the limit, before anything is written."""
     long = over_bound("legal_holds", values)
     if long is not None:
@@ -110,7 +110,7 @@ def list_holds(
     conn: Connection, tables: AuditTables, *, include_released: bool = False
 ) -> list[dict[str, Any]]:
     """The holds, oldest first, read a batch at a time, each text at most its bound (a
-    longer one, written before migration 0007, is cut and marked: `schema.shown`)."""
+    longer one, written before migration 0007, is cut and marked: `audit_tables.shown`)."""
     holds = tables.holds
     query = select(*read_bounded(holds, *holds.c.keys())).order_by(
         holds.c.created_at, holds.c.hold_id

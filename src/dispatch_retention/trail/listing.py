@@ -27,7 +27,7 @@ from dispatch_retention.trail.audit_tables import (
 
 # --- reading the trail -----------------------------------------------------------------------
 # The readers take a bounded amount of memory per run: texts are read at most to their
-# bounds (`schema.read_bounded`: a longer one, written before migration 0007, is cut and
+# bounds (`audit_tables.read_bounded`: a longer one, written before migration 0007, is cut and
 # marked), and the runs of `audit list` a batch at a time. A recorded document of an
 # unexpected shape (an imported row, an owner's write) is shown as far as it is readable,
 # and what is not is named in `unreadable`, never a traceback.
@@ -39,7 +39,7 @@ LISTED = (
     "planned_at", "config_path", "config_sha256", "options", "stopped_by", "error",
     "remaining_due_rows", "remaining_reason", "copy_risks",
 )  # fmt: skip
-#: A policy of a recorded plan: each field and the JSON type it has (`planning.Plan`);
+#: A policy of a recorded plan: each field and the JSON type it has (`plans.Plan`);
 #: `grace_cutoff` and `due_rows` are missing from the plans of earlier versions.
 PLAN_FIELDS: dict[str, type] = {
     "name": str, "retention_days": int, "cutoff": str, "grace_cutoff": str, "due_rows": int,
@@ -159,35 +159,41 @@ def _cleaned_per_policy(conn: Connection, tables: AuditTables, run_id: str) -> d
 def _plan(policies: Any, cleaned: dict[str, int], unreadable: list[str]) -> list[dict[str, Any]]:
     """The recorded plan's policies, each with the rows cleaned under it; a field missing or
     of another type is None, and named in `unreadable`."""
-    if policies is None:
-        return []
-    if not isinstance(policies, list):
-        unreadable.append(f"policies: {_what(policies)}, not a list of policies")
-        return []
-    out = []
-    for n, policy in enumerate(policies):
-        entry = _record(f"policies[{n}]", policy, PLAN_FIELDS, PLAN_OPTIONAL, unreadable)
+    out = _entries("policies", policies, PLAN_FIELDS, PLAN_OPTIONAL, "policies", unreadable)
+    for entry in out or ():
         name = entry["name"]
         entry["rows_cleaned"] = int(cleaned.get(name, 0)) if isinstance(name, str) else 0
-        out.append(entry)
-    return out
+    return out or []
 
 
 def _risks(key: str, risks: Any, unreadable: list[str]) -> list[dict[str, Any]] | None:
     """The recorded copy risks, each field of another type None (and named in `unreadable`);
     None when not recorded (a run of an earlier version)."""
-    if risks is None:
-        return None
-    if not isinstance(risks, list):
-        unreadable.append(f"{key}: {_what(risks)}, not a list of copy risks")
-        return []
-    out = []
-    for n, risk in enumerate(risks):
-        entry = _record(f"{key}[{n}]", risk, RISK_FIELDS, RISK_OPTIONAL, unreadable)
+    out = _entries(key, risks, RISK_FIELDS, RISK_OPTIONAL, "copy risks", unreadable)
+    for entry, risk in zip(out or (), risks or (), strict=False):
         if isinstance(risk, dict):  # what a later version may add, as it is
             entry |= {k: v for k, v in risk.items() if k not in RISK_FIELDS}
-        out.append(entry)
     return out
+
+
+def _entries(
+    key: str,
+    found: Any,
+    fields: dict[str, type],
+    optional: tuple[str, ...],
+    what: str,
+    unreadable: list[str],
+) -> list[dict[str, Any]] | None:
+    """A recorded list of records (`_record` each); None when not recorded, empty (and named
+    in `unreadable`) when it is no list."""
+    if found is None:
+        return None
+    if not isinstance(found, list):
+        unreadable.append(f"{key}: {_what(found)}, not a list of {what}")
+        return []
+    return [
+        _record(f"{key}[{n}]", item, fields, optional, unreadable) for n, item in enumerate(found)
+    ]
 
 
 def _record(

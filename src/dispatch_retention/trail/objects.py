@@ -9,7 +9,7 @@ of its body as written, its rights and settings; a trigger by its function, its 
 timing, whether it has a `WHEN`; a constraint by its kind; a rule by its
 existence); `differences()` names what is not as `EXPECTED` says: gone, changed, or not the
 job's. A change made and undone between two checks shows only through the rows written
-meanwhile (chain.py).
+meanwhile (checks/audit_verify.py).
 
 `EXPECTED` is written from a schema the migrations just made (tests/trail/test_trail_catalog.py
 holds it equal, and prints the new value after a migration changes the catalog).

@@ -168,7 +168,7 @@ class RunRecord:
         """Close the record (a fresh pooled connection, so a lost one does not matter): a
         record still `running`, or one another run marked `abandoned` while this one was in
         fact alive (it lost its lock connection). Returns whether it was closed. Its texts
-        are the job's own words, cut to what the trail keeps (`schema.fitted`), never
+        are the job's own words, cut to what the trail keeps (`audit_tables.fitted`), never
         refused; `copy_risks_at_end`, the copy risks read again at the end, only the close
         may write (0007)."""
         stopped_by = outcome.stopped_by or (f"signal {outcome.signum}" if outcome.signum else None)
@@ -187,7 +187,7 @@ class RunRecord:
         )
 
     def chain_head(self) -> str:
-        """The trail's hash chain head (`chain.head`), for the run_finished log line: a copy
+        """The trail's hash chain head (`head`), for the run_finished log line: a copy
         that lives outside the database."""
         return self._bounded("reading the chain head", lambda c: head(c, self.tables)[1])
 
