@@ -130,7 +130,8 @@ Reason = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS),
     AfterValidator(_no_nul),
 ]
-#: Policies a config may hold (`_File._policies`): 100 plan in under 2 s on 2 cores.
+#: Policies a config may hold (`_File._policies`); what they cost the plan is in
+#: docs/performance.md ("Finding the due rows").
 MAX_POLICIES = 100
 PolicyName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from dispatch_retention.run.statements import BLOCK_IDS, MAX_ID
 
-#: Index entries read for the cost of one row read by id (`Windows.sparse`).
+#: Index entries read for the cost of one row read by id (`Windows.sparse`): an estimate,
+#: derived in docs/performance.md ("Which way a window goes").
 INDEX_ENTRIES_PER_ROW = 20
 
 
@@ -89,7 +90,8 @@ class Windows:
 
         By ids, a window reads every row in it. Through the arms it reads the arms' index
         entries (all of them: `arm_rows`, about 1/20 of a row's cost each) and then only its
-        due rows (about 4 times a sequential row each, being scattered). Without the arms'
+        due rows (about 4 times a sequential row each, being scattered: PostgreSQL's
+        `random_page_cost` against `seq_page_cost`). Without the arms'
         indexes (`arm_rows` None), and for a window within one block, it goes by ids."""
         return self._sparse(hi - lo, self.estimate(lo, hi))
 
