@@ -61,6 +61,7 @@ ODD = {
     ),
     "risks a record": ([GOOD_POLICY], {"kind": "trigger"}, "copy_risks: a record, not a list"),
     "risks a text": ([GOOD_POLICY], "t", "copy_risks: a text, not a list"),
+    "risks a number": ([GOOD_POLICY], 1, "copy_risks: a number, not a list"),
     "risks of numbers": ([GOOD_POLICY], [1, 2], "copy_risks[0]: a number, not a record"),
     "risk without name": (
         [GOOD_POLICY], [{"kind": "trigger"}], "copy_risks[0].name: missing"

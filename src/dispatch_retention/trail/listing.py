@@ -170,9 +170,10 @@ def _risks(key: str, risks: Any, unreadable: list[str]) -> list[dict[str, Any]] 
     """The recorded copy risks, each field of another type None (and named in `unreadable`);
     None when not recorded (a run of an earlier version)."""
     out = _entries(key, risks, RISK_FIELDS, RISK_OPTIONAL, "copy risks", unreadable)
-    for entry, risk in zip(out or (), risks or (), strict=False):
-        if isinstance(risk, dict):  # what a later version may add, as it is
-            entry |= {k: v for k, v in risk.items() if k not in RISK_FIELDS}
+    if out:  # a list, read entry by entry
+        for entry, risk in zip(out, risks, strict=True):
+            if isinstance(risk, dict):  # what a later version may add, as it is
+                entry |= {k: v for k, v in risk.items() if k not in RISK_FIELDS}
     return out
 
 
