@@ -41,9 +41,10 @@ test-fast: $(BIN)/.installed  ## the tests that need no database (about 20 s; no
 test-matrix: $(BIN)/.installed  ## the compatibility tests on PostgreSQL 14-18, a fresh server each (MATRIX_VERSIONS=)
 	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS)
 
-lint: $(BIN)/.installed  ## ruff lint and format check
+lint: $(BIN)/.installed  ## ruff lint and format check, and the import contract of the layers
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
+	$(BIN)/lint-imports --no-cache
 
 typecheck: $(BIN)/.installed  ## mypy strict on src/ and bench/
 	$(BIN)/mypy

@@ -1,4 +1,4 @@
-"""The retention job against the single-statement bound (issue 5): `python -m bench`.
+"""The retention job against the single-statement bound: `python -m bench`.
 
 The modules, in the order a run uses them: `__main__` (the command line, the run, its
 cleanup), `server` (the server and the databases a run creates), `scenarios` (a scenario's

@@ -1,4 +1,4 @@
-"""Benchmark the retention job against the single-statement bound (issue 5).
+"""Benchmark the retention job against the single-statement bound.
 
     python -m bench --rows N --scenario backlog|nightly|sparse|idle|all --json PATH
 

@@ -36,7 +36,9 @@ from typing import Any
 
 from sqlalchemy import BigInteger, func, literal, select, update
 
-from dispatch_retention import config, db, policy, schema
+from dispatch_retention import config
+from dispatch_retention.pg import engines
+from dispatch_retention.rule import dispatch_table, policy
 
 from .jobs import find_job_bin, job_breakdown, job_has_command, job_outcome, run_job
 from .report import Result, _r, median_run, ratio
@@ -49,7 +51,7 @@ class Bench:
 
     def __init__(self, server: Server, settings: config.Settings, args: argparse.Namespace) -> None:
         self.server, self.settings, self.args = server, settings, args
-        self.table = schema.dispatches_table(settings.target)
+        self.table = dispatch_table.dispatches_table(settings.target)
         self.values = policy.cleaned_values(settings) | {
             "cleaned_at": func.now(),
             "updated_at": func.now(),
@@ -88,7 +90,7 @@ class Bench:
     def _verify(self, copy: str, started: datetime, result: Result) -> None:
         table = self.table
         with self.server.engine(copy).connect() as conn:
-            now = db.database_now(conn)
+            now = engines.database_now(conn)
             cleaned, still_due = conn.execute(
                 select(
                     func.count().filter(table.c.cleaned_at >= started),

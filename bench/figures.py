@@ -9,7 +9,7 @@ The reports are the JSON files `python -m bench --json` writes, committed under
 figure sits between `<!-- figures: NAME -->` and `<!-- /figures -->`, inline in a sentence
 or around whole lines; NAME is one of `RENDERERS`. Everything between the two markers is
 replaced by what NAME renders from the reports, so a figure in the docs is always the one
-the reports hold, and `tests/test_doc_figures.py` fails when someone edits one by hand or
+the reports hold, and `tests/docs/test_doc_figures.py` fails when someone edits one by hand or
 commits a report without running this.
 """
 

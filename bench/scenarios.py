@@ -2,7 +2,7 @@
 
 A template is seeded with synthetic dispatches (`synthetic.seed()` into an unlogged staging
 table, then copied in id order into the real table, which gets its production-like indexes
-from `schema.create_dispatches()` and the job's own from `indexes.create()` afterwards),
+from `synthetic.create_dispatches()` and the job's own from `indexes.create()` afterwards),
 shaped for the scenario, VACUUM ANALYZEd and CHECKPOINTed. Every contender then runs on its
 own copy of it, so every contender sees identical data.
 
@@ -53,7 +53,11 @@ from sqlalchemy import (
 )
 from sqlalchemy.schema import CreateSchema, CreateTable, DropTable
 
-from dispatch_retention import config, db, indexes, policy, schema, synthetic
+from dispatch_retention import config
+from dispatch_retention.catalog import indexes
+from dispatch_retention.demo import synthetic
+from dispatch_retention.pg import engines
+from dispatch_retention.rule import dispatch_table, policy
 
 from .server import PG_DIALECT, Server
 
@@ -88,14 +92,14 @@ def build_template(
     server.create_database(name)
     engine = server.engine(name)
     target = settings.target
-    table = schema.dispatches_table(target)
-    staging = schema.dispatches_table(config.Target(table="bench_seed"))
+    table = dispatch_table.dispatches_table(target)
+    staging = dispatch_table.dispatches_table(config.Target(table="bench_seed"))
     shape: dict[str, Any] = {}
     try:
         with engine.begin() as conn:
             ddl = str(CreateTable(staging).compile(dialect=PG_DIALECT))
             conn.exec_driver_sql(ddl.replace("CREATE TABLE", "CREATE UNLOGGED TABLE", 1))
-            t0 = db.database_now(conn)
+            t0 = engines.database_now(conn)
             synthetic.seed(conn, staging, rows=args.rows, now=t0)
 
             # Keep every row's age clear of the cutoffs for --margin-hours (see the docstring).
@@ -139,7 +143,7 @@ def build_template(
                 )
             )
             conn.execute(DropTable(staging))
-            schema.create_dispatches(conn, target)
+            synthetic.create_dispatches(conn, target)
             indexes.create(conn, settings)
 
             # Earlier runs' work, done the way the job does it (UPDATE in place, then VACUUM),
@@ -172,7 +176,7 @@ def build_template(
                 )
         with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
             conn.exec_driver_sql(f"VACUUM (ANALYZE) {sql_table(table)}")
-            now = db.database_now(conn)
+            now = engines.database_now(conn)
             due_rows = int(
                 conn.execute(
                     select(func.count()).where(due_expr(settings, table, now))

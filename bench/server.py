@@ -21,7 +21,9 @@ from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL
 from sqlalchemy.pool import NullPool
 
-from dispatch_retention import db, errors, facts
+from dispatch_retention import errors
+from dispatch_retention.pg import engines
+from dispatch_retention.trail import facts
 
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
@@ -48,7 +50,7 @@ class Server:
 
     def __init__(self, raw_url: str) -> None:
         try:
-            self.url: URL = db.parse_url(raw_url)  # the job's own rules for a database URL
+            self.url: URL = engines.parse_url(raw_url)  # the job's own rules for a database URL
         except errors.DatabaseUrlError as exc:
             raise SystemExit(f"--database-url: {exc}") from None
         self.created: list[str] = []
@@ -82,11 +84,11 @@ class Server:
         return psycopg.connect(self.libpq_url(database), application_name="dispatch-bench")
 
     def now(self, database: str) -> datetime:
-        """The database clock, read as the job reads it (`db.database_now`)."""
+        """The database clock, read as the job reads it (`engines.database_now`)."""
         engine = self.engine(database)
         try:
             with engine.connect() as conn:
-                now: datetime = db.database_now(conn)
+                now: datetime = engines.database_now(conn)
                 return now
         finally:
             engine.dispose()

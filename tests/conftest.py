@@ -21,12 +21,21 @@ import structlog
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.engine import URL, make_url
 
-from dispatch_retention import db, indexes, migrate
+from dispatch_retention.catalog import indexes
 from dispatch_retention.config import Target
-from dispatch_retention.schema import create_dispatches
-
-from .faults import PROBE_APP, make_config
-from .helpers import AMBIENT, Job, fresh_database, granted_role, settings
+from dispatch_retention.demo.synthetic import create_dispatches
+from dispatch_retention.pg import engines
+from dispatch_retention.trail import migrate
+from tests.faults import PROBE_APP, make_config
+from tests.helpers import (
+    AMBIENT,
+    Job,
+    config_text,
+    fresh_database,
+    granted_role,
+    settings,
+    write_config,
+)
 
 AUDIT_SCHEMA = "dispatch_retention"
 
@@ -56,7 +65,7 @@ def server_url() -> Iterator[URL]:
 
             data = stack.enter_context(tempfile.TemporaryDirectory(prefix="dr-test-pg-"))
             raw = str(pgserver.get_server(data, cleanup_mode="stop").get_uri())
-        yield db.parse_url(raw)
+        yield engines.parse_url(raw)
 
 
 def _admin(url: URL) -> Engine:
@@ -93,7 +102,7 @@ def database_url(server_url: URL, template_db: str) -> Iterator[URL]:
 
 @pytest.fixture
 def engine(database_url: URL) -> Iterator[Engine]:
-    eng = db.make_engine(database_url)
+    eng = engines.make_engine(database_url)
     yield eng
     eng.dispose()
 
@@ -174,3 +183,16 @@ def probe(database_url: URL) -> Iterator[Engine]:
 def plain_config(tmp_path: Path) -> Path:
     """The config of a following normal run: defaults and DEFAULT_POLICIES."""
     return make_config(tmp_path, "plain.toml")
+
+
+# --- the command tests' fixtures (tests/cli, tests/trail, tests/checks) -------------------------
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    """The default test config, written to a file."""
+    return write_config(tmp_path / "retention.toml", config_text())
+
+
+@pytest.fixture
+def base(config_file: Path, url_string: str) -> list[str]:
+    """The global options every command of a test gets: its config and its database."""
+    return ["--config", str(config_file), "--database-url", url_string]

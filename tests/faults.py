@@ -1,4 +1,4 @@
-"""The fault-injection harness: what tests/test_signals.py, test_connection_faults.py,
+"""The fault-injection harness: what tests/run/test_signals.py, test_connection_faults.py,
 test_locks_and_budgets.py, test_bad_inputs.py and test_clock.py share (probing the job's
 backends, slowing its chunks and COMMITs with test triggers, finishing the work after a
 fault). Their fixtures (`probe`, `plain_config`) live in conftest.py.
@@ -21,9 +21,8 @@ import pytest
 from sqlalchemy import Engine
 from sqlalchemy import text as sql
 
-from dispatch_retention import db
-
-from .helpers import (
+from dispatch_retention.pg import engines
+from tests.helpers import (
     AUDIT_SCHEMA,
     DEFAULT_POLICIES,
     Job,
@@ -117,7 +116,7 @@ WHERE a.application_name = :app AND a.datname = current_database()
 
 def backends(engine: Engine) -> list[dict[str, Any]]:
     with engine.connect() as conn:
-        rows = conn.execute(sql(BACKENDS), {"app": db.APPLICATION_NAME}).mappings()
+        rows = conn.execute(sql(BACKENDS), {"app": engines.APPLICATION_NAME}).mappings()
         return [dict(r) for r in rows]
 
 

@@ -20,18 +20,19 @@ from sqlalchemy import Connection, Engine, create_engine, event, func, insert, s
 from sqlalchemy import text as sql
 from sqlalchemy.engine import URL
 
-from dispatch_retention import config, grants, job
-from dispatch_retention.cli import cli
+from dispatch_retention import config
+from dispatch_retention.checks import db_grants
+from dispatch_retention.cli.main import cli
 from dispatch_retention.config import KEPT_COLUMNS, Settings, Target
-from dispatch_retention.schema import dispatches_table
-from dispatch_retention.trail_catalog import TABLES as TRAIL_TABLES
-from dispatch_retention.trail_catalog import triggers as trail_triggers
+from dispatch_retention.rule.dispatch_table import dispatches_table
+from dispatch_retention.run import job
+from dispatch_retention.trail.objects import TABLES as TRAIL_TABLES
+from dispatch_retention.trail.objects import triggers as trail_triggers
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Outcome, Request, Stop
-
-from . import oracle
+from tests import oracle
 
 # the harness's subprocess half (tests import it from here)
-from .processes import (  # noqa: F401
+from tests.processes import (  # noqa: F401
     AMBIENT,
     SCRIPT,
     Job,
@@ -169,8 +170,8 @@ def apply_sql(conn: Connection, statements: Iterable[str]) -> None:
 def apply_grants(conn: Connection, name: str, purpose: str, s: Settings | None = None) -> None:
     """What `db grants --role NAME --purpose PURPOSE` prints with a database URL, run on
     `conn`, whose role (an administrator) then owns the view of the read-only grants."""
-    fitted = grants.fitted(conn, s or settings(), purpose)  # type: ignore[arg-type]
-    apply_sql(conn, grants.statements(fitted, name, purpose))  # type: ignore[arg-type]
+    fitted = db_grants.fitted(conn, s or settings(), purpose)  # type: ignore[arg-type]
+    apply_sql(conn, db_grants.statements(fitted, name, purpose))  # type: ignore[arg-type]
 
 
 @contextmanager

@@ -1,4 +1,5 @@
-"""A plain-Python reading of CONTRACT section 3, written from its words, not from policy.py."""
+"""A plain-Python reading of README "What is due", written from its words, not from
+rule/policy.py."""
 
 from __future__ import annotations
 

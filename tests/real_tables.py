@@ -1,4 +1,4 @@
-"""The dispatches table as application frameworks make it (issue 16), for the real-table
+"""The dispatches table as application frameworks make it (README "Real tables"), for the real-table
 tests: DDL as a Rails or Django migration would emit it (enum types, integer codes, `json`
 or `text` content, `timestamp(6) without time zone`, range partitions, extra personal
 columns, quoted names), the config each needs, and the same dispatches seeded in each
@@ -18,9 +18,8 @@ from typing import Any
 from sqlalchemy import Engine, text
 
 from dispatch_retention import config
-
-from . import oracle
-from .helpers import DAY, DEFAULT_POLICIES, MARK, db_now, write_config
+from tests import oracle
+from tests.helpers import DAY, DEFAULT_POLICIES, MARK, db_now, write_config
 
 PERSONAL = ("content", "msisdn", "email", "app_token")
 #: The tests' policies, with the sms one also matching push (a word an enum may lack).

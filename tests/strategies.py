@@ -11,7 +11,7 @@ from typing import Any
 
 from hypothesis import strategies as st
 
-from dispatch_retention.statements import BLOCK_IDS
+from dispatch_retention.run.statements import BLOCK_IDS
 
 #: A valid config as a document, for `mutated_configs` to break.
 BASE_CONFIG: dict[str, Any] = {

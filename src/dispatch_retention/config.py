@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -35,11 +36,11 @@ from pydantic import (
     model_validator,
 )
 
-from .errors import ConfigError
-from .names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
+from dispatch_retention.errors import ConfigError
+from dispatch_retention.names import IDENTIFIER, MAX_IDENTIFIER, name_parts, quoted_name
 
 if TYPE_CHECKING:
-    from .shape import Shape
+    from dispatch_retention.rule.shape import Shape
 
 DEFAULT_CONFIG_PATH = Path("config/retention.toml")
 CONFIG_ENV = "DISPATCH_RETENTION_CONFIG"
@@ -129,7 +130,8 @@ Reason = Annotated[
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS),
     AfterValidator(_no_nul),
 ]
-#: Policies a config may hold (`_File._policies`): 100 plan in under 2 s on 2 cores.
+#: Policies a config may hold (`_File._policies`); what they cost the plan is in
+#: docs/performance.md ("Finding the due rows").
 MAX_POLICIES = 100
 PolicyName = Annotated[
     str, StringConstraints(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
@@ -199,8 +201,12 @@ class Target(_Strict):
         return quoted_name(*self.parts)
 
 
+#: A TOML array read as a tuple (settings are immutable).
+Listed = BeforeValidator(lambda value: tuple(value) if isinstance(value, list) else value)
+
+
 class Clean(_Strict):
-    columns: tuple[str, ...] = DEFAULT_CLEAN_COLUMNS
+    columns: Annotated[tuple[str, ...], Listed] = DEFAULT_CLEAN_COLUMNS
     #: columns that hold (or may hold) personal data and are kept on purpose: column = reason
     keep: dict[str, Reason] = Field(default_factory=dict)  # filled by _defaults_for_the_columns
     replace: dict[str, Any] = Field(default_factory=lambda: {"content": {}})
@@ -236,11 +242,6 @@ class Clean(_Strict):
         if "replace" not in data:
             data = {**data, "replace": {"content": {}} if "content" in listed else {}}
         return data
-
-    @field_validator("columns", mode="before")
-    @classmethod
-    def _list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
 
     @field_validator("keep")
     @classmethod
@@ -405,12 +406,7 @@ class _File(_Strict):
         ],
         Reason,
     ] = Field(default_factory=dict)
-    policy: tuple[Policy, ...]
-
-    @field_validator("policy", mode="before")
-    @classmethod
-    def _list(cls, value: Any) -> Any:
-        return tuple(value) if isinstance(value, list) else value
+    policy: Annotated[tuple[Policy, ...], Listed]
 
     @field_validator("acknowledged")
     @classmethod

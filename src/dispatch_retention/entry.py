@@ -36,8 +36,8 @@ def main() -> None:
     # cyclic collector would walk them again and again while they are made (its cost is in
     # docs/performance.md). So it waits until they exist, then leaves them alone for good.
     gc.disable()
-    from .cli import main as cli_main
-    from .logs import safe_traceback
+    from dispatch_retention.cli.logs import safe_traceback
+    from dispatch_retention.cli.main import main as cli_main
 
     # An exception no command maps (a bug) still ends the process with exit 1, but its
     # traceback names frames and exception classes only: its message may hold server text.

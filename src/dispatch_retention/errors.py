@@ -1,5 +1,5 @@
 """Every error the job raises on purpose, in one tree, turned into an exit code in one place
-(`cli.main`'s group). Each class carries the data a caller or a test needs, and its message
+(`root.Commands`). Each class carries the data a caller or a test needs, and its message
 never holds a row value or a password.
 
     DispatchRetentionError
@@ -24,7 +24,7 @@ never holds a row value or a password.
 
 Not in the tree: `vocabulary.Interrupted` (a stop signal: a KeyboardInterrupt, so that
 psycopg cancels the query on the server) and database errors (SQLAlchemy's `DBAPIError`,
-reduced to their SQLSTATE and object names by `db.describe_error`, exit 1).
+reduced to their SQLSTATE and object names by `diagnosis.describe_error`, exit 1).
 """
 
 from __future__ import annotations
@@ -188,7 +188,7 @@ class HoldError(UsageError):
 
 class TooLongForTrail(UsageError):
     """A text the audit trail would keep (`what`) is longer than its column holds
-    (`schema.TEXT_BOUNDS`, migration 0007): its size and the limit, in bytes."""
+    (`audit_tables.TEXT_BOUNDS`, migration 0007): its size and the limit, in bytes."""
 
     def __init__(self, what: str, size: int, limit: int) -> None:
         self.what, self.size, self.limit = what, size, limit

@@ -9,9 +9,9 @@ Python escape (`\\n`, `\\x1b`, `\\u202e`), so such text stays on its line and is
 it is; `shown_name()` also bounds a name read from the catalog or `pg_stat_activity` to
 PostgreSQL's NAMEDATALEN - 1 characters, with a visible ellipsis.
 
-`output` (the results on stdout), `logs` (the console renderer), the command line's error
-line and `db.describe_error` all go through these two functions. JSON documents keep the
-text whole: json.dumps escapes control characters, and `output.to_json` the rest.
+`render` (the results on stdout), `logs` (the console renderer), the command line's error
+line and `diagnosis.describe_error` all go through these two functions. JSON documents keep
+the text whole: json.dumps escapes control characters, and `render.to_json` the rest.
 """
 
 from __future__ import annotations

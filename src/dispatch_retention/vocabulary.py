@@ -24,14 +24,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum, StrEnum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:  # annotations only: this module imports nothing of ours at run time
     from sqlalchemy import Connection
 
-    from .planning import Plan
-    from .risks import Risk
-    from .shard import Shard
+    from dispatch_retention.catalog.risks import Risk
+    from dispatch_retention.rule.plans import Plan
+    from dispatch_retention.rule.shard import Shard
 
 
 class Status(StrEnum):
@@ -105,7 +105,7 @@ class Chunk:
     #: due rows the sweep locked that its UPDATE did not clean (a trigger or rule skipped
     #: them): the run fails
     missed: int = 0
-    #: "clean", or "reclean" for written-back rows stripped again (`reclean.py`)
+    #: "clean", or "reclean" for written-back rows stripped again (`run/reclean.py`)
     kind: str = "clean"
     #: rows the chunk cleaned that held personal data again before it committed (a trigger
     #: wrote it back): the chunk rolled back and the run fails
@@ -113,6 +113,16 @@ class Chunk:
     #: the ids its statements cleaned (RETURNING), kept only where the run checks for
     #: write-back: the check after COMMIT reads them again
     ids: tuple[int, ...] = ()
+
+    def logged(self) -> dict[str, Any]:
+        """What the `chunk_committed` log line says of every chunk."""
+        return {
+            "seq": self.seq,
+            "first_id": self.first_id,
+            "last_id": self.last_id,
+            "rows": self.rows,
+            "by_policy": self.by_policy,
+        }
 
 
 @dataclass
@@ -145,7 +155,7 @@ class Outcome:
     #: the copy risks read again at the run's end (None: the run did not get that far); the
     #: record keeps them (`runs.copy_risks_at_end`), so one that appeared during the run shows
     copy_risks_at_end: list[Risk] | None = None
-    #: the audit trail's hash chain head after the run closed its record (`chain.head`)
+    #: the audit trail's hash chain head after the run closed its record (`run_record.head`)
     chain_head: str | None = None
 
 
@@ -166,7 +176,7 @@ class Remaining(StrEnum):
 @dataclass(frozen=True)
 class Options:
     dry_run: bool = False
-    #: after the walk, strip written-back rows again (`reclean.py`)
+    #: after the walk, strip written-back rows again (`run/reclean.py`)
     reclean: bool = False
     chunk_size: int | None = None
     max_rows: int | None = None

@@ -12,19 +12,10 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import URL
 
-from ..helpers import (
-    config_text,
-    invoke,
-    write_config,
-)
-from .harness import AUDIT, PASSWORD
+from tests.cli.harness import AUDIT, PASSWORD
+from tests.helpers import invoke
 
 _roles = itertools.count()
-
-
-@pytest.fixture
-def config_file(tmp_path: Path) -> Path:
-    return write_config(tmp_path / "retention.toml", config_text())
 
 
 @pytest.fixture

@@ -6,13 +6,7 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import Engine
 
-from ..helpers import (
-    DAY,
-    config_text,
-    db_now,
-    dispatch,
-    insert_rows,
-)
+from tests.helpers import DAY, config_text, db_now, dispatch, insert_rows
 
 PASSWORD = "s3cr3tPW"
 UNREACHABLE = f"postgresql://postgres:{PASSWORD}@127.0.0.1:1/x"  # nothing listens on port 1

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 from sqlalchemy import Engine
 
-from ..helpers import (
+from tests.cli.harness import (
+    EXPECTED_PLAN,
+    INVALID_CONFIGS,
+    PASSWORD,
+    UNREACHABLE,
+    plan_table,
+    seed,
+)
+from tests.helpers import (
     MARK,
     SCRIPT,
     assert_no_half_cleaned_row,
@@ -26,14 +34,6 @@ from ..helpers import (
     snapshot,
     spawn,
     write_config,
-)
-from .harness import (
-    EXPECTED_PLAN,
-    INVALID_CONFIGS,
-    PASSWORD,
-    UNREACHABLE,
-    plan_table,
-    seed,
 )
 
 # --- 3. the console script in a real subprocess ----------------------------------------------

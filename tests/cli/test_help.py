@@ -9,11 +9,8 @@ from collections.abc import Iterator
 import click
 import pytest
 
-from dispatch_retention.cli import cli
-
-from ..helpers import (
-    invoke,
-)
+from dispatch_retention.cli.main import cli
+from tests.helpers import invoke
 
 # --- 2. every command documents itself -------------------------------------------------------
 
@@ -36,7 +33,7 @@ def _command(path: tuple[str, ...]) -> click.Command:
 COMMAND_PATHS = list(_walk(cli))
 
 
-#: CONTRACT section 5: every command and the options it must take.
+#: README "Command line": every command and the options it must take.
 CONTRACT_SURFACE: dict[tuple[str, ...], tuple[str, ...]] = {
     (): ("--config", "--database-url", "--log-format"),
     ("run",): (
@@ -70,7 +67,7 @@ SURFACE = [
 def test_the_walk_finds_every_contract_command_and_option(
     path: tuple[str, ...], option: str | None
 ) -> None:
-    """Each command of CONTRACT section 5 is reached by the walk and takes its options."""
+    """Each command of README "Command line" is reached by the walk and takes its options."""
     assert path in COMMAND_PATHS, f"no command {' '.join(path)!r}"
     if option is not None:
         assert option in [o for p in _command(path).params for o in p.opts]

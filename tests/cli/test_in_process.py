@@ -11,9 +11,16 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatch_retention.lock import lock_key
-
-from ..helpers import (
+from dispatch_retention.run.lock import lock_key
+from tests.cli.harness import (
+    EXPECTED_PLAN,
+    INVALID_CONFIGS,
+    PASSWORD,
+    UNREACHABLE,
+    plan_table,
+    seed,
+)
+from tests.helpers import (
     MARK,
     assert_no_half_cleaned_row,
     config_text,
@@ -21,14 +28,6 @@ from ..helpers import (
     json_lines,
     snapshot,
     write_config,
-)
-from .harness import (
-    EXPECTED_PLAN,
-    INVALID_CONFIGS,
-    PASSWORD,
-    UNREACHABLE,
-    plan_table,
-    seed,
 )
 
 # --- 1. the CLI in-process -------------------------------------------------------------------

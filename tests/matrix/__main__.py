@@ -15,7 +15,7 @@ import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import servers
+from tests.matrix import servers
 
 ROOT = Path(__file__).resolve().parents[2]
 #: The tests that say the job works on a server version: the oracle property (what is cleaned),
@@ -26,19 +26,19 @@ ROOT = Path(__file__).resolve().parents[2]
 #: chain (written by the server's triggers, read back here): the trail's catalog as each
 #: version describes it, chunks' transaction ids, triggers ENABLE ALWAYS, the writing role.
 SUBSET = (
-    "tests/test_cleaner.py::test_run_cleans_exactly_what_the_oracle_says",
-    "tests/test_privileges.py",
-    "tests/test_facts_view.py",
-    "tests/test_matrix_smoke.py",
-    "tests/test_real_tables.py",
-    "tests/test_table_fit.py",
-    "tests/test_partitioned_tables.py",
-    "tests/test_trust_table_shapes.py",
-    "tests/trail/test_chain.py::test_every_write_to_the_trail_is_an_event_hashed_by_the_database",
-    "tests/trail/test_chain.py::test_the_read_only_role_verifies_the_trail",
-    "tests/trail/test_chain.py::test_the_owners_forgeries_of_the_chain_are_caught",
-    "tests/trail/test_chain.py::test_a_chunk_the_dispatches_do_not_bear_out_is_caught",
-    "tests/test_trail_catalog.py",
+    "tests/run/test_cleaner.py::test_run_cleans_exactly_what_the_oracle_says",
+    "tests/checks/test_privileges.py",
+    "tests/trail/test_facts_view.py",
+    "tests/matrix/test_smoke.py",
+    "tests/catalog/test_real_tables.py",
+    "tests/catalog/test_table_fit.py",
+    "tests/catalog/test_partitioned_tables.py",
+    "tests/catalog/test_trust_table_shapes.py",
+    "tests/checks/test_audit_verify.py::test_every_write_to_the_trail_is_an_event_hashed_by_the_database",
+    "tests/checks/test_audit_verify.py::test_the_read_only_role_verifies_the_trail",
+    "tests/checks/test_audit_verify.py::test_the_owners_forgeries_of_the_chain_are_caught",
+    "tests/checks/test_audit_verify.py::test_a_chunk_the_dispatches_do_not_bear_out_is_caught",
+    "tests/trail/test_trail_catalog.py",
     "tests/trail/test_role_forgeries.py::test_a_cleaning_the_run_role_fabricated_is_caught",
     "tests/trail/test_role_forgeries.py::test_a_replica_session_does_not_skip_the_guards",
     "tests/trail/test_role_forgeries.py::test_an_honest_set_role_is_recorded_and_checks_out",

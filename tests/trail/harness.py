@@ -1,7 +1,7 @@
 """What the audit-trail tests share: the chunk records, the trail's invariant (every cleaned
 row in exactly one chunk record), holds and the CLI's audit listings. Seeding, the run
 records, the console script and the no-half-cleaned-row check are tests/helpers.py's; the
-fixtures live in tests/trail/conftest.py.
+fixtures live in tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -13,14 +13,10 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from dispatch_retention import holds
-from dispatch_retention.lock import RunLock, run_locks
-from dispatch_retention.schema import AuditTables
-
-from ..helpers import (
-    invoke,
-    snapshot,
-)
+from dispatch_retention.run.lock import RunLock, run_locks
+from dispatch_retention.trail import holds
+from dispatch_retention.trail.audit_tables import AuditTables
+from tests.helpers import invoke, snapshot
 
 SCHEMA = "dispatch_retention"
 TABLES = AuditTables(SCHEMA)

@@ -12,10 +12,10 @@ from typing import Any
 import pytest
 from sqlalchemy import Engine, text
 
-from dispatch_retention import audit, job
+from dispatch_retention.run import job
+from dispatch_retention.trail import run_record
 from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
-
-from ..helpers import (
+from tests.helpers import (
     DAY,
     as_json_lines,
     assert_no_half_cleaned_row,
@@ -31,7 +31,7 @@ from ..helpers import (
     snapshot,
     spawn,
 )
-from .harness import (
+from tests.trail.harness import (
     BACKLOG,
     SCHEMA,
     assert_chunks_account_for_every_cleaned_row,
@@ -64,9 +64,9 @@ def test_failure_before_commit_leaves_neither_rows_nor_chunk_record(
         ),
     )
     inserted_in_transaction: list[tuple[int, int]] = []
-    original = audit.RunRecord.record_chunk
+    original = run_record.RunRecord.record_chunk
 
-    def spy(record: audit.RunRecord, conn: Any, chunk: Any) -> None:
+    def spy(record: run_record.RunRecord, conn: Any, chunk: Any) -> None:
         original(record, conn, chunk)
         seen = conn.execute(
             text(f"SELECT count(*) FROM {SCHEMA}.chunks WHERE run_id = :r AND seq = :s"),
@@ -78,7 +78,7 @@ def test_failure_before_commit_leaves_neither_rows_nor_chunk_record(
         if seq == failing:
             raise RuntimeError("injected after the UPDATE and the audit insert")
 
-    monkeypatch.setattr(audit.RunRecord, "record_chunk", spy)
+    monkeypatch.setattr(run_record.RunRecord, "record_chunk", spy)
     s = settings()
     before = snapshot(engine)
     outcome = job.run(

@@ -17,11 +17,12 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from dispatch_retention import audit, db, job
-from dispatch_retention.output import LIST_COLUMNS
+from dispatch_retention.pg import engines
+from dispatch_retention.render import LIST_COLUMNS
+from dispatch_retention.run import job
+from dispatch_retention.trail import run_record
 from dispatch_retention.vocabulary import Hooks, Options, Request, Stop
-
-from ..helpers import (
+from tests.helpers import (
     AMBIENT,
     DAY,
     as_json_lines,
@@ -38,7 +39,7 @@ from ..helpers import (
     snapshot,
     write_config,
 )
-from .harness import (
+from tests.trail.harness import (
     SCHEMA,
     TABLES,
     assert_chunks_account_for_every_cleaned_row,
@@ -87,7 +88,7 @@ def every_status(
         patch = stack.enter_context(pytest.MonkeyPatch.context())
         for name in AMBIENT:
             patch.delenv(name, raising=False)
-        engine = db.make_engine(url)
+        engine = engines.make_engine(url)
         stack.callback(engine.dispose)
         url_string = url.set(drivername="postgresql").render_as_string(hide_password=False)
         tmp = tmp_path_factory.mktemp("every_status")
@@ -108,7 +109,7 @@ def _run_every_status(
     ids: dict[str, str] = {}
 
     ids["abandoned"] = "00000000-0000-4000-8000-000000000001"
-    audit.RunRecord(engine, TABLES, ids["abandoned"]).start(s, Options())
+    run_record.RunRecord(engine, TABLES, ids["abandoned"]).start(s, Options())
     with engine.begin() as conn:  # a run killed long ago: a forgery the guards refuse
         guards_off(conn)
         conn.execute(

@@ -1,5 +1,4 @@
-"""Every text of the trail bounded, and its readers' memory with it (migration 0007, issue 22,
-item 8).
+"""Every text of the trail bounded, and its readers' memory with it (migration 0007).
 
 Found by the third review: one 60 MB hold reason, written once and never deletable, took
 `audit verify` to 310 MB and `hold list` to 680 MB, so the verify CronJob (256Mi) was
@@ -25,13 +24,13 @@ from alembic import command
 from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
-from dispatch_retention import audit, db, migrate
+from dispatch_retention.catalog.risks import Risk
 from dispatch_retention.errors import TooLongForTrail
-from dispatch_retention.risks import Risk
-from dispatch_retention.schema import CUT, TEXT_BOUNDS, AuditTables, fitted
+from dispatch_retention.pg import engines
+from dispatch_retention.trail import migrate, run_record
+from dispatch_retention.trail.audit_tables import CUT, TEXT_BOUNDS, AuditTables, fitted
 from dispatch_retention.vocabulary import Options, Outcome, Status
-
-from ..helpers import (
+from tests.helpers import (
     SCRIPT,
     config_text,
     fresh_database,
@@ -44,7 +43,7 @@ from ..helpers import (
     settings,
     write_config,
 )
-from .test_guards import HOLDS, RUNS, execute_as, refused
+from tests.trail.test_guards import HOLDS, RUNS, execute_as, refused
 
 SCHEMA = "dispatch_retention"
 MB = 1000 * 1000
@@ -102,7 +101,7 @@ def legacy(
     tests that share it."""
     config = write_config(tmp_path_factory.mktemp("legacy") / "retention.toml", config_text())
     with fresh_database(server_url, template_db) as url:
-        engine = db.make_engine(url)
+        engine = engines.make_engine(url)
         at_0006(engine)
         run_id = str(uuid.uuid4())
         with engine.begin() as conn:
@@ -385,7 +384,7 @@ def test_the_job_refuses_a_long_hold_text_by_name(
 def test_a_run_record_is_refused_by_name_before_it_is_written(engine: Engine) -> None:
     """A run whose record would hold a text over its bound (a config path of 5,000 bytes)
     is refused before it starts: exit 2 naming the text and the limit; nothing written."""
-    record = audit.RunRecord(engine, AuditTables(SCHEMA), str(uuid.uuid4()))
+    record = run_record.RunRecord(engine, AuditTables(SCHEMA), str(uuid.uuid4()))
     long_path = dataclasses.replace(settings(), path="p" * 5000)
     with pytest.raises(TooLongForTrail) as raised:
         record.start(long_path, Options())
@@ -397,7 +396,7 @@ def test_a_run_record_is_refused_by_name_before_it_is_written(engine: Engine) ->
 def test_the_end_of_a_run_is_recorded_cut_never_refused(engine: Engine) -> None:
     """A run's own words at its end (an error, why rows are left) longer than the trail keeps
     are recorded cut to the bound, marked: the record is always closed."""
-    record = audit.RunRecord(engine, AuditTables(SCHEMA), str(uuid.uuid4()))
+    record = run_record.RunRecord(engine, AuditTables(SCHEMA), str(uuid.uuid4()))
     record.start(settings(), Options())
     outcome = Outcome(
         run_id=record.run_id, status=Status.FAILED, error="é" * 5000, remaining_reason="x" * 5000
@@ -418,9 +417,9 @@ def test_the_end_of_a_run_is_recorded_cut_never_refused(engine: Engine) -> None:
 RISK = Risk("trigger", "late_copy", "AFTER", "row-level, calls f(): copies rows", None)
 
 
-def _record_as(url: str) -> audit.RunRecord:
-    return audit.RunRecord(
-        db.make_engine(db.parse_url(url)), AuditTables(SCHEMA), str(uuid.uuid4())
+def _record_as(url: str) -> run_record.RunRecord:
+    return run_record.RunRecord(
+        engines.make_engine(engines.parse_url(url)), AuditTables(SCHEMA), str(uuid.uuid4())
     )
 
 
@@ -517,7 +516,7 @@ def test_another_role_cannot_write_the_copy_risks_at_the_end(
 )
 def test_runs_with_long_configs_check_out(engine: Engine, base: list[str], padding: int) -> None:
     """A run whose config is long enough that some or all of its events are read in slices
-    and decoded by the database (`chain.INLINE_BYTES`): its story compares the same either
+    and decoded by the database (`audit_verify.INLINE_BYTES`): its story compares the same either
     way, and the trail checks out; a config changed in its events is still caught."""
     seed_series(engine, range(0, 200))
     long_settings = settings(clean="# " + "p" * padding)

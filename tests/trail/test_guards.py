@@ -1,4 +1,4 @@
-"""The audit trail's guards (migration 0003, issue 17): the database itself refuses every
+"""The audit trail's guards (migration 0003): the database itself refuses every
 forgery a role could try on runs and chunks, and any deletion, whoever asks.
 
 Found before the guards, as the role `db grants --purpose run` makes: a finished run's
@@ -16,9 +16,8 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from sqlalchemy.exc import DBAPIError
 
-from dispatch_retention import db
-
-from ..helpers import granted_role, run_job, seed_series, settings
+from dispatch_retention.pg import diagnosis
+from tests.helpers import granted_role, run_job, seed_series, settings
 
 RUNS, CHUNKS = "dispatch_retention.runs", "dispatch_retention.chunks"
 HOLDS = "dispatch_retention.legal_holds"
@@ -76,7 +75,7 @@ def refused(url: str, *statements: str, run_id: str) -> str:
     transaction, rolled back either way)."""
     with pytest.raises(DBAPIError) as raised:
         execute_as(url, *statements, run_id=run_id)
-    return db.describe_error(raised.value)
+    return diagnosis.describe_error(raised.value)
 
 
 @pytest.mark.parametrize("statement", list(FORGERIES.values()), ids=list(FORGERIES))
@@ -95,7 +94,7 @@ def test_not_even_the_owner_can_forge_or_delete_with_the_guards_on(
     engine: Engine, url_string: str, finished_run: str, statement: str
 ) -> None:
     """The owner (here a superuser) is refused too, by the guards themselves: only turning
-    them off (which `audit verify` will catch, issue 17) gets past."""
+    them off (which `audit verify` will catch) gets past."""
     error = refused(url_string, statement, run_id=finished_run)
     assert "IntegrityConstraintViolation, SQLSTATE 23000" in error, error
     assert "constraint " in error  # the rule is named
@@ -227,7 +226,7 @@ def test_no_run_record_can_make_the_trail_unreadable(
     _role, url = run_role
     with pytest.raises(DBAPIError) as raised:
         start_run(url, options, config_text)
-    assert "runs_documents_bounded" in db.describe_error(raised.value)
+    assert "runs_documents_bounded" in diagnosis.describe_error(raised.value)
 
 
 def test_a_run_is_changed_by_its_own_role_and_never_revived(

@@ -1,6 +1,6 @@
 """The stories a row's events may tell (`history.Histories`), without a database: the ones
 the job writes pass, each forgery the owner could cover with fitting events is named. (A
-chunk's second event is found by the database: test_chain's rewrite covered by fitting
+chunk's second event is found by the database: test_audit_verify's rewrite covered by fitting
 events.)"""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from dispatch_retention.history import Histories, Long, digest
+from dispatch_retention.trail.history import Histories, Long, digest
 
 RUN = "run:r1"
 
@@ -95,7 +95,7 @@ def test_each_forged_story_is_named_at_its_first_bad_event(problem: str) -> None
     assert found[-1] is not None and problem in found[-1]
 
 
-# --- what a row's story keeps: digests, never its texts (issue 22, item 8) -------------------
+# --- what a row's story keeps: digests, never its texts --------------------------------------
 
 
 def test_a_story_keeps_digests_not_texts() -> None:

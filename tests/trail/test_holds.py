@@ -7,20 +7,8 @@ from typing import Any
 
 from sqlalchemy import Engine, text
 
-from ..helpers import (
-    DAY,
-    MARK,
-    db_now,
-    dispatch,
-    insert_rows,
-    invoke,
-    snapshot,
-)
-from .harness import (
-    SCHEMA,
-    audit_list,
-    audit_show,
-)
+from tests.helpers import DAY, MARK, db_now, dispatch, insert_rows, invoke, snapshot
+from tests.trail.harness import SCHEMA, audit_list, audit_show
 
 # --- 5. legal holds --------------------------------------------------------------------------
 

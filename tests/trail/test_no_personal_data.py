@@ -8,7 +8,7 @@ from pathlib import Path
 from click.testing import Result
 from sqlalchemy import Engine, text
 
-from ..helpers import (
+from tests.helpers import (
     MARK,
     as_json_lines,
     assert_no_marker,
@@ -20,12 +20,7 @@ from ..helpers import (
     seed_series,
     write_config,
 )
-from .harness import (
-    SCHEMA,
-    every_tenth_young,
-    hold,
-    schema_tables,
-)
+from tests.trail.harness import SCHEMA, every_tenth_young, hold, schema_tables
 
 # --- 6. no personal data in the trail or the output ------------------------------------------
 

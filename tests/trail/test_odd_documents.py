@@ -1,4 +1,4 @@
-"""`audit show` of a run record whose documents have an unexpected shape (issue 22, item 7).
+"""`audit show` of a run record whose documents have an unexpected shape.
 
 Found by the third review: a plan or copy-risk document that lacks keys or has other types
 than the job writes (the run role may write any flat document its guards allow; imported
@@ -16,8 +16,8 @@ import pytest
 from sqlalchemy import Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from ..helpers import guards_off, invoke
-from .test_guards import CHUNKS, RUNS, execute_as
+from tests.helpers import guards_off, invoke
+from tests.trail.test_guards import CHUNKS, RUNS, execute_as
 
 START = (
     f"INSERT INTO {RUNS} (run_id, status, started_at, trigger, host, tool_version, db_user, "
@@ -61,6 +61,7 @@ ODD = {
     ),
     "risks a record": ([GOOD_POLICY], {"kind": "trigger"}, "copy_risks: a record, not a list"),
     "risks a text": ([GOOD_POLICY], "t", "copy_risks: a text, not a list"),
+    "risks a number": ([GOOD_POLICY], 1, "copy_risks: a number, not a list"),
     "risks of numbers": ([GOOD_POLICY], [1, 2], "copy_risks[0]: a number, not a record"),
     "risk without name": (
         [GOOD_POLICY], [{"kind": "trigger"}], "copy_risks[0].name: missing"

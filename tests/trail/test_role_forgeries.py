@@ -1,4 +1,4 @@
-"""What each role can do to the trail, tried (issue 23, docs/security.md): the forgeries a
+"""What each role can do to the trail, tried (docs/security.md): the forgeries a
 third adversarial pass got past the guards and `audit verify`, each as the role `db grants`
 generates or as the migrating owner, on a real server.
 
@@ -23,12 +23,11 @@ import pytest
 from sqlalchemy import Engine, create_engine, text
 from structlog.testing import capture_logs
 
-from dispatch_retention.lock import run_locks
+from dispatch_retention.run.lock import run_locks
 from dispatch_retention.vocabulary import Exit, Status
-
-from ..helpers import granted_role, invoke, run_job, seed_series, settings
-from .test_chain import EVENTS, HEAD, events, verify
-from .test_guards import FORGERIES, HOLDS, RUNS, execute_as, refused, start_run
+from tests.checks.test_audit_verify import EVENTS, HEAD, events, verify
+from tests.helpers import granted_role, invoke, run_job, seed_series, settings
+from tests.trail.test_guards import FORGERIES, HOLDS, RUNS, execute_as, refused, start_run
 
 SCHEMA = "dispatch_retention"
 

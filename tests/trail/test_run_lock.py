@@ -9,9 +9,8 @@ from pathlib import Path
 
 from sqlalchemy import Engine, text
 
-from dispatch_retention.lock import RunLock
-
-from ..helpers import (
+from dispatch_retention.run.lock import RunLock
+from tests.helpers import (
     as_json_lines,
     assert_no_half_cleaned_row,
     cleaned_count,
@@ -25,7 +24,7 @@ from ..helpers import (
     spawn,
     write_config,
 )
-from .harness import (
+from tests.trail.harness import (
     BACKLOG,
     WHOLE_TARGET,
     assert_chunks_account_for_every_cleaned_row,

@@ -1,4 +1,4 @@
-"""Two targets sharing one audit schema (issue 22, item 9).
+"""Two targets sharing one audit schema.
 
 Found by the third review: two configs with another `target.table` and the same
 `audit.schema`; each config's `audit verify` counted the other table's chunks in its own
@@ -19,10 +19,9 @@ from sqlalchemy import Engine, text
 from sqlalchemy.engine import URL
 
 from dispatch_retention.config import Target
-from dispatch_retention.schema import create_dispatches
+from dispatch_retention.demo.synthetic import create_dispatches
 from dispatch_retention.vocabulary import Exit
-
-from ..helpers import (
+from tests.helpers import (
     config_text,
     granted_role,
     invoke,

@@ -6,13 +6,11 @@ import sys
 
 import click
 
-from .. import (
-    grants,
-    migrate,
-    output,
-)
-from ..vocabulary import Exit
-from . import State, cli
+from dispatch_retention import render
+from dispatch_retention.checks import db_grants
+from dispatch_retention.cli.root import State, cli
+from dispatch_retention.trail import migrate
+from dispatch_retention.vocabulary import Exit
 
 
 @cli.group("db")
@@ -41,16 +39,16 @@ def db_upgrade(state: State) -> None:
     help="Exit 1 on warnings too (unacknowledged copy risks and unclassified columns among them).",
 )
 @click.pass_obj
-def db_check(state: State, strict: bool) -> None:
+def check_command(state: State, strict: bool) -> None:
     """Check the table, its columns, copy risks, supporting index, autovacuum and the role's
     rights."""
-    from .. import doctor
+    from dispatch_retention.checks import db_check
 
     settings, engine = state.settings(), state.engine()
     with engine.connect() as conn, conn.begin():
-        findings = doctor.check(conn, settings)
+        findings = db_check.check(conn, settings)
     engine.dispose()
-    click.echo(output.findings(findings))
+    click.echo(render.findings(findings))
     worst = {f.level for f in findings}
     sys.exit(Exit.FAILED if "error" in worst or (strict and "warn" in worst) else Exit.OK)
 
@@ -59,27 +57,27 @@ def db_check(state: State, strict: bool) -> None:
 @click.option("--role", required=True, help="The role to grant to (a plain SQL name).")
 @click.option(
     "--purpose",
-    type=click.Choice(grants.PURPOSES),
+    type=click.Choice(db_grants.PURPOSES),
     default="run",
     show_default=True,
     help="run: the CronJob; read-only: verify, dry runs and the audit commands, which count "
     "personal data through a view and never read it; holds: placing legal holds.",
 )
 @click.pass_obj
-def db_grants(state: State, role: str, purpose: grants.Purpose) -> None:
+def grants_command(state: State, role: str, purpose: db_grants.Purpose) -> None:
     """Print the SQL that gives ROLE exactly the rights the job needs (nothing is executed).
     read-only: the SQL also creates the audit schema's view the role counts through, and is
     run by the table's owner or an administrator. With a database URL, a superuser ROLE is
     refused too, and the view fits the table's column types."""
     settings = state.settings()
-    grants.valid_role(role)  # refused before anything is asked
+    db_grants.valid_role(role)  # refused before anything is asked
     if state.has_database_url():
         engine = state.engine()
         try:
             with engine.connect() as conn:
-                grants.refuse_superuser(conn, role)
-                settings = grants.fitted(conn, settings, purpose)
+                db_grants.refuse_superuser(conn, role)
+                settings = db_grants.fitted(conn, settings, purpose)
         finally:
             engine.dispose()
-    statements = grants.statements(settings, role, purpose)
-    click.echo("\n".join([*grants.notes(settings, purpose), *statements]))
+    statements = db_grants.statements(settings, role, purpose)
+    click.echo("\n".join([*db_grants.notes(settings, purpose), *statements]))

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 import click
 
-from .. import (
-    holds,
-    output,
-)
-from . import State, audit_session, cli, table_or_json
-from .params import Whole
+from dispatch_retention import render
+from dispatch_retention.cli.params import Whole
+from dispatch_retention.cli.root import State, audit_session, cli, table_or_json
+from dispatch_retention.trail import holds
 
 
 @cli.group("hold")
@@ -48,4 +46,4 @@ def hold_list(state: State, include_released: bool, fmt: str) -> None:
     """List active legal holds (with --all, released ones too)."""
     with audit_session(state) as (conn, _settings, tables):
         found = holds.list_holds(conn, tables, include_released=include_released)
-    click.echo(output.holds(found, fmt))
+    click.echo(render.holds(found, fmt))

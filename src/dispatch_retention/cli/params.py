@@ -10,7 +10,8 @@ from typing import Any
 
 import click
 
-from .. import errors, shard
+from dispatch_retention import errors
+from dispatch_retention.rule import shard
 
 
 class ShardParam(click.ParamType[shard.Shard | None]):

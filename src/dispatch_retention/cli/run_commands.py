@@ -11,23 +11,14 @@ from typing import Any
 
 import click
 
-from .. import (
-    config,
-    job,
-    logs,
-    output,
-    shard,
-)
-from ..planning import Plan
-from ..vocabulary import Chunk, Hooks, Options, Request, Status, Stop, exit_code
-from . import State, cli
-from .params import (
-    MAX_RUNTIME_S,
-    Bounded,
-    ShardParam,
-    Whole,
-    shard_from_env,
-)
+from dispatch_retention import config, render
+from dispatch_retention.cli import logs
+from dispatch_retention.cli.params import MAX_RUNTIME_S, Bounded, ShardParam, Whole, shard_from_env
+from dispatch_retention.cli.root import State, cli
+from dispatch_retention.rule import shard
+from dispatch_retention.rule.plans import Plan
+from dispatch_retention.run import job
+from dispatch_retention.vocabulary import Chunk, Hooks, Options, Request, Status, Stop, exit_code
 
 
 @cli.command()
@@ -103,11 +94,11 @@ def run(
         outcome = job.run(engine, settings, request, stop=stop, hooks=hooks)
     engine.dispose()
     if outcome.plan is not None and dry_run:
-        click.echo(output.plan_text(outcome.plan))
+        click.echo(render.plan_text(outcome.plan))
     elif outcome.status == Status.CANCELLED:
         click.echo(f"Run {outcome.run_id}: cancelled, nothing cleaned")
     else:
-        click.echo(output.outcome_text(outcome))
+        click.echo(render.outcome_text(outcome))
     sys.exit(exit_code(outcome))
 
 
@@ -122,7 +113,7 @@ def run(
 @click.pass_obj
 def demo(state: State, rows: int) -> None:
     """The whole cycle on an embedded PostgreSQL with synthetic dispatches."""
-    from .. import demo as demo_module
+    from dispatch_retention.demo import cycle as demo_module
 
     settings = state.settings() if state.config_path else _bundled_settings()
     with _signals() as stop:
@@ -139,7 +130,7 @@ def _bundled_settings() -> config.Settings:
 
 def _confirm(plan: Plan) -> bool:
     """Show the plan and ask; an end of input (Ctrl-D) is a no."""
-    click.echo(output.plan_text(plan), err=True)
+    click.echo(render.plan_text(plan), err=True)
     try:
         return click.confirm(f"Clean {plan.due_rows} dispatches now?", default=False, err=True)
     except click.Abort:

@@ -8,21 +8,12 @@ from pathlib import Path
 
 import click
 
-from .. import (
-    audit,
-    errors,
-    heads,
-    output,
-)
-from ..vocabulary import Exit
-from . import State, audit_session, cli, table_or_json
-from .params import (
-    MAX_TOLERANCE_HOURS,
-    Bounded,
-    HashParam,
-    RunIdParam,
-    Whole,
-)
+from dispatch_retention import errors, render
+from dispatch_retention.checks import heads
+from dispatch_retention.cli.params import MAX_TOLERANCE_HOURS, Bounded, HashParam, RunIdParam, Whole
+from dispatch_retention.cli.root import State, audit_session, cli, table_or_json
+from dispatch_retention.trail import listing
+from dispatch_retention.vocabulary import Exit
 
 
 @cli.command()
@@ -43,11 +34,11 @@ from .params import (
 @click.pass_obj
 def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None:
     """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
-    from ..verify import verify as check
+    from dispatch_retention.checks.verify import verify as check
 
     with audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, tolerance_hours, strict=strict)
-    click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.verify_text(report))
+    click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.verify_text(report))
     sys.exit(Exit.OK if report.ok else Exit.VIOLATIONS)
 
 
@@ -78,8 +69,8 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> No
     """List runs, newest first."""
     since_utc = since.replace(tzinfo=UTC) if since else None
     with audit_session(state) as (conn, _settings, tables):
-        runs = audit.list_runs(conn, tables, since=since_utc, limit=limit)
-    click.echo(output.runs(runs, fmt), nl=fmt != "csv")
+        runs = listing.list_runs(conn, tables, since=since_utc, limit=limit)
+    click.echo(render.runs(runs, fmt), nl=fmt != "csv")
 
 
 @audit_group.command("show")
@@ -89,10 +80,10 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> No
 def audit_show(state: State, run_id: str, fmt: str) -> None:
     """Show one run: its status, config, policies with cutoffs and rows cleaned."""
     with audit_session(state) as (conn, _settings, tables):
-        document = audit.show_run(conn, tables, run_id)
+        document = listing.show_run(conn, tables, run_id)
     if document is None:
         raise click.ClickException(f"no run {run_id} in the audit trail")
-    click.echo(output.to_json(document) if fmt == "json" else output.run_text(document))
+    click.echo(render.to_json(document) if fmt == "json" else render.run_text(document))
 
 
 @audit_group.command("verify")
@@ -110,9 +101,11 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
 )
 @table_or_json
 @click.pass_obj
-def audit_verify(state: State, expect_head: str | None, head_file: Path | None, fmt: str) -> None:
+def audit_verify_command(
+    state: State, expect_head: str | None, head_file: Path | None, fmt: str
+) -> None:
     """Recompute the trail's hash chain and check the tables against it (exit 6 if broken)."""
-    from ..chain import check
+    from dispatch_retention.checks.audit_verify import check
 
     if head_file is not None:
         if expect_head is not None:
@@ -122,7 +115,7 @@ def audit_verify(state: State, expect_head: str | None, head_file: Path | None, 
             click.echo(f"no head kept in {head_file} yet: this check expects none", err=True)
     with audit_session(state) as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
-    click.echo(output.to_json(report.as_dict()) if fmt == "json" else output.chain_text(report))
+    click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.chain_text(report))
     if not report.ok:
         sys.exit(Exit.TAMPERED)
     if head_file is not None:

@@ -1,0 +1,142 @@
+"""The bench (`python -m bench`) itself: a small run end to end, how a repeated contender is
+reported, the contender table, and the statements it compiles."""
+
+from __future__ import annotations
+
+import json
+import platform
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from bench import contenders, report, scenarios, server
+from sqlalchemy import create_engine, text, update
+from sqlalchemy.engine import URL
+
+from dispatch_retention import config
+from dispatch_retention.rule import dispatch_table, policy
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_a_repeated_contender_is_its_median_run_and_keeps_every_runs_problems() -> None:
+    """The run of median time stands for the contender and carries every run's problems."""
+    runs = []
+    for seconds, problem in ((3.0, None), (1.0, "cleaned 9 rows"), (2.0, None)):
+        result = report.Result(key="b", name="job", seconds=seconds, chunk_ms=[seconds * 100])
+        if problem:
+            result.problems.append(problem)
+        runs.append(result)
+
+    chosen = report.median_run(runs)
+
+    assert chosen is runs[2]  # 1.0 < 2.0 < 3.0
+    assert chosen.detail["repeats"]["seconds"] == [3.0, 1.0, 2.0]
+    assert chosen.detail["repeats"]["chunk_max_ms_all_runs"] == 300.0
+    assert chosen.problems == ["run 2: cleaned 9 rows"]
+    single = report.Result(key="a", name="bound", seconds=1.0)
+    assert report.median_run([single]) is single
+    assert "repeats" not in single.detail
+
+
+def test_the_contender_table_names_each_letter_once_in_the_order_they_run() -> None:
+    """Letters, names and which contenders repeat, as the command line and report use them."""
+    table = [(c.key, c.name, c.repeats, c.runs_job) for c in contenders.CONTENDERS]
+
+    assert table == [
+        ("a", "bound", True, False),
+        ("b", "job", True, True),
+        ("e", "shards", True, True),
+        ("f", "unchained", True, True),
+        ("c", "skiplock", False, False),
+        ("d", "naive", False, False),
+    ]
+    assert set(contenders.BY_KEY) == set("abcdef")
+
+
+def test_the_bound_writes_the_jobs_cleaned_values_as_literal_sql() -> None:
+    """policy.cleaned_values() compiles with literal values (its JSONB replacement included)."""
+    settings = config.load(REPO / "config" / "retention.toml")
+    table = dispatch_table.dispatches_table(settings.target)
+    now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    stmt = server.sql(
+        update(table)
+        .where(scenarios.due_expr(settings, table, now))
+        .values(policy.cleaned_values(settings))
+    )
+
+    assert stmt.startswith(
+        "UPDATE dispatches SET content=CAST('{}' AS JSONB), msisdn=NULL, email=NULL, "
+        "app_token=NULL WHERE dispatches.cleaned_at IS NULL AND "
+    )
+    assert "%(" not in stmt  # no bound parameter left
+
+
+@pytest.mark.slow
+def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
+    server_url: URL, tmp_path: Path
+) -> None:
+    """`python -m bench` on 3,000 rows: every contender verified, every database dropped."""
+    url = server_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    out = tmp_path / "bench.json"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bench",
+            "--rows",
+            "3000",
+            "--scenario",
+            "nightly",
+            "--contenders",
+            "ab",
+            "--shards",
+            "2",
+            "--repeat",
+            "2",
+            "--database-url",
+            url,
+            "--json",
+            str(out),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    output, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, output.decode()[-2000:]
+
+    written = json.loads(out.read_text())
+    # without --job-bin: the job beside this Python, the development install
+    job_install = written["bench"]["job"]
+    assert Path(job_install["bin"]) == Path(sys.executable).with_name("dispatch-retention")
+    assert (job_install["python"], job_install["install"]) == (
+        platform.python_version(),
+        "editable",
+    )
+    (scenario,) = written["scenarios"]
+    assert scenario["due_rows"] > 0
+    contenders = {c["key"]: c for c in scenario["contenders"]}
+    assert set(contenders) == {"a", "b", "e"}
+    for c in contenders.values():
+        assert c["problems"] == []
+        assert c["rows"] == c["verified_rows"] == scenario["due_rows"]
+        assert c["still_due_after"] == 0
+        assert c["repeats"]["runs"] == 2
+        assert c["seconds"] in c["repeats"]["seconds"]
+    bound, job = contenders["a"], contenders["b"]
+    # (the seconds in the report are rounded to milliseconds)
+    assert job["ratio_to_bound"] == pytest.approx(bound["seconds"] / job["seconds"], abs=0.002)
+    assert [s["shard"] for s in contenders["e"]["shards"]] == ["0/2", "1/2"]
+
+    admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        left = conn.execute(
+            text("SELECT count(*) FROM pg_database WHERE datname LIKE :prefix"),
+            {"prefix": f"bench\\_{proc.pid}\\_%"},
+        ).scalar_one()
+    admin.dispose()
+    assert left == 0
