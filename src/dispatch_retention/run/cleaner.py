@@ -63,7 +63,7 @@ from dispatch_retention.config import Clean, Settings
 from dispatch_retention.pg import diagnosis, engines, retry
 from dispatch_retention.rule.plans import Plan
 from dispatch_retention.rule.shard import Shard
-from dispatch_retention.run import sizing
+from dispatch_retention.run import follower, sizing
 from dispatch_retention.run.statements import FIRE_DEFERRED, Statements, ids_params, window_params
 from dispatch_retention.run.windows import Windows
 from dispatch_retention.vocabulary import (
@@ -104,6 +104,7 @@ class Cleaner:
         before_chunk: Callable[[], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
         recount: Recount | None = None,
+        follow: Callable[[Connection], object] | None = None,
         skipped_by: Callable[[], str] | None = None,
         check_write_back: bool = False,
     ) -> None:
@@ -115,6 +116,7 @@ class Cleaner:
         self.before_chunk = before_chunk  # proves the run lock is still held
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.recount = recount  # the end count; None: trust the walk (unit tests only)
+        self.follow = follow  # the end count's statement on a connection (`follower.py`)
         self.skipped_by = skipped_by  # names the triggers and rules that may skip rows
         #: a trigger or rule fires on UPDATE and the role may read the personal columns:
         #: each chunk checks that what it cleaned holds no personal data, before its COMMIT
@@ -124,23 +126,42 @@ class Cleaner:
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
+        self.follower: follower.Follower | None = None  # reads behind the walk (large runs)
 
     def run(self) -> None:
         """Walk the plan's due blocks; then count what is still due and, where rows became
         due while the walk ran, walk once more; end `succeeded` only on a count of zero."""
         outcome = self.outcome
-        if not self._walk(self.plan):
-            return
-        if self.recount is None:
-            outcome.status = Status.SUCCEEDED
-            return
-        left = self.recount()
-        if left.due_rows and not self._stopped():
-            self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
-            if not self._walk(left):
+        plan = self.plan
+        if self.follow is not None and follower.worth_it(plan):
+            self.follower = follower.Follower(self.engine, self.follow, self.log)
+            self.follower.start()
+        try:
+            if not self._walk(plan):
                 return
-            left = self.recount()
-        self._ended(left.due_rows)
+            if self.recount is None:
+                outcome.status = Status.SUCCEEDED
+                return
+            left = self._recount()
+            if left.due_rows and not self._stopped():
+                self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
+                if not self._walk(left):
+                    return
+                left = self._recount()
+            self._ended(left.due_rows)
+        finally:
+            self._unfollow()
+
+    def _recount(self) -> Plan:
+        """The end count (the follower stops first: it has nothing left to read for it)."""
+        assert self.recount is not None
+        self._unfollow()
+        return self.recount()
+
+    def _unfollow(self) -> None:
+        if self.follower is not None:
+            self.follower.stop()
+            self.follower = None
 
     def _walk(self, plan: Plan) -> bool:
         """Clean the plan's blocks; False when the run ended on the way (a signal, a budget
@@ -164,6 +185,8 @@ class Cleaner:
             windows.advance(resume)
             if chunk.rows:
                 self._committed(chunk)
+                if self.follower is not None:
+                    self.follower.committed()
                 if self.check_write_back:
                     chunk = replace(chunk, written_back=self._held_after_commit(chunk))
                     if chunk.written_back:
@@ -211,7 +234,7 @@ class Cleaner:
         if self.recount is None:
             outcome.status = Status.INCOMPLETE
         else:
-            self._ended(self.recount().due_rows)
+            self._ended(self._recount().due_rows)
         return False
 
     def _ended(self, remaining: int) -> None:
@@ -298,6 +321,7 @@ class Cleaner:
             "chunk_committed",
             **chunk.logged(),
             ms=round(chunk.elapsed_ms, 1),
+            sweep_ms=round(chunk.sweep_ms, 1),
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
             via="arms" if chunk.indexed else "ids",
@@ -417,8 +441,9 @@ class Cleaner:
             )
             by_policy: Counter[str] = Counter()
             cleaned_at, missed, ids = None, 0, list[int]()
-            for statement in statements:
-                locked, cleaned = None, 0
+            sweep_ms = 0.0  # the recount of the window (every statement after the UPDATE)
+            for n, statement in enumerate(statements):
+                locked, cleaned, began = None, 0, time.monotonic()
                 for name, rows, stamp, *returned in conn.execute(statement, params):
                     if name is None:  # a sweep: how many due rows it locked
                         locked = int(rows)
@@ -430,6 +455,8 @@ class Cleaner:
                         ids.extend(returned[0])
                 if locked is not None:
                     missed += max(locked - cleaned, 0)
+                if n or len(statements) == 1:
+                    sweep_ms += (time.monotonic() - began) * 1000
             chunk = Chunk(
                 seq=seq,
                 first_id=params["lo"],
@@ -438,6 +465,7 @@ class Cleaner:
                 by_policy=dict(by_policy),
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
+                sweep_ms=sweep_ms,
                 skipped_locked=attempt.skips_locked,
                 indexed=indexed,
                 missed=missed,
