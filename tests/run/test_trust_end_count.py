@@ -15,7 +15,7 @@ from sqlalchemy import Engine, delete, func, select, text
 from structlog.testing import capture_logs
 
 from dispatch_retention.rule import policy
-from dispatch_retention.run import follower, job
+from dispatch_retention.run import job
 from dispatch_retention.run.statements import MAX_ID, MIN_ID
 from dispatch_retention.vocabulary import Chunk, Request, Stop, exit_code
 from tests.helpers import (
@@ -51,23 +51,7 @@ def deliver(engine: Engine, ids: range) -> None:
         )
 
 
-@pytest.fixture(params=["without follower", "with follower"])
-def follows(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> bool:
-    """The end count's follower (`run/follower.py`) reads behind the walk from 20,000 due
-    rows on; these tests run with it forced on too: it must change no count."""
-    if request.param == "with follower":
-        monkeypatch.setattr(follower, "FOLLOW_FROM_ROWS", 0)
-    return request.param == "with follower"
-
-
-def followed(logs: list[dict[str, Any]]) -> int:
-    """The passes the follower made, as its closing event says (0 without one)."""
-    return sum(e["passes"] for e in logs if e["event"] == "end_count_follower")
-
-
-def test_rows_that_become_due_mid_run_are_cleaned_not_passed_over(
-    engine: Engine, follows: bool
-) -> None:
+def test_rows_that_become_due_mid_run_are_cleaned_not_passed_over(engine: Engine) -> None:
     """2,000 unsettled rows turn delivered after the first chunk (some ahead of the walk in
     its own block, some behind it, some in blocks the plan never saw): the run cleans them
     all and says `succeeded` with a fresh count of 0, never a planned total."""
@@ -86,7 +70,6 @@ def test_rows_that_become_due_mid_run_are_cleaned_not_passed_over(
     with capture_logs() as logs:
         outcome = run_job(engine, settings(), chunk_size=250, on_chunk=receipts)
     assert flipped
-    assert (followed(logs) > 0) == follows
     assert (outcome.status, outcome.remaining_due_rows) == ("succeeded", 0)
     assert outcome.rows_cleaned == 3_000
     assert due_now(engine, settings(), outcome) == 0
@@ -94,7 +77,7 @@ def test_rows_that_become_due_mid_run_are_cleaned_not_passed_over(
 
 
 def test_rows_that_keep_becoming_due_leave_the_run_incomplete_and_counted(
-    engine: Engine, follows: bool
+    engine: Engine,
 ) -> None:
     """Receipts keep arriving behind the walk, during the catch-up too: the run ends
     `incomplete`, reason became_due_during_run, with the exact count left (not planned
@@ -111,10 +94,8 @@ def test_rows_that_keep_becoming_due_leave_the_run_incomplete_and_counted(
         if chunk.seq in batches:
             deliver(engine, batches.pop(chunk.seq))
 
-    with capture_logs() as logs:
-        outcome = run_job(engine, settings(), chunk_size=60, on_chunk=receipts)
+    outcome = run_job(engine, settings(), chunk_size=60, on_chunk=receipts)
     assert not batches
-    assert (followed(logs) > 0) == follows
     assert outcome.status == "incomplete"
     assert outcome.remaining_reason == "became_due_during_run"
     assert outcome.remaining_due_rows == due_now(engine, settings(), outcome) > 0

@@ -259,12 +259,6 @@ def timeouts(*, lock_timeout_ms: int, statement_timeout_ms: int) -> dict[str, st
 #: window are index ranges whose size the planner misjudges: it assumes `cleaned_at IS NULL`
 #: and the age are independent). Used only when every arm has its index (`indexes.serving`).
 INDEX_SCANS = {"enable_seqscan": "off"}
-#: The end count reads the arms entry by entry (index and index-only scans, no bitmap): such
-#: a scan marks the index entries of dead row versions as it meets them, so the next read
-#: skips them (a bitmap scan marks nothing). After a large run, where the run's own old
-#: entries are most of what it reads, the second read takes a few percent of the first
-#: (docs/performance.md "The end count, taken apart").
-ONE_ENTRY_AT_A_TIME = {"enable_bitmapscan": "off"}
 
 
 #: memory the plan's per-block counts may take before they spill to disk

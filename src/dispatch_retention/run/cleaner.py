@@ -63,7 +63,7 @@ from dispatch_retention.config import Clean, Settings
 from dispatch_retention.pg import diagnosis, engines, retry
 from dispatch_retention.rule.plans import Plan
 from dispatch_retention.rule.shard import Shard
-from dispatch_retention.run import follower, sizing
+from dispatch_retention.run import sizing
 from dispatch_retention.run.statements import FIRE_DEFERRED, Statements, ids_params, window_params
 from dispatch_retention.run.windows import Windows
 from dispatch_retention.vocabulary import (
@@ -104,7 +104,6 @@ class Cleaner:
         before_chunk: Callable[[], None] | None = None,
         fail_in_chunk: Callable[[int], None] | None = None,
         recount: Recount | None = None,
-        follow: Callable[[Connection], object] | None = None,
         skipped_by: Callable[[], str] | None = None,
         check_write_back: bool = False,
     ) -> None:
@@ -116,7 +115,6 @@ class Cleaner:
         self.before_chunk = before_chunk  # proves the run lock is still held
         self.fail_in_chunk = fail_in_chunk  # tests: raise inside chunk N, before COMMIT
         self.recount = recount  # the end count; None: trust the walk (unit tests only)
-        self.follow = follow  # the end count's statement on a connection (`follower.py`)
         self.skipped_by = skipped_by  # names the triggers and rules that may skip rows
         #: a trigger or rule fires on UPDATE and the role may read the personal columns:
         #: each chunk checks that what it cleaned holds no personal data, before its COMMIT
@@ -126,42 +124,23 @@ class Cleaner:
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
-        self.follower: follower.Follower | None = None  # reads behind the walk (large runs)
 
     def run(self) -> None:
         """Walk the plan's due blocks; then count what is still due and, where rows became
         due while the walk ran, walk once more; end `succeeded` only on a count of zero."""
         outcome = self.outcome
-        plan = self.plan
-        if self.follow is not None and follower.worth_it(plan):
-            self.follower = follower.Follower(self.engine, self.follow, self.log)
-            self.follower.start()
-        try:
-            if not self._walk(plan):
+        if not self._walk(self.plan):
+            return
+        if self.recount is None:
+            outcome.status = Status.SUCCEEDED
+            return
+        left = self.recount()
+        if left.due_rows and not self._stopped():
+            self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
+            if not self._walk(left):
                 return
-            if self.recount is None:
-                outcome.status = Status.SUCCEEDED
-                return
-            left = self._recount()
-            if left.due_rows and not self._stopped():
-                self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
-                if not self._walk(left):
-                    return
-                left = self._recount()
-            self._ended(left.due_rows)
-        finally:
-            self._unfollow()
-
-    def _recount(self) -> Plan:
-        """The end count (the follower stops first: it has nothing left to read for it)."""
-        assert self.recount is not None
-        self._unfollow()
-        return self.recount()
-
-    def _unfollow(self) -> None:
-        if self.follower is not None:
-            self.follower.stop()
-            self.follower = None
+            left = self.recount()
+        self._ended(left.due_rows)
 
     def _walk(self, plan: Plan) -> bool:
         """Clean the plan's blocks; False when the run ended on the way (a signal, a budget
@@ -185,8 +164,6 @@ class Cleaner:
             windows.advance(resume)
             if chunk.rows:
                 self._committed(chunk)
-                if self.follower is not None:
-                    self.follower.committed()
                 if self.check_write_back:
                     chunk = replace(chunk, written_back=self._held_after_commit(chunk))
                     if chunk.written_back:
@@ -234,7 +211,7 @@ class Cleaner:
         if self.recount is None:
             outcome.status = Status.INCOMPLETE
         else:
-            self._ended(self._recount().due_rows)
+            self._ended(self.recount().due_rows)
         return False
 
     def _ended(self, remaining: int) -> None:

@@ -226,7 +226,6 @@ def _locked_run(
                     recount=lambda: _plan(
                         engine, settings, tables, outcome, stop, shard, plan.rules, deadline
                     ),
-                    follow=lambda conn: make_plan(conn, settings, tables.holds, shard, plan.rules),
                     skipped_by=lambda: _skipping(engine, settings),
                     check_write_back=check_write_back,
                 ).run()

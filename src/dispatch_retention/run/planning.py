@@ -59,8 +59,6 @@ def make_plan(
     held_rows = waiting_rows = 0
     in_block: Counter[int] = Counter()
     through_indexes = read_through_indexes(conn, settings)
-    if through_indexes and rules is not None:  # the end count (and its follower: follower.py)
-        engines.set_local(conn, **engines.ONE_ENTRY_AT_A_TIME)
     # Without an active hold there is nothing to join (a tenth of the scan's time); the
     # transaction reads one snapshot (`engines.read_only`), so the two statements agree.
     if holds is not None and not conn.execute(select(policy.any_active(holds))).scalar_one():
