@@ -118,8 +118,18 @@ def job_breakdown(
                     return datetime.fromisoformat(str(e["timestamp"])).timestamp()
         return None
 
+    def last(name: str) -> float | None:
+        found = None
+        for e in events:
+            if e.get("event") == name and e.get("timestamp"):
+                with suppress(ValueError):
+                    found = datetime.fromisoformat(str(e["timestamp"])).timestamp()
+        return found
+
     started, planned = at("run_started"), at("plan")
     finished = at("run_finished") or at("run_failed") or at("run_interrupted")
+    walked = last("chunk_committed") or planned  # the walk's end (its catch-up walk's)
+    recounted = last("recount")
     spawned = out["spawned_at"]
     end = spawned + out["wall_s"]
     chunk_ms = sum(chunk_times)
@@ -134,6 +144,15 @@ def job_breakdown(
         "between_chunks_s": (
             _r((finished - planned) - chunk_ms / 1000, 3) if planned and finished else None
         ),
+        # the phases after planning: the chunks (of them, the sweeps), the count at the end
+        # (from the last chunk to the last `recount`), the record's close (to run_finished)
+        "sweep_s": _r(
+            sum(float(e.get("sweep_ms", 0)) for e in events if e.get("event") == "chunk_committed")
+            / 1000,
+            3,
+        ),
+        "end_count_s": _r(recounted - walked, 3) if recounted and walked else None,
+        "close_s": _r(finished - recounted, 3) if recounted and finished else None,
         "exit_s": _r(end - finished, 3) if finished else None,
         "in_run_s": _r(finished - started, 3) if started and finished else None,
         "skipped_locked_chunks": sum(

@@ -205,6 +205,13 @@ def _notes(c: dict[str, Any]) -> list[str]:
             f" in-run x(a) {fmt(j.get('ratio_in_run'), '.2f')}; job CPU "
             f"{fmt(j['cpu_user_s'], '.1f')}s user + {fmt(j['cpu_sys_s'], '.1f')}s sys"
         )
+        if j.get("end_count_s") is not None:  # reports from before the phases have none
+            lines.append(
+                f"   (b) phases: start {fmt(j['startup_s'], '.2f')}s, plan "
+                f"{fmt(j['plan_s'], '.2f')}s, chunks {fmt(j['chunks_s'], '.2f')}s (sweep "
+                f"{fmt(j['sweep_s'], '.2f')}s), end count {fmt(j['end_count_s'], '.2f')}s, "
+                f"close {fmt(j['close_s'], '.2f')}s, exit {fmt(j['exit_s'], '.2f')}s"
+            )
         if "window_ids" in j:
             w = j["window_ids"]
             lines.append(

@@ -97,6 +97,8 @@ class Chunk:
     cleaned_at: datetime | None
     elapsed_ms: float
     skipped_locked: bool
+    #: of `elapsed_ms`, the sweep's (the window's recount after the UPDATE)
+    sweep_ms: float = 0.0
     #: found through the policies' arms (a sparse window) rather than by reading its ids
     indexed: bool = False
     #: an empty window: the id the next window starts at (the block's next due row, or

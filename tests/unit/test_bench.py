@@ -131,6 +131,14 @@ def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
     # (the seconds in the report are rounded to milliseconds)
     assert job["ratio_to_bound"] == pytest.approx(bound["seconds"] / job["seconds"], abs=0.002)
     assert [s["shard"] for s in contenders["e"]["shards"]] == ["0/2", "1/2"]
+    # the job's phases add up: start, plan, the chunks (with their sweeps), the end count,
+    # the record's close and the exit account for its wall time
+    phases = job["job"]
+    assert 0 <= phases["sweep_s"] <= phases["chunks_s"]
+    assert phases["end_count_s"] > 0 and phases["close_s"] >= 0
+    walked = phases["chunks_s"] + phases["end_count_s"] + phases["close_s"]
+    assert walked <= phases["clean_s"] + 0.01
+    assert "(b) phases: start" in output.decode()
 
     admin = create_engine(server_url, isolation_level="AUTOCOMMIT")
     with admin.connect() as conn:

@@ -298,6 +298,7 @@ class Cleaner:
             "chunk_committed",
             **chunk.logged(),
             ms=round(chunk.elapsed_ms, 1),
+            sweep_ms=round(chunk.sweep_ms, 1),
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
             via="arms" if chunk.indexed else "ids",
@@ -417,8 +418,9 @@ class Cleaner:
             )
             by_policy: Counter[str] = Counter()
             cleaned_at, missed, ids = None, 0, list[int]()
-            for statement in statements:
-                locked, cleaned = None, 0
+            sweep_ms = 0.0  # the recount of the window (every statement after the UPDATE)
+            for n, statement in enumerate(statements):
+                locked, cleaned, began = None, 0, time.monotonic()
                 for name, rows, stamp, *returned in conn.execute(statement, params):
                     if name is None:  # a sweep: how many due rows it locked
                         locked = int(rows)
@@ -430,6 +432,8 @@ class Cleaner:
                         ids.extend(returned[0])
                 if locked is not None:
                     missed += max(locked - cleaned, 0)
+                if n or len(statements) == 1:
+                    sweep_ms += (time.monotonic() - began) * 1000
             chunk = Chunk(
                 seq=seq,
                 first_id=params["lo"],
@@ -438,6 +442,7 @@ class Cleaner:
                 by_policy=dict(by_policy),
                 cleaned_at=cleaned_at,
                 elapsed_ms=0.0,
+                sweep_ms=sweep_ms,
                 skipped_locked=attempt.skips_locked,
                 indexed=indexed,
                 missed=missed,

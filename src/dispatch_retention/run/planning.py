@@ -59,8 +59,9 @@ def make_plan(
     held_rows = waiting_rows = 0
     in_block: Counter[int] = Counter()
     through_indexes = read_through_indexes(conn, settings)
-    # Without an active hold there is nothing to join (a tenth of the scan's time); the
-    # transaction reads one snapshot (`engines.read_only`), so the two statements agree.
+    # Without an active hold there is nothing to join (what the join costs is measured in
+    # docs/performance.md, "Where the time goes", item 14); the transaction reads one
+    # snapshot (`engines.read_only`), so the two statements agree.
     if holds is not None and not conn.execute(select(policy.any_active(holds))).scalar_one():
         holds = None
     for block, *counts in conn.execute(stmts.plan_scan(holds)):
