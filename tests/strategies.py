@@ -25,6 +25,7 @@ BASE_CONFIG: dict[str, Any] = {
         "lock_timeout_ms": 2000,
         "statement_timeout_ms": 60000,
         "pause_between_chunks_ms": 0,
+        "max_busy_fraction": 1.0,
         "max_retries": 5,
         "retry_max_wait_s": 30.0,
     },

@@ -222,6 +222,8 @@ class Clean(_Strict):
     min_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 500
     max_chunk_size: Annotated[int, Field(ge=1, le=1_000_000)] = 50_000
     pause_between_chunks_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
+    #: the job's duty cycle between chunks (1: off; 0.5: rest as long as each chunk took)
+    max_busy_fraction: Annotated[float, Field(ge=0.01, le=1)] = 1.0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     retry_max_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
 

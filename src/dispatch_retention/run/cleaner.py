@@ -63,7 +63,7 @@ from dispatch_retention.config import Clean, Settings
 from dispatch_retention.pg import diagnosis, engines, retry
 from dispatch_retention.rule.plans import Plan
 from dispatch_retention.rule.shard import Shard
-from dispatch_retention.run import sizing
+from dispatch_retention.run import pacing, sizing
 from dispatch_retention.run.statements import FIRE_DEFERRED, Statements, ids_params, window_params
 from dispatch_retention.run.windows import Windows
 from dispatch_retention.vocabulary import (
@@ -124,6 +124,7 @@ class Cleaner:
         self.size = options.chunk_size or settings.clean.chunk_size
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
+        self.rest_ms = 0.0  # after the last committed chunk (`pacing.rest_ms`)
 
     def run(self) -> None:
         """Walk the plan's due blocks; then count what is still due and, where rows became
@@ -145,7 +146,7 @@ class Cleaner:
     def _walk(self, plan: Plan) -> bool:
         """Clean the plan's blocks; False when the run ended on the way (a signal, a budget
         or a chunk whose sweep found rows left alone), with the outcome set."""
-        outcome, clean = self.outcome, self.settings.clean
+        outcome = self.outcome
         arm_rows = plan.arm_rows if plan.through_indexes else None
         windows = self.windows = Windows(plan.blocks, arm_rows)
         self.skipped_locked_rows = False  # of this walk: what the end count's reason says
@@ -175,8 +176,8 @@ class Cleaner:
             if chunk.written_back:
                 self._left_alone(chunk, Left.WRITTEN_BACK)
                 return False
-            if chunk.rows and clean.pause_between_chunks_ms:
-                self._pause(clean.pause_between_chunks_ms / 1000)
+            if chunk.rows and self.rest_ms and not windows.done:  # between chunks only
+                self._pause(self.rest_ms / 1000)
         if self.stop.requested:  # arrived during the last chunk, which committed
             return self._stop_here()
         return True
@@ -294,11 +295,17 @@ class Cleaner:
         outcome.chunks += 1
         outcome.rows_cleaned += chunk.rows
         outcome.by_policy.update(chunk.by_policy)
+        self.rest_ms = pacing.rest_ms(
+            chunk.elapsed_ms,
+            pause_ms=clean.pause_between_chunks_ms,
+            busy_fraction=clean.max_busy_fraction,
+        )
         self.log.info(
             "chunk_committed",
             **chunk.logged(),
             ms=round(chunk.elapsed_ms, 1),
             sweep_ms=round(chunk.sweep_ms, 1),
+            rest_ms=round(self.rest_ms, 1),
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
             via="arms" if chunk.indexed else "ids",
@@ -330,7 +337,11 @@ class Cleaner:
         return min(limits) if limits else None
 
     def _pause(self, seconds: float) -> None:
-        """Breathing room between chunks; a stop signal ends it (the loop then stops)."""
+        """Breathing room between chunks; a stop signal ends it (the loop then stops), and
+        it never outlasts `--max-runtime`."""
+        deadline = self.options.deadline(self.outcome.started)
+        if deadline is not None:
+            seconds = min(seconds, max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(Interrupted):
             self.stop.sleep(seconds)
 
