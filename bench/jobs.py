@@ -111,20 +111,19 @@ def job_breakdown(
 ) -> dict[str, Any]:
     """Where the job's wall time went, from its own log timestamps."""
 
-    def at(name: str) -> float | None:
+    def stamps(name: str) -> list[float]:
+        found = []
         for e in events:
             if e.get("event") == name and e.get("timestamp"):
                 with suppress(ValueError):
-                    return datetime.fromisoformat(str(e["timestamp"])).timestamp()
-        return None
+                    found.append(datetime.fromisoformat(str(e["timestamp"])).timestamp())
+        return found
+
+    def at(name: str) -> float | None:
+        return next(iter(stamps(name)), None)
 
     def last(name: str) -> float | None:
-        found = None
-        for e in events:
-            if e.get("event") == name and e.get("timestamp"):
-                with suppress(ValueError):
-                    found = datetime.fromisoformat(str(e["timestamp"])).timestamp()
-        return found
+        return next(reversed(stamps(name)), None)
 
     started, planned = at("run_started"), at("plan")
     finished = at("run_finished") or at("run_failed") or at("run_interrupted")
