@@ -172,6 +172,8 @@ def apply_grants(conn: Connection, name: str, purpose: str, s: Settings | None =
     `conn`, whose role (an administrator) then owns the view of the read-only grants."""
     fitted = db_grants.fitted(conn, s or settings(), purpose)  # type: ignore[arg-type]
     apply_sql(conn, db_grants.statements(fitted, name, purpose))  # type: ignore[arg-type]
+    if purpose == "run":
+        apply_sql(conn, db_grants.lag_statements(fitted, name))
 
 
 @contextmanager

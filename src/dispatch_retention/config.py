@@ -224,6 +224,10 @@ class Clean(_Strict):
     pause_between_chunks_ms: Annotated[int, Field(ge=0, le=600_000)] = 0
     #: the job's duty cycle between chunks (1: off; 0.5: rest as long as each chunk took)
     max_busy_fraction: Annotated[float, Field(ge=0.01, le=1)] = 1.0
+    #: wait before a chunk while a physical standby replays more than this far behind (0: off)
+    max_replica_lag_s: Annotated[float, Field(ge=0, le=86_400)] = 0.0
+    #: the longest one such wait: past it the run stops `incomplete` (`replica_lag`)
+    max_throttle_wait_s: Annotated[float, Field(gt=0, le=86_400)] = 300.0
     max_retries: Annotated[int, Field(ge=0, le=100)] = 5
     retry_max_wait_s: Annotated[float, Field(ge=0, le=3600)] = 30.0
 

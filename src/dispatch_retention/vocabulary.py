@@ -159,17 +159,21 @@ class Outcome:
     copy_risks_at_end: list[Risk] | None = None
     #: the audit trail's hash chain head after the run closed its record (`run_record.head`)
     chain_head: str | None = None
+    #: seconds the run waited for replicas to catch up (`clean.max_replica_lag_s`)
+    replica_wait_s: float = 0.0
 
 
 class Remaining(StrEnum):
-    """Why a run can end `incomplete`: due rows left (a budget, rows the application holds
-    locked, rows that became due during the run after the walk had passed them), or a copy
-    risk that appeared during the run, which its record's `copy_risks` do not list.
+    """Why a run can end `incomplete`: due rows left (a budget, a replica that stayed too far
+    behind, rows the application holds locked, rows that became due during the run after the
+    walk had passed them), or a copy risk that appeared during the run, which its record's
+    `copy_risks` do not list.
     `Outcome.remaining_reason` joins them with commas; `stopped_by` is a budget's."""
 
     MAX_ROWS = "max_rows"
     MAX_ROWS_PER_RUN = "max_rows_per_run"
     MAX_RUNTIME = "max_runtime"
+    REPLICA_LAG = "replica_lag"
     LOCKED_BY_APPLICATION = "locked_by_application"
     BECAME_DUE_DURING_RUN = "became_due_during_run"
     COPY_RISKS_APPEARED = "copy_risks_appeared"

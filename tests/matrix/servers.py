@@ -286,6 +286,26 @@ def server(binaries: Binaries, major: int) -> Iterator[Server]:
         shutil.rmtree(home, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def standby(binaries: Binaries, primary: Server) -> Iterator[Server]:
+    """A streaming replica of `primary` (a server of the same `binaries`): `pg_basebackup -R`
+    from it into its home, started on a free loopback port, stopped after (`server()` removes
+    the home)."""
+    account = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
+    pg = _Programs(_reachable(binaries, primary.home, account), primary.home, account, "standby")
+    port = primary.url.rsplit(":", 1)[1].split("/")[0]
+    pg.run(
+        "pg_basebackup", "-D", "standby", "-R", "-X", "stream", "-c", "fast",
+        "-h", "127.0.0.1", "-p", port, "-U", "postgres",
+    )  # fmt: skip
+    replica_port = pg.start()
+    try:
+        url = f"postgresql://postgres@127.0.0.1:{replica_port}/postgres"
+        yield replace(primary, url=url)
+    finally:
+        pg.stop()
+
+
 def _reachable(binaries: Binaries, home: Path, account: pwd.struct_passwd | None) -> Binaries:
     """`binaries`, or a copy of them in `home` where the server's account cannot reach the
     cache (a checkout under /root, say)."""
@@ -302,11 +322,18 @@ def _runs_as(account: pwd.struct_passwd, *argv: str) -> bool:
 
 
 class _Programs:
-    """initdb and pg_ctl of one install, run in `home` (as the server's account if given)."""
+    """initdb and pg_ctl of one install, run in `home` (as the server's account if given)
+    on the data directory `data` there."""
 
-    def __init__(self, binaries: Binaries, home: Path, account: pwd.struct_passwd | None):
-        self.binaries, self.home, self.account = binaries, home, account
-        self.log = home / "server.log"
+    def __init__(
+        self,
+        binaries: Binaries,
+        home: Path,
+        account: pwd.struct_passwd | None,
+        data: str = "data",
+    ):
+        self.binaries, self.home, self.account, self.data = binaries, home, account, data
+        self.log = home / f"{data}.log"
 
     def argv(self, program: str, *args: str) -> list[str]:
         argv = [str(self.binaries.programs / program), *args]
@@ -334,7 +361,7 @@ class _Programs:
             options = f"-p {port} -k {self.home} {SERVER_OPTIONS}"
             waiting = ["-l", str(self.log), "-w", "-t", "60"]
             done = subprocess.run(
-                self.argv("pg_ctl", "-D", "data", *waiting, "-o", options, "start"),
+                self.argv("pg_ctl", "-D", self.data, *waiting, "-o", options, "start"),
                 cwd=self.home,
                 capture_output=True,
                 text=True,
@@ -350,12 +377,12 @@ class _Programs:
 
     def stop(self) -> None:
         """Stop the server if it runs: fast, else immediate, else kill the postmaster."""
-        pid_file = self.home / "data" / "postmaster.pid"
+        pid_file = self.home / self.data / "postmaster.pid"
         for mode in ("fast", "immediate"):
             if not pid_file.exists():
                 return
             subprocess.run(
-                self.argv("pg_ctl", "-D", "data", "-m", mode, "-w", "-t", "30", "stop"),
+                self.argv("pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop"),
                 cwd=self.home,
                 capture_output=True,
                 check=False,
@@ -382,15 +409,16 @@ def sweep_stale() -> list[Path]:
             continue  # not ours, or just being made
         if _alive(runner):
             continue
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            postmaster = int((home / "data" / "postmaster.pid").read_text().split()[0])
-            # only the postmaster of this directory (a reused pid is another process)
-            if Path(f"/proc/{postmaster}/cwd").resolve() == (home / "data").resolve():
-                os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown
-                for _ in range(100):
-                    if not _alive(postmaster):
-                        break
-                    time.sleep(0.1)
+        for data in ("standby", "data"):  # a `standby()` first: it streams from the other
+            with contextlib.suppress(OSError, ValueError, IndexError):
+                postmaster = int((home / data / "postmaster.pid").read_text().split()[0])
+                # only the postmaster of this directory (a reused pid is another process)
+                if Path(f"/proc/{postmaster}/cwd").resolve() == (home / data).resolve():
+                    os.kill(postmaster, signal.SIGQUIT)  # immediate shutdown
+                    for _ in range(100):
+                        if not _alive(postmaster):
+                            break
+                        time.sleep(0.1)
         shutil.rmtree(home, ignore_errors=True)
         swept.append(home)
     return swept

@@ -595,7 +595,7 @@ def test_a_hold_that_commits_while_a_chunk_cleans_its_member_keeps_the_rows(
         (
             f"CREATE OR REPLACE TRIGGER legal_holds_stamp BEFORE INSERT OR UPDATE ON {HOLDS} "
             f"FOR EACH ROW WHEN (false) EXECUTE FUNCTION {SCHEMA}.legal_holds_stamp()",
-            "trigger legal_holds.legal_holds_stamp is not as the migrations made it",
+            "trigger legal_holds.legal_holds_stamp is not as the migrations make it",
         ),
         (
             f"ALTER TABLE {RUNS} DROP CONSTRAINT runs_counts_not_negative",
@@ -605,7 +605,7 @@ def test_a_hold_that_commits_while_a_chunk_cleans_its_member_keeps_the_rows(
             f"CREATE OR REPLACE FUNCTION {SCHEMA}.chunks_stamp() RETURNS trigger "
             "LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp AS "
             "$$ BEGIN RETURN NEW; END $$",
-            "function chunks_stamp() is not as the migrations made it",
+            "function chunks_stamp() is not as the migrations make it",
         ),
     ],
     ids=["a rule that swallows holds", "a trigger WHEN (false)", "a constraint dropped",

@@ -14,9 +14,11 @@ only where the plan can read it alone; a missing one comes with the statements t
 without blocking writes, partition by partition on a partitioned table); the audit schema's
 revision; the read-only view of the dispatches, where it exists (stale: a warn, with the
 SQL to run again); the autovacuum settings, last (auto)vacuum and tuples of the table, or of each of
-its partitions; the current role's rights; TEMPORARY on the database (PostgreSQL grants it
-to PUBLIC by default: a warn, with the REVOKE an administrator would run; the job does not
-run it, since it concerns every role of the database). `db check --strict` fails on any warn.
+its partitions; the current role's rights; with `clean.max_replica_lag_s` set, whether it
+can read the standbys' lag (`trail/replica_lag.py`: a warn when not, as a run would only
+warn); TEMPORARY on the database (PostgreSQL grants it to PUBLIC by default: a warn, with
+the REVOKE an administrator would run; the job does not run it, since it concerns every
+role of the database). `db check --strict` fails on any warn.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from dispatch_retention.names import quoted_name
 from dispatch_retention.pg import diagnosis, engines
 from dispatch_retention.rule.dispatch_table import dispatches_table
 from dispatch_retention.rule.shape import Shape
-from dispatch_retention.trail import facts, migrate
+from dispatch_retention.trail import facts, migrate, replica_lag
 from dispatch_retention.trail.audit_tables import FACTS_VIEW
 
 Level = Literal["ok", "warn", "error"]
@@ -79,7 +81,58 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings.append(_facts_view(conn, settings))
     findings += _vacuum(conn, settings)
     findings += _privileges(conn, settings, set(columns))
+    findings += _replica_lag(conn, settings)
     findings.append(_temp_privilege(conn))
+    return findings
+
+
+def _replica_lag(conn: Connection, settings: Settings) -> list[Finding]:
+    """With `clean.max_replica_lag_s` set: can this role read the standbys' lag through the
+    function `db grants --purpose run` prints? If not, the throttle would warn and not wait."""
+    limit = settings.clean.max_replica_lag_s
+    if limit <= 0:
+        return []
+    fix = "run part 2 of `db grants --purpose run` (as a superuser or a pg_read_all_stats member)"
+    try:
+        with conn.begin_nested():  # a savepoint: a refusal leaves the snapshot usable
+            row = conn.execute(replica_lag.call(settings.audit.schema_)).one()
+    except DBAPIError as exc:
+        return [
+            Finding(
+                "warn",
+                "replica lag",
+                f"this role cannot read the replica lag ({diagnosis.describe_error(exc)}): "
+                f"a run would warn and not wait for the standbys; {fix}",
+            )
+        ]
+    findings = []
+    if row.unseen:
+        findings.append(
+            Finding(
+                "warn",
+                "replica lag",
+                f"{row.unseen} walsender(s) whose position the lag function's owner cannot "
+                f"read: a run cannot see their lag; {fix}",
+            )
+        )
+    if row.idle_slots:
+        findings.append(
+            Finding(
+                "warn",
+                "replica lag",
+                f"{row.idle_slots} physical replication slot(s) with no standby connected: "
+                "their standby's lag cannot be seen, and the primary keeps their WAL",
+            )
+        )
+    behind = 0 if row.replayed_bytes is None else max(0, row.wal_bytes - row.replayed_bytes)
+    findings.append(
+        Finding(
+            "ok",
+            "replica lag",
+            f"{row.standbys} physical standby(s) seen, {behind} bytes of WAL behind; a run "
+            f"waits while one replays more than {limit:g} s behind",
+        )
+    )
     return findings
 
 

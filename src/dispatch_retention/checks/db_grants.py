@@ -13,6 +13,11 @@ Three purposes:
   table with their rights (`notes()` says so in the output).
 - `holds`: for the people who place and release legal holds.
 
+With `clean.max_replica_lag_s` set, the run grants come with a second part, run by a role
+that may read `pg_stat_replication` (a superuser, or a member of `pg_read_all_stats`): the
+replica lag function (`trail/replica_lag.py`), which the run role may call and which shows
+it the lag and nothing else (`printed()` heads each part with who runs it).
+
 The statements are built from validated identifiers, quoted by `names.quoted_name`; the
 view's values (the cleaned values of the config) are written out by SQLAlchemy's PostgreSQL
 compiler (`facts.statements`).
@@ -29,7 +34,7 @@ from dispatch_retention.config import Settings
 from dispatch_retention.errors import RoleRefused
 from dispatch_retention.names import IDENTIFIER, MAX_IDENTIFIER, quoted_name
 from dispatch_retention.printable import escaped
-from dispatch_retention.trail import facts
+from dispatch_retention.trail import facts, replica_lag
 from dispatch_retention.trail.audit_tables import ALEMBIC_VERSION_TABLE, FACTS_VIEW
 
 Purpose = Literal["run", "read-only", "holds"]
@@ -91,6 +96,37 @@ def notes(settings: Settings, purpose: Purpose) -> list[str]:
         "a column).",
     ]
     return [escaped(line) for line in lines]
+
+
+def lag_statements(settings: Settings, role: str) -> list[str]:
+    """With `clean.max_replica_lag_s` set: the statements that make the replica lag function
+    and let `role` call it (run by a role that may read `pg_stat_replication`)."""
+    if settings.clean.max_replica_lag_s <= 0:
+        return []
+    return replica_lag.create(settings.audit.schema_, quoted_name(valid_role(role)))
+
+
+def printed(settings: Settings, role: str, purpose: Purpose) -> str:
+    """What `db grants` prints: the notes and the statements, and for `run` with a replica
+    lag limit the lag function's part, each part headed by who runs it."""
+    lines = [*notes(settings, purpose), *statements(settings, role, purpose)]
+    lag = lag_statements(settings, role) if purpose == "run" else []
+    if not lag:
+        return "\n".join(lines)
+    schema = settings.audit.schema_
+    return "\n".join(
+        [
+            f"-- Part 1, run by the owner of {escaped(settings.target.table)} or an "
+            "administrator: the run role's grants.",
+            *lines,
+            "",
+            "-- Part 2, run by a superuser or a member of pg_read_all_stats that may create in "
+            f"schema {escaped(schema)}: the replica lag function (clean.max_replica_lag_s) is "
+            "that role's and reads pg_stat_replication with its rights; the run role may call "
+            "it and sees the lag through it, nothing else (no pg_monitor, no query texts).",
+            *lag,
+        ]
+    )
 
 
 def write_columns(settings: Settings) -> list[str]:

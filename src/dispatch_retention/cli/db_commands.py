@@ -79,5 +79,4 @@ def grants_command(state: State, role: str, purpose: db_grants.Purpose) -> None:
                 settings = db_grants.fitted(conn, settings, purpose)
         finally:
             engine.dispose()
-    statements = db_grants.statements(settings, role, purpose)
-    click.echo("\n".join([*db_grants.notes(settings, purpose), *statements]))
+    click.echo(db_grants.printed(settings, role, purpose))

@@ -65,6 +65,7 @@ from dispatch_retention.rule.plans import Plan
 from dispatch_retention.rule.shard import Shard
 from dispatch_retention.run import pacing, sizing
 from dispatch_retention.run.statements import FIRE_DEFERRED, Statements, ids_params, window_params
+from dispatch_retention.run.throttle import Throttle, Verdict
 from dispatch_retention.run.windows import Windows
 from dispatch_retention.vocabulary import (
     Chunk,
@@ -125,6 +126,12 @@ class Cleaner:
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
         self.rest_ms = 0.0  # after the last committed chunk (`pacing.rest_ms`)
+        #: waits before a chunk while a standby lags (`clean.max_replica_lag_s`)
+        self.throttle = (
+            Throttle(engine, settings, stop=stop, log=self.log)
+            if settings.clean.max_replica_lag_s > 0
+            else None
+        )
 
     def run(self) -> None:
         """Walk the plan's due blocks; then count what is still due and, where rows became
@@ -153,6 +160,8 @@ class Cleaner:
         while not windows.done:
             if self._stopped():
                 return self._stop_here()
+            if self.throttle is not None and not self._caught_up(self.throttle):
+                return False
             if self.before_chunk is not None:
                 self.before_chunk()
             left = self._rows_left()
@@ -182,6 +191,17 @@ class Cleaner:
             return self._stop_here()
         return True
 
+    def _caught_up(self, throttle: Throttle) -> bool:
+        """Wait while a standby lags too far; False when the run ended on the way (a stop,
+        `--max-runtime`, or a wait past `clean.max_throttle_wait_s`)."""
+        verdict = throttle.wait(self.options.deadline(self.outcome.started))
+        self.outcome.replica_wait_s = round(throttle.waited_s, 3)
+        if verdict is Verdict.GO:
+            return True
+        return self._stop_here(
+            Remaining.REPLICA_LAG.value if verdict is Verdict.WAITED_TOO_LONG else None
+        )
+
     def _rows_left(self) -> int | None:
         budget = self._row_budget()
         return None if budget is None else budget - self.outcome.rows_cleaned
@@ -196,15 +216,15 @@ class Cleaner:
             or (deadline is not None and time.monotonic() >= deadline)
         )
 
-    def _stop_here(self) -> bool:
-        """End the run where the walk stands: interrupted by a signal, else incomplete on a
-        budget (with the count of what is left, when a recount is possible)."""
+    def _stop_here(self, reason: str | None = None) -> bool:
+        """End the run where the walk stands: interrupted by a signal, else incomplete on
+        `reason` or a budget (with the count of what is left, when a recount is possible)."""
         outcome = self.outcome
         if self.stop.requested:
             outcome.status, outcome.signum = Status.INTERRUPTED, self.stop.signum
             return False
         left = self._rows_left()
-        outcome.stopped_by = (
+        outcome.stopped_by = reason or (
             self._row_budget_name()
             if left is not None and left <= 0
             else Remaining.MAX_RUNTIME.value

@@ -480,6 +480,7 @@ REPORTED_WHEN_SET = (
     "stopped_by",
     "remaining_reason",
     "chain_head",
+    "replica_wait_s",
 )
 
 

@@ -29,7 +29,7 @@ from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from dispatch_retention.config import DEFAULT_AUDIT_SCHEMA, MAX_CONFIG_BYTES
 from dispatch_retention.pg import diagnosis
-from dispatch_retention.trail import objects
+from dispatch_retention.trail import objects, replica_lag
 
 # --- the job's own tables (docs/auditor.md), in their own schema --------------------------
 # They hold ids, counts, timestamps, policy names and the config: never a dispatch's content,
@@ -250,6 +250,7 @@ AUDIT_NAMES = frozenset(
         ALEMBIC_VERSION_TABLE,
         FACTS_VIEW,
         HOLDS_COLUMN,
+        replica_lag.FUNCTION,
         *(
             name
             for table in AuditTables(DEFAULT_AUDIT_SCHEMA).metadata.tables.values()

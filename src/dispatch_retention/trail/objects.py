@@ -23,6 +23,7 @@ from sqlalchemy import Connection, text
 
 from dispatch_retention.names import quoted_name
 from dispatch_retention.printable import shown_name
+from dispatch_retention.trail import replica_lag
 
 #: Each object of the trail's schema -> how it stands (see `read`), as revision 0008 leaves it.
 EXPECTED: Mapping[str, str] = {
@@ -103,6 +104,10 @@ EXPECTED: Mapping[str, str] = {
     'trigger runs.runs_stamp': 'runs_stamp type 23 unconditional',
 }  # fmt: skip
 
+#: Objects of the trail's schema that may be absent, and are as listed where present: the
+#: replica lag function that `db grants --purpose run` prints (`replica_lag.py`).
+OPTIONAL: Mapping[str, str] = dict([replica_lag.described()])
+
 #: The names under which the trail's functions raise their refusals (`RAISE ... USING
 #: CONSTRAINT = ...`), which an error then carries: no catalog table names them, only the
 #: functions' bodies (tests/unit/test_one_source.py reads them there and holds this equal).
@@ -171,17 +176,23 @@ def read(conn: Connection, schema: str) -> dict[str, str]:
     return {str(name): str(how) for name, how in rows}
 
 
-def differences(found: Mapping[str, str], expected: Mapping[str, str] = EXPECTED) -> list[str]:
-    """What in `found` is not as `expected`: an object gone, changed, or not the job's."""
+def differences(
+    found: Mapping[str, str],
+    expected: Mapping[str, str] = EXPECTED,
+    optional: Mapping[str, str] = OPTIONAL,
+) -> list[str]:
+    """What in `found` is not as `expected` (or, where present, `optional`): an object gone,
+    changed, or not the job's."""
     out = [f"{name} is gone" for name in sorted(expected.keys() - found.keys())]
+    known = {**optional, **expected}
     out += [
-        f"{shown_name(name)} is not as the migrations made it ({shown_name(found[name])})"
-        for name in sorted(expected.keys() & found.keys())
-        if found[name] != expected[name]
+        f"{shown_name(name)} is not as "
+        f"{'the migrations make' if name in expected else '`db grants` makes'} it "
+        f"({shown_name(found[name])})"
+        for name in sorted(known.keys() & found.keys())
+        if found[name] != known[name]
     ]
-    out += [
-        f"{shown_name(name)} is not the job's" for name in sorted(found.keys() - expected.keys())
-    ]
+    out += [f"{shown_name(name)} is not the job's" for name in sorted(found.keys() - known.keys())]
     return out
 
 
