@@ -12,16 +12,22 @@ BENCH_SHARDS ?= 2
 BENCH_REPEAT ?= 3
 BENCH_JSON ?= bench/results/bench-$(BENCH_ROWS).json
 MATRIX_VERSIONS ?= 14,15,16,17,18
+# The live scenario (bench/live.py): its own primary and replica, the application's load
+LIVE_ROWS ?= 1000000
+LIVE_TURNS ?= 5
+LIVE_LOAD_S ?= 60
+LIVE_RATE ?= 250
+LIVE_JSON ?= bench/results/live-$(LIVE_ROWS).json
 # The job as the image runs it: a wheel and the locked dependencies in a virtualenv of its
 # own, on the system's CPython 3.11 where there is one (an optimized distribution build, as
 # the image's is; pyenv's default build is configured without --enable-optimizations).
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test test-fast test-matrix lint typecheck check bench doc-figures clean
+.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures clean
 
 help:  ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
 $(BIN)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +70,10 @@ bench: $(BIN)/.installed $(JOB_VENV)/.installed  ## the job against the single-s
 	$(BIN)/python -m bench --rows $(BENCH_ROWS) --scenario $(BENCH_SCENARIO) \
 	    --shards $(BENCH_SHARDS) --repeat $(BENCH_REPEAT) --job-bin $(JOB_VENV)/bin/dispatch-retention \
 	    --json $(BENCH_JSON)
+
+bench-live: $(BIN)/.installed $(JOB_VENV)/.installed  ## what a run costs the application and its replica (LIVE_ROWS=, LIVE_TURNS=, LIVE_LOAD_S=, LIVE_RATE=, LIVE_JSON=)
+	$(BIN)/python -m bench.live --rows $(LIVE_ROWS) --turns $(LIVE_TURNS) --load-s $(LIVE_LOAD_S) \
+	    --rate $(LIVE_RATE) --job-bin $(JOB_VENV)/bin/dispatch-retention --json $(LIVE_JSON)
 
 doc-figures: $(BIN)/.installed  ## rewrite the marked figures of the docs from the bench reports in docs/bench/
 	$(BIN)/python -m bench.figures

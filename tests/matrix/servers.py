@@ -262,8 +262,9 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(binaries: Binaries, major: int) -> Iterator[Server]:
-    """A fresh server of `binaries`, stopped and removed after, however the body ends."""
+def server(binaries: Binaries, major: int, options: str = SERVER_OPTIONS) -> Iterator[Server]:
+    """A fresh server of `binaries` started with `options` (the server's own, as `postgres
+    -c` takes them), stopped and removed after, however the body ends."""
     account = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
     home = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{major}-"))
     (home / "runner.pid").write_text(str(os.getpid()))
@@ -272,7 +273,7 @@ def server(binaries: Binaries, major: int) -> Iterator[Server]:
             os.chown(home, account.pw_uid, account.pw_gid)
         pg = _Programs(_reachable(binaries, home, account), home, account)
         pg.run("initdb", "-D", "data", *INITDB_OPTIONS)
-        port = pg.start()
+        port = pg.start(options)
         try:
             url = f"postgresql://postgres@127.0.0.1:{port}/postgres"
             with psycopg.connect(url, connect_timeout=10) as conn:
@@ -287,7 +288,7 @@ def server(binaries: Binaries, major: int) -> Iterator[Server]:
 
 
 @contextlib.contextmanager
-def standby(binaries: Binaries, primary: Server) -> Iterator[Server]:
+def standby(binaries: Binaries, primary: Server, options: str = SERVER_OPTIONS) -> Iterator[Server]:
     """A streaming replica of `primary` (a server of the same `binaries`): `pg_basebackup -R`
     from it into its home, started on a free loopback port, stopped after (`server()` removes
     the home)."""
@@ -298,7 +299,7 @@ def standby(binaries: Binaries, primary: Server) -> Iterator[Server]:
         "pg_basebackup", "-D", "standby", "-R", "-X", "stream", "-c", "fast",
         "-h", "127.0.0.1", "-p", port, "-U", "postgres",
     )  # fmt: skip
-    replica_port = pg.start()
+    replica_port = pg.start(options)
     try:
         url = f"postgresql://postgres@127.0.0.1:{replica_port}/postgres"
         yield replace(primary, url=url)
@@ -354,11 +355,11 @@ class _Programs:
             )
         return done
 
-    def start(self, attempts: int = 3) -> int:
+    def start(self, settings: str = SERVER_OPTIONS, attempts: int = 3) -> int:
         """Start on a free port (another one when it was taken meanwhile); the port."""
         for _ in range(attempts):
             port = _free_port()
-            options = f"-p {port} -k {self.home} {SERVER_OPTIONS}"
+            options = f"-p {port} -k {self.home} {settings}"
             waiting = ["-l", str(self.log), "-w", "-t", "60"]
             done = subprocess.run(
                 self.argv("pg_ctl", "-D", self.data, *waiting, "-o", options, "start"),

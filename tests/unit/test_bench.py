@@ -7,6 +7,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sqlalchemy.engine import URL
 
 from dispatch_retention import config
 from dispatch_retention.rule import dispatch_table, policy
+from tests.matrix import servers
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -148,3 +150,57 @@ def test_a_small_bench_run_verifies_every_contender_and_drops_its_databases(
         ).scalar_one()
     admin.dispose()
     assert left == 0
+
+
+@pytest.mark.slow
+def test_the_live_scenario_runs_end_to_end_and_reports_every_figure(tmp_path: Path) -> None:
+    """`python -m bench.live` on 3,000 rows: its own primary and replica made and removed,
+    each variant's turn repeats the run until the load has lasted as long with it as
+    without, and the report has every figure of docs/performance.md's live table."""
+    from bench import live
+
+    out = tmp_path / "live.json"
+    before = set(Path(tempfile.gettempdir()).glob(f"{servers.PREFIX}*"))
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.live", "--rows", "3000", "--turns", "1", "--load-s",
+         "2", "--bound-turns", "1", "--rate", "30", "--variants", "defaults,half",
+         "--json", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert set(Path(tempfile.gettempdir()).glob(f"{servers.PREFIX}*")) <= before
+    written = json.loads(out.read_text())
+    due = written["bench"]["due_rows"]
+    assert due > 0 and written["bound_s"] > 0 and written["bound"][0]["rows"] == due
+    assert set(written["variants"]) == {"defaults", "half"}
+    for name, v in written["variants"].items():
+        assert v["statuses"] == ["succeeded"], name
+        (turn,) = v["turn_details"]
+        assert turn["runs"] >= 1 and turn["rows_cleaned"] == due * turn["runs"]
+        assert turn["phases"]["on"]["s"] >= 2 and turn["phases"]["off"]["s"] >= 2
+        for kind in live.KINDS:
+            k = v["kinds"][kind]
+            for figure in ("off_p50", "off_p99", "on_p50", "on_p99", "on_max", "p99_ratio"):
+                assert isinstance(k[figure], float | int) and k[figure] > 0, (name, kind, figure)
+            assert k["off_errors"] == 0 and k["on_errors"] == {}
+        assert v["throughput_vs_bound"] > 0 and v["chunk_p99_ms"] > 0
+        assert v["wal_bytes_per_row"] > 0 and v["peak_rss_mb"] > 0
+        assert v["replica_lag_on"]["bytes"] >= 0 and 0 <= v["cpu_busy_off"] <= 1
+        assert v["late_receipt_budget_ms"] > v["kinds"]["late_receipt"]["off_p99"]
+        assert turn["stalls"] and {"kind", "ms", "at_s", "during", "run"} <= set(turn["stalls"][0])
+    printed = proc.stdout
+    assert "[defaults]" in printed and "[half]" in printed and "slowest operations" in printed
+
+
+def test_a_live_variant_changes_only_the_keys_it_names(tmp_path: Path) -> None:
+    from bench import live
+
+    base = REPO / "config" / "retention.toml"
+    for name, changes in live.VARIANTS.items():
+        written = live.variant_config(base, changes, tmp_path / f"{name}.toml")
+        s = config.load(written)
+        for key, value in changes.items():
+            assert getattr(s.clean, key) == pytest.approx(float(value)), (name, key)
+        kept = base.read_text().splitlines()
+        new = {line for line in written.read_text().splitlines() if line not in kept}
+        assert new == {f"{k} = {v}" for k, v in changes.items()} - set(kept), name
