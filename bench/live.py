@@ -37,6 +37,7 @@ import json
 import os
 import random
 import re
+import signal
 import statistics
 import sys
 import tempfile
@@ -794,6 +795,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     settings = config.load(args.config)
     started = time.monotonic()
+    for swept in servers.sweep_stale():  # servers of a run that was killed
+        log(f"removed {swept}, left by a bench or test run that was killed")
+    # SIGTERM unwinds like Ctrl-C, so the servers are stopped and removed
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     with (
         tempfile.TemporaryDirectory(prefix="dr-bench-live-") as work,
         cluster(args.server_options) as c,

@@ -141,6 +141,25 @@ class MissingPrivilege(UsageError):
         super().__init__(message)
 
 
+class MissingRights(UsageError):
+    """The connected role lacks `rights` that the command's `purpose` of `db grants` gives;
+    checked before anything is written."""
+
+    #: how many of the rights the message names (the rest are counted)
+    SHOWN = 6
+
+    def __init__(self, role: str, rights: list[str], purpose: str) -> None:
+        self.role, self.rights, self.purpose = role, rights, purpose
+        shown = "; ".join(rights[: self.SHOWN])
+        more = f" and {len(rights) - self.SHOWN} more" if len(rights) > self.SHOWN else ""
+        super().__init__(
+            f"role {role} lacks rights this command needs: {shown}{more}. Have the table's "
+            f"owner or an administrator run the SQL that `dispatch-retention db grants --role "
+            f"{role} --purpose {purpose}` prints (`db check --purpose {purpose}` lists what is "
+            "missing); nothing was written"
+        )
+
+
 class NoFactsView(MissingPrivilege):
     """`verify` by `role`, which may not read `columns` of `table`, and cannot count through
     the audit schema's `view` either (`reason`: it is missing, or the role may not read it):
@@ -213,8 +232,10 @@ class LockLost(RunError):
 
 
 class RetriesExhausted(RunError):
-    """A step kept failing on a retryable error; the run fails with `reason`."""
+    """A step kept failing on a retryable error; the run fails with `reason`
+    (`lock_timeout`: the last one was a lock timeout, so a session holding a lock can be
+    named)."""
 
-    def __init__(self, reason: str) -> None:
+    def __init__(self, reason: str, *, lock_timeout: bool = False) -> None:
         super().__init__(reason)
-        self.reason = reason
+        self.reason, self.lock_timeout = reason, lock_timeout

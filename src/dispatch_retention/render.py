@@ -16,7 +16,7 @@ import io
 import json
 import re
 from collections.abc import Mapping, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from dispatch_retention.printable import escaped, shown_name
@@ -25,7 +25,7 @@ if TYPE_CHECKING:  # annotations only: `run` need not import `db_check` or `veri
     from dispatch_retention.checks.audit_verify import ChainReport
     from dispatch_retention.checks.db_check import Finding
     from dispatch_retention.checks.verify import Report
-    from dispatch_retention.rule.plans import Plan
+    from dispatch_retention.rule.plans import Limits, Plan
     from dispatch_retention.vocabulary import Outcome
 
 
@@ -107,7 +107,8 @@ def to_csv(headers: Sequence[str], rows: Sequence[Mapping[str, Any]]) -> str:
     return buffer.getvalue()
 
 
-def plan_text(plan: Plan) -> str:
+def plan_text(plan: Plan, limits: Limits | None = None) -> str:
+    """The plan as a person reads it; with `limits`, what a run of it would clean."""
     rows = [[p.name, p.retention_days, p.cutoff, p.due_rows] for p in plan.policies]
     lines = [
         f"Plan as of {plan.rules.now.isoformat(timespec='seconds')} (database clock)",
@@ -117,7 +118,47 @@ def plan_text(plan: Plan) -> str:
         f"held back by legal holds:          {plan.held_rows}",
         f"unsettled, waiting out the grace:  {plan.waiting_grace_rows}",
     ]
+    if limits is not None and limits.refused:
+        lines.append(
+            f"a run would be refused:            {plan.due_rows} due rows exceed "
+            f"guard.refuse_above_rows ({limits.refuse_above_rows}); --force runs it"
+        )
+    elif limits is not None and limits.to_clean < plan.due_rows:
+        flag = "--max-rows" if limits.budget_name == "max_rows" else "guard.max_rows_per_run"
+        lines.append(
+            f"a run would clean:                 up to {limits.to_clean} of them ({flag}); "
+            "the next run carries on"
+        )
     return "\n".join(lines)
+
+
+def run_document(outcome: Outcome, limits: Limits | None, exit_status: int) -> dict[str, Any]:
+    """`run --format json`: the plan (per policy: retention, cutoffs, due; held; in the
+    grace), what the run may clean (`limits`), and for a run that was not a dry run, how it
+    ended. The keys are documented in docs/operations.md ("run --format json")."""
+    doc: dict[str, Any] = {
+        "run_id": outcome.run_id,
+        "status": str(outcome.status),
+        "exit_code": exit_status,
+        "plan": outcome.plan.as_dict() if outcome.plan is not None else None,
+        "limits": limits.as_dict() if limits is not None else None,
+    }
+    if str(outcome.status) != "planned":
+        doc["outcome"] = {
+            "rows_cleaned": outcome.rows_cleaned,
+            "rows_recleaned": outcome.rows_recleaned,
+            "chunks": outcome.chunks,
+            "by_policy": dict(outcome.by_policy),
+            "remaining_due_rows": outcome.remaining_due_rows,
+            "remaining_reason": outcome.remaining_reason,
+            "stopped_by": outcome.stopped_by,
+            "error": outcome.error,
+            "missed_rows": outcome.missed_rows,
+            "written_back_rows": outcome.written_back_rows,
+            "replica_wait_s": outcome.replica_wait_s,
+            "chain_head": outcome.chain_head,
+        }
+    return doc
 
 
 def outcome_text(outcome: Outcome) -> str:
@@ -248,14 +289,38 @@ LIST_COLUMNS = (
 )
 
 
-def runs(found: Sequence[Mapping[str, Any]], fmt: str) -> str:
+#: `audit list`'s table without `--wide`: (column, header), within 100 characters (a run
+#: id is 36, a time in UTC 19); `audit show` has the rest.
+NARROW_COLUMNS = (
+    ("run_id", "run_id"),
+    ("status", "status"),
+    ("trigger", "trigger"),
+    ("started_at", "started (UTC)"),
+    ("rows_cleaned", "cleaned"),
+    ("remaining_due_rows", "left"),
+)
+
+
+def runs(found: Sequence[Mapping[str, Any]], fmt: str, *, wide: bool = False) -> str:
     if fmt == "json":
         return to_json(list(found))
     if fmt == "csv":
         return to_csv(LIST_COLUMNS, found)
     if not found:
         return "no runs recorded"
-    return table(LIST_COLUMNS, [[r[c] for c in LIST_COLUMNS] for r in found])
+    if wide:
+        return table(LIST_COLUMNS, [[r[c] for c in LIST_COLUMNS] for r in found])
+    return table(
+        [header for _, header in NARROW_COLUMNS],
+        [[_utc(r[c]) for c, _ in NARROW_COLUMNS] for r in found],
+    )
+
+
+def _utc(value: Any) -> Any:
+    """A time as `YYYY-MM-DD HH:MM:SS` in UTC (other values as they are)."""
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+    return value
 
 
 def run_text(doc: Mapping[str, Any]) -> str:

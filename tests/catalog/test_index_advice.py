@@ -23,7 +23,7 @@ from sqlalchemy.sql import visitors
 
 from dispatch_retention.catalog import indexes
 from dispatch_retention.checks import db_check
-from dispatch_retention.checks.db_check import Finding
+from dispatch_retention.checks.db_check import AFTER_BUILDING, Finding
 from dispatch_retention.config import Settings
 from dispatch_retention.pg import engines
 from dispatch_retention.rule import policy
@@ -129,6 +129,9 @@ def test_the_due_index_serves_no_arm_so_all_three_are_advised(production_like: E
     advised = [re.findall(r"CREATE INDEX CONCURRENTLY (\S+)", f.message) for f in findings]
     assert advised == [[name] for name in ADVISED]
     assert [DUE_INDEX in f.message for f in findings] == [False, False, True]
+    # what makes them work: a VACUUM (ANALYZE) after them, by the owner, one at a time
+    assert all(f.message.endswith(AFTER_BUILDING) for f in findings)
+    assert "VACUUM (ANALYZE)" in AFTER_BUILDING and "one statement at a time" in AFTER_BUILDING
     assert (
         f"public.{DUE_INDEX} finds them but lacks delivery_status, id, member_id, "
         "scheduled_at, transmission_status, type: the plan would read each row from the "

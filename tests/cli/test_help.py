@@ -45,15 +45,16 @@ CONTRACT_SURFACE: dict[tuple[str, ...], tuple[str, ...]] = {
         "--max-rows",
         "--max-runtime",
         "--shard",
+        "--format",
     ),
     ("verify",): ("--format", "--strict"),
-    ("audit", "list"): ("--since", "--limit", "--format"),
+    ("audit", "list"): ("--since", "--limit", "--format", "--wide"),
     ("audit", "show"): ("--format",),
     ("hold", "add"): ("--reason",),
     ("hold", "release"): (),
     ("hold", "list"): ("--format",),
     ("db", "upgrade"): (),
-    ("db", "check"): ("--strict",),
+    ("db", "check"): ("--strict", "--purpose"),
     ("demo",): ("--rows",),
 }
 SURFACE = [

@@ -83,6 +83,22 @@ def test_terminal_asks_then_cleans_with_a_progress_bar(
 
 
 @pytest.mark.usefixtures("backlog")
+def test_under_a_row_budget_the_prompt_says_up_to_and_the_bar_reaches_100_percent(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """`--max-rows 10` of 30 due: the plan and the question say what will be cleaned, and
+    the bar is sized to it (it stopped at a third when sized to the plan)."""
+    config = write_config(tmp_path / "r.toml", config_text())
+    args = ["--config", str(config), "--database-url", url_string, "run", "--chunk-size", "5"]
+    code, seen = on_terminal([*args, "--max-rows", "10"], "y")
+    assert code == 0, seen
+    assert "a run would clean:                 up to 10 of them (--max-rows)" in seen
+    assert "Clean up to 10 of 30 dispatches now? [y/N]" in seen
+    assert "100%" in seen and " 33%" not in seen.rsplit("now?", 1)[1]
+    assert sum(r["cleaned_at"] is not None for r in snapshot(engine).values()) == 10
+
+
+@pytest.mark.usefixtures("backlog")
 def test_terminal_answer_no_cleans_nothing(engine: Engine, url_string: str, tmp_path: Path) -> None:
     """Declining at the prompt leaves every row as it was and exits 0 (status cancelled)."""
     config = write_config(tmp_path / "r.toml", config_text())
@@ -234,7 +250,7 @@ def test_the_run_outcome_db_check_and_the_trail_print_no_raw_control_character(
         conn.execute(
             text(f"UPDATE {AUDIT_SCHEMA}.runs SET host = :evil, error = :evil"), {"evil": EVIL}
         )
-    listed = invoke(*base, "audit", "list")
+    listed = invoke(*base, "audit", "list", "--wide")  # with the host
     assert_gated(listed.stdout)
     assert len(listed.stdout.strip().split("\n")) == 3  # header, rule, the one run
     as_csv = invoke(*base, "audit", "list", "--format", "csv")

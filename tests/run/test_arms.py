@@ -237,6 +237,60 @@ def test_sparse_due_rows_are_cleaned_exactly(engine: Engine, indexed: bool) -> N
     assert_consistent(engine, due)
 
 
+def test_through_indexes_says_what_the_plan_reads_not_that_the_indexes_exist(
+    engine: Engine, database_url: Any
+) -> None:
+    """The policy indexes exist, but the planner is kept from reading them (index and bitmap
+    scans off for the database; a stale visibility map can steer it to an older index and
+    a filter instead): the plan says `through_indexes: false` and the run goes by ids,
+    still exact."""
+    s = settings()
+    due, _young = seed_series(engine, range(1, 20_001), young=lambda i: i % 401 != 0)
+    with_indexes(engine, s)
+    name = database_url.database
+    with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+        conn.execute(sql(f'ALTER DATABASE "{name}" SET enable_indexscan = off'))
+        conn.execute(sql(f'ALTER DATABASE "{name}" SET enable_indexonlyscan = off'))
+        conn.execute(sql(f'ALTER DATABASE "{name}" SET enable_bitmapscan = off'))
+    engine.dispose()  # new sessions take the database's settings
+    try:
+        with capture_logs() as logs:
+            outcome = job.run(engine, s, Request(), stop=Stop())
+    finally:
+        with engine.connect().execution_options(isolation_level="AUTOCOMMIT") as conn:
+            conn.execute(sql(f'ALTER DATABASE "{name}" RESET ALL'))
+        engine.dispose()
+    assert outcome.status == "succeeded", outcome.error
+    assert outcome.plan is not None and outcome.plan.through_indexes is False
+    assert "policy_indexes_missing" in [e["event"] for e in logs]
+    assert {e["via"] for e in logs if e["event"] == "chunk_committed"} == {"ids"}
+    assert remaining_due(engine, due) == 0
+
+
+def test_a_plan_reads_through_only_scans_of_the_serving_indexes() -> None:
+    serving = indexes.Serving(
+        frozenset({"arm_a", "arm_b"}), frozenset({"dispatches"}), False,
+        frozenset({"dispatches_created_at_idx", "dispatches_pkey"}),
+    )  # fmt: skip
+    node = {"Relation Name": "dispatches", "Node Type": "Index Only Scan", "Index Name": "arm_a"}
+    bitmap = [
+        {"Relation Name": "dispatches", "Node Type": "Bitmap Heap Scan"},
+        {"Node Type": "Bitmap Index Scan", "Index Name": "arm_b"},
+    ]
+    older = {**node, "Index Name": "dispatches_created_at_idx", "Node Type": "Index Scan"}
+    holds = {"Relation Name": "legal_holds", "Node Type": "Seq Scan"}
+    holds_index = {"Node Type": "Bitmap Index Scan", "Index Name": "legal_holds_pkey"}
+    assert planning.reads_through([node, {**node, "Index Name": "arm_b"}, holds], serving)
+    assert planning.reads_through([node, *bitmap, holds_index], serving)
+    assert not planning.reads_through([node, older], serving)
+    assert not planning.reads_through([node, {"Relation Name": "dispatches",
+                                              "Node Type": "Seq Scan"}], serving)  # fmt: skip
+    assert not planning.reads_through([holds], serving)  # no scan of the table at all
+    partitioned = indexes.Serving(frozenset({"arm_a"}), frozenset({"d", "d_2026"}), True)
+    part = {"Relation Name": "d_2026", "Node Type": "Index Only Scan", "Index Name": "d_2026_x"}
+    assert planning.reads_through([part], partitioned)
+
+
 @pytest.mark.parametrize("age_from", ["created_at", "delivered_at"])
 def test_db_check_prints_each_missing_index_and_is_quiet_once_created(
     engine: Engine, age_from: str

@@ -85,8 +85,13 @@ def test_a_check_violation_fails_at_once_without_row_values(
 
 
 @pytest.mark.usefixtures("backlog")
-def test_permission_denied_fails_at_once(engine: Engine, database_url: URL, tmp_path: Path) -> None:
-    """A role that may read but not update the table: insufficient_privilege, no retry."""
+def test_a_role_that_may_not_update_is_refused_before_it_starts(
+    engine: Engine, database_url: URL, tmp_path: Path
+) -> None:
+    """A role that may read but not update the table: refused before anything is written
+    (exit 2, no run record, no retry), naming the rights and the purpose that gives them;
+    it failed with insufficient_privilege from inside the run (exit 1, which Kubernetes
+    retries)."""
     role = f"dr_ro_{uuid.uuid4().hex[:8]}"
     with engine.begin() as conn:
         conn.execute(text(f"CREATE ROLE {role} LOGIN"))
@@ -101,7 +106,11 @@ def test_permission_denied_fails_at_once(engine: Engine, database_url: URL, tmp_
         url = database_url.set(drivername="postgresql", username=role)
         config = write_config(tmp_path / "r.toml", config_text())
         job = run_script(url.render_as_string(hide_password=False), config, "run", "--yes")
-        assert_failed_at_once(job, engine, "42501")
+        assert job.returncode == 2, job.stderr
+        assert "UPDATE(content) on column dispatches" in job.stderr
+        assert f"db grants --role {role} --purpose run" in job.stderr
+        assert job.events("chunk_retry") == [] and run_records(engine) == {}
+        assert cleaned_count(engine) == 0 and MARK not in job.stderr + job.stdout
     finally:
         with engine.begin() as conn:
             conn.execute(text(f"DROP OWNED BY {role}"))

@@ -45,7 +45,9 @@ def test_table_locked_before_the_run_fails_it_with_a_lock_timeout(
     due, _ = seed_series(probe, range(1, 1001), young=every_fifth_young)
     impatient = make_config(tmp_path, clean=IMPATIENT)
     with probe.connect() as holder:
+        holder.execute(sql("SET application_name = 'schema-migration'"))
         holder.execute(sql("LOCK TABLE dispatches IN ACCESS EXCLUSIVE MODE"))
+        pid = holder.execute(sql("SELECT pg_backend_pid()")).scalar()
         job = run_script(url_string, impatient, "run", "--yes", timeout=20)
         holder.rollback()
     assert job.returncode == 1, job.stderr
@@ -53,6 +55,13 @@ def test_table_locked_before_the_run_fails_it_with_a_lock_timeout(
     assert record["status"] == "failed"
     assert "lock timeout" in record["error"]
     assert "lock timeout" in job.last("run_failed")["error"]
+    # named as exit 3 names the run lock's holder: pid, role, since; its application (any
+    # client's text) in the log only, never in the append-only trail
+    said = f"the table is locked by pid {pid} (role postgres, AccessExclusiveLock, since "
+    assert said in record["error"] and said in job.last("run_failed")["error"]
+    assert "schema-migration" not in record["error"]
+    (held,) = job.last("table_locked_by")["holders"]
+    assert (held["pid"], held["application_name"]) == (pid, "schema-migration")
     assert assert_consistent(probe, due) == set()
     finish_work(url_string, probe, due, plain_config)
 

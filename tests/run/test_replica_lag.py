@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -125,6 +126,7 @@ def test_db_grants_prints_the_lag_function_only_with_a_limit_and_says_who_runs_i
 class Pair:
     primary: URL
     replica: URL
+    binaries: servers.Binaries
 
 
 def _binaries() -> servers.Binaries:
@@ -142,7 +144,11 @@ def _binaries() -> servers.Binaries:
 @pytest.fixture(scope="module")
 def pair() -> Iterator[Pair]:
     binaries = _binaries()
-    with servers.server(binaries, 0) as primary, servers.standby(binaries, primary) as replica:
+    options = f"{servers.SERVER_OPTIONS} -c wal_level=logical"  # a CDC reader's slot too
+    with (
+        servers.server(binaries, 0, options) as primary,
+        servers.standby(binaries, primary, options) as replica,
+    ):
         url = engines.parse_url(primary.url)
         admin = create_engine(url, isolation_level="AUTOCOMMIT")
         with admin.connect() as conn:
@@ -154,7 +160,7 @@ def pair() -> Iterator[Pair]:
             indexes.create(conn, settings())
         migrate.upgrade(engine, AUDIT_SCHEMA)
         engine.dispose()
-        yield Pair(url.set(database="dispatches"), engines.parse_url(replica.url))
+        yield Pair(url.set(database="dispatches"), engines.parse_url(replica.url), binaries)
 
 
 @pytest.fixture
@@ -353,3 +359,62 @@ def test_db_check_says_whether_the_role_can_see_the_replica_lag(
         assert said in found[0].message
     with primary.connect() as conn, conn.begin():
         assert [f for f in db_check.check(conn, settings()) if f.check == "replica lag"] == []
+
+
+def test_a_physical_slot_without_its_standby_is_warned_once_and_a_logical_reader_is_no_replica(
+    primary: Engine, pair: Pair
+) -> None:
+    """A physical slot nobody streams from: `db check` and the run warn (its standby's lag
+    cannot be seen); a CDC reader (a logical slot's walsender, here `pg_recvlogical` stopped
+    with SIGSTOP, so it lags more and more) is not a replica and holds nothing up; the run
+    goes on, and its one streaming standby still counts."""
+    s = throttled(limit=1.0)
+    caught_up(pair)
+    with primary.connect() as conn:
+        conn.execute(text("SELECT pg_create_physical_replication_slot('dr_idle_test')"))
+        conn.execute(text("SELECT pg_create_logical_replication_slot('dr_cdc', 'test_decoding')"))
+        conn.commit()
+    reader = subprocess.Popen(
+        [str(pair.binaries.programs / "pg_recvlogical"), "--dbname",
+         pair.primary.set(drivername="postgresql").render_as_string(hide_password=False),
+         "--slot", "dr_cdc", "--start", "--file", "/dev/null"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        for _ in range(100):  # streaming: its walsender is there
+            with primary.connect() as conn:
+                if conn.execute(text("SELECT count(*) FROM pg_stat_replication")).scalar() == 2:
+                    break
+            time.sleep(0.1)
+        reader.send_signal(signal.SIGSTOP)  # a stalled CDC reader
+        with primary.begin() as conn:  # WAL it will never confirm, then more than the limit
+            conn.execute(text("UPDATE dispatches SET updated_at = updated_at WHERE id < 100"))
+        time.sleep(1.5)
+
+        with role(primary, pair, s, lag_function=True) as url, capture_logs() as logs:
+            engine = engines.make_engine(url)
+            with engine.connect() as conn, conn.begin():
+                found = [f for f in db_check.check(conn, s) if f.check == "replica lag"]
+            outcome = run_job(engine, s, chunk_size=500)
+            engine.dispose()
+    finally:
+        reader.send_signal(signal.SIGCONT)
+        reader.terminate()
+        reader.wait(10)
+        with primary.connect() as conn:
+            conn.execute(text("SELECT pg_drop_replication_slot('dr_idle_test')"))
+            for _ in range(100):  # the reader's walsender gone, its slot can go
+                try:
+                    conn.execute(text("SELECT pg_drop_replication_slot('dr_cdc')"))
+                    break
+                except Exception:
+                    conn.rollback()
+                    time.sleep(0.1)
+            conn.commit()
+    assert [f.level for f in found] == ["warn", "ok"], found
+    assert "1 physical replication slot(s) with no standby connected" in found[0].message
+    assert "1 physical standby(s) seen" in found[1].message
+    assert (outcome.status, outcome.rows_cleaned) == ("succeeded", ROWS)
+    idle = [e for e in logs if e["event"] == "replica_slot_idle"]
+    assert len(idle) == 1 and idle[0]["physical_slots"] == 1
+    assert "replica_lag_wait" not in [e["event"] for e in logs]  # the reader held nothing up

@@ -222,12 +222,19 @@ def test_audit_list_as_csv_has_the_list_columns_and_every_run(every_status: Ever
 
 
 def test_audit_list_as_a_table_has_a_header_and_a_line_per_run(every_status: EveryStatus) -> None:
-    """The table's first line names the LIST_COLUMNS; each run has a line with its status."""
+    """The table fits 100 columns (NARROW_COLUMNS); `--wide` names every LIST_COLUMNS; each
+    run has a line with its status in both."""
     as_table = invoke(*every_status.base, "audit", "list")
-    assert as_table.exit_code == 0
-    assert as_table.stdout.splitlines()[0].split() == list(LIST_COLUMNS)
-    for status, run_id in every_status.ids.items():
-        assert any(run_id in line and status in line for line in as_table.stdout.splitlines())
+    wide = invoke(*every_status.base, "audit", "list", "--wide")
+    assert as_table.exit_code == wide.exit_code == 0
+    assert as_table.stdout.splitlines()[0].split() == [
+        "run_id", "status", "trigger", "started", "(UTC)", "cleaned", "left"
+    ]  # fmt: skip
+    assert max(len(line) for line in as_table.stdout.splitlines()) <= 100
+    assert wide.stdout.splitlines()[0].split() == list(LIST_COLUMNS)
+    for shown in (as_table, wide):
+        for status, run_id in every_status.ids.items():
+            assert any(run_id in line and status in line for line in shown.stdout.splitlines())
 
 
 @pytest.mark.parametrize("status", STATUSES)
@@ -291,10 +298,11 @@ def test_audit_show_refuses_a_run_id_that_is_not_a_uuid(every_status: EveryStatu
     assert invoke(*every_status.base, "audit", "show", "not-a-uuid").exit_code == 2
 
 
-def test_audit_show_of_an_unknown_run_exits_1(every_status: EveryStatus) -> None:
-    """`audit show` of a well-formed id no run has exits 1 saying so."""
+def test_audit_show_of_an_unknown_run_is_a_usage_error(every_status: EveryStatus) -> None:
+    """`audit show` of a well-formed id no run has exits 2 saying so (bad input: a retry
+    cannot help), as an id that is not one does."""
     missing = invoke(*every_status.base, "audit", "show", "00000000-0000-4000-8000-0000000000ff")
-    assert missing.exit_code == 1 and "no run" in missing.output
+    assert missing.exit_code == 2 and "no run" in missing.output
 
 
 # --- 8. the audit schema must exist ----------------------------------------------------------

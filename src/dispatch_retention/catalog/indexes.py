@@ -252,6 +252,35 @@ def serving(conn: Connection, settings: Settings) -> dict[Keys, str | None]:
     }
 
 
+@dataclass(frozen=True)
+class Serving:
+    """The indexes the arms are read through: by name on the target, and the relations of its
+    tree (a partition's own indexes have names of their own)."""
+
+    names: frozenset[str]
+    relations: frozenset[str]
+    partitioned: bool
+    #: the tree's other indexes (an older one the planner may take instead, with a filter)
+    others: frozenset[str] = frozenset()
+
+
+def serving_indexes(conn: Connection, settings: Settings) -> Serving | None:
+    """The serving indexes, when every arm has one (`complete`); else None."""
+    relations = tree(conn, settings)
+    root = relations[0]
+    every = _existing(conn, relations)
+    found = [i for i in every if i.valid and i.relid == root.oid]
+    names = []
+    for keys in keys_of(settings):
+        index = next((i for i in found if serves(settings, keys, i)), None)
+        if index is None:
+            return None
+        names.append(index.name)
+    attached = {i.name for i in every if i.attached_to is not None}  # partitions' own
+    others = frozenset(i.name for i in every) - set(names) - attached
+    return Serving(frozenset(names), frozenset(r.name for r in relations), root.partitioned, others)
+
+
 def complete(conn: Connection, settings: Settings) -> bool:
     """Does every arm have its index (so a run may go through them)?"""
     return all(definition is not None for definition in serving(conn, settings).values())

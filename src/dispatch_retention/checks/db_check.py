@@ -38,8 +38,9 @@ from dispatch_retention.names import quoted_name
 from dispatch_retention.pg import diagnosis, engines
 from dispatch_retention.rule.dispatch_table import dispatches_table
 from dispatch_retention.rule.shape import Shape
-from dispatch_retention.trail import facts, migrate, replica_lag
+from dispatch_retention.trail import facts, migrate, replica_lag, rights
 from dispatch_retention.trail.audit_tables import FACTS_VIEW
+from dispatch_retention.trail.rights import Purpose
 
 Level = Literal["ok", "warn", "error"]
 
@@ -51,7 +52,7 @@ class Finding:
     message: str
 
 
-def check(conn: Connection, settings: Settings) -> list[Finding]:
+def check(conn: Connection, settings: Settings, purpose: Purpose = "run") -> list[Finding]:
     """The findings, in one read-only snapshot. A target the job refuses (missing, a view,
     row-level security that applies to this role) raises `target.TargetRefused` (exit 2)."""
     engines.read_only(conn)
@@ -80,7 +81,7 @@ def check(conn: Connection, settings: Settings) -> list[Finding]:
     findings.append(_schema(conn, settings))
     findings.append(_facts_view(conn, settings))
     findings += _vacuum(conn, settings)
-    findings += _privileges(conn, settings, set(columns))
+    findings += _privileges(conn, settings, set(columns), purpose)
     findings += _replica_lag(conn, settings)
     findings.append(_temp_privilege(conn))
     return findings
@@ -278,9 +279,9 @@ def _classification(settings: Settings, columns: list[str], shape: Shape) -> Fin
         "warn",
         "column classification",
         f"columns of {table} neither stripped nor kept: {', '.join(unclassified)}. Decide "
-        "whether each holds personal data, then list it in clean.keep with the reason it "
-        "stays (a clean.keep you write replaces the default, which keeps member_id); the job "
-        "cannot strip such columns yet",
+        "whether each holds personal data, then list it in clean.columns to strip it (with a "
+        "clean.replace value where it may not be NULL), or in clean.keep with the reason it "
+        "stays (a clean.keep you write replaces the default, which keeps member_id)",
     )
 
 
@@ -348,7 +349,7 @@ def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
                 "left invalid by a concurrent build that failed): replace it "
                 "(neither statement blocks writes)"
             )
-            findings.append(Finding("warn", "index", f"{missing}{do}: {steps}"))
+            findings.append(Finding("warn", "index", f"{missing}{do}: {steps} {AFTER_BUILDING}"))
             continue
         done = (
             f" ({advice.attached} of {advice.partitions} partitions have theirs attached already)"
@@ -376,10 +377,19 @@ def _indexes(conn: Connection, settings: Settings) -> list[Finding]:
                 "warn",
                 "index",
                 f"{missing}{table} is partitioned, and PostgreSQL builds no index on it "
-                f"CONCURRENTLY: {how}:{steps}",
+                f"CONCURRENTLY: {how}:{steps}\n    {AFTER_BUILDING}",
             )
         )
     return findings
+
+
+#: What makes new policy indexes work: until a VACUUM sets the visibility map, the planner
+#: may read an arm through an older index with a filter instead.
+AFTER_BUILDING = (
+    "Then, once every index is built, VACUUM (ANALYZE) the table (as its owner; CONCURRENTLY "
+    "and VACUUM cannot run in a transaction block, so one statement at a time): until the "
+    "visibility map is set the planner may read the arms through an older index and a filter."
+)
 
 
 def _schema(conn: Connection, settings: Settings) -> Finding:
@@ -443,9 +453,13 @@ def _vacuum(conn: Connection, settings: Settings) -> list[Finding]:
     return findings
 
 
-def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list[Finding]:
-    """Compare the current role's rights with what `run` needs (db_grants.py), on the columns
-    the table has (`present`; a missing one is the `columns` check's error)."""
+def _privileges(
+    conn: Connection, settings: Settings, present: set[str], purpose: Purpose
+) -> list[Finding]:
+    """Compare the current role's rights with what `purpose` needs (`trail/rights.py`), on
+    the columns the table has (`present`; a missing one is the `columns` check's error). For
+    `run`, rights beyond it on the dispatches are named too (a warn): the CronJob's role
+    should hold no more."""
     table, regclass = settings.target.table, settings.target.regclass
     role: dict[str, Any] = dict(
         conn.execute(
@@ -467,6 +481,20 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
                 "run the job as a role made with `db grants --role NAME`",
             )
         )
+    lacking = [
+        str(right)
+        for right in rights.needed(settings, purpose)
+        if (right.column is None or right.column in present) and not rights.has(conn, right)
+    ]
+    if lacking:
+        findings.append(
+            Finding(
+                "error",
+                "privileges",
+                f"role {role['name']} lacks rights {purpose} needs: {'; '.join(lacking)} "
+                f"(`db grants --purpose {purpose}`)",
+            )
+        )
 
     def has(privilege: str, column: str | None = None) -> bool:
         if column is None:
@@ -477,35 +505,27 @@ def _privileges(conn: Connection, settings: Settings, present: set[str]) -> list
             conn.execute(text(query), {"t": regclass, "c": column, "p": privilege}).scalar()
         )
 
-    needed_write = set(write_columns(settings))
-    lacking = [c for c in write_columns(settings) if c in present and not has("UPDATE", c)]
-    read = target_module.read_columns(settings)
-    lacking += [c for c in read if c in present and not has("SELECT", c)]
-    if lacking:
-        findings.append(
-            Finding(
-                "error",
-                "privileges",
-                f"role {role['name']} lacks rights the run needs on: {', '.join(lacking)}",
+    if purpose == "run":
+        needed_write = set(write_columns(settings))
+        extra = [p for p in ("DELETE", "TRUNCATE", "INSERT") if has(p)]
+        all_columns = [
+            c.name for c in dispatches_table(settings.target).columns if c.name in present
+        ]
+        extra += [f"UPDATE({c})" for c in all_columns if c not in needed_write and has("UPDATE", c)]
+        personal = [c for c in PERSONAL_COLUMNS if c != "member_id" and c in present]
+        extra += [f"SELECT({c})" for c in personal if has("SELECT", c)]
+        if extra:
+            findings.append(
+                Finding(
+                    "warn",
+                    "privileges",
+                    f"role {role['name']} has more rights than `run` needs on {table}: "
+                    f"{', '.join(extra)} (fine for an administrator)",
+                )
             )
-        )
-    extra = [p for p in ("DELETE", "TRUNCATE", "INSERT") if has(p)]
-    all_columns = [c.name for c in dispatches_table(settings.target).columns if c.name in present]
-    extra += [f"UPDATE({c})" for c in all_columns if c not in needed_write and has("UPDATE", c)]
-    personal = [c for c in PERSONAL_COLUMNS if c != "member_id" and c in present]
-    extra += [f"SELECT({c})" for c in personal if has("SELECT", c)]
-    if extra:
-        findings.append(
-            Finding(
-                "warn",
-                "privileges",
-                f"role {role['name']} has more rights than `run` needs on {table}: "
-                f"{', '.join(extra)} (fine for an administrator)",
-            )
-        )
     if not findings:
         findings.append(
-            Finding("ok", "privileges", f"role {role['name']} has exactly what run needs")
+            Finding("ok", "privileges", f"role {role['name']} has what {purpose} needs")
         )
     return findings
 

@@ -12,6 +12,13 @@ Three purposes:
   every column of the table and create in the audit schema: the view is theirs and reads the
   table with their rights (`notes()` says so in the output).
 - `holds`: for the people who place and release legal holds.
+- `operator`: the person who does a manual run (db check, a dry run, run, verify, audit
+  list/show/verify): `read-only`'s statements, then `run`'s.
+- `reclean`: what `run --reclean` needs: `run`'s, and SELECT on the personal columns
+  (`clean.columns`), to find rows that hold data again.
+
+The rights they give are data in `trail/rights.py` (what `db check --purpose` and each
+command's check before it writes compare a role with); tests hold the two equal.
 
 With `clean.max_replica_lag_s` set, the run grants come with a second part, run by a role
 that may read `pg_stat_replication` (a superuser, or a member of `pg_read_all_stats`): the
@@ -25,8 +32,6 @@ compiler (`facts.statements`).
 
 from __future__ import annotations
 
-from typing import Literal
-
 from sqlalchemy import Connection, text
 
 from dispatch_retention.catalog import target
@@ -36,9 +41,13 @@ from dispatch_retention.names import IDENTIFIER, MAX_IDENTIFIER, quoted_name
 from dispatch_retention.printable import escaped
 from dispatch_retention.trail import facts, replica_lag
 from dispatch_retention.trail.audit_tables import ALEMBIC_VERSION_TABLE, FACTS_VIEW
+from dispatch_retention.trail.rights import PURPOSES, Purpose
 
-Purpose = Literal["run", "read-only", "holds"]
-PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds")
+__all__ = ["PURPOSES", "Purpose"]
+
+
+#: The purposes whose statements make the audit schema's view of the dispatches.
+VIEWING: tuple[Purpose, ...] = ("read-only", "operator")
 
 
 def valid_role(name: str) -> str:
@@ -74,7 +83,7 @@ def refuse_superuser(conn: Connection, role: str) -> None:
 def fitted(conn: Connection, settings: Settings, purpose: Purpose) -> Settings:
     """With a database to ask: the read-only view fits the table's own column types (a
     `json` or `text` content is compared as such), so the target is resolved first."""
-    if purpose != "read-only":
+    if purpose not in VIEWING:
         return settings
     return target.resolve_settings(conn, settings)
 
@@ -83,7 +92,7 @@ def notes(settings: Settings, purpose: Purpose) -> list[str]:
     """Comment lines printed before the statements: who must run them. A name with a
     newline (a quoted one may hold any character) is shown escaped: it would end the
     comment, and psql would run the rest of the line."""
-    if purpose != "read-only":
+    if purpose not in VIEWING:
         return []
     view = facts.view_name(settings)
     lines = [
@@ -110,14 +119,14 @@ def printed(settings: Settings, role: str, purpose: Purpose) -> str:
     """What `db grants` prints: the notes and the statements, and for `run` with a replica
     lag limit the lag function's part, each part headed by who runs it."""
     lines = [*notes(settings, purpose), *statements(settings, role, purpose)]
-    lag = lag_statements(settings, role) if purpose == "run" else []
+    lag = lag_statements(settings, role) if purpose in ("run", "operator", "reclean") else []
     if not lag:
         return "\n".join(lines)
     schema = settings.audit.schema_
     return "\n".join(
         [
             f"-- Part 1, run by the owner of {escaped(settings.target.table)} or an "
-            "administrator: the run role's grants.",
+            "administrator: the role's grants.",
             *lines,
             "",
             "-- Part 2, run by a superuser or a member of pg_read_all_stats that may create in "
@@ -153,16 +162,18 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
         # database's own triggers write it
         f"GRANT SELECT ON {audit_table('events')}, {audit_table('events_head')} TO {role_q};",
     ]
-    if purpose == "run":
-        out += [
+
+    def run() -> list[str]:
+        return [
             f"GRANT SELECT ({cols(target.read_columns(settings))}) ON {table} TO {role_q};",
             f"GRANT UPDATE ({cols(write_columns(settings))}) ON {table} TO {role_q};",
             f"GRANT SELECT, INSERT, UPDATE ON {audit_table('runs')} TO {role_q};",
             f"GRANT SELECT, INSERT ON {audit_table('chunks')} TO {role_q};",
             f"GRANT SELECT ON {audit_table('legal_holds')} TO {role_q};",
         ]
-    elif purpose == "read-only":
-        out += [
+
+    def read_only() -> list[str]:
+        return [
             f"REVOKE SELECT ON {table} FROM {role_q};",
             f"GRANT SELECT ({cols(facts.shown_columns(settings))}) ON {table} TO {role_q};",
             *facts.statements(settings),
@@ -170,10 +181,23 @@ def statements(settings: Settings, role: str, purpose: Purpose) -> list[str]:
             f"GRANT SELECT ON {audit_table('runs')}, {audit_table('chunks')}, "
             f"{audit_table('legal_holds')} TO {role_q};",
         ]
-    else:
-        out += [
+
+    def holds() -> list[str]:
+        return [
             f"GRANT SELECT, INSERT ON {audit_table('legal_holds')} TO {role_q};",
             f"GRANT UPDATE ({cols(['released_at', 'released_by'])}) ON "
             f"{audit_table('legal_holds')} TO {role_q};",
         ]
-    return out
+
+    def reclean() -> list[str]:
+        personal = cols(list(settings.clean.columns))
+        return [*run(), f"GRANT SELECT ({personal}) ON {table} TO {role_q};"]
+
+    parts = {
+        "run": run,
+        "read-only": read_only,
+        "holds": holds,
+        "operator": lambda: [*read_only(), *run()],
+        "reclean": reclean,
+    }
+    return [*out, *parts[purpose]()]

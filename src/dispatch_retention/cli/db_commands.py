@@ -38,15 +38,23 @@ def db_upgrade(state: State) -> None:
     is_flag=True,
     help="Exit 1 on warnings too (unacknowledged copy risks and unclassified columns among them).",
 )
+@click.option(
+    "--purpose",
+    type=click.Choice(db_grants.PURPOSES),
+    default="run",
+    show_default=True,
+    help="Check the role's rights against this purpose of `db grants` (a missing right is an "
+    "error; only for run are rights beyond it named).",
+)
 @click.pass_obj
-def check_command(state: State, strict: bool) -> None:
+def check_command(state: State, strict: bool, purpose: db_grants.Purpose) -> None:
     """Check the table, its columns, copy risks, supporting index, autovacuum and the role's
-    rights."""
+    rights for PURPOSE."""
     from dispatch_retention.checks import db_check
 
     settings, engine = state.settings(), state.engine()
     with engine.connect() as conn, conn.begin():
-        findings = db_check.check(conn, settings)
+        findings = db_check.check(conn, settings, purpose)
     engine.dispose()
     click.echo(render.findings(findings))
     worst = {f.level for f in findings}
@@ -61,7 +69,9 @@ def check_command(state: State, strict: bool) -> None:
     default="run",
     show_default=True,
     help="run: the CronJob; read-only: verify, dry runs and the audit commands, which count "
-    "personal data through a view and never read it; holds: placing legal holds.",
+    "personal data through a view and never read it; holds: placing legal holds; operator: "
+    "a person's manual run (run's and read-only's rights); reclean: run --reclean (run's "
+    "rights and SELECT on the personal columns).",
 )
 @click.pass_obj
 def grants_command(state: State, role: str, purpose: db_grants.Purpose) -> None:

@@ -47,7 +47,7 @@ def configure(fmt: Format | None = None, *, level: int = logging.INFO) -> None:
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
     else:
-        shared.append(_escaped_values)
+        shared += [_readable_plan, _escaped_values]
         renderer = structlog.dev.ConsoleRenderer()
     structlog.configure(
         processors=[*shared, renderer],
@@ -125,6 +125,15 @@ def _exception(_logger: Any, _method: str, event_dict: Any) -> Any:
     exc = exc_info[1] if isinstance(exc_info, tuple) else exc_info
     if isinstance(exc, BaseException):
         event_dict["exception"] = safe_traceback(exc)
+    return event_dict
+
+
+def _readable_plan(_logger: Any, _method: str, event_dict: Any) -> Any:
+    """On the console, the plan's policies as `name=due` pairs (the plan's table says the
+    rest), not the repr of a list of dicts that made a line of 600 characters."""
+    policies = event_dict.get("policies")
+    if isinstance(policies, list) and all(isinstance(p, dict) for p in policies):
+        event_dict["policies"] = " ".join(f"{p.get('name')}={p.get('due_rows')}" for p in policies)
     return event_dict
 
 

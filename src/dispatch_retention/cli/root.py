@@ -22,7 +22,7 @@ from dispatch_retention import config, errors
 from dispatch_retention.cli import logs
 from dispatch_retention.pg import diagnosis, engines
 from dispatch_retention.printable import escaped
-from dispatch_retention.trail import migrate
+from dispatch_retention.trail import migrate, rights
 from dispatch_retention.trail.audit_tables import AuditTables
 from dispatch_retention.vocabulary import Exit
 
@@ -81,12 +81,16 @@ table_or_json = click.option(
 
 @contextmanager
 def audit_session(
-    state: State, *, write: bool = False
+    state: State, *, write: bool = False, purpose: rights.Purpose | None = None
 ) -> Iterator[tuple[Connection, config.Settings, AuditTables]]:
-    """Settings, a checked audit schema and one connection (one transaction if `write`)."""
+    """Settings, a checked audit schema and one connection (one transaction if `write`);
+    with `purpose`, the role's rights for it checked first (exit 2 naming what is missing,
+    before anything is written)."""
     settings, engine = state.settings(), state.engine()
     try:
         with engine.connect() as conn:
+            if purpose is not None:
+                rights.require(conn, settings, purpose)
             migrate.require_current(conn, settings.audit.schema_)
         with engine.begin() if write else engine.connect() as conn:
             yield conn, settings, AuditTables(settings.audit.schema_)

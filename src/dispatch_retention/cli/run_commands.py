@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -16,7 +16,7 @@ from dispatch_retention.cli import logs
 from dispatch_retention.cli.params import MAX_RUNTIME_S, Bounded, ShardParam, Whole, shard_from_env
 from dispatch_retention.cli.root import State, cli
 from dispatch_retention.rule import shard
-from dispatch_retention.rule.plans import Plan
+from dispatch_retention.rule.plans import Limits, Plan
 from dispatch_retention.run import job
 from dispatch_retention.vocabulary import Chunk, Hooks, Options, Request, Status, Stop, exit_code
 
@@ -54,6 +54,14 @@ from dispatch_retention.vocabulary import Chunk, Hooks, Options, Request, Status
     help="Clean only shard I of N.",
 )
 @click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["table", "json"]),
+    default="table",
+    show_default=True,
+    help="json: one document on stdout (the plan, what the run may clean, how it ended).",
+)
+@click.option(
     "--pushgateway",
     metavar="URL",
     envvar="PUSHGATEWAY_URL",
@@ -70,6 +78,7 @@ def run(
     max_rows: int | None,
     max_runtime: float | None,
     chosen: shard.Shard | None,
+    fmt: str,
     pushgateway: str | None,
 ) -> None:
     """Clean every dispatch that is due (see --dry-run first)."""
@@ -83,18 +92,26 @@ def run(
         max_runtime_s=max_runtime,
     )
     request = Request(options, force=force, shard=chosen, pushgateway=pushgateway)
-    if interactive and not dry_run:  # the bar and the outcome tell it; warnings still show
+    if interactive:  # the plan, the bar and the outcome tell it; warnings still show
         logs.configure(state.log_format, level=logging.WARNING)
-    with _signals() as stop, _progress(interactive and not dry_run) as progress:
+
+    def limits(plan: Plan) -> Limits:
+        return Limits.of(plan.due_rows, settings.guard, options, force=force)
+
+    with _signals() as stop, _progress(interactive and not dry_run, limits) as progress:
         hooks = Hooks(
-            confirm=None if dry_run or yes or not interactive else _confirm,
+            confirm=None if dry_run or yes or not interactive else _confirm(limits),
             on_plan=progress.start if progress else None,
             on_chunk=progress.advance if progress else None,
         )
         outcome = job.run(engine, settings, request, stop=stop, hooks=hooks)
     engine.dispose()
-    if outcome.plan is not None and dry_run:
-        click.echo(render.plan_text(outcome.plan))
+    plan_limits = limits(outcome.plan) if outcome.plan is not None else None
+    if fmt == "json":
+        doc = render.run_document(outcome, plan_limits, exit_code(outcome))
+        click.echo(render.to_json(doc))
+    elif outcome.plan is not None and dry_run:
+        click.echo(render.plan_text(outcome.plan, plan_limits))
     elif outcome.status == Status.CANCELLED:
         click.echo(f"Run {outcome.run_id}: cancelled, nothing cleaned")
     else:
@@ -128,14 +145,25 @@ def _bundled_settings() -> config.Settings:
     return config.parse(text, "<bundled retention.toml>")
 
 
-def _confirm(plan: Plan) -> bool:
-    """Show the plan and ask; an end of input (Ctrl-D) is a no."""
-    click.echo(render.plan_text(plan), err=True)
-    try:
-        return click.confirm(f"Clean {plan.due_rows} dispatches now?", default=False, err=True)
-    except click.Abort:
-        click.echo("", err=True)
-        return False
+def _confirm(limits: Callable[[Plan], Limits]) -> Callable[[Plan], bool]:
+    """Show the plan and ask, saying what will be cleaned (all, or up to a row budget); an
+    end of input (Ctrl-D) is a no."""
+
+    def confirm(plan: Plan) -> bool:
+        bounds = limits(plan)
+        click.echo(render.plan_text(plan, bounds), err=True)
+        what = (
+            f"{plan.due_rows} dispatches"
+            if bounds.to_clean >= plan.due_rows
+            else f"up to {bounds.to_clean} of {plan.due_rows} dispatches"
+        )
+        try:
+            return click.confirm(f"Clean {what} now?", default=False, err=True)
+        except click.Abort:
+            click.echo("", err=True)
+            return False
+
+    return confirm
 
 
 @contextmanager
@@ -154,14 +182,16 @@ def _signals() -> Iterator[Stop]:
 
 
 class _Progress:
-    """A progress bar on stderr, sized by the plan; only on a terminal."""
+    """A progress bar on stderr, sized by what the run may clean (the plan's due rows, or a
+    smaller row budget); only on a terminal."""
 
-    def __init__(self) -> None:
+    def __init__(self, limits: Callable[[Plan], Limits]) -> None:
         self.bar: Any = None
+        self.limits = limits
 
     def start(self, plan: Plan) -> None:
         self.bar = click.progressbar(
-            length=max(plan.due_rows, 1), label="cleaning", file=sys.stderr
+            length=max(self.limits(plan).to_clean, 1), label="cleaning", file=sys.stderr
         )
         self.bar.__enter__()
 
@@ -175,11 +205,11 @@ class _Progress:
 
 
 @contextmanager
-def _progress(enabled: bool) -> Iterator[_Progress | None]:
+def _progress(enabled: bool, limits: Callable[[Plan], Limits]) -> Iterator[_Progress | None]:
     if not enabled:
         yield None
         return
-    progress = _Progress()
+    progress = _Progress(limits)
     try:
         yield progress
     finally:

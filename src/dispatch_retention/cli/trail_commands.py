@@ -64,13 +64,19 @@ def audit_group() -> None:
     show_default=True,
     help="Output format (csv opens in a spreadsheet).",
 )
+@click.option(
+    "--wide",
+    is_flag=True,
+    help="The table with every column (finished_at, due, held, host, shard, version); "
+    "without it, it fits 100 columns.",
+)
 @click.pass_obj
-def audit_list(state: State, since: datetime | None, limit: int, fmt: str) -> None:
+def audit_list(state: State, since: datetime | None, limit: int, fmt: str, wide: bool) -> None:
     """List runs, newest first."""
     since_utc = since.replace(tzinfo=UTC) if since else None
     with audit_session(state) as (conn, _settings, tables):
         runs = listing.list_runs(conn, tables, since=since_utc, limit=limit)
-    click.echo(render.runs(runs, fmt), nl=fmt != "csv")
+    click.echo(render.runs(runs, fmt, wide=wide), nl=fmt != "csv")
 
 
 @audit_group.command("show")
@@ -82,7 +88,7 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
     with audit_session(state) as (conn, _settings, tables):
         document = listing.show_run(conn, tables, run_id)
     if document is None:
-        raise click.ClickException(f"no run {run_id} in the audit trail")
+        raise errors.UsageError(f"no run {run_id} in the audit trail")  # exit 2, as bad input
     click.echo(render.to_json(document) if fmt == "json" else render.run_text(document))
 
 

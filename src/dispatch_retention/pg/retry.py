@@ -100,5 +100,6 @@ def call(
         )
         raise RetriesExhausted(
             f"{what}: {reason(exc)} ({diagnosis.describe_error(exc)}); {why}"
-            + (f" (after {attempts} attempts)" if budget.reached else "")
+            + (f" (after {attempts} attempts)" if budget.reached else ""),
+            lock_timeout=diagnosis.is_lock_timeout(exc),
         ) from None

@@ -8,7 +8,9 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from dispatch_retention.config import Guard
 from dispatch_retention.rule import policy
+from dispatch_retention.vocabulary import Options, Remaining
 
 
 @dataclass(frozen=True)
@@ -59,3 +61,52 @@ class Plan:
                 for p in self.policies
             ],
         }
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a run of a plan may clean: the smaller row budget (`--max-rows`,
+    `guard.max_rows_per_run`; None: none) and whether `guard.refuse_above_rows` refuses it.
+    The one place that decides both: the run obeys them, the dry run and the prompt say
+    them."""
+
+    due_rows: int
+    budget: int | None
+    budget_name: str | None  # "max_rows" | "max_rows_per_run" (a `Remaining` value)
+    refuse_above_rows: int | None
+    force: bool = False
+
+    @classmethod
+    def of(cls, due_rows: int, guard: Guard, options: Options, *, force: bool = False) -> Limits:
+        budget, name = row_budget(options, guard)
+        return cls(due_rows, budget, name, guard.refuse_above_rows or None, force)
+
+    @property
+    def refused(self) -> bool:
+        limit = self.refuse_above_rows
+        return bool(limit) and self.due_rows > (limit or 0) and not self.force
+
+    @property
+    def to_clean(self) -> int:
+        """At most this many rows: the due rows, or the budget where it is smaller."""
+        return self.due_rows if self.budget is None else min(self.due_rows, self.budget)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "would_refuse": self.refused,
+            "refuse_above_rows": self.refuse_above_rows,
+            "row_budget": self.budget,
+            "row_budget_from": self.budget_name,
+            "would_clean_up_to": 0 if self.refused else self.to_clean,
+        }
+
+
+def row_budget(options: Options, guard: Guard) -> tuple[int | None, str | None]:
+    """The smaller of `--max-rows` and `guard.max_rows_per_run`, and which it is (the option
+    where they are equal); (None, None) without either."""
+    option, per_run = options.max_rows, guard.max_rows_per_run
+    if option and (not per_run or option <= per_run):
+        return option, Remaining.MAX_ROWS.value
+    if per_run:
+        return per_run, Remaining.MAX_ROWS_PER_RUN.value
+    return None, None

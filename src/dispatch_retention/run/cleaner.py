@@ -61,7 +61,7 @@ from tenacity import RetryCallState
 
 from dispatch_retention.config import Clean, Settings
 from dispatch_retention.pg import diagnosis, engines, retry
-from dispatch_retention.rule.plans import Plan
+from dispatch_retention.rule.plans import Plan, row_budget
 from dispatch_retention.rule.shard import Shard
 from dispatch_retention.run import pacing, sizing
 from dispatch_retention.run.statements import FIRE_DEFERRED, Statements, ids_params, window_params
@@ -126,6 +126,8 @@ class Cleaner:
         self.recent: list[tuple[int, float]] = []  # (rows, ms) of the last chunks
         self.windows: Windows | None = None
         self.rest_ms = 0.0  # after the last committed chunk (`pacing.rest_ms`)
+        self.walk_started = time.monotonic()  # for the estimate of the time left
+        self.caught_up_rows = 0  # due rows the end count found, walked once more
         #: waits before a chunk while a standby lags (`clean.max_replica_lag_s`)
         self.throttle = (
             Throttle(engine, settings, stop=stop, log=self.log)
@@ -137,6 +139,7 @@ class Cleaner:
         """Walk the plan's due blocks; then count what is still due and, where rows became
         due while the walk ran, walk once more; end `succeeded` only on a count of zero."""
         outcome = self.outcome
+        self.walk_started = time.monotonic()
         if not self._walk(self.plan):
             return
         if self.recount is None:
@@ -145,6 +148,7 @@ class Cleaner:
         left = self.recount()
         if left.due_rows and not self._stopped():
             self.log.info("catching_up", due_rows=left.due_rows, due_blocks=len(left.blocks))
+            self.caught_up_rows = left.due_rows
             if not self._walk(left):
                 return
             left = self.recount()
@@ -315,6 +319,9 @@ class Cleaner:
         outcome.chunks += 1
         outcome.rows_cleaned += chunk.rows
         outcome.by_policy.update(chunk.by_policy)
+        planned = self._planned()
+        walking = time.monotonic() - self.walk_started
+        left = max(planned - outcome.rows_cleaned, 0)
         self.rest_ms = pacing.rest_ms(
             chunk.elapsed_ms,
             pause_ms=clean.pause_between_chunks_ms,
@@ -326,6 +333,9 @@ class Cleaner:
             ms=round(chunk.elapsed_ms, 1),
             sweep_ms=round(chunk.sweep_ms, 1),
             rest_ms=round(self.rest_ms, 1),
+            cleaned_so_far=outcome.rows_cleaned,
+            planned=planned,
+            eta_s=round(left * walking / outcome.rows_cleaned, 1) if outcome.rows_cleaned else None,
             chunk_size=self.size,
             skipped_locked=chunk.skipped_locked,
             via="arms" if chunk.indexed else "ids",
@@ -342,19 +352,19 @@ class Cleaner:
         if self.on_chunk:
             self.on_chunk(chunk)
 
+    def _planned(self) -> int:
+        """The rows this run means to clean: the plan's due rows (and those of a catch-up
+        walk), or a smaller row budget."""
+        due = self.plan.due_rows + self.caught_up_rows
+        budget = self._row_budget()
+        return due if budget is None else min(due, budget)
+
     def _row_budget_name(self) -> str:
         """Which row budget is the smaller: `--max-rows` or `guard.max_rows_per_run`."""
-        option, guard = self.options.max_rows, self.settings.guard.max_rows_per_run
-        budget = (
-            Remaining.MAX_ROWS
-            if option and (not guard or option <= guard)
-            else Remaining.MAX_ROWS_PER_RUN
-        )
-        return budget.value
+        return row_budget(self.options, self.settings.guard)[1] or Remaining.MAX_ROWS.value
 
     def _row_budget(self) -> int | None:
-        limits = [n for n in (self.options.max_rows, self.settings.guard.max_rows_per_run) if n]
-        return min(limits) if limits else None
+        return row_budget(self.options, self.settings.guard)[0]
 
     def _pause(self, seconds: float) -> None:
         """Breathing room between chunks; a stop signal ends it (the loop then stops), and

@@ -32,17 +32,18 @@ from dispatch_retention.names import quoted_name
 from dispatch_retention.pg import diagnosis, retry
 from dispatch_retention.printable import shown_name
 from dispatch_retention.rule import policy
-from dispatch_retention.rule.plans import Plan
+from dispatch_retention.rule.plans import Limits, Plan
 from dispatch_retention.rule.shard import Shard
 from dispatch_retention.run import metrics, reclean, statements
 from dispatch_retention.run.cleaner import Cleaner
-from dispatch_retention.run.lock import RunLock, run_locks
+from dispatch_retention.run.lock import RunLock, run_locks, with_holders
 from dispatch_retention.run.planning import make_plan
-from dispatch_retention.trail import migrate, run_record
+from dispatch_retention.trail import migrate, rights, run_record
 from dispatch_retention.trail.audit_tables import AuditTables
 from dispatch_retention.vocabulary import (
     Hooks,
     Interrupted,
+    Options,
     Outcome,
     Remaining,
     Request,
@@ -80,6 +81,8 @@ def run(
     )
     try:
         with engine.connect() as conn:
+            if not options.dry_run:  # before anything is written: exit 2, not a 42501 later
+                rights.require(conn, settings, "reclean" if options.reclean else "run")
             migrate.require_current(conn, tables.schema)
             settings = target.resolve_settings(conn, settings)
             if options.reclean and not options.dry_run:
@@ -160,8 +163,10 @@ def _plan(
         log.warning(
             "policy_indexes_missing",
             run_id=outcome.run_id,
-            hint="the run reads the table to find due rows; `db check` prints the "
-            "CREATE INDEX CONCURRENTLY statements",
+            hint="the plan does not read every policy's arm through its index, so the run "
+            "reads the table to find due rows: `db check` prints the CREATE INDEX "
+            "CONCURRENTLY statements, and once they are built a VACUUM (ANALYZE) of the table "
+            "lets the planner use them",
         )
     return plan
 
@@ -198,7 +203,7 @@ def _locked_run(
         try:
             plan = _plan(engine, settings, tables, outcome, stop, shard, deadline=deadline)
             record.planned(plan)
-            if _refused(settings, plan, request.force):
+            if _refused(settings, plan, request.options, request.force):
                 outcome.status = Status.REFUSED
                 outcome.error = (
                     f"{plan.due_rows} due rows exceed guard.refuse_above_rows "
@@ -256,6 +261,8 @@ def _locked_run(
                     deadline=deadline,
                 )
         except (Interrupted, Exception) as exc:
+            if isinstance(exc, errors.RetriesExhausted):
+                exc = with_holders(engine, settings.target.regclass, exc, rlog)
             _ended_by(exc, outcome, rlog)
         finally:
             _close(record, outcome, rlog)
@@ -462,9 +469,8 @@ def _skipping(engine: Engine, settings: Settings) -> str:
     return ", ".join(named) or "none found in the catalog"
 
 
-def _refused(settings: Settings, plan: Plan, force: bool) -> bool:
-    limit = settings.guard.refuse_above_rows
-    return bool(limit) and plan.due_rows > limit and not force
+def _refused(settings: Settings, plan: Plan, options: Options, force: bool) -> bool:
+    return Limits.of(plan.due_rows, settings.guard, options, force=force).refused
 
 
 def _ask(confirm: Callable[[Plan], bool], plan: Plan, stop: Stop) -> bool:

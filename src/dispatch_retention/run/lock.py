@@ -18,7 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, text
 from sqlalchemy.exc import DBAPIError
 
-from dispatch_retention.errors import LockLost
+from dispatch_retention.errors import LockLost, RetriesExhausted
 from dispatch_retention.printable import shown_name
 
 NAMESPACE = "dispatch-retention"
@@ -148,3 +148,70 @@ class RunLock:
             self.conn.commit()
         self.conn.invalidate()
         self.conn.close()
+
+
+#: The table locks that a chunk's ROW EXCLUSIVE lock waits for.
+BLOCKING_MODES = ("ShareLock", "ShareRowExclusiveLock", "ExclusiveLock", "AccessExclusiveLock")
+
+
+def table_holders(engine: Engine, regclass: str) -> list[dict[str, Any]]:
+    """The other sessions holding a lock on the table `regclass` that a chunk waits for
+    (`BLOCKING_MODES`: a `LOCK TABLE`, a DDL statement): pid, application, role, mode, and
+    since when their transaction runs (null where this role may not see it). The names are
+    the holder's to choose: escaped and bounded, as `RunLock.holder` shows them."""
+    with engine.connect() as conn:
+        rows = (
+            conn.execute(
+                text(
+                    "SELECT a.pid, a.application_name, a.usename, l.mode, a.xact_start "
+                    "FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                    "WHERE l.locktype = 'relation' AND l.granted "
+                    "AND l.relation = to_regclass(:t) AND l.mode = ANY(:modes) "
+                    "AND a.pid <> pg_backend_pid() ORDER BY a.pid"
+                ),
+                {"t": regclass, "modes": list(BLOCKING_MODES)},
+            )
+            .mappings()
+            .all()
+        )
+    return [
+        {
+            "pid": row["pid"],
+            "application_name": _shown(row["application_name"]),
+            "usename": _shown(row["usename"]),
+            "mode": row["mode"],
+            "since": row["xact_start"] and row["xact_start"].isoformat(),
+        }
+        for row in rows
+    ]
+
+
+def named(holders: list[dict[str, Any]]) -> str:
+    """The holders as the run's error names them: pid, role, lock mode, since. Not the
+    application's name, which any client sets to any text: the error enters the append-only
+    trail, so the name stays in the `table_locked_by` log event."""
+    return (
+        ", ".join(
+            f"pid {h['pid']} (role {h['usename']}, {h['mode']}, since {h['since'] or 'unknown'})"
+            for h in holders
+        )
+        + " (their applications: the table_locked_by event)"
+    )
+
+
+def with_holders(
+    engine: Engine, regclass: str, exc: RetriesExhausted, log: Any
+) -> RetriesExhausted:
+    """A step that gave up on a lock timeout names the sessions holding the table locked,
+    as a run locked out names the lock's holder (exit 3): pid, application, role, since
+    (logged as `table_locked_by`). Anything else, or no holder left to see, as it was."""
+    if not exc.lock_timeout:
+        return exc
+    try:
+        holders = table_holders(engine, regclass)
+    except DBAPIError:  # the look is a courtesy: the run fails for its own reason
+        return exc
+    if not holders:  # released between the timeout and the look
+        return exc
+    log.error("table_locked_by", holders=holders)
+    return RetriesExhausted(f"{exc.reason}; the table is locked by {named(holders)}")

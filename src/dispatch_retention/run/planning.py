@@ -11,7 +11,9 @@ the table, and its windows can be sized in rows.
 
 from __future__ import annotations
 
+import json
 from collections import Counter
+from typing import Any
 
 from sqlalchemy import Connection, Table, select
 
@@ -24,14 +26,53 @@ from dispatch_retention.rule.shard import Shard
 from dispatch_retention.run.statements import Statements
 
 
-def read_through_indexes(conn: Connection, settings: Settings) -> bool:
-    """When every arm has its index (`indexes.complete`), set this transaction up to read the
-    arms through them and count their blocks in memory; say whether it did."""
-    if not indexes.complete(conn, settings):
+def read_through_indexes(conn: Connection, settings: Settings, scan: Any = None) -> bool:
+    """When every arm has its index (`indexes.serving_indexes`), set this transaction up to
+    read the arms through them and count their blocks in memory; say whether the planner does
+    read them so: with `scan` (the plan's statement), what its EXPLAIN says, not only that the
+    indexes exist (right after they are built, before a VACUUM sets the visibility map, it may
+    read an arm through an older index and a filter)."""
+    serving = indexes.serving_indexes(conn, settings)
+    if serving is None:
         return False
     engines.set_local(conn, **engines.INDEX_SCANS)
     engines.count_in_memory(conn)
-    return True
+    return scan is None or reads_through(explained(conn, scan), serving)
+
+
+def explained(conn: Connection, statement: Any) -> list[dict[str, Any]]:
+    """The scan nodes of `statement`'s plan (EXPLAIN (FORMAT JSON), not run), as a list of
+    each node's fields."""
+    compiled = statement.compile(dialect=conn.dialect, compile_kwargs={"render_postcompile": True})
+    found = conn.exec_driver_sql(f"EXPLAIN (FORMAT JSON) {compiled}", compiled.params).scalar()
+    document: Any = json.loads(found) if isinstance(found, str) else found
+    nodes: list[dict[str, Any]] = []
+    stack = [document[0]["Plan"]]
+    while stack:
+        node = stack.pop()
+        nodes.append({k: v for k, v in node.items() if k != "Plans"})
+        stack.extend(node.get("Plans", []))
+    return nodes
+
+
+#: How a plan reads a table without any index.
+TABLE_SCANS = ("Seq Scan", "Parallel Seq Scan", "Tid Scan", "Tid Range Scan", "Sample Scan")
+
+
+def reads_through(nodes: list[dict[str, Any]], serving: indexes.Serving) -> bool:
+    """The plan reads the target's tables through the serving indexes only: no table scan
+    of them, no scan of another of their indexes (an older one, with a filter), and at least
+    one scan of a serving index (an index, index-only or bitmap index scan; on a partitioned
+    target the partitions' own indexes, attached to the serving ones, count as theirs)."""
+    if any(
+        n.get("Node Type") in TABLE_SCANS and n.get("Relation Name") in serving.relations
+        for n in nodes
+    ):
+        return False
+    used = {str(n["Index Name"]) for n in nodes if "Index Name" in n}
+    if used & serving.others:
+        return False
+    return bool(used & serving.names) or (serving.partitioned and bool(used))
 
 
 def make_plan(
@@ -58,13 +99,14 @@ def make_plan(
     due: Counter[str] = Counter()
     held_rows = waiting_rows = 0
     in_block: Counter[int] = Counter()
-    through_indexes = read_through_indexes(conn, settings)
     # Without an active hold there is nothing to join (what the join costs is measured in
     # docs/performance.md, "Where the time goes", item 14); the transaction reads one
     # snapshot (`engines.read_only`), so the two statements agree.
     if holds is not None and not conn.execute(select(policy.any_active(holds))).scalar_one():
         holds = None
-    for block, *counts in conn.execute(stmts.plan_scan(holds)):
+    scan = stmts.plan_scan(holds)
+    through_indexes = read_through_indexes(conn, settings, scan)
+    for block, *counts in conn.execute(scan):
         per_policy, held, waiting = counts[: len(names)], counts[-2], counts[-1]
         due.update(dict(zip(names, per_policy, strict=True)))
         held_rows += held
