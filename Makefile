@@ -45,7 +45,7 @@ test-fast: $(BIN)/.installed  ## the tests that need no database (about 20 s; no
 	$(BIN)/pytest -m "not db" $(PYTEST_ARGS)
 
 test-matrix: $(BIN)/.installed  ## the compatibility tests on PostgreSQL 14-18, a fresh server each (MATRIX_VERSIONS=)
-	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS)
+	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS) -- -n $(TEST_WORKERS)
 
 lint: $(BIN)/.installed  ## ruff lint and format check, and the import contract of the layers
 	$(BIN)/ruff check src tests bench
