@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import click
 
@@ -11,6 +13,8 @@ from dispatch_retention.checks import db_grants
 from dispatch_retention.cli.root import State, cli
 from dispatch_retention.trail import migrate
 from dispatch_retention.vocabulary import Exit
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cli.group("db")
@@ -32,19 +36,26 @@ def db_upgrade(state: State) -> None:
         click.echo(f"audit schema {schema!r} migrated from {before or 'nothing'} to {after}")
 
 
+def purpose_option(help_text: str) -> Callable[[F], F]:
+    """`--purpose`: one of `db grants`' purposes (default run)."""
+    return click.option(
+        "--purpose",
+        type=click.Choice(db_grants.PURPOSES),
+        default="run",
+        show_default=True,
+        help=help_text,
+    )
+
+
 @db_group.command("check")
 @click.option(
     "--strict",
     is_flag=True,
     help="Exit 1 on warnings too (unacknowledged copy risks and unclassified columns among them).",
 )
-@click.option(
-    "--purpose",
-    type=click.Choice(db_grants.PURPOSES),
-    default="run",
-    show_default=True,
-    help="Check the role's rights against this purpose of `db grants` (a missing right is an "
-    "error; only for run are rights beyond it named).",
+@purpose_option(
+    "Check the role's rights against this purpose of `db grants` (a missing right is an "
+    "error; only for run are rights beyond it named)."
 )
 @click.pass_obj
 def check_command(state: State, strict: bool, purpose: db_grants.Purpose) -> None:
@@ -63,12 +74,8 @@ def check_command(state: State, strict: bool, purpose: db_grants.Purpose) -> Non
 
 @db_group.command("grants")
 @click.option("--role", required=True, help="The role to grant to (a plain SQL name).")
-@click.option(
-    "--purpose",
-    type=click.Choice(db_grants.PURPOSES),
-    default="run",
-    show_default=True,
-    help="run: the CronJob; read-only: verify, dry runs and the audit commands, which count "
+@purpose_option(
+    "run: the CronJob; read-only: verify, dry runs and the audit commands, which count "
     "personal data through a view and never read it; holds: placing legal holds; operator: "
     "a person's manual run (run's and read-only's rights); reclean: run --reclean (run's "
     "rights and SELECT on the personal columns).",

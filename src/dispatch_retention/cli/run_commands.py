@@ -14,7 +14,7 @@ import click
 from dispatch_retention import config, render
 from dispatch_retention.cli import logs
 from dispatch_retention.cli.params import MAX_RUNTIME_S, Bounded, ShardParam, Whole, shard_from_env
-from dispatch_retention.cli.root import State, cli
+from dispatch_retention.cli.root import State, cli, table_or_json
 from dispatch_retention.rule import shard
 from dispatch_retention.rule.plans import Limits, Plan
 from dispatch_retention.run import job
@@ -53,14 +53,7 @@ from dispatch_retention.vocabulary import Chunk, Hooks, Options, Request, Status
     show_default="from JOB_COMPLETION_INDEX/JOB_COMPLETIONS",
     help="Clean only shard I of N.",
 )
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(["table", "json"]),
-    default="table",
-    show_default=True,
-    help="json: one document on stdout (the plan, what the run may clean, how it ended).",
-)
+@table_or_json
 @click.option(
     "--pushgateway",
     metavar="URL",
