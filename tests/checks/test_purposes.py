@@ -192,3 +192,42 @@ def test_a_hold_by_a_role_without_the_holds_rights_exits_2_naming_them(
     with granted_role(engine, database_url, "holds") as (_, url):
         base = ["--config", str(config_file), "--database-url", url]
         assert invoke(*base, "hold", "add", "42", "--reason", "case 7").exit_code == 0
+
+
+@pytest.mark.parametrize(
+    ("what", "givers"),
+    [
+        ("holds", ["run", "read-only", "holds", "operator", "reclean"]),
+        ("trail", ["run", "read-only", "operator", "reclean"]),
+        ("plan", ["run", "read-only", "operator", "reclean"]),
+    ],
+)
+def test_each_read_needs_only_rights_the_purposes_that_run_it_give(
+    what: str, givers: list[str]
+) -> None:
+    """A read's rights are a subset of each purpose whose commands do that read: a role made
+    for one of them never meets the preflight's exit 2."""
+    s = settings()
+    wanted = set(rights.reads(s, what))  # type: ignore[arg-type]
+    for purpose in rights.PURPOSES:
+        given = set(rights.needed(s, purpose))
+        assert (wanted <= given) == (purpose in givers), (what, purpose, wanted - given)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["verify"], ["run", "--dry-run"], ["audit", "list"], ["audit", "verify"]],
+    ids=" ".join,
+)
+def test_a_read_by_a_role_without_its_rights_exits_2_naming_them_and_the_purpose(
+    engine: Engine, database_url: URL, config_file: Path, args: list[str]
+) -> None:
+    """Not a database error (exit 1, which Kubernetes retries) from inside the command."""
+    seed_series(engine, range(1, 11))
+    with granted_role(engine, database_url, "holds") as (role, url):
+        result = invoke("--config", str(config_file), "--database-url", url, *args)
+    assert result.exit_code == 2, result.output
+    assert f"role {role} lacks rights this command needs" in result.stderr
+    assert "SELECT on table dispatch_retention.runs" in result.stderr
+    assert f"db grants --role {role} --purpose read-only" in result.stderr
+    assert "42501" not in result.output and run_records(engine) == {}

@@ -22,7 +22,7 @@ def hold_group() -> None:
 @click.pass_obj
 def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
     """Put a member's dispatches under legal hold."""
-    with audit_session(state, write=True, purpose="holds") as (conn, _settings, tables):
+    with audit_session(state, "holds", write=True) as (conn, _settings, tables):
         hold_id = holds.add(conn, tables, member_id, reason, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} is under legal hold")
 
@@ -33,7 +33,7 @@ def hold_add(state: State, member_id: int, reason: str, by: str | None) -> None:
 @click.pass_obj
 def hold_release(state: State, member_id: int, by: str | None) -> None:
     """Release a member's active hold (the hold is kept, stamped released_at)."""
-    with audit_session(state, write=True, purpose="holds") as (conn, _settings, tables):
+    with audit_session(state, "holds", write=True) as (conn, _settings, tables):
         hold_id = holds.release(conn, tables, member_id, by or holds.operator())
     click.echo(f"hold {hold_id}: member {member_id} released")
 
@@ -44,6 +44,6 @@ def hold_release(state: State, member_id: int, by: str | None) -> None:
 @click.pass_obj
 def hold_list(state: State, include_released: bool, fmt: str) -> None:
     """List active legal holds (with --all, released ones too)."""
-    with audit_session(state) as (conn, _settings, tables):
+    with audit_session(state, "holds", "holds") as (conn, _settings, tables):
         found = holds.list_holds(conn, tables, include_released=include_released)
     click.echo(render.holds(found, fmt))

@@ -81,16 +81,19 @@ table_or_json = click.option(
 
 @contextmanager
 def audit_session(
-    state: State, *, write: bool = False, purpose: rights.Purpose | None = None
+    state: State,
+    purpose: rights.Purpose,
+    only: rights.Reads | None = None,
+    *,
+    write: bool = False,
 ) -> Iterator[tuple[Connection, config.Settings, AuditTables]]:
-    """Settings, a checked audit schema and one connection (one transaction if `write`);
-    with `purpose`, the role's rights for it checked first (exit 2 naming what is missing,
-    before anything is written)."""
+    """Settings, a checked audit schema and one connection (one transaction if `write`),
+    after the role's rights for `purpose` (with `only`, those of that read) are checked: exit
+    2 naming what is missing and the purpose that gives it, before anything is written."""
     settings, engine = state.settings(), state.engine()
     try:
         with engine.connect() as conn:
-            if purpose is not None:
-                rights.require(conn, settings, purpose)
+            rights.require(conn, settings, purpose, only)
             migrate.require_current(conn, settings.audit.schema_)
         with engine.begin() if write else engine.connect() as conn:
             yield conn, settings, AuditTables(settings.audit.schema_)

@@ -36,7 +36,7 @@ def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None
     """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
     from dispatch_retention.checks.verify import verify as check
 
-    with audit_session(state) as (conn, settings, tables), conn.begin():
+    with audit_session(state, "read-only", "trail") as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, tolerance_hours, strict=strict)
     click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.verify_text(report))
     sys.exit(Exit.OK if report.ok else Exit.VIOLATIONS)
@@ -74,7 +74,7 @@ def audit_group() -> None:
 def audit_list(state: State, since: datetime | None, limit: int, fmt: str, wide: bool) -> None:
     """List runs, newest first."""
     since_utc = since.replace(tzinfo=UTC) if since else None
-    with audit_session(state) as (conn, _settings, tables):
+    with audit_session(state, "read-only", "trail") as (conn, _settings, tables):
         runs = listing.list_runs(conn, tables, since=since_utc, limit=limit)
     click.echo(render.runs(runs, fmt, wide=wide), nl=fmt != "csv")
 
@@ -85,7 +85,7 @@ def audit_list(state: State, since: datetime | None, limit: int, fmt: str, wide:
 @click.pass_obj
 def audit_show(state: State, run_id: str, fmt: str) -> None:
     """Show one run: its status, config, policies with cutoffs and rows cleaned."""
-    with audit_session(state) as (conn, _settings, tables):
+    with audit_session(state, "read-only", "trail") as (conn, _settings, tables):
         document = listing.show_run(conn, tables, run_id)
     if document is None:
         raise errors.UsageError(f"no run {run_id} in the audit trail")  # exit 2, as bad input
@@ -119,7 +119,7 @@ def audit_verify_command(
         expect_head = heads.read(head_file)
         if expect_head is None:  # a first check, or a file someone emptied: say so
             click.echo(f"no head kept in {head_file} yet: this check expects none", err=True)
-    with audit_session(state) as (conn, settings, tables), conn.begin():
+    with audit_session(state, "read-only", "trail") as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
     click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.chain_text(report))
     if not report.ok:

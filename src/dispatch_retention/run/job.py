@@ -81,7 +81,10 @@ def run(
     )
     try:
         with engine.connect() as conn:
-            if not options.dry_run:  # before anything is written: exit 2, not a 42501 later
+            # before anything is written: exit 2 naming the rights, not a 42501 later
+            if options.dry_run:
+                rights.require(conn, settings, "read-only", "plan")
+            else:
                 rights.require(conn, settings, "reclean" if options.reclean else "run")
             migrate.require_current(conn, tables.schema)
             settings = target.resolve_settings(conn, settings)

@@ -19,6 +19,7 @@ hold `missing()` empty for each purpose (tests/checks/test_purposes.py).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -34,6 +35,11 @@ from dispatch_retention.trail.audit_tables import ALEMBIC_VERSION_TABLE, FACTS_V
 
 Purpose = Literal["run", "read-only", "holds", "operator", "reclean"]
 PURPOSES: tuple[Purpose, ...] = ("run", "read-only", "holds", "operator", "reclean")
+
+#: What a command that only reads needs (`reads`): `holds`, the legal holds (`hold list`);
+#: `trail`, the audit tables (`audit list/show/verify`, `verify`); `plan`, those and the
+#: table's columns a dry run plans with. Every purpose but `holds` gives `trail` and `plan`.
+Reads = Literal["holds", "trail", "plan"]
 
 
 @dataclass(frozen=True)
@@ -56,51 +62,72 @@ def needed(settings: Settings, purpose: Purpose) -> list[Right]:
     if purpose == "operator":
         return _unique([*needed(settings, "read-only"), *needed(settings, "run")])
     if purpose == "reclean":
-        table = quoted_name(*settings.target.parts)
-        in_target = quoted_name(settings.target.schema_name or "public")
-        personal = [Right("SELECT", "column", table, c, in_target) for c in settings.clean.columns]
+        personal = _columns(settings, "SELECT", settings.clean.columns)
         return _unique([*needed(settings, "run"), *personal])
-    schema = settings.audit.schema_
-    table = quoted_name(*settings.target.parts)
-    in_audit, in_target = quoted_name(schema), quoted_name(settings.target.schema_name or "public")
-
-    def audit(name: str, *privileges: str) -> list[Right]:
-        return [Right(p, "table", quoted_name(schema, name), schema=in_audit) for p in privileges]
-
-    def columns(privilege: str, names: list[str]) -> list[Right]:
-        return [Right(privilege, "column", table, c, in_target) for c in names]
-
-    out = [
-        Right("USAGE", "schema", quoted_name(settings.target.schema_name or "public")),
-        Right("USAGE", "schema", quoted_name(schema)),
-        *audit(ALEMBIC_VERSION_TABLE, "SELECT"),
-        *audit("events", "SELECT"),
-        *audit("events_head", "SELECT"),
-    ]
+    out = _base(settings)
     if purpose == "run":
         out += [
-            *columns("SELECT", target.read_columns(settings)),
-            *columns("UPDATE", [*settings.clean.columns, "cleaned_at", "updated_at"]),
-            *audit("runs", "SELECT", "INSERT", "UPDATE"),
-            *audit("chunks", "SELECT", "INSERT"),
-            *audit("legal_holds", "SELECT"),
+            *_columns(settings, "SELECT", target.read_columns(settings)),
+            *_columns(settings, "UPDATE", [*settings.clean.columns, "cleaned_at", "updated_at"]),
+            *_audit(settings, "runs", "SELECT", "INSERT", "UPDATE"),
+            *_audit(settings, "chunks", "SELECT", "INSERT"),
+            *_audit(settings, "legal_holds", "SELECT"),
         ]
     elif purpose == "read-only":
+        schema = settings.audit.schema_
         out += [
-            *columns("SELECT", facts.shown_columns(settings)),
-            Right("SELECT", "view", quoted_name(schema, FACTS_VIEW), schema=in_audit),
-            *audit("runs", "SELECT"),
-            *audit("chunks", "SELECT"),
-            *audit("legal_holds", "SELECT"),
+            *_columns(settings, "SELECT", facts.shown_columns(settings)),
+            Right("SELECT", "view", quoted_name(schema, FACTS_VIEW), schema=quoted_name(schema)),
+            *_audit(settings, "runs", "SELECT"),
+            *_audit(settings, "chunks", "SELECT"),
+            *_audit(settings, "legal_holds", "SELECT"),
         ]
     else:
-        holds = quoted_name(schema, "legal_holds")
+        holds = quoted_name(settings.audit.schema_, "legal_holds")
+        in_audit = quoted_name(settings.audit.schema_)
         out += [
-            *audit("legal_holds", "SELECT", "INSERT"),
+            *_audit(settings, "legal_holds", "SELECT", "INSERT"),
             Right("UPDATE", "column", holds, "released_at", in_audit),
             Right("UPDATE", "column", holds, "released_by", in_audit),
         ]
     return out
+
+
+def reads(settings: Settings, what: Reads) -> list[Right]:
+    """The rights a command that only reads `what` needs (every one of them given by the
+    `read-only` purpose, and but for `holds` by `run`: tests hold it)."""
+    tables = ["legal_holds"] if what == "holds" else ["runs", "chunks", "legal_holds"]
+    out = _base(settings) + [r for t in tables for r in _audit(settings, t, "SELECT")]
+    if what == "plan":
+        out += _columns(settings, "SELECT", facts.shown_columns(settings))
+    return out
+
+
+def _base(settings: Settings) -> list[Right]:
+    """What every purpose needs: to look into both schemas and read the trail's version and
+    chain."""
+    return [
+        Right("USAGE", "schema", quoted_name(settings.target.schema_name or "public")),
+        Right("USAGE", "schema", quoted_name(settings.audit.schema_)),
+        *_audit(settings, ALEMBIC_VERSION_TABLE, "SELECT"),
+        *_audit(settings, "events", "SELECT"),
+        *_audit(settings, "events_head", "SELECT"),
+    ]
+
+
+def _audit(settings: Settings, name: str, *privileges: str) -> list[Right]:
+    """`privileges` on the audit schema's table `name`."""
+    schema = settings.audit.schema_
+    return [
+        Right(p, "table", quoted_name(schema, name), schema=quoted_name(schema)) for p in privileges
+    ]
+
+
+def _columns(settings: Settings, privilege: str, names: Sequence[str]) -> list[Right]:
+    """`privilege` on each of the target's columns `names`."""
+    table = quoted_name(*settings.target.parts)
+    in_target = quoted_name(settings.target.schema_name or "public")
+    return [Right(privilege, "column", table, c, in_target) for c in names]
 
 
 def _unique(rights: list[Right]) -> list[Right]:
@@ -141,12 +168,15 @@ def _exists(conn: Connection, right: Right) -> bool:
     return bool(conn.execute(text(query), {"name": right.name, "column": right.column}).scalar())
 
 
-def missing(conn: Connection, settings: Settings, purpose: Purpose) -> list[Right]:
-    """The rights of `purpose` the current role lacks. A table, column or schema that does
-    not exist is not a right to ask for: the command that needs it says so (a column the
-    config names that the table lacks, an audit schema not yet made), unless the role may not
-    look into its schema, which is then the right it lacks."""
-    return [r for r in needed(settings, purpose) if _visible(conn, r) and not has(conn, r)]
+def missing(
+    conn: Connection, settings: Settings, purpose: Purpose, only: Reads | None = None
+) -> list[Right]:
+    """The rights of `purpose` (with `only`, those of `reads(only)`) the current role lacks.
+    A table, column or schema that does not exist is not a right to ask for: the command that
+    needs it says so (a column the config names that the table lacks, an audit schema not yet
+    made), unless the role may not look into its schema, which is then the right it lacks."""
+    wanted = needed(settings, purpose) if only is None else reads(settings, only)
+    return [r for r in wanted if _visible(conn, r) and not has(conn, r)]
 
 
 def _visible(conn: Connection, right: Right) -> bool:
@@ -158,9 +188,12 @@ def _visible(conn: Connection, right: Right) -> bool:
     return _exists(conn, right)
 
 
-def require(conn: Connection, settings: Settings, purpose: Purpose) -> None:
-    """Raise `MissingRights` (exit 2) when the current role lacks a right of `purpose`."""
-    lacking = missing(conn, settings, purpose)
+def require(
+    conn: Connection, settings: Settings, purpose: Purpose, only: Reads | None = None
+) -> None:
+    """Raise `MissingRights` (exit 2) when the current role lacks a right of `purpose`, or
+    with `only` one of `reads(only)`, naming `purpose` as what gives it."""
+    lacking = missing(conn, settings, purpose, only)
     if lacking:
         role = shown_name(str(conn.execute(text("SELECT current_user")).scalar()))
         raise MissingRights(role, [shown_name(str(r)) for r in lacking], purpose)
