@@ -4,6 +4,7 @@ clashing object is named, a superuser gets no grants, and what an operator reads
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -20,6 +21,7 @@ from dispatch_retention.pg import diagnosis
 from dispatch_retention.run.lock import RunLock, run_locks
 from tests.faults import every_fifth_young
 from tests.helpers import MARK, Job, config_text, script, seed_series, write_config
+from tests.processes import SCRIPT, script_env
 
 DEPLOY = Path(__file__).parents[2] / "docs" / "deploy.md"
 DOC_ROLES = re.compile(r"\bdispatch_retention_(migrate|run|ro)\b")
@@ -58,6 +60,14 @@ def doc_roles(engine: Engine) -> Iterator[dict[str, str]]:
                 conn.execute(text(f"DROP ROLE {name}"))
 
 
+def grants_script() -> str:
+    """The shell block of docs/deploy.md step 3 that prints the grants and applies them."""
+    after = DEPLOY.read_text().split("review them, and apply them:", 1)[1]
+    block = re.search(r"```sh\n(.*?)```", after, re.S)
+    assert block, "docs/deploy.md lost its grants' shell block"
+    return block.group(1)
+
+
 def psql(url: str, sql_text: str) -> None:
     done = subprocess.run(
         ["psql", url, "-q", "-v", "ON_ERROR_STOP=1", "-f", "-"],
@@ -75,12 +85,13 @@ def psql(url: str, sql_text: str) -> None:
 
 @pytest.mark.skipif(shutil.which("psql") is None, reason="the procedure pipes SQL into psql")
 def test_the_documented_set_up_works_as_written_with_the_roles_it_creates(
-    engine: Engine, database_url: URL, config: Path, doc_roles: dict[str, str]
+    engine: Engine, database_url: URL, config: Path, doc_roles: dict[str, str], tmp_path: Path
 ) -> None:
     """docs/deploy.md step 3 on a database without the job's schema: the administrator's
     SQL as written (role names made unique), `db upgrade` as the migrate role (which has no
-    CREATE on the database), the printed grants applied with psql, then `run` as the run
-    role and `verify` as the read-only role."""
+    CREATE on the database), the page's shell block that prints the grants and applies them
+    with psql, run by bash as written, then `run` as the run role and `verify`, a dry run
+    and `audit list` as the read-only role."""
     seed_series(engine, range(1, 301), young=every_fifth_young)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA dispatch_retention CASCADE"))
@@ -98,15 +109,29 @@ def test_the_documented_set_up_works_as_written_with_the_roles_it_creates(
     upgrade = script(*base, "--database-url", as_role(database_url, doc_roles["migrate"]),
                      "db", "upgrade")  # fmt: skip
     assert upgrade.returncode == 0, upgrade.stderr
-    for role, purpose in ((doc_roles["run"], "run"), (doc_roles["ro"], "read-only")):
-        printed = script(*base, "db", "grants", "--role", role, "--purpose", purpose)
-        assert printed.returncode == 0, printed.stderr
-        psql(admin, printed.stdout)
+    grants = DOC_ROLES.sub(lambda m: doc_roles[m.group(1)], grants_script())
+    (tmp_path / "config").mkdir()
+    shutil.copy(config, tmp_path / "config" / "retention.toml")
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", "less() { :; }\n" + grants],
+        cwd=tmp_path,
+        env=script_env(ADMIN_URL=admin, PATH=f"{SCRIPT.parent}:{os.environ['PATH']}"),
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "run-grants.sql").stat().st_size and (
+        tmp_path / "ro-grants.sql"
+    ).stat().st_size
 
     run = script(*base, "--database-url", as_role(database_url, doc_roles["run"]), "run", "--yes")
     assert run.returncode == 0, run.stderr
-    verify = script(*base, "--database-url", as_role(database_url, doc_roles["ro"]), "verify")
-    assert verify.returncode == 0, verify.stdout + verify.stderr
+    as_ro = ["--database-url", as_role(database_url, doc_roles["ro"])]
+    for args in (["verify"], ["run", "--dry-run"], ["audit", "list"]):  # the table's "used by"
+        done = script(*base, *as_ro, *args)
+        assert done.returncode == 0, (args, done.stdout + done.stderr)
     again = script(*base, "--database-url", as_role(database_url, doc_roles["migrate"]),
                    "db", "upgrade")  # fmt: skip
     assert again.returncode == 0 and "up to date" in again.stdout, again.stderr
