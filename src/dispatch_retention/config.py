@@ -19,6 +19,7 @@ import os
 import re
 import stat
 import tomllib
+import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -129,6 +130,25 @@ Reason = Annotated[
     str,
     StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_REASON_CHARS),
     AfterValidator(_no_nul),
+]
+#: A policy's `legal_basis` and `purpose`: plain text for the record of processing, which
+#: `policy describe` prints as a Markdown table cell and the report as HTML.
+MAX_PLAIN_CHARS = 500
+
+
+def _plain(value: str) -> str:
+    """One line of printable text: no control or format character (a newline, a terminal
+    escape, a bidirectional override), which would change what a reader of the record sees."""
+    bad = next((c for c in value if unicodedata.category(c) in ("Cc", "Cf", "Zl", "Zp")), None)
+    if bad is not None:
+        raise ValueError(f"holds the control character U+{ord(bad):04X}: plain text only")
+    return value
+
+
+PlainText = Annotated[
+    str,
+    StringConstraints(strip_whitespace=True, min_length=1, max_length=MAX_PLAIN_CHARS),
+    AfterValidator(_plain),
 ]
 #: Policies a config may hold (`_File._policies`); what they cost the plan is in
 #: docs/performance.md ("Finding the due rows").
@@ -370,6 +390,10 @@ class Policy(_Strict):
     name: PolicyName
     retention_days: Annotated[int, Field(ge=1, le=MAX_RETENTION_DAYS)]
     where: dict[str, tuple[MatchValue, ...]] = Field(default_factory=dict)
+    #: for the record of processing (`policy describe`, the report): why the data may be
+    #: kept this long, and what for
+    legal_basis: PlainText | None = None
+    purpose: PlainText | None = None
 
     @field_validator("where", mode="before")
     @classmethod

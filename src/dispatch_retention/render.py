@@ -26,6 +26,7 @@ if TYPE_CHECKING:  # annotations only: `run` need not import `db_check` or `veri
     from dispatch_retention.checks.db_check import Finding
     from dispatch_retention.checks.verify import Report
     from dispatch_retention.rule.plans import Limits, Plan
+    from dispatch_retention.rule.schedule import Schedule
     from dispatch_retention.vocabulary import Outcome
 
 
@@ -430,3 +431,69 @@ def findings(found: Sequence[Finding]) -> str:
         + "\n    ".join(_text(part) for part in _STATEMENT_LINE.split(f.message))
         for f in found
     )
+
+
+# --- the retention schedule (`policy describe`) ------------------------------------------
+
+#: What CommonMark would read as markup inside a table cell (emphasis, code, links, HTML, an
+#: entity, the cell's end): escaped with a backslash.
+_MARKDOWN = re.compile(r"([\\`*_\[\]<>&|~])")
+
+
+def _md(value: Any) -> str:
+    """A value as a Markdown table cell shows it literally (on one line)."""
+    return _MARKDOWN.sub(r"\\\1", _text("not stated" if value is None else value))
+
+
+def schedule_markdown(found: Schedule, table_name: str, config_sha256: str) -> str:
+    """The schedule as Markdown, to paste into the record of processing."""
+    out = [
+        f"# Retention schedule of {_md(table_name)}",
+        "",
+        f"Config SHA-256: `{config_sha256}`. Age is measured from {_md(found.age_from)}.",
+        "",
+        "| policy | applies to | retention (days) | grace for unsettled (days) | legal basis "
+        "| purpose |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+        *(
+            f"| {_md(p.name)} | {_md(p.matches)} | {p.retention_days} | {p.grace_days} "
+            f"| {_md(p.legal_basis)} | {_md(p.purpose)} |"
+            for p in found.policies
+        ),
+        "",
+        _md(found.precedence),
+        "",
+        "## Columns stripped",
+        "",
+        "| column | becomes |",
+        "| --- | --- |",
+        *(f"| {_md(c.name)} | {_md(c.becomes)} |" for c in found.stripped),
+        "",
+        "## Columns kept",
+        "",
+        "| column | personal data | reason |",
+        "| --- | --- | --- |",
+        *(
+            f"| {_md(c.name)} | {'yes' if c.personal else 'no'} | {_md(c.reason)} |"
+            for c in found.kept
+        ),
+    ]
+    return "\n".join(out)
+
+
+SCHEDULE_COLUMNS = (
+    "policy", "applies_to", "retention_days", "grace_days", "legal_basis", "purpose",
+    "age_from", "stripped", "kept_personal_data",
+)  # fmt: skip
+
+
+def schedule_csv(found: Schedule) -> str:
+    """One row per policy, each with the columns stripped and the personal data kept."""
+    stripped = "; ".join(f"{c.name} -> {c.becomes}" for c in found.stripped)
+    kept = "; ".join(f"{c.name}: {c.reason}" for c in found.kept if c.personal)
+    rows = [
+        dict(zip(SCHEDULE_COLUMNS, (p.name, p.matches, p.retention_days, p.grace_days,
+             p.legal_basis or "", p.purpose or "", found.age_from, stripped, kept), strict=True))
+        for p in found.policies
+    ]  # fmt: skip
+    return to_csv(SCHEDULE_COLUMNS, rows)
