@@ -24,7 +24,7 @@ LIVE_JSON ?= bench/results/live-$(LIVE_ROWS).json
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures clean
+.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures alerts clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -48,8 +48,8 @@ test-matrix: $(BIN)/.installed  ## the compatibility tests on PostgreSQL 14-18, 
 	$(BIN)/python -m tests.matrix --versions $(MATRIX_VERSIONS) -- -n $(TEST_WORKERS)
 
 lint: $(BIN)/.installed  ## ruff lint and format check, and the import contract of the layers
-	$(BIN)/ruff check src tests bench
-	$(BIN)/ruff format --check src tests bench
+	$(BIN)/ruff check src tests bench k8s/alerts
+	$(BIN)/ruff format --check src tests bench k8s/alerts
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(BIN)/.installed  ## mypy strict on src/ and bench/
@@ -74,6 +74,9 @@ bench: $(BIN)/.installed $(JOB_VENV)/.installed  ## the job against the single-s
 bench-live: $(BIN)/.installed $(JOB_VENV)/.installed  ## what a run costs the application and its replica (LIVE_ROWS=, LIVE_TURNS=, LIVE_LOAD_S=, LIVE_RATE=, LIVE_JSON=)
 	$(BIN)/python -m bench.live --rows $(LIVE_ROWS) --turns $(LIVE_TURNS) --load-s $(LIVE_LOAD_S) \
 	    --rate $(LIVE_RATE) --job-bin $(JOB_VENV)/bin/dispatch-retention --json $(LIVE_JSON)
+
+alerts: $(BIN)/.installed  ## rewrite the alert rules, the PrometheusRule and their promtool tests (k8s/alerts/generate.py)
+	$(BIN)/python k8s/alerts/generate.py
 
 doc-figures: $(BIN)/.installed  ## rewrite the marked figures of the docs from the bench reports in docs/bench/
 	$(BIN)/python -m bench.figures

@@ -20,10 +20,21 @@ from urllib.error import URLError
 import pytest
 from click.testing import CliRunner
 from sqlalchemy import Engine
+from sqlalchemy import text as sql
 
+from dispatch_retention import metrics
 from dispatch_retention.cli.main import cli
-from dispatch_retention.run.metrics import push_failure
-from tests.helpers import DAY, config_text, db_now, dispatch, insert_rows, seed_series, write_config
+from dispatch_retention.metrics import push_failure
+from tests.helpers import (
+    DAY,
+    config_text,
+    db_now,
+    dispatch,
+    guards_off,
+    insert_rows,
+    seed_series,
+    write_config,
+)
 
 
 def _free_port() -> int:
@@ -280,3 +291,46 @@ def test_a_bad_gateway_never_changes_the_outcome(
 def test_a_push_failure_is_said_in_the_jobs_words(exc: BaseException, reason: str) -> None:
     """`metrics.push_failure` words each failure itself, never quoting the exception."""
     assert push_failure(exc) == reason
+
+
+def test_verify_and_audit_verify_push_whether_they_passed(
+    engine: Engine, url_string: str, tmp_path: Path
+) -> None:
+    """`verify` pushes verify_ok, the violation rows and, only when it passes, its success
+    time; `audit verify` pushes chain_ok and its success time, which a broken chain leaves as
+    it was; each in a group of its own (`command`), beside the run's."""
+    seed_series(engine, range(1, 21))
+    config = write_config(tmp_path / "r.toml", config_text())
+    base = ["--config", str(config), "--database-url", url_string]
+    names = {"ok": metrics.VERIFY_OK, "rows": metrics.VERIFY_VIOLATIONS}
+    with started_gateway(tmp_path) as gateway:
+        env = {"PUSHGATEWAY_URL": gateway}
+        assert CliRunner().invoke(cli, [*base, "verify"], env=env).exit_code == 5
+        values = metric_values(gateway)
+        assert values[names["ok"]] == {"command=verify": 0.0}
+        assert values[names["rows"]] == {"command=verify": 20.0}
+        assert metrics.VERIFY_LAST_SUCCESS not in values
+
+        assert CliRunner().invoke(cli, [*base, "run", "--yes"], env=env).exit_code == 0
+        before = time.time()
+        assert CliRunner().invoke(cli, [*base, "verify"], env=env).exit_code == 0
+        values = metric_values(gateway)
+        assert values[names["ok"]] == {"command=verify": 1.0}
+        assert values[names["rows"]] == {"command=verify": 0.0}
+        assert values[metrics.VERIFY_LAST_SUCCESS]["command=verify"] >= before - 1
+        assert values[metrics.LAST_RUN_STATUS]["status=succeeded"] == 1.0  # the run's group
+
+        assert CliRunner().invoke(cli, [*base, "audit", "verify"], env=env).exit_code == 0
+        values = metric_values(gateway)
+        assert values[metrics.CHAIN_OK] == {"command=audit_verify": 1.0}
+        good = values[metrics.CHAIN_LAST_SUCCESS]["command=audit_verify"]
+        with engine.begin() as conn:
+            guards_off(conn)
+            conn.execute(
+                sql("UPDATE dispatch_retention.events SET body = body || '{}' WHERE seq = 2")
+            )
+        broken = CliRunner().invoke(cli, [*base, "audit", "verify"], env=env)
+        assert broken.exit_code == 6, broken.output
+        values = metric_values(gateway)
+        assert values[metrics.CHAIN_OK] == {"command=audit_verify": 0.0}
+        assert values[metrics.CHAIN_LAST_SUCCESS]["command=audit_verify"] == good

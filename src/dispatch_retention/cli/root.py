@@ -10,15 +10,15 @@ found the audit trail changed, 128 + signal number when stopped by SIGINT (130) 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 
-from dispatch_retention import config, errors
+from dispatch_retention import config, errors, metrics
 from dispatch_retention.cli import logs
 from dispatch_retention.pg import diagnosis, engines
 from dispatch_retention.printable import escaped
@@ -69,6 +69,8 @@ class State:
         return engines.make_engine(engines.parse_url(engines.resolve_url(self.database_url)))
 
 
+FC = TypeVar("FC", bound=Callable[..., Any])
+
 table_or_json = click.option(
     "--format",
     "fmt",
@@ -77,6 +79,16 @@ table_or_json = click.option(
     show_default=True,
     help="Output format (json: one document).",
 )
+
+
+def pushgateway_option(what: str) -> Callable[[FC], FC]:
+    """`--pushgateway URL` (default $PUSHGATEWAY_URL): push `what` to that Pushgateway."""
+    return click.option(
+        "--pushgateway",
+        metavar="URL",
+        envvar=metrics.URL_ENV,
+        help=f"Push {what} to this Prometheus Pushgateway [default: ${metrics.URL_ENV}].",
+    )
 
 
 @contextmanager

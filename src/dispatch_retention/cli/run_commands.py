@@ -14,7 +14,7 @@ import click
 from dispatch_retention import config, render
 from dispatch_retention.cli import logs
 from dispatch_retention.cli.params import MAX_RUNTIME_S, Bounded, ShardParam, Whole, shard_from_env
-from dispatch_retention.cli.root import State, cli, table_or_json
+from dispatch_retention.cli.root import State, cli, pushgateway_option, table_or_json
 from dispatch_retention.rule import shard
 from dispatch_retention.rule.plans import Limits, Plan
 from dispatch_retention.run import job
@@ -54,12 +54,7 @@ from dispatch_retention.vocabulary import Chunk, Hooks, Options, Request, Status
     help="Clean only shard I of N.",
 )
 @table_or_json
-@click.option(
-    "--pushgateway",
-    metavar="URL",
-    envvar="PUSHGATEWAY_URL",
-    help="Push the run's figures to this Prometheus Pushgateway [default: $PUSHGATEWAY_URL].",
-)
+@pushgateway_option("the run's figures")
 @click.pass_obj
 def run(
     state: State,

@@ -8,10 +8,16 @@ from pathlib import Path
 
 import click
 
-from dispatch_retention import errors, render
+from dispatch_retention import errors, metrics, render
 from dispatch_retention.checks import heads
 from dispatch_retention.cli.params import MAX_TOLERANCE_HOURS, Bounded, HashParam, RunIdParam, Whole
-from dispatch_retention.cli.root import State, audit_session, cli, table_or_json
+from dispatch_retention.cli.root import (
+    State,
+    audit_session,
+    cli,
+    pushgateway_option,
+    table_or_json,
+)
 from dispatch_retention.trail import listing
 from dispatch_retention.vocabulary import Exit
 
@@ -31,14 +37,19 @@ from dispatch_retention.vocabulary import Exit
     help="Count anomalies (undatable, future-scheduled and written-back rows) as violations: "
     "exit 5 when there is any.",
 )
+@pushgateway_option("whether it passed and the rows it found")
 @click.pass_obj
-def verify(state: State, fmt: str, tolerance_hours: float, strict: bool) -> None:
+def verify(
+    state: State, fmt: str, tolerance_hours: float, strict: bool, pushgateway: str | None
+) -> None:
     """Prove that nothing past its window still holds personal data (exit 5 if something does)."""
     from dispatch_retention.checks.verify import verify as check
 
     with audit_session(state, "read-only", "trail") as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, tolerance_hours, strict=strict)
     click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.verify_text(report))
+    if pushgateway:
+        metrics.push_verify(pushgateway, report.ok, report.violation_rows, settings.target.table)
     sys.exit(Exit.OK if report.ok else Exit.VIOLATIONS)
 
 
@@ -106,9 +117,10 @@ def audit_show(state: State, run_id: str, fmt: str) -> None:
     "when the trail checks out, write the new one there (a CronJob's volume).",
 )
 @table_or_json
+@pushgateway_option("whether the chain checked out")
 @click.pass_obj
 def audit_verify_command(
-    state: State, expect_head: str | None, head_file: Path | None, fmt: str
+    state: State, expect_head: str | None, head_file: Path | None, fmt: str, pushgateway: str | None
 ) -> None:
     """Recompute the trail's hash chain and check the tables against it (exit 6 if broken)."""
     from dispatch_retention.checks.audit_verify import check
@@ -122,6 +134,8 @@ def audit_verify_command(
     with audit_session(state, "read-only", "trail") as (conn, settings, tables), conn.begin():
         report = check(conn, settings, tables, expect_head)
     click.echo(render.to_json(report.as_dict()) if fmt == "json" else render.chain_text(report))
+    if pushgateway:
+        metrics.push_chain(pushgateway, report.ok, settings.target.table)
     if not report.ok:
         sys.exit(Exit.TAMPERED)
     if head_file is not None:

@@ -25,7 +25,7 @@ from sqlalchemy import Connection, Engine
 from sqlalchemy.exc import DBAPIError
 from tenacity import RetryCallState
 
-from dispatch_retention import errors
+from dispatch_retention import errors, metrics
 from dispatch_retention.catalog import risks, target
 from dispatch_retention.config import Settings
 from dispatch_retention.names import quoted_name
@@ -34,7 +34,7 @@ from dispatch_retention.printable import shown_name
 from dispatch_retention.rule import policy
 from dispatch_retention.rule.plans import Limits, Plan
 from dispatch_retention.rule.shard import Shard
-from dispatch_retention.run import metrics, reclean, statements
+from dispatch_retention.run import reclean, statements
 from dispatch_retention.run.cleaner import Cleaner
 from dispatch_retention.run.lock import RunLock, run_locks, with_holders
 from dispatch_retention.run.planning import make_plan
