@@ -350,6 +350,13 @@ class Guard(_Strict):
     refuse_above_rows: NonNegativeInt = 0
 
 
+class Evidence(_Strict):
+    """What the report (`report`) states beyond the database: how long backups keep what
+    the job cleaned (None: not stated)."""
+
+    backup_retention_days: Annotated[int, Field(ge=0, le=MAX_RETENTION_DAYS)] | None = None
+
+
 #: The audit schema unless `[audit] schema` names another.
 DEFAULT_AUDIT_SCHEMA = "dispatch_retention"
 #: Characters a quoted audit schema name may not hold (`Audit.schema_`).
@@ -427,6 +434,7 @@ class _File(_Strict):
     clean: Clean = Field(default_factory=Clean)
     guard: Guard = Field(default_factory=Guard)
     audit: Audit = Field(default_factory=Audit)
+    evidence: Evidence = Field(default_factory=Evidence)
     #: copy risks (triggers, rules, publications, replica identity) reviewed: name = reason
     acknowledged: dict[
         Annotated[
@@ -487,6 +495,7 @@ class Settings:
     audit: Audit
     policies: tuple[Policy, ...]
     acknowledged: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    evidence: Evidence = dataclasses.field(default_factory=Evidence)
     #: the target table's columns as the catalog describes them, once the job has connected
     #: (`target.resolve_settings`); None before: statements then follow the seed model
     shape: Shape | None = None
@@ -603,6 +612,7 @@ def parse(text: str, name: str = "<config>") -> Settings:
         audit=parsed.audit,
         policies=parsed.policy,
         acknowledged=parsed.acknowledged,
+        evidence=parsed.evidence,
     )
 
 

@@ -20,6 +20,9 @@ class PolicyPlan:
     cutoff: datetime
     grace_cutoff: datetime
     due_rows: int
+    #: the age stamp (`clean.age_from`, else created_at) of its oldest due row: how overdue
+    #: the oldest personal data under it is (None: none due)
+    oldest_due_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +60,9 @@ class Plan:
                     "cutoff": p.cutoff.isoformat(),
                     "grace_cutoff": p.grace_cutoff.isoformat(),
                     "due_rows": p.due_rows,
+                    "oldest_due_at": (
+                        p.oldest_due_at.isoformat() if p.oldest_due_at is not None else None
+                    ),
                 }
                 for p in self.policies
             ],

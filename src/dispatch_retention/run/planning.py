@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, Table, select
@@ -106,9 +107,13 @@ def make_plan(
         holds = None
     scan = stmts.plan_scan(holds)
     through_indexes = read_through_indexes(conn, settings, scan)
+    oldest: dict[str, datetime] = {}
     for block, *counts in conn.execute(scan):
         per_policy, held, waiting = counts[: len(names)], counts[-2], counts[-1]
         due.update(dict(zip(names, per_policy, strict=True)))
+        for name, at in zip(names, counts[len(names) : 2 * len(names)], strict=True):
+            if at is not None and (name not in oldest or at < oldest[name]):
+                oldest[name] = at
         held_rows += held
         waiting_rows += waiting
         if sum(per_policy):
@@ -123,6 +128,7 @@ def make_plan(
                 cutoff=c.settled,
                 grace_cutoff=c.unsettled,
                 due_rows=due[c.policy.name],
+                oldest_due_at=_aware(oldest.get(c.policy.name)),
             )
             for c in rules.cutoffs
         ),
@@ -131,3 +137,10 @@ def make_plan(
         blocks=tuple(blocks),
         through_indexes=through_indexes,
     )
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    """An age stamp as UTC: a column without a time zone holds UTC (README, "Real tables")."""
+    if value is None or value.tzinfo is not None:
+        return value
+    return value.replace(tzinfo=UTC)

@@ -191,7 +191,8 @@ class Statements:
     def plan_scan(self, holds: Table | None) -> CompoundSelect[Any]:
         """One read of each policy's arm (`policy.arms`: an index range when the policy
         indexes exist), one row per id block and arm: due rows per binding policy (not
-        held), due rows held back, rows waiting out the grace. The active holds of `holds`
+        held), the oldest age stamp of those per binding policy, due rows held back, rows
+        waiting out the grace. The active holds of `holds`
         (None when no hold is active: nothing to hold back) come in through a hash join
         (not a subquery per row). Its cost follows the rows past the windows, not the size
         of the table."""
@@ -204,16 +205,24 @@ class Statements:
             source = table.outerjoin(active, active.c.member_id == table.c.member_id)
             held = active.c.member_id.is_not(None)
         per_arm = []
+        row_age = policy.age(table, r.age_from)
         for c, arm in policy.arms(table, r):
             past = policy.arm_past(table, r, c)
             per_policy = [
                 func.count().filter(and_(past, not_(held))) if other is c else literal(0)
                 for other in r.cutoffs
             ]
+            oldest = [  # a NULL of the age's type: a union types each column from its arms
+                func.min(row_age).filter(and_(past, not_(held)))
+                if other is c
+                else cast(null(), row_age.type)
+                for other in r.cutoffs
+            ]
             per_arm.append(
                 select(
                     block,
                     *per_policy,
+                    *oldest,
                     func.count().filter(and_(past, held)),
                     func.count().filter(policy.arm_waiting(table, r, c)),
                 )

@@ -39,12 +39,13 @@ LISTED = (
     "planned_at", "config_path", "config_sha256", "options", "stopped_by", "error",
     "remaining_due_rows", "remaining_reason", "copy_risks",
 )  # fmt: skip
-#: A policy of a recorded plan: each field and the JSON type it has (`plans.Plan`);
-#: `grace_cutoff` and `due_rows` are missing from the plans of earlier versions.
+#: A policy of a recorded plan: each field and the JSON type it has (`plans.Plan`).
 PLAN_FIELDS: dict[str, type] = {
     "name": str, "retention_days": int, "cutoff": str, "grace_cutoff": str, "due_rows": int,
+    "oldest_due_at": str,
 }  # fmt: skip
-PLAN_OPTIONAL = ("grace_cutoff", "due_rows")
+#: missing from the plans of earlier versions (`oldest_due_at` also where none was due)
+PLAN_OPTIONAL = ("grace_cutoff", "due_rows", "oldest_due_at")
 #: A copy risk as recorded (`risks.Risk.as_dict`): each field and its JSON type.
 RISK_FIELDS: dict[str, type] = {
     "kind": str, "name": str, "when": str, "detail": str, "acknowledged": str,
