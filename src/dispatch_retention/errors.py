@@ -214,6 +214,14 @@ class TooLongForTrail(UsageError):
         super().__init__(f"{what} is {size} bytes long; the audit trail keeps at most {limit}")
 
 
+class ReportFileError(UsageError):
+    """`report --output FILE` cannot be written: its path and why (exit 2, as bad usage)."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        self.path, self.reason = path, reason
+        super().__init__(f"--output {path}: {reason}")
+
+
 class HeadFileError(UsageError):
     """The file `audit verify --head-file` keeps the chain's head in cannot be read, holds
     something else than a head, or cannot be written: its path and why."""

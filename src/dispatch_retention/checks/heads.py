@@ -8,11 +8,10 @@ last one a check found good.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 
+from dispatch_retention import files
 from dispatch_retention.errors import HeadFileError
 
 HEAD = re.compile(r"[0-9a-f]{64}")
@@ -38,25 +37,13 @@ def read(path: Path) -> str | None:
 
 def keep(path: Path, head: str) -> None:
     """Write `head` into `path` (through a symlink: the file it names), keeping its mode."""
-    target = path.resolve()
     try:
-        mode = target.stat().st_mode & 0o777 if target.exists() else 0o644
-        fd, temporary = tempfile.mkstemp(prefix=".head-", dir=target.parent)
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "w", encoding="ascii") as out:
-                out.write(head + "\n")
-                out.flush()
-                os.fsync(out.fileno())
-            os.replace(temporary, target)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        files.replace(path, (head + "\n").encode("ascii"))
     except OSError as exc:
         raise HeadFileError(str(path), "cannot keep the head: " + _why(exc)) from None
 
 
 def _why(exc: Exception) -> str:
     if isinstance(exc, OSError):
-        return exc.strerror or type(exc).__name__
+        return files.why(exc)
     return "not a text file"

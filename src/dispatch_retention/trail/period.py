@@ -9,7 +9,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Connection, Text, cast, func, literal_column, select
+from sqlalchemy import Connection, Numeric, Text, cast, func, literal_column, select
 
 from dispatch_retention.trail import listing
 from dispatch_retention.trail.audit_tables import DOCUMENT_BYTES, AuditTables
@@ -56,7 +56,7 @@ def cleaned_per_day(conn: Connection, tables: AuditTables, since: datetime) -> l
     entry = func.jsonb_each(chunks.c.by_policy).table_valued("key", "value").alias("entry")
     day = func.to_char(func.timezone("UTC", chunks.c.cleaned_at), "YYYY-MM-DD").label("day")
     query = (
-        select(day, entry.c.key, func.sum(cast(entry.c.value.op("#>>")("{}"), BigInteger)))
+        select(day, entry.c.key, func.sum(cast(entry.c.value, Numeric)))
         .select_from(chunks.join(entry, literal_column("true")))
         .where(
             chunks.c.kind == "clean",
