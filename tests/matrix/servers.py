@@ -31,7 +31,7 @@ import tarfile
 import tempfile
 import time
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar, Protocol
@@ -262,16 +262,22 @@ class Server:
 
 
 @contextlib.contextmanager
-def server(binaries: Binaries, major: int, options: str = SERVER_OPTIONS) -> Iterator[Server]:
+def server(
+    binaries: Binaries,
+    major: int,
+    options: str = SERVER_OPTIONS,
+    env: Mapping[str, str] | None = None,
+) -> Iterator[Server]:
     """A fresh server of `binaries` started with `options` (the server's own, as `postgres
-    -c` takes them), stopped and removed after, however the body ends."""
+    -c` takes them) and `env` in its processes' environment, stopped and removed after,
+    however the body ends."""
     account = pwd.getpwnam(SERVER_USER) if os.geteuid() == 0 else None
     home = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{major}-"))
     (home / "runner.pid").write_text(str(os.getpid()))
     try:
         if account:
             os.chown(home, account.pw_uid, account.pw_gid)
-        pg = _Programs(_reachable(binaries, home, account), home, account)
+        pg = _Programs(_reachable(binaries, home, account), home, account, env=env)
         pg.run("initdb", "-D", "data", *INITDB_OPTIONS)
         port = pg.start(options)
         try:
@@ -332,14 +338,19 @@ class _Programs:
         home: Path,
         account: pwd.struct_passwd | None,
         data: str = "data",
+        env: Mapping[str, str] | None = None,
     ):
         self.binaries, self.home, self.account, self.data = binaries, home, account, data
         self.log = home / f"{data}.log"
+        self.env = dict(env or {})
 
     def argv(self, program: str, *args: str) -> list[str]:
         argv = [str(self.binaries.programs / program), *args]
-        if lib := self.binaries.library_path:  # through env(1): not for runuser's own use
-            argv = ["env", f"LD_LIBRARY_PATH={lib}", *argv]
+        extra = dict(self.env)
+        if lib := self.binaries.library_path:
+            extra["LD_LIBRARY_PATH"] = lib
+        if extra:  # through env(1): not for runuser's own use
+            argv = ["env", *(f"{k}={v}" for k, v in extra.items()), *argv]
         if self.account:
             argv = ["runuser", "-u", self.account.pw_name, "--", *argv]
         return argv
