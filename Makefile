@@ -24,7 +24,7 @@ LIVE_JSON ?= bench/results/live-$(LIVE_ROWS).json
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures alerts clean
+.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures alerts report-screenshot clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -77,6 +77,9 @@ bench-live: $(BIN)/.installed $(JOB_VENV)/.installed  ## what a run costs the ap
 
 alerts: $(BIN)/.installed  ## rewrite the alert rules, the PrometheusRule and their promtool tests (k8s/alerts/generate.py)
 	$(BIN)/python k8s/alerts/generate.py
+
+report-screenshot: $(BIN)/.installed  ## rewrite docs/img/report.png: the report of a simulated history in headless chromium
+	$(BIN)/python -m tests.report.screenshot --output docs/img/report.png
 
 doc-figures: $(BIN)/.installed  ## rewrite the marked figures of the docs from the bench reports in docs/bench/
 	$(BIN)/python -m bench.figures
