@@ -24,7 +24,7 @@ LIVE_JSON ?= bench/results/live-$(LIVE_ROWS).json
 BENCH_JOB_PYTHON ?= $(firstword $(wildcard /usr/bin/python3.11) $(PYTHON))
 JOB_VENV := bench/.job-venv
 
-.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live doc-figures alerts report-screenshot clean
+.PHONY: help demo test test-fast test-matrix lint typecheck check bench bench-live bench-evidence doc-figures alerts report-screenshot clean
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -74,6 +74,9 @@ bench: $(BIN)/.installed $(JOB_VENV)/.installed  ## the job against the single-s
 bench-live: $(BIN)/.installed $(JOB_VENV)/.installed  ## what a run costs the application and its replica (LIVE_ROWS=, LIVE_TURNS=, LIVE_LOAD_S=, LIVE_RATE=, LIVE_JSON=)
 	$(BIN)/python -m bench.live --rows $(LIVE_ROWS) --turns $(LIVE_TURNS) --load-s $(LIVE_LOAD_S) \
 	    --rate $(LIVE_RATE) --job-bin $(JOB_VENV)/bin/dispatch-retention --json $(LIVE_JSON)
+
+bench-evidence: $(BIN)/.installed  ## the report on a year of nightly runs of 1,000 chunks: its time and size
+	$(BIN)/python -m bench.evidence --days 365 --chunks 1000 --json docs/bench/evidence/evidence-365x1000.json
 
 alerts: $(BIN)/.installed  ## rewrite the alert rules, the PrometheusRule and their promtool tests (k8s/alerts/generate.py)
 	$(BIN)/python k8s/alerts/generate.py

@@ -9,6 +9,7 @@ never holds a row value or a password.
     │   ├── SchemaNotReady           the audit schema is missing or at another revision
     │   ├── TargetRefused            the target is not a table the job can see whole
     │   ├── RecleanRefused           `run --reclean` by a role that cannot read the columns
+    │   ├── MissingRights            the role lacks rights its `db grants` purpose gives (named)
     │   ├── MissingPrivilege         the role lacks a right the command needs (named)
     │   │   └── NoFactsView          `verify` may read neither the personal columns nor the
     │   │                            audit schema's view of the dispatches
@@ -17,6 +18,7 @@ never holds a row value or a password.
     │   ├── HoldError                a legal hold that cannot be placed or released as asked
     │   ├── TooLongForTrail          a text longer than the audit trail keeps (its bound)
     │   ├── HeadFileError            `audit verify --head-file`: cannot read or keep the head
+    │   ├── ReportFileError          `report --output`: the report cannot be written
     │   └── EmbeddedUnavailable      `demo` without the `embedded` extra
     └── RunError                     exit 1: the run started and could not go on
         ├── LockLost                 the run lock's connection died and another run took it

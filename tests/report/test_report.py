@@ -274,3 +274,17 @@ def test_an_empty_history_reports_too(engine: Engine, base: list[str]) -> None:
 def test_a_since_in_the_future_is_a_usage_error(base: list[str]) -> None:
     done = invoke(*base, "report", "--since", "2999-01-01")
     assert done.exit_code == 2 and "--since" in done.stderr
+
+
+def test_the_output_is_named_for_the_day_and_a_folder_that_is_not_there_is_exit_2(
+    base: list[str], tmp_path: Path
+) -> None:
+    named = invoke(*base, "report", "--output", str(tmp_path / "report-{date}.html"))
+    assert named.exit_code == 0, named.output
+    (written,) = [p.name for p in tmp_path.glob("report-*.html")]
+    assert written == f"report-{datetime.now(UTC):%Y-%m-%d}.html"
+    assert (tmp_path / f"{written}.sha256").exists()
+    missing = invoke(*base, "report", "--output", str(tmp_path / "no" / "such" / "r.html"))
+    assert missing.exit_code == 2
+    assert "--output" in missing.stderr and "No such file or directory" in missing.stderr
+    assert "Traceback" not in missing.output

@@ -64,7 +64,8 @@ def policy_describe(state: State, fmt: str) -> None:
 @click.option(
     "--output",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Write the report to FILE and its SHA-256 to FILE.sha256 [default: stdout].",
+    help="Write the report to FILE ({date} in it: the day, YYYY-MM-DD) and its SHA-256 to "
+    "FILE.sha256 [default: stdout].",
 )
 @click.option(
     "--include-member-ids",
@@ -114,6 +115,7 @@ def report(
         click.echo(body, nl=False)
         click.echo(f"SHA-256 {digest}", err=True)
         return
+    output = Path(str(output).replace("{date}", f"{pack['header']['generated_at']:%Y-%m-%d}"))
     kept = output.with_name(output.name + ".sha256")
     try:
         files.replace(output, data)

@@ -5,8 +5,8 @@ never with a permission error from deep inside a run (which Kubernetes would ret
 
 Purposes (docs/security.md, "The roles"):
 - `run`: the CronJob;
-- `read-only`: `verify`, dry runs and the audit commands, counting personal data through the
-  audit schema's view, never reading it;
+- `read-only`: `verify`, `report`, dry runs and the audit commands, counting personal data
+  through the audit schema's view, never reading it;
 - `holds`: placing and releasing legal holds;
 - `operator`: the person doing a manual run (`db check`, a dry run, `run`, `verify`, `audit
   list/show/verify`): `run`'s rights and `read-only`'s;
