@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections import Counter
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -288,3 +289,34 @@ def test_the_output_is_named_for_the_day_and_a_folder_that_is_not_there_is_exit_
     assert missing.exit_code == 2
     assert "--output" in missing.stderr and "No such file or directory" in missing.stderr
     assert "Traceback" not in missing.output
+
+
+def test_a_control_character_in_a_holds_reason_is_shown_escaped(base: list[str]) -> None:
+    """A terminal escape and a bidirectional override typed into a reason never reach the
+    page (or the terminal it is printed on) raw."""
+    reason = "case \x1b[31m9\u202e"
+    assert invoke(*base, "hold", "add", "5", "--reason", reason).exit_code == 0
+    for fmt in ("html", "json"):
+        done = invoke(*base, "report", "--format", fmt)
+        assert done.exit_code == 0, done.output
+        assert "\x1b" not in done.stdout and "\u202e" not in done.stdout
+        assert ("\\x1b" if fmt == "html" else "\\u001b") in done.stdout
+
+
+def test_the_documented_keys_are_the_packs(history: History) -> None:
+    """docs/auditor.md's table of the evidence pack names every key the JSON has."""
+    page = (Path(__file__).parents[2] / "docs" / "auditor.md").read_text()
+    table = page.split("| key | what it holds |", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for line in table.splitlines()[2:]:
+        key, what = line.strip("|").split("|", 1)
+        documented[key.strip().strip("`")] = set(re.findall(r"`([a-z_0-9]+)`", what))
+    pack = json.loads(report(history, "--format", "json", "--include-member-ids"))
+    assert set(documented) == set(pack)
+    for key, value in pack.items():
+        if isinstance(value, dict) and key not in ("schedule", "verify", "audit_chain"):
+            assert set(value) <= documented[key], (key, set(value) - documented[key])
+    nested = [*pack["runs"]["timeline"][0], *pack["runs"]["failures"][0],
+              *pack["runs"]["cleaned_per_day"][0], *pack["exceptions"]["released_holds"][0],
+              *pack["remnants"]["tables"][0]]  # fmt: skip
+    assert set(nested) <= documented["runs"] | documented["exceptions"] | documented["remnants"]

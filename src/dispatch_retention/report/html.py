@@ -1,12 +1,14 @@
 """The evidence pack as one self-contained HTML page: a Jinja2 template with autoescaping
-(every text from the trail or the config is escaped), the charts as inline SVG, a strict
-Content-Security-Policy (no script, nothing fetched), styles inline and for print."""
+(every text from the trail or the config is escaped, its control characters shown as
+escapes), the charts as inline SVG, a strict Content-Security-Policy (no script, nothing
+fetched), styles inline and for print."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
 from typing import Any
 
+from dispatch_retention.printable import escaped
 from dispatch_retention.report import charts
 
 
@@ -20,6 +22,7 @@ def render(pack: dict[str, Any]) -> str:
         undefined=StrictUndefined,
         trim_blocks=True,
         lstrip_blocks=True,
+        finalize=_shown,
     )
     env.filters["when"] = when
     env.filters["day"] = lambda v: when(v)[:10]
@@ -33,6 +36,17 @@ def render(pack: dict[str, Any]) -> str:
         h=pack["header"], charts=svg, violations=violations, **pack
     )
     return page
+
+
+def _shown(value: Any) -> Any:
+    """Each value the page shows: a text on one line, its control and format characters
+    (a terminal escape in a hold's reason, a bidirectional override) shown as escapes, never
+    sent raw, as on every other output (`printable.escaped`); then autoescaped as HTML."""
+    from markupsafe import Markup
+
+    if isinstance(value, str) and not isinstance(value, Markup):
+        return escaped(value)
+    return value
 
 
 def when(value: Any) -> str:
