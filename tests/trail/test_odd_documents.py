@@ -59,6 +59,9 @@ ODD = {
     "cutoff a record": (
         [{**GOOD_POLICY, "cutoff": {"a": 1}}], [], "policies[0].cutoff: a record, not a text"
     ),
+    "oldest due a number": (
+        [{**GOOD_POLICY, "oldest_due_at": 5}], [], "policies[0].oldest_due_at: a number, not a text"
+    ),
     "risks a record": ([GOOD_POLICY], {"kind": "trigger"}, "copy_risks: a record, not a list"),
     "risks a text": ([GOOD_POLICY], "t", "copy_risks: a text, not a list"),
     "risks a number": ([GOOD_POLICY], 1, "copy_risks: a number, not a list"),
@@ -109,7 +112,8 @@ def test_audit_show_shows_what_is_readable_and_names_the_rest(
     assert document["run_id"] == run_id and document["status"] == "running"
     for policy in document["policies"]:
         assert set(policy) == {
-            "name", "retention_days", "cutoff", "grace_cutoff", "due_rows", "rows_cleaned"
+            "name", "retention_days", "cutoff", "grace_cutoff", "due_rows", "oldest_due_at",
+            "rows_cleaned",
         }  # fmt: skip
     as_table = invoke(*base, "audit", "show", run_id)
     assert as_table.exit_code == 0 and as_table.exception is None, as_table.output
@@ -124,7 +128,8 @@ def test_a_well_formed_record_has_nothing_unreadable(
     assert "unreadable" not in document
     assert document["copy_risks"] == [GOOD_RISK]
     assert document["policies"][0] == {
-        **GOOD_POLICY, "grace_cutoff": None, "due_rows": None, "rows_cleaned": 0
+        **GOOD_POLICY, "grace_cutoff": None, "due_rows": None, "oldest_due_at": None,
+        "rows_cleaned": 0,
     }  # fmt: skip
 
 
