@@ -173,6 +173,15 @@ def alerts() -> list[Alert]:
             "check at all.",
         ),
         Alert(
+            "DispatchRetentionReportJobFailed",
+            f'max by (job_name) ({kube}"dispatch-retention-report-.+"}}) > 0',
+            "5m",
+            "ticket",
+            "The report Job {{ $labels.job_name }} failed",
+            "The monthly evidence report was not written: exit 2 (a config, a role without its "
+            "rights, a file it cannot write) or it could not run.",
+        ),
+        Alert(
             "DispatchRetentionAuditChainBroken",
             f'max by (target) ({m.CHAIN_OK}{{{JOB}, command="audit_verify"}}) == 0',
             "5m",
@@ -312,13 +321,14 @@ def cases() -> list[Case]:
             ],
         ),
         Case(
-            "failed Jobs: the documented first run, a verify Job; another namespace's is not ours",
+            "failed Jobs: the first run, a verify and a report Job; another namespace's is not ours",
             [
                 ("kube_job_status_failed", {"namespace": NAMESPACE, "job_name": name}, values)
                 for name, values in (
                     ("dispatch-retention-first-run", "1x20"),
                     ("dispatch-retention-run-29000000", "0x20"),
                     ("dispatch-retention-verify-29000000", "1x20"),
+                    ("dispatch-retention-report-29000000", "1x20"),
                 )
             ]
             + [
@@ -338,6 +348,11 @@ def cases() -> list[Case]:
                     "10m",
                     "DispatchRetentionVerifyJobFailed",
                     [{"job_name": "dispatch-retention-verify-29000000"}],
+                ),
+                (
+                    "10m",
+                    "DispatchRetentionReportJobFailed",
+                    [{"job_name": "dispatch-retention-report-29000000"}],
                 ),
             ],
         ),
