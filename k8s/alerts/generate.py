@@ -321,7 +321,7 @@ def cases() -> list[Case]:
             ],
         ),
         Case(
-            "failed Jobs: the first run, a verify and a report Job; another namespace's is not ours",
+            "failed Jobs: the first run, a verify and a report Job; not another namespace's",
             [
                 ("kube_job_status_failed", {"namespace": NAMESPACE, "job_name": name}, values)
                 for name, values in (
