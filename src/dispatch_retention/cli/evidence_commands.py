@@ -1,5 +1,5 @@
-"""`policy describe` (the retention schedule for the record of processing) and, with it, the
-evidence a reviewer reads."""
+"""The evidence a reviewer reads: `policy describe` (the retention schedule for the record of
+processing) and `report` (the evidence for a compliance review, HTML or JSON)."""
 
 from __future__ import annotations
 
