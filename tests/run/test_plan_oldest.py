@@ -55,6 +55,10 @@ def test_oldest_due_at_is_the_oldest_due_row_per_binding_policy(
     got = {p.name: p.oldest_due_at for p in plan.policies if p.oldest_due_at is not None}
     assert got == expected and got
     assert all(p.oldest_due_at is None for p in plan.policies if p.due_rows == 0)
+    with engine.connect() as conn, conn.begin():  # the end count, at the run's own cutoffs
+        recount = make_plan(conn, s, AuditTables(s.audit.schema_).holds, rules=plan.rules)
+    assert recount.due_rows == plan.due_rows  # it counts the same, and records no oldest
+    assert all(p.oldest_due_at is None for p in recount.policies)
 
 
 def test_the_run_record_keeps_it_and_audit_show_reads_it(engine: Engine, base: list[str]) -> None:

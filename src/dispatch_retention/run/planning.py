@@ -93,6 +93,7 @@ def make_plan(
             statement_timeout_ms=settings.clean.plan_timeout_ms,
         ),
     )
+    recount = rules is not None  # the end count: no oldest due row to record
     if rules is None:
         rules = policy.rules(settings, engines.database_now(conn))
     stmts = Statements(settings, rules, holds, shard)
@@ -105,7 +106,7 @@ def make_plan(
     # snapshot (`engines.read_only`), so the two statements agree.
     if holds is not None and not conn.execute(select(policy.any_active(holds))).scalar_one():
         holds = None
-    scan = stmts.plan_scan(holds)
+    scan = stmts.plan_scan(holds, oldest=not recount)
     through_indexes = read_through_indexes(conn, settings, scan)
     oldest: dict[str, datetime] = {}
     for block, *counts in conn.execute(scan):
